@@ -1,0 +1,71 @@
+import torch
+
+from ttfm_distill import convention as C
+
+
+def test_sigma_and_t_are_inverse_and_flip_direction():
+    t = torch.rand(100)
+    assert torch.allclose(C.t_from_sigma(C.sigma_from_t(t)), t)
+    assert C.sigma_from_t(0.0) == 1.0 and C.sigma_from_t(1.0) == 0.0  # t = 0 is noise
+
+
+def test_interpolant_matches_diffusers_forward_process():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler()
+    data, noise = torch.randn(4, 3), torch.randn(4, 3)
+    t = torch.tensor([0.1, 0.4, 0.7, 0.95])
+    ours = C.interpolate(noise, data, t)
+    sigma = C.sigma_from_t(t)
+    theirs = sched.scale_noise(data, sigma * 1000.0, noise) if False else sigma[:, None] * noise + (1 - sigma[:, None]) * data
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_velocity_sign_matches_diffusers_euler_step():
+    """A diffusers Euler step with the model output must equal our Euler step with our velocity."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler()
+    sched.set_timesteps(4)
+    data, noise = torch.randn(2, 5), torch.randn(2, 5)
+    output = noise - data  # what a perfect diffusers flow model predicts
+    x = noise.clone()
+    x_next = sched.step(output, sched.timesteps[0], x).prev_sample
+    sig0, sig1 = sched.sigmas[0], sched.sigmas[1]
+    t0, t1 = C.t_from_sigma(sig0), C.t_from_sigma(sig1)
+    ours = x + (t1 - t0) * C.velocity_from_diffusers(output)
+    assert torch.allclose(x_next, ours, atol=1e-5)
+    assert torch.allclose(C.velocity_from_diffusers(output), C.interpolant_velocity(noise, data))
+
+
+def test_units_round_trip_and_scale():
+    units = C.TimestepUnits(scale=1000.0)
+    t = torch.tensor([0.0, 0.25, 1.0])
+    assert torch.allclose(units.model_timestep(t), torch.tensor([1000.0, 750.0, 0.0]))
+    v = torch.randn(3, 2)
+    assert torch.equal(units.velocity(units.output(v)), v)
+    rev = C.TimestepUnits(scale=1.0, reversed=True)
+    assert torch.allclose(rev.model_timestep(t), t)
+    assert torch.equal(rev.velocity(v), v)
+
+
+def test_shift_time_matches_diffusers_shift():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    shift = 3.0
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sigmas = torch.linspace(1.0, 0.1, 7)
+    expected = shift * sigmas / (1 + (shift - 1) * sigmas)
+    got = C.sigma_from_t(C.shift_time(C.t_from_sigma(sigmas), shift))
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.equal(C.shift_time(sigmas, 1.0), sigmas)
+
+
+def test_diffusion_to_flow_change_of_variables_on_a_gaussian():
+    """x = alpha*data + sigma*eps  ->  x / (alpha + sigma) is the linear path at t = alpha/(alpha+sigma)."""
+    g = torch.Generator().manual_seed(0)
+    data, eps = torch.randn(4000, 1, generator=g) * 0.5 + 2.0, torch.randn(4000, 1, generator=g)
+    alpha, sigma = torch.tensor(0.6), torch.tensor(0.8)
+    x = alpha * data + sigma * eps
+    x_lin, t = C.diffusion_to_flow(x, alpha, sigma)
+    assert torch.allclose(x_lin, C.interpolate(eps, data, t.expand(4000)), atol=1e-6)

@@ -1,0 +1,149 @@
+"""Each objective on a closed-form flow map: the exact map has (near) zero loss, a wrong one does not."""
+
+import pytest
+import torch
+
+from ttfm_distill.objectives import OBJECTIVES, TrainBatch, make_objective
+from ttfm_distill.objectives.lfmd import time_derivative_fd, time_derivative_jvp
+from ttfm_distill.objectives.timesampling import sample_time_pairs
+
+
+def make_batch(n=512, seed=0, diag=0.25, mode="uniform"):
+    g = torch.Generator().manual_seed(seed)
+    s, t = sample_time_pairs(n, mode, diag, generator=g)
+    s, t = s.double(), t.double()
+    x = torch.randn(n, 2, generator=g, dtype=torch.float64) * 1.3
+    return TrainBatch(x, s, t, None, g)
+
+
+def loss_of(obj, student, teacher, batch, ema=None):
+    return obj(student, teacher, batch, ema if ema is not None else student).loss.item()
+
+
+@pytest.mark.parametrize("intermediate", ["terminal", "initial", "uniform"])
+def test_itvm_residual_vanishes_on_exact_map(gaussian_case, intermediate):
+    teacher, exact = gaussian_case
+    from conftest import ExactGaussianMap
+
+    wrong = ExactGaussianMap(exact.mean + 0.5, exact.std * 1.5)  # the map of another Gaussian
+    batch = make_batch()
+    obj = make_objective("itvm", intermediate=intermediate, tau=0.02, teacher_solver="heun")
+    good, bad = loss_of(obj, exact, teacher, batch), loss_of(obj, wrong, teacher, batch)
+    assert good < 1e-6 and bad > 1e-3, (good, bad)
+
+
+def test_itvm_teacher_step_error_shrinks_with_tau(gaussian_case):
+    """With an Euler teacher segment the exact map's residual is the Euler defect, O(tau^2) in u."""
+    teacher, exact = gaussian_case
+    batch = make_batch(diag=0.0)
+    losses = [loss_of(make_objective("itvm", tau=tau), exact, teacher, batch) for tau in (0.08, 0.04, 0.02)]
+    assert losses[0] > losses[1] > losses[2] > 0
+    assert losses[1] / losses[2] > 3.0  # squared residual: at least ~4x per halving once tau is small
+
+
+def test_itvm_ema_only_reading_and_teacher_target_vanish_on_exact_map(gaussian_case):
+    teacher, exact = gaussian_case
+    batch = make_batch()
+    assert loss_of(make_objective("itvm", reading="ema_only", tau=0.05), exact, teacher, batch) < 1e-10
+    obj = make_objective("itvm", target_model="teacher", teacher_target_steps=16, teacher_solver="heun", tau=0.05)
+    assert loss_of(obj, exact, teacher, batch) < 1e-5
+
+
+def test_itvm_short_jumps_are_teacher_euler_steps(gaussian_case):
+    """For t - s <= tau the composed target is exactly the teacher's velocity at (x_s, s)."""
+    teacher, _ = gaussian_case
+    n = 64
+    g = torch.Generator().manual_seed(1)
+    s = torch.rand(n, generator=g, dtype=torch.float64) * 0.9
+    t = s + 0.01
+    x = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    obj = make_objective("itvm", tau=0.05)
+    from conftest import ExactGaussianMap
+
+    some_model = ExactGaussianMap(torch.zeros(2, dtype=torch.float64), 2.0)
+    target = obj.target(some_model, teacher, TrainBatch(x, s, t, None, g), ema=some_model)
+    assert torch.allclose(target, teacher.velocity(x, s), atol=1e-12)
+
+
+def test_lfmd_and_progressive_vanish_on_exact_map(gaussian_case):
+    teacher, exact = gaussian_case
+    from conftest import ExactGaussianMap
+
+    wrong = ExactGaussianMap(exact.mean + 0.5, exact.std * 1.5)  # the map of another Gaussian
+    batch = make_batch()
+    for name, opts, tol in (("lfmd", {"derivative": "jvp"}, 1e-10), ("lfmd", {"derivative": "fd", "fd_step": 1e-4}, 1e-6),
+                            ("progressive", {}, 1e-10)):
+        obj = make_objective(name, **opts)
+        good, bad = loss_of(obj, exact, teacher, batch), loss_of(obj, wrong, teacher, batch)
+        assert good < tol and bad > 1e-3, (name, opts, good, bad)
+
+
+def test_jvp_and_finite_difference_derivatives_agree_on_smooth_model():
+    from ttfm_distill.mlp import MlpFlowMap
+
+    torch.manual_seed(0)
+    model = MlpFlowMap(dim=2, width=32, depth=2).double()
+    batch = make_batch(n=64, diag=0.0)
+    phi_j, d_j = time_derivative_jvp(model, batch.x_s, batch.s, batch.t)
+    phi_f, d_f = time_derivative_fd(model, batch.x_s, batch.s, batch.t, h=1e-5)
+    assert torch.allclose(phi_j, phi_f, atol=1e-7)
+    assert torch.allclose(d_j, d_f, atol=1e-5, rtol=1e-4)
+
+
+def test_stop_gradients_only_the_student_prediction_gets_gradients(gaussian_case):
+    """The targets (EMA, teacher) must receive no gradient; the student must."""
+    teacher, _ = gaussian_case
+    from ttfm_distill.mlp import MlpFlowMap
+
+    torch.manual_seed(0)
+    student = MlpFlowMap(dim=2, width=16, depth=2).double()
+    ema = MlpFlowMap(dim=2, width=16, depth=2).double()
+    for name in sorted(OBJECTIVES):
+        student.zero_grad(set_to_none=True)
+        ema.zero_grad(set_to_none=True)
+        out = OBJECTIVES[name]()(student, teacher, make_batch(n=64), ema)
+        out.loss.backward()
+        assert all(p.grad is None for p in ema.parameters()), name
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters()), name
+        assert out.per_sample.shape == (64,) and not out.per_sample.requires_grad
+
+
+def test_itvm_intermediate_point_gradient_option():
+    """ema_only with grad_through_intermediate=False must not differentiate through y = phi(x, s, r)."""
+    from ttfm_distill.mlp import MlpFlowMap
+
+    torch.manual_seed(0)
+    teacher_model = MlpFlowMap(dim=2, width=8, depth=1).double()
+
+    class T:
+        def velocity(self, x, t, cond=None):
+            return teacher_model(x, t, t).detach()
+
+    student = MlpFlowMap(dim=2, width=16, depth=2).double()
+    grads = {}
+    for flag in (False, True):
+        student.zero_grad()
+        obj = make_objective("itvm", reading="ema_only", grad_through_intermediate=flag, lambda_initial=0.0)
+        obj(student, T(), make_batch(n=64, diag=0.0), student).loss.backward()
+        grads[flag] = torch.cat([p.grad.flatten() for p in student.parameters()])
+    assert not torch.allclose(grads[False], grads[True])
+
+
+def test_unknown_loss_and_option_errors_name_the_choices():
+    with pytest.raises(ValueError, match="itvm"):
+        make_objective("nope")
+    with pytest.raises(ValueError, match="unknown option"):
+        make_objective("itvm", taux=0.1)
+    with pytest.raises(ValueError, match="intermediate"):
+        make_objective("itvm", intermediate="middle")
+
+
+def test_time_pairs_are_ordered_and_dyadic():
+    g = torch.Generator().manual_seed(0)
+    s, t = sample_time_pairs(4000, "dyadic", 0.25, max_level=3, generator=g)
+    assert torch.all(s <= t) and torch.all(s >= 0) and torch.all(t <= 1)
+    assert (s == t).sum() == 1000
+    off = s < t
+    d = (t - s)[off]
+    assert set(torch.unique(d).tolist()) <= {1.0, 0.5, 0.25, 0.125}
+    assert torch.allclose(torch.remainder(s[off] / d, 1.0), torch.zeros_like(d))

@@ -1,0 +1,195 @@
+"""``ttfm-distill``: a thin Typer shell over the library. Heavy imports live inside commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Distil a diffusers flow-matching model into a two-timed flow model that samples in 1-4 steps.",
+)
+
+DEFAULT_OUTPUT = "ttfm-output"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _known_errors():
+    from .config import ConfigError
+    from .datasets import DatasetUnavailable
+    from .export import StudentLoadError
+    from .teachers.families import UnsupportedTeacher
+    from .teachers.loading import TeacherLoadError
+    from .trainer import RunError
+
+    return (ConfigError, TeacherLoadError, UnsupportedTeacher, StudentLoadError, DatasetUnavailable, RunError)
+
+
+def _guard(fn):
+    """Run a command body: known errors become one line and a non-zero exit, never a traceback."""
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as e:  # noqa: BLE001 - the one place that turns errors into messages
+        if os.environ.get("TTFM_DEBUG"):
+            raise
+        known = _known_errors()
+        if isinstance(e, known) or isinstance(e, ValueError):
+            _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 1 if _is_runtime(e) else 2)
+        if isinstance(e, OSError):
+            _fail(f"{e.strerror or e} ({e.filename})" if e.filename else str(e), 1)
+        _fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (set TTFM_DEBUG=1 for the traceback)", 1)
+
+
+def _is_runtime(e: Exception) -> bool:
+    from .trainer import RunError
+
+    return isinstance(e, RunError)
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _parse_options(items: List[str] | None, flag: str) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            _fail(f"{flag} expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    return out
+
+
+@app.command()
+def run(
+    teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Hub id, diffusers folder, or builtin:NAME (default: the embedded Fashion-MNIST teacher)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help=f"Run folder (default: ./{DEFAULT_OUTPUT})."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Training steps."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="Objective: itvm (default), lfmd, progressive."),
+    loss_option: Optional[List[str]] = typer.Option(None, "--loss-option", "-L", help="Objective option KEY=VALUE (repeatable), e.g. -L tau=0.1 -L intermediate=uniform."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    ema_decay: Optional[float] = typer.Option(None, "--ema-decay"),
+    data: Optional[str] = typer.Option(None, "--data", help="'teacher' (data-free: samples of the teacher's ODE) or 'fashion-mnist'."),
+    subfolder: Optional[str] = typer.Option(None, "--subfolder", help="Denoiser subfolder of a pipeline folder."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or TOML file of run settings (flags override it)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Any run setting KEY=VALUE (repeatable), e.g. --set time_sampling=uniform."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run in --output and start over."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Distil a teacher into a two-timed student; writes student/, samples.png, metrics.json."""
+
+    def body():
+        from .config import ConfigError, RunConfig, load_config_file
+
+        values = load_config_file(config) if config else {}
+        values.update(_parse_options(set_, "--set"))
+        flags = dict(teacher=teacher, output=output, max_steps=max_steps, loss=loss, seed=seed,
+                     batch_size=batch_size, lr=lr, ema_decay=ema_decay, data=data, subfolder=subfolder,
+                     revision=revision)
+        values.update({k: v for k, v in flags.items() if v is not None})
+        if loss_option:
+            values["loss_options"] = {**values.get("loss_options", {}), **_parse_options(loss_option, "--loss-option")}
+        if loss and loss != values.get("loss") and "loss_options" not in values:
+            values["loss_options"] = {}
+        cfg = RunConfig.from_dict(values)
+        try:
+            cfg.validate()
+        except ConfigError:
+            raise
+        from .objectives import make_objective
+
+        make_objective(cfg.loss, **cfg.loss_options)  # fail fast on bad loss options
+        if dry_run:
+            typer.echo(json.dumps(cfg.to_dict(), indent=2))
+            return
+        from .trainer import run_distillation
+
+        result = run_distillation(cfg, overwrite=overwrite, show_progress=not quiet)
+        typer.echo(f"done: {result.output} ({result.steps} steps, {result.seconds:.0f}s training)")
+
+    _guard(body)
+
+
+@app.command()
+def sample(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Run folder or exported student (default: ./{DEFAULT_OUTPUT})."),
+    steps: int = typer.Option(2, "--steps", "-n", help="Number of flow-map jumps (any N >= 1)."),
+    num: int = typer.Option(64, "--num", "-k", help="How many samples."),
+    seed: int = typer.Option(0, "--seed"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG grid to write (default: samples-<N>step.png in the model folder)."),
+    save_raw: Optional[Path] = typer.Option(None, "--save-raw", help="Also save the raw samples (.safetensors or .npy)."),
+    batch_size: int = typer.Option(256, "--batch-size"),
+):
+    """Generate with the distilled student in any number of steps."""
+
+    def body():
+        if steps < 1:
+            _fail(f"--steps must be >= 1, got {steps}")
+        if num < 1:
+            _fail(f"--num must be >= 1, got {num}")
+        if batch_size < 1:
+            _fail(f"--batch-size must be >= 1, got {batch_size}")
+        if save_raw is not None and save_raw.suffix not in (".safetensors", ".npy"):
+            _fail(f"--save-raw must end in .safetensors or .npy, got {save_raw.name}")
+        from .export import load_student, resolve_student_folder
+        from .generate import generate
+
+        folder = resolve_student_folder(model or DEFAULT_OUTPUT)
+        student, meta = load_student(folder)
+        x = generate(student, meta, steps=steps, num=num, seed=seed, batch_size=batch_size)
+        target = output or (folder.parent if folder.name == "student" else folder) / f"samples-{steps}step.png"
+        if target.suffix.lower() != ".png":
+            _fail(f"--output must be a .png file, got {target.name}")
+        from .generate import save_samples
+
+        save_samples(x, meta, target, save_raw)
+        typer.echo(f"wrote {target}" + (f" and {save_raw}" if save_raw else ""))
+
+    _guard(body)
+
+
+@app.command()
+def inspect(
+    teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Hub id, diffusers folder, or builtin:NAME."),
+    subfolder: Optional[str] = typer.Option(None, "--subfolder"),
+    revision: Optional[str] = typer.Option(None, "--revision"),
+):
+    """Print what was detected about a teacher, without training."""
+
+    def body():
+        from .teachers.loading import load_teacher
+
+        t = load_teacher(teacher, subfolder, revision)
+        typer.echo(json.dumps(t.describe(), indent=2))
+
+    _guard(body)
+
+
+def main() -> None:
+    app(prog_name="ttfm-distill")
+
+
+if __name__ == "__main__":
+    main()

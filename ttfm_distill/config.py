@@ -1,0 +1,121 @@
+"""The resolved run configuration, written to every run folder."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_OUTPUT = "ttfm-output"
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names it and the fix."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a distillation run.
+
+    Re-running with the same config in the same ``output`` resumes it.
+    """
+
+    teacher: str = "builtin:fashion16"
+    subfolder: str | None = None
+    revision: str | None = None
+    output: str = DEFAULT_OUTPUT
+    loss: str = "itvm"
+    loss_options: dict = field(default_factory=dict)
+    max_steps: int = 2000
+    batch_size: int = 48
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99
+    seed: int = 0
+    time_sampling: str = "mixed"
+    diagonal_fraction: float = 0.25
+    dyadic_levels: int = 4
+    second_time_input: str = "delta"
+    data: str = "teacher"
+    pool_size: int = 2048
+    pool_steps: int = 16
+    mlp_width: int = 256
+    mlp_depth: int = 4
+    mixed_precision: str = "no"
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    eval_samples: int = 128
+    reference_steps: int = 32
+    export_weights: str = "ema"
+    nan_policy: str = "stop"
+
+    def validate(self) -> "RunConfig":
+        positive = ["max_steps", "batch_size", "pool_size", "pool_steps", "log_every", "checkpoint_every",
+                    "keep_checkpoints", "eval_samples", "reference_steps", "dyadic_levels", "mlp_width", "mlp_depth"]
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.diagonal_fraction <= 1:
+            raise ConfigError(f"diagonal_fraction must be in [0, 1], got {self.diagonal_fraction}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ConfigError("weight_decay, grad_clip and warmup_steps must be >= 0")
+        choices = {
+            "time_sampling": ("uniform", "dyadic", "mixed"),
+            "second_time_input": ("delta", "t"),
+            "mixed_precision": ("no", "fp16", "bf16"),
+            "export_weights": ("ema", "raw"),
+            "nan_policy": ("stop", "skip"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"unknown config key {key!r}{hint}")
+        return cls(**data)
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a JSON (``.json``) or TOML (``.toml``) config file into a dict."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
+
+
+# fields that may change between a run and its resumption
+RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_samples",
+                     "reference_steps", "output"}
+
+
+def resume_mismatch(saved: dict, current: dict) -> list[str]:
+    """Names of settings that differ and forbid resuming."""
+    return sorted(k for k in set(saved) | set(current)
+                  if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))

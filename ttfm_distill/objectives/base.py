@@ -1,0 +1,98 @@
+"""What every objective takes and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from ..convention import broadcast_time
+
+
+@dataclass
+class TrainBatch:
+    """One training batch.
+
+    ``x_s``: ``(B, *shape)`` points of the interpolant at times ``s``;
+    ``s``, ``t``: ``(B,)`` with ``0 <= s <= t <= 1`` (``s == t`` on the
+    diagonal); ``cond``: conditioning inputs or ``None``; ``generator``:
+    the seeded generator for any extra draws the objective makes.
+    """
+
+    x_s: torch.Tensor
+    s: torch.Tensor
+    t: torch.Tensor
+    cond: dict | None = None
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class ObjectiveOutput:
+    """``loss``: scalar to minimise; ``per_sample``: ``(B,)`` detached; ``metrics``: floats to log."""
+
+    loss: torch.Tensor
+    per_sample: torch.Tensor
+    metrics: dict = field(default_factory=dict)
+
+
+def flow_map(model, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+    """``phi(x, s, t) = x + (t - s) * u(x, s, t)`` for any average-velocity model.
+
+    Call through this (not a method) so a DDP-wrapped student goes through its wrapper.
+    """
+    return x + broadcast_time(t - s, x) * model(x, s, t, cond)
+
+
+def repeat_cond(cond: dict | None, k: int) -> dict | None:
+    """Tile every tensor of ``cond`` ``k`` times along the batch (for concatenated evaluations)."""
+    if not cond:
+        return cond
+    return {key: (torch.cat([v] * k) if torch.is_tensor(v) else v) for key, v in cond.items()}
+
+
+def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference over all non-batch dimensions: ``(B,)``."""
+    return (a - b).float().pow(2).flatten(1).mean(1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ``mask`` (0 when the mask is empty, keeping the graph)."""
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp_min(1.0)
+
+
+def lerp_velocities(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(1 - w) * a + w * b`` with ``w`` ``(B,)`` broadcast over ``a``."""
+    w = broadcast_time(w, a)
+    return (1.0 - w) * a + w * b
+
+
+class Objective:
+    """Base class. Subclasses set ``name`` and an ``Options`` dataclass.
+
+    ``needs_ema``: whether :meth:`__call__` uses the EMA student.
+    """
+
+    name: str = ""
+    needs_ema: bool = False
+
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, **options):
+        known = {f.name for f in fields(self.Options)}
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(f"unknown option(s) {sorted(unknown)} for loss {self.name!r}; known: {sorted(known)}")
+        self.options = self.Options(**options)
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+    def __call__(self, student, teacher, batch: TrainBatch, ema=None) -> ObjectiveOutput:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        return {"name": self.name, **{f.name: getattr(self.options, f.name) for f in fields(self.Options)}}

@@ -1,0 +1,195 @@
+"""ITVM: initial/terminal velocity matching (MATH.md section 3.2).
+
+Default reading ("composed"): the target for the jump ``s -> t`` goes
+through an intermediate time ``r``; one segment of length ``tau`` is taken
+with the **teacher** and the other with the **EMA student** (no derivative
+anywhere).  Written as average velocities it is a convex combination:
+
+* ``intermediate="terminal"`` (``r = t - tau``):
+  ``u_target = (r - s)/(t - s) * u_ema(x_s, s, r) + tau/(t - s) * v_seg(y, r -> t)``
+  with ``y = phi_ema(x_s, s, r)``;
+* ``intermediate="initial"`` (``r = s + tau``):
+  ``u_target = tau/(t - s) * v(x_s, s) + (t - r)/(t - s) * u_ema(y, r, t)``
+  with ``y = x_s + tau * v(x_s, s)``;
+* ``intermediate="uniform"`` (``r ~ U(s, t)``): both segments with the EMA.
+
+``v_seg`` is one Euler (or Heun) step of the teacher over the segment.
+Jumps shorter than ``tau`` get the teacher step alone.  Diagonal pairs
+(``s == t``) and, with ``initial_on_all``, every pair evaluated at
+``(s, s)``, give the initial-velocity term ``|u(x_s, s, s) - v(x_s, s)|^2``.
+
+Second reading (``reading="ema_only"``):
+``|(phi(x_s, s, t) - y) / (t - r) - sg[u_ema(sg[y], r, t)]|^2`` with
+``y = phi(x_s, s, r)``; the gradient through ``y`` is optional.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..convention import broadcast_time
+from .base import Objective, ObjectiveOutput, TrainBatch, lerp_velocities, masked_mean, per_sample_mse, repeat_cond
+
+INTERMEDIATES = ("terminal", "initial", "uniform")
+TARGET_MODELS = ("ema", "student", "teacher")
+
+
+def teacher_segment_velocity(teacher, y, r, h, cond, solver: str) -> torch.Tensor:
+    """Average teacher velocity over ``[r, r + h]`` from ``y``: one Euler or Heun step."""
+    v1 = teacher.velocity(y, r, cond)
+    if solver == "euler":
+        return v1
+    v2 = teacher.velocity(y + broadcast_time(h, y) * v1, r + h, cond)
+    return 0.5 * (v1 + v2)
+
+
+def teacher_solve_velocity(teacher, x, s, t, cond, steps: int, solver: str) -> torch.Tensor:
+    """Average teacher velocity over ``[s, t]``: ``steps`` Euler/Heun steps from ``x``."""
+    y, h = x, (t - s) / steps
+    for k in range(steps):
+        y = y + broadcast_time(h, y) * teacher_segment_velocity(teacher, y, s + k * h, h, cond, solver)
+    span = broadcast_time(t - s, x)
+    return torch.where(span > 0, (y - x) / span.clamp_min(1e-12), teacher.velocity(x, s, cond))
+
+
+class ItvmObjective(Objective):
+    name = "itvm"
+    needs_ema = True
+
+    @dataclass
+    class Options:
+        reading: str = "composed"
+        intermediate: str = "terminal"
+        tau: float = 0.05
+        tau_mode: str = "absolute"
+        teacher_solver: str = "euler"
+        target_model: str = "ema"
+        teacher_target_steps: int = 8
+        lambda_initial: float = 1.0
+        lambda_terminal: float = 1.0
+        initial_on_all: bool = False
+        grad_through_intermediate: bool = False
+
+    def validate(self):
+        o = self.options
+        checks = [
+            (o.reading in ("composed", "ema_only"), "reading must be 'composed' or 'ema_only'"),
+            (o.intermediate in INTERMEDIATES, f"intermediate must be one of {INTERMEDIATES}"),
+            (o.tau_mode in ("absolute", "relative"), "tau_mode must be 'absolute' or 'relative'"),
+            (0 < o.tau <= 1, "tau must be in (0, 1]"),
+            (o.teacher_solver in ("euler", "heun"), "teacher_solver must be 'euler' or 'heun'"),
+            (o.target_model in TARGET_MODELS, f"target_model must be one of {TARGET_MODELS}"),
+            (o.teacher_target_steps >= 1, "teacher_target_steps must be >= 1"),
+            (o.lambda_initial >= 0 and o.lambda_terminal >= 0, "lambdas must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"itvm: {msg}")
+        self.needs_ema = o.target_model == "ema"
+
+    # -- pieces ---------------------------------------------------------------
+    def _tau(self, s, t):
+        o = self.options
+        tau = o.tau * (t - s) if o.tau_mode == "relative" else torch.full_like(s, o.tau)
+        return torch.minimum(tau, t - s)
+
+    def _long_segment(self, student, ema, teacher, x, a, b, cond):
+        """Average velocity over ``[a, b]`` from the target model (no grad)."""
+        o = self.options
+        if o.target_model == "teacher":
+            return teacher_solve_velocity(teacher, x, a, b, cond, o.teacher_target_steps, o.teacher_solver)
+        model = ema if o.target_model == "ema" else student
+        return model(x, a, b, cond)
+
+    @torch.no_grad()
+    def target(self, student, teacher, batch: TrainBatch, ema=None) -> torch.Tensor:
+        """``u_target`` for every pair of the batch: ``(B, *shape)``."""
+        o = self.options
+        x, s, t, cond = batch.x_s, batch.s, batch.t, batch.cond
+        span = t - s
+        off = span > 0
+        safe = torch.where(off, span, torch.ones_like(span))
+        if o.intermediate == "uniform":
+            r = s + torch.rand(s.shape, generator=batch.generator).to(s) * span
+            u1 = self._long_segment(student, ema, teacher, x, s, r, cond)
+            y = x + broadcast_time(r - s, x) * u1
+            u2 = self._long_segment(student, ema, teacher, y, r, t, cond)
+            mixed = lerp_velocities((t - r) / safe, u1, u2)
+            return torch.where(broadcast_time(off, x), mixed, teacher.velocity(x, s, cond))
+        tau = self._tau(s, t)
+        w = torch.where(off, tau / safe, torch.ones_like(span))
+        if o.intermediate == "terminal":
+            r = t - tau
+            u_long = self._long_segment(student, ema, teacher, x, s, r, cond)
+            y = x + broadcast_time(r - s, x) * u_long
+            v_seg = teacher_segment_velocity(teacher, y, r, tau, cond, o.teacher_solver)
+            return lerp_velocities(w, u_long, v_seg)
+        # initial: teacher step first, then the long segment
+        r = s + tau
+        v_seg = teacher_segment_velocity(teacher, x, s, tau, cond, o.teacher_solver)
+        y = x + broadcast_time(tau, x) * v_seg
+        u_long = self._long_segment(student, ema, teacher, y, r, t, cond)
+        return lerp_velocities(1.0 - w, v_seg, u_long)
+
+    def __call__(self, student, teacher, batch: TrainBatch, ema=None) -> ObjectiveOutput:
+        if self.options.reading == "ema_only":
+            return self._ema_only(student, teacher, batch, ema)
+        o = self.options
+        x, s, t, cond = batch.x_s, batch.s, batch.t, batch.cond
+        off = t > s
+        target = self.target(student, teacher, batch, ema)
+        if o.initial_on_all:
+            # one forward for (s, t) and (s, s) together
+            n = x.shape[0]
+            cond2 = repeat_cond(cond, 2)
+            u_all = student(torch.cat([x, x]), torch.cat([s, s]), torch.cat([t, s]), cond2)
+            u, u_diag = u_all[:n], u_all[n:]
+            with torch.no_grad():
+                v_s = teacher.velocity(x, s, cond)
+            init = per_sample_mse(u_diag, v_s)
+        else:
+            u = student(x, s, t, cond)
+            init = None
+        residual = per_sample_mse(u, target)
+        term_loss = masked_mean(residual, off)
+        diag_loss = masked_mean(residual, ~off)
+        per_sample = torch.where(off, o.lambda_terminal * residual, o.lambda_initial * residual)
+        if init is not None:
+            per_sample = per_sample + o.lambda_initial * init * off
+            init_loss = (diag_loss * (~off).sum() + (init * off).sum()) / x.shape[0]
+        else:
+            init_loss = diag_loss
+        loss = per_sample.mean()
+        return ObjectiveOutput(loss, per_sample.detach(), {
+            "terminal": term_loss.item(), "initial": init_loss.item(),
+        })
+
+    def _ema_only(self, student, teacher, batch, ema):
+        o = self.options
+        x, s, t, cond = batch.x_s, batch.s, batch.t, batch.cond
+        off = t > s
+        tau = self._tau(s, t)
+        r = torch.where(off, t - tau, s)
+        n = x.shape[0]
+        # one forward through the (possibly DDP-wrapped) student: (s, t), (s, r), (s, s)
+        u_all = student(torch.cat([x, x, x]), torch.cat([s, s, s]), torch.cat([t, r, s]), repeat_cond(cond, 3))
+        u_t, u_r, u_diag = u_all[:n], u_all[n:2 * n], u_all[2 * n:]
+        phi_t = x + broadcast_time(t - s, x) * u_t
+        y = x + broadcast_time(r - s, x) * u_r
+        if not o.grad_through_intermediate:
+            y = y.detach()
+        with torch.no_grad():
+            target_model = ema if (o.target_model == "ema" and ema is not None) else student
+            u_target = target_model(y.detach(), r, t, cond)
+            v_s = teacher.velocity(x, s, cond)
+        gap = torch.where(off, t - r, torch.ones_like(t))
+        u_seg = (phi_t - y) / broadcast_time(gap, x)
+        term = per_sample_mse(u_seg, u_target)
+        init = per_sample_mse(u_diag, v_s)
+        per_sample = o.lambda_terminal * term * off + o.lambda_initial * init
+        return ObjectiveOutput(per_sample.mean(), per_sample.detach(), {
+            "terminal": masked_mean(term, off).item(), "initial": init.mean().item(),
+        })
+

@@ -1,0 +1,68 @@
+"""LFMD: Lagrangian flow map distillation (Boffi et al.; MATH.md section 3.1).
+
+``L = |d/dt phi(x_s, s, t) - sg[v(phi(x_s, s, t), t)]|^2``.
+
+``derivative="jvp"``: exact, forward-mode ``torch.func.jvp`` in ``t``,
+backpropagated through (needs forward-AD support in every op: no fused
+attention, see ENVIRONMENT.md).  ``derivative="fd"``: central finite
+difference with step ``fd_step`` (one-sided at the ends of ``[s, 1]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..convention import broadcast_time
+from .base import Objective, ObjectiveOutput, TrainBatch, flow_map, masked_mean, per_sample_mse, repeat_cond
+
+
+def time_derivative_jvp(student, x, s, t, cond=None):
+    """``(phi(x, s, t), d/dt phi(x, s, t))`` by forward-mode AD."""
+    return torch.func.jvp(lambda tt: flow_map(student, x, s, tt, cond), (t,), (torch.ones_like(t),))
+
+
+def time_derivative_fd(student, x, s, t, cond=None, h: float = 1e-3):
+    """``(phi(x, s, t), d/dt phi(x, s, t))`` by a finite difference inside ``[s, 1]``.
+
+    ``phi`` at ``t`` is interpolated from the two evaluations (second-order accurate).
+    """
+    hi = torch.clamp(t + h, max=1.0)
+    lo = torch.maximum(t - h, s)
+    lo = torch.where(hi - lo <= 0, hi - h, lo)  # s == t == 1: step backwards
+    both = flow_map(student, torch.cat([x, x]), torch.cat([s, s]), torch.cat([hi, lo]), repeat_cond(cond, 2))
+    p_hi, p_lo = both.chunk(2)
+    span = broadcast_time(hi - lo, x)
+    w = broadcast_time((t - lo) / (hi - lo), x)
+    return p_lo + w * (p_hi - p_lo), (p_hi - p_lo) / span
+
+
+class LfmdObjective(Objective):
+    name = "lfmd"
+
+    @dataclass
+    class Options:
+        derivative: str = "fd"
+        fd_step: float = 1e-3
+
+    def validate(self):
+        if self.options.derivative not in ("jvp", "fd"):
+            raise ValueError("lfmd: derivative must be 'jvp' or 'fd'")
+        if not 0 < self.options.fd_step < 0.5:
+            raise ValueError("lfmd: fd_step must be in (0, 0.5)")
+
+    def __call__(self, student, teacher, batch: TrainBatch, ema=None) -> ObjectiveOutput:
+        x, s, t, cond = batch.x_s, batch.s, batch.t, batch.cond
+        if self.options.derivative == "jvp":
+            phi, dphi = time_derivative_jvp(student, x, s, t, cond)
+        else:
+            phi, dphi = time_derivative_fd(student, x, s, t, cond, self.options.fd_step)
+        with torch.no_grad():
+            target = teacher.velocity(phi.detach(), t, cond)
+        per_sample = per_sample_mse(dphi, target)
+        off = t > s
+        return ObjectiveOutput(per_sample.mean(), per_sample.detach(), {
+            "lagrangian": masked_mean(per_sample, off).item(),
+            "initial": masked_mean(per_sample, ~off).item(),
+        })

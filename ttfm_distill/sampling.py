@@ -1,0 +1,97 @@
+"""Samplers: the student's flow-map sampler and the teacher's ODE solvers.
+
+Samplers are plain functions; time grids are built separately
+(``t_0 = 0 < ... < t_N = 1`` in the package convention, MATH.md section 4).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .convention import shift_time
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+FlowMapFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def uniform_time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
+    """``steps + 1`` times from 0 (noise) to 1 (data), optionally shifted like the teacher's scheduler."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    grid = torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64)
+    return shift_time(grid, shift).to(torch.float32)
+
+
+def _full(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return value.to(x.device, torch.float32).expand(x.shape[0])
+
+
+@torch.no_grad()
+def sample_flow_map(flow_map: FlowMapFn, x0: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``x_{k+1} = phi(x_k, t_k, t_{k+1})``; one network evaluation per step."""
+    x = x0
+    for k in range(len(grid) - 1):
+        x = flow_map(x, _full(x, grid[k]), _full(x, grid[k + 1]))
+    return x
+
+
+@torch.no_grad()
+def euler(velocity: VelocityFn, x0: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Explicit Euler on the teacher ODE; ``len(grid) - 1`` evaluations."""
+    x = x0
+    for k in range(len(grid) - 1):
+        h = grid[k + 1] - grid[k]
+        x = x + h * velocity(x, _full(x, grid[k]))
+    return x
+
+
+@torch.no_grad()
+def heun(velocity: VelocityFn, x0: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Heun's second-order method; ``2 * (len(grid) - 1)`` evaluations."""
+    x = x0
+    for k in range(len(grid) - 1):
+        h = grid[k + 1] - grid[k]
+        v1 = velocity(x, _full(x, grid[k]))
+        x_pred = x + h * v1
+        v2 = velocity(x_pred, _full(x, grid[k + 1]))
+        x = x + 0.5 * h * (v1 + v2)
+    return x
+
+
+@torch.no_grad()
+def rk4(velocity: VelocityFn, x0: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Classical Runge-Kutta 4; ``4 * (len(grid) - 1)`` evaluations. The fine reference solver."""
+    x = x0
+    for k in range(len(grid) - 1):
+        t0, t1 = grid[k], grid[k + 1]
+        h = t1 - t0
+        tm = _full(x, t0 + 0.5 * h)
+        k1 = velocity(x, _full(x, t0))
+        k2 = velocity(x + 0.5 * h * k1, tm)
+        k3 = velocity(x + 0.5 * h * k2, tm)
+        k4 = velocity(x + h * k3, _full(x, t1))
+        x = x + h / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
+def heun_for_nfe(velocity: VelocityFn, x0: torch.Tensor, nfe: int, shift: float = 1.0) -> torch.Tensor:
+    """Heun with at most ``nfe`` evaluations (``nfe // 2`` steps; Euler when ``nfe == 1``)."""
+    if nfe < 2:
+        return euler(velocity, x0, uniform_time_grid(1, shift))
+    return heun(velocity, x0, uniform_time_grid(nfe // 2, shift))
+
+
+def fine_reference(velocity: VelocityFn, x0: torch.Tensor, steps: int = 64, shift: float = 1.0,
+                   batch_size: int | None = None) -> torch.Tensor:
+    """The teacher's fine ODE solution from ``x0`` (RK4 on ``steps`` uniform steps)."""
+    grid = uniform_time_grid(steps, shift)
+    if batch_size is None:
+        return rk4(velocity, x0, grid)
+    return torch.cat([rk4(velocity, chunk, grid) for chunk in x0.split(batch_size)])
+
+
+def chunked(fn, x0: torch.Tensor, batch_size: int, *args) -> torch.Tensor:
+    """Apply a sampler to ``x0`` in chunks of ``batch_size``."""
+    return torch.cat([fn(chunk, *args) for chunk in x0.split(batch_size)])

@@ -1,0 +1,101 @@
+"""The two-timed student: the teacher's own network with a second time input.
+
+``TwoTimeFlowMap`` wraps a diffusers denoiser without editing it: a forward
+hook on the family's timestep embedder adds the output of an extra,
+zero-initialised embedding of the second time (``t - s`` by default, in the
+network's own timestep units) to the conditioning vector ``temb``.  With the
+last layer of that embedding at zero, ``u(x, s, t) == v_teacher(x, s)`` for
+every ``(s, t)`` at step 0 (TEACHERS.md, "additive, zero-initialised").
+
+Parametrisation (MATH.md section 1, "average velocity"):
+``phi(x, s, t) = x + (t - s) * u(x, s, t)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .teachers.families import FamilyAdapter, ProjectionSpec, adapter_for
+
+SECOND_TIME_INPUTS = ("delta", "t")
+
+
+def sinusoidal_embedding(value: torch.Tensor, spec: ProjectionSpec, max_period: float = 10000.0) -> torch.Tensor:
+    """The sinusoidal projection diffusers' ``Timesteps`` computes, for ``(B,)`` values.
+
+    Returns ``(B, spec.num_channels)`` in float32.
+    """
+    half = spec.num_channels // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=value.device)
+    exponent = exponent / (half - spec.downscale_freq_shift)
+    args = value.float()[:, None] * torch.exp(exponent)[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if spec.flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if spec.num_channels % 2 == 1:
+        emb = nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+class SecondTimeEmbedding(nn.Module):
+    """Sinusoidal projection + 2-layer MLP whose last layer starts at zero. Kept in fp32."""
+
+    def __init__(self, spec: ProjectionSpec, embed_dim: int):
+        super().__init__()
+        self.spec = spec
+        self.linear_1 = nn.Linear(spec.num_channels, embed_dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+        nn.init.zeros_(self.linear_2.weight)
+        nn.init.zeros_(self.linear_2.bias)
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        h = sinusoidal_embedding(value, self.spec).to(self.linear_1.weight.dtype)
+        return self.linear_2(self.act(self.linear_1(h)))
+
+
+class TwoTimeFlowMap(nn.Module):
+    """``phi(x, s, t)`` built on a diffusers denoiser.
+
+    ``forward(x, s, t, cond)`` returns the average velocity ``u(x, s, t)``
+    (package convention, shape of ``x``);
+    :func:`ttfm_distill.objectives.base.flow_map` turns it into ``phi(x, s, t)``.  ``s``, ``t``: ``(B,)`` with ``s <= t``.
+    """
+
+    def __init__(self, network: nn.Module, second_time_input: str = "delta", adapter: FamilyAdapter | None = None):
+        super().__init__()
+        if second_time_input not in SECOND_TIME_INPUTS:
+            raise ValueError(f"second_time_input must be one of {SECOND_TIME_INPUTS}")
+        self.network = network
+        self.adapter = adapter or adapter_for(network)
+        self.units = self.adapter.units(network)
+        self.second_time_input = second_time_input
+        self.second_time = SecondTimeEmbedding(self.adapter.projection(network), self.adapter.embed_dim(network))
+        self._pending: torch.Tensor | None = None
+        self.adapter.time_embedder(network).register_forward_hook(self._add_second_time)
+
+    def _add_second_time(self, module, args, output):
+        if self._pending is None:
+            raise RuntimeError("second time not set: call TwoTimeFlowMap, not its network")
+        return output + self._pending.to(output.dtype)
+
+    def second_time_value(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.second_time_input == "delta":
+            return self.units.model_duration(t - s)
+        return self.units.model_timestep(t)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        s = s.to(torch.float32)
+        t = t.to(torch.float32)
+        self._pending = self.second_time(self.second_time_value(s, t))
+        try:
+            out = self.adapter.call(self.network, x, self.units.model_timestep(s).to(x.dtype), cond)
+        finally:
+            self._pending = None
+        return self.units.velocity(out)
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,160 @@
+"""Resolve ``--teacher`` into a :class:`~ttfm_distill.teachers.base.Teacher`.
+
+Accepted forms:
+
+* ``None`` or ``builtin:fashion16``: the embedded Fashion-MNIST UNet teacher;
+* ``builtin:<analytic name>``: an exact 2-D teacher (``builtin:checkerboard``, ...);
+* a local folder: a diffusers pipeline folder (``model_index.json``), a folder
+  with ``unet/``/``transformer/`` and ``scheduler/``, or a bare model folder
+  (``config.json`` + weights);
+* a Hugging Face hub id (``org/name``), loaded with diffusers' ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .base import Teacher
+from .families import ADAPTERS, UnsupportedTeacher
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EMBEDDED_TEACHERS = {"fashion16": ASSETS / "fashion16"}
+DEFAULT_TEACHER = "builtin:fashion16"
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMapEulerDiscreteScheduler")
+DENOISER_SUBFOLDERS = ("unet", "transformer")
+
+
+class TeacherLoadError(ValueError):
+    """The teacher could not be loaded; the message says why and what to do."""
+
+
+def builtin_names() -> list[str]:
+    from .analytic import ANALYTIC_TEACHERS
+
+    return sorted([*EMBEDDED_TEACHERS, *ANALYTIC_TEACHERS])
+
+
+def load_teacher(spec: str | None = None, subfolder: str | None = None, revision: str | None = None) -> Teacher:
+    spec = spec or DEFAULT_TEACHER
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name in EMBEDDED_TEACHERS:
+            teacher = _load_folder(EMBEDDED_TEACHERS[name], subfolder=None)
+            teacher.name = teacher.source = spec
+            return teacher
+        from .analytic import ANALYTIC_TEACHERS, get_analytic_teacher
+
+        if name in ANALYTIC_TEACHERS:
+            return get_analytic_teacher(name)
+        raise TeacherLoadError(f"unknown built-in teacher {name!r}; choose one of: {', '.join(builtin_names())}")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise TeacherLoadError(f"teacher {spec!r} is a file; pass the diffusers folder that holds it")
+        return _load_folder(path, subfolder, source=spec)
+    if _looks_like_hub_id(spec):
+        return _load_hub(spec, subfolder, revision)
+    raise TeacherLoadError(
+        f"teacher {spec!r} is neither a folder nor a hub id; pass a diffusers folder, an 'org/name' hub id, "
+        f"or one of: {', '.join('builtin:' + n for n in builtin_names())}"
+    )
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and os.sep not in spec.replace("/", "", 1)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TeacherLoadError(f"cannot read {path}: {e}") from None
+
+
+def _locate_denoiser(root: Path, subfolder: str | None) -> Path:
+    if subfolder:
+        folder = root / subfolder
+        if not (folder / "config.json").exists():
+            raise TeacherLoadError(f"{folder} has no config.json; check --subfolder")
+        return folder
+    if (root / "config.json").exists():
+        return root
+    for name in DENOISER_SUBFOLDERS:
+        if (root / name / "config.json").exists():
+            return root / name
+    raise TeacherLoadError(
+        f"{root} holds no denoiser: expected config.json, or a 'unet/' or 'transformer/' subfolder with one"
+    )
+
+
+def _scheduler_config(root: Path, denoiser: Path) -> dict | None:
+    for cand in (root / "scheduler", denoiser.parent / "scheduler"):
+        f = cand / "scheduler_config.json"
+        if f.exists():
+            return _read_json(f)
+    return None
+
+
+def _check_flow_scheduler(cfg: dict | None, where: Path) -> None:
+    if cfg is None:
+        return
+    name = cfg.get("_class_name", "")
+    if name not in FLOW_SCHEDULERS:
+        pred = cfg.get("prediction_type", "?")
+        raise TeacherLoadError(
+            f"{where} is not a flow-matching teacher (scheduler {name}, prediction_type {pred}); "
+            f"supported schedulers: {', '.join(FLOW_SCHEDULERS)}"
+        )
+
+
+def _load_folder(root: Path, subfolder: str | None, source: str | None = None) -> Teacher:
+    root = Path(root)
+    denoiser = _locate_denoiser(root, subfolder)
+    config = _read_json(denoiser / "config.json")
+    class_name = config.get("_class_name")
+    if not class_name:
+        raise TeacherLoadError(f"{denoiser / 'config.json'} has no _class_name: not a diffusers model folder")
+    if class_name not in ADAPTERS:
+        raise UnsupportedTeacher(
+            f"{denoiser} holds a {class_name}, which is not a supported denoiser; supported: {', '.join(sorted(ADAPTERS))}"
+        )
+    sched = _scheduler_config(root, denoiser)
+    _check_flow_scheduler(sched, root)
+    weights = [p for p in denoiser.iterdir() if p.suffix == ".safetensors"]
+    if not weights:
+        raise TeacherLoadError(f"{denoiser} has no .safetensors weights (pickle weights are not loaded)")
+    import diffusers
+
+    from .diffusers_teacher import DiffusersFlowTeacher
+
+    cls = getattr(diffusers, class_name)
+    try:
+        network = cls.from_pretrained(denoiser, use_safetensors=True, low_cpu_mem_usage=False)
+    except Exception as e:  # diffusers raises many types for bad files
+        raise TeacherLoadError(f"cannot load {class_name} from {denoiser}: {_first_line(e)}") from None
+    rel = denoiser.relative_to(root).as_posix() if denoiser != root else ""
+    return DiffusersFlowTeacher(network, source or str(root), sched, subfolder=rel)
+
+
+def _load_hub(repo_id: str, subfolder: str | None, revision: str | None) -> Teacher:
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id, revision=revision,
+            allow_patterns=["model_index.json", "*/config.json", "config.json", "scheduler/*", "*.safetensors", "*/*.safetensors"],
+        )
+    except Exception as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        hint = "the hub is unreachable or offline (HF_HUB_OFFLINE is set)" if offline else "check the id and your network"
+        raise TeacherLoadError(f"cannot fetch hub teacher {repo_id!r}: {hint} ({_first_line(e)})") from None
+    teacher = _load_folder(Path(local), subfolder, source=repo_id)
+    return teacher
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"

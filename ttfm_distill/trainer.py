@@ -1,0 +1,393 @@
+"""The distillation loop: boring on purpose.
+
+Every random draw of step ``k`` on rank ``r`` comes from a generator seeded
+with ``(seed, r, k)``, so a resumed run sees exactly the batches the
+uninterrupted run would have seen.  Re-running the same command in the same
+output folder resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, RunConfig, resume_mismatch
+from .convention import interpolate
+from .fileio import atomic_dir, save_tensors, write_json
+from .objectives import TrainBatch, make_objective
+from .objectives.timesampling import sample_time_pairs
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on; the message says why and what to do."""
+
+
+class NonFiniteLoss(RunError):
+    pass
+
+
+class Interrupted(RunError):
+    pass
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The generator for every draw of (seed, rank, step)."""
+    key = (int(seed) * 1_000_003 + int(rank)) * 1_000_000_007 + int(step)
+    return torch.Generator().manual_seed(key % (2**63 - 1))
+
+
+# ---------------------------------------------------------------- data ------
+class TeacherPool:
+    """Data-free training data: clean samples from the teacher's own ODE (Euler), cached."""
+
+    def __init__(self, samples: torch.Tensor):
+        self.samples = samples
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, self.samples.shape[0], (n,), generator=generator)
+        return self.samples[idx]
+
+
+class ExactData:
+    """An analytic teacher's exact data distribution."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return self.teacher.sample_data(n, generator=generator)
+
+
+def build_pool(teacher, cfg: RunConfig, cache: Path, device, log) -> TeacherPool:
+    from safetensors.torch import load_file
+
+    from .sampling import euler, uniform_time_grid
+
+    key = f"pool-n{cfg.pool_size}-euler{cfg.pool_steps}-seed{cfg.seed}.safetensors"
+    path = cache / key
+    if path.exists():
+        try:
+            return TeacherPool(load_file(path)["samples"])
+        except Exception:
+            log(f"[yellow]cache {path} is damaged; regenerating[/]")
+    start = time.time()
+    g = torch.Generator().manual_seed(cfg.seed + 7919)
+    noise = teacher.sample_noise(cfg.pool_size, generator=g)
+    grid = uniform_time_grid(cfg.pool_steps, getattr(teacher, "shift", 1.0)).to(device)
+    out = [euler(teacher.velocity, c.to(device), grid).cpu() for c in noise.split(256)]
+    samples = torch.cat(out)
+    save_tensors(path, {"samples": samples}, metadata={"teacher": str(teacher.name), "solver": f"euler{cfg.pool_steps}"})
+    log(f"data-free pool: {cfg.pool_size} teacher samples (Euler {cfg.pool_steps} steps) in {time.time() - start:.1f}s -> {path}")
+    return TeacherPool(samples)
+
+
+def build_data(teacher, cfg: RunConfig, out: Path, device, log):
+    if cfg.data == "teacher":
+        if hasattr(teacher, "sample_data"):
+            return ExactData(teacher)
+        return build_pool(teacher, cfg, out / "cache", device, log)
+    if cfg.data == "fashion-mnist":
+        from .datasets import load_fashion_mnist
+
+        images, _ = load_fashion_mnist("train", resolution=teacher.data_shape[-1])
+        if tuple(images.shape[1:]) != tuple(teacher.data_shape):
+            raise ConfigError(f"fashion-mnist images {tuple(images.shape[1:])} do not match the teacher's {teacher.data_shape}")
+        return TeacherPool(torch.from_numpy(images))
+    raise ConfigError(f"unknown data source {cfg.data!r}; use 'teacher' (data-free) or 'fashion-mnist'")
+
+
+# -------------------------------------------------------------- models ------
+def build_student(teacher, cfg: RunConfig):
+    """The student initialised from the teacher (diffusers) or fresh (analytic)."""
+    if hasattr(teacher, "network"):
+        from .student import TwoTimeFlowMap
+
+        network = copy.deepcopy(teacher.network).train().requires_grad_(True)
+        return TwoTimeFlowMap(network, second_time_input=cfg.second_time_input)
+    from .mlp import MlpFlowMap
+
+    torch.manual_seed(cfg.seed)
+    return MlpFlowMap(dim=teacher.data_shape[0], width=cfg.mlp_width, depth=cfg.mlp_depth)
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach().to(pe.dtype), 1.0 - decay)
+
+
+# --------------------------------------------------------- checkpoints ------
+def list_checkpoints(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").exists())
+
+
+def save_checkpoint(out: Path, step: int, student, ema, optimizer, scheduler, keep: int, history: list) -> Path:
+    final = out / "checkpoints" / f"step-{step:08d}"
+    with atomic_dir(final) as tmp:
+        save_tensors(tmp / "student.safetensors", student.state_dict())
+        if ema is not None and ema is not student:
+            save_tensors(tmp / "ema.safetensors", ema.state_dict())
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history[-1000:]}))
+    for old in list_checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, student, ema, optimizer, scheduler) -> tuple[int, list]:
+    from safetensors.torch import load_file
+
+    try:
+        student.load_state_dict(load_file(path / "student.safetensors"), strict=True)
+        if ema is not None and ema is not student:
+            ema.load_state_dict(load_file(path / "ema.safetensors"), strict=True)
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+        state = json.loads((path / "trainer_state.json").read_text())
+    except Exception as e:
+        raise RunError(f"checkpoint {path} is damaged ({type(e).__name__}); delete it to resume from the one before") from None
+    return int(state["step"]), list(state.get("history", []))
+
+
+# ---------------------------------------------------------------- run -------
+@dataclass
+class RunResult:
+    output: Path
+    steps: int
+    seconds: float
+    metrics: dict
+    resumed_from: int
+
+
+def prepare_output(cfg: RunConfig, overwrite: bool) -> Path:
+    """Create or check the output folder; refuse to mix two different runs."""
+    out = Path(cfg.output)
+    saved_path = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} exists and is a file; choose another --output")
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()):
+        if not saved_path.exists():
+            raise ConfigError(f"output folder {out} is not empty and holds no ttfm-distill run; "
+                              "choose another --output or pass --overwrite")
+        try:
+            saved = json.loads(saved_path.read_text())
+        except json.JSONDecodeError:
+            raise ConfigError(f"{saved_path} is damaged; pass --overwrite to start over") from None
+        diff = resume_mismatch(saved, cfg.to_dict())
+        if diff:
+            raise ConfigError(f"output folder {out} holds a different run (differs in: {', '.join(diff)}); "
+                              "re-run with the same settings to resume, or pass --overwrite or another --output")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to output folder {out}: {e.strerror}") from None
+    write_json(saved_path, cfg.to_dict())
+    return out
+
+
+class _SigtermAsInterrupt:
+    def __enter__(self):
+        self.old = None
+        try:
+            self.old = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+
+
+def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True, console=None) -> RunResult:
+    """Distil ``cfg.teacher`` into a two-timed student; see :class:`RunConfig`."""
+    from accelerate import Accelerator
+    from rich.console import Console
+
+    from .teachers.loading import load_teacher
+
+    cfg.validate()
+    console = console or Console(stderr=True)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    main = accelerator.is_main_process
+    log = (lambda msg: console.print(msg)) if main else (lambda msg: None)
+
+    objective = make_objective(cfg.loss, **cfg.loss_options)
+    teacher = load_teacher(cfg.teacher, cfg.subfolder, cfg.revision)
+    out = prepare_output(cfg, overwrite) if main else Path(cfg.output)
+    accelerator.wait_for_everyone()
+    device = accelerator.device
+    teacher.to(device)
+    data = build_data(teacher, cfg, out, device, log) if main or hasattr(teacher, "sample_data") else None
+    if data is None or accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        if data is None:
+            data = build_data(teacher, cfg, out, device, log)
+
+    student = build_student(teacher, cfg).to(device)
+    ema = None
+    if objective.needs_ema or cfg.export_weights == "ema":
+        ema = copy.deepcopy(student).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    warm = max(1, cfg.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm))
+
+    start_step, history = 0, []
+    ckpts = list_checkpoints(out)
+    if ckpts:
+        start_step, history = load_checkpoint(ckpts[-1], student, ema, optimizer, scheduler)
+        log(f"resuming from {ckpts[-1]} (step {start_step})")
+    wrapped, optimizer = accelerator.prepare(student, optimizer)
+    target_ema = ema if ema is not None else student
+
+    rank = accelerator.process_index
+    t_start = time.time()
+    last_saved = start_step
+    skipped = 0
+    progress = _progress(console, show_progress and main)
+    task = progress.add_task("distilling", total=cfg.max_steps, completed=start_step, loss=float("nan"))
+    step = start_step
+    try:
+        with progress, _SigtermAsInterrupt():
+            for step in range(start_step, cfg.max_steps):
+                g = step_generator(cfg.seed, rank, step)
+                x1 = data.sample(cfg.batch_size, g)
+                x0 = teacher.sample_noise(cfg.batch_size, generator=g)
+                s, t = sample_time_pairs(cfg.batch_size, cfg.time_sampling, cfg.diagonal_fraction,
+                                         cfg.dyadic_levels, generator=g)
+                batch = TrainBatch(interpolate(x0, x1, s).to(device), s.to(device), t.to(device), None, g)
+                with accelerator.autocast():
+                    result = objective(wrapped, teacher, batch, target_ema)
+                loss = result.loss
+                if not torch.isfinite(loss):
+                    if cfg.nan_policy == "skip":
+                        skipped += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        continue
+                    raise NonFiniteLoss(
+                        f"loss became {loss.item()} at step {step}; stopped without saving "
+                        f"(last good checkpoint: step {last_saved}); lower --lr or use nan_policy=skip")
+                accelerator.backward(loss)
+                if cfg.grad_clip > 0:
+                    accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema_update(ema, student, cfg.ema_decay)
+                lv = loss.item()
+                if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
+                    history.append({"step": step, "loss": lv, **result.metrics})
+                progress.update(task, completed=step + 1, loss=lv)
+                if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
+                    if main:
+                        save_checkpoint(out, step + 1, student, ema, optimizer, scheduler, cfg.keep_checkpoints, history)
+                    last_saved = step + 1
+            step = cfg.max_steps
+    except KeyboardInterrupt:
+        if main and step > last_saved:
+            save_checkpoint(out, step, student, ema, optimizer, scheduler, cfg.keep_checkpoints, history)
+        raise Interrupted(f"interrupted at step {step}; checkpoint saved in {out / 'checkpoints'}; "
+                          "re-run the same command to resume") from None
+    seconds = time.time() - t_start
+    metrics = {}
+    if main:
+        final = ema if (cfg.export_weights == "ema" and ema is not None) else student
+        if cfg.max_steps > last_saved:
+            save_checkpoint(out, cfg.max_steps, student, ema, optimizer, scheduler, cfg.keep_checkpoints, history)
+        metrics = finish_run(cfg, out, final.eval(), teacher, objective, seconds, history, device, log, skipped)
+    accelerator.wait_for_everyone()
+    return RunResult(out, cfg.max_steps, seconds, metrics, start_step)
+
+
+def finish_run(cfg, out, student, teacher, objective, seconds, history, device, log, skipped=0) -> dict:
+    """Export the student, measure it against the teacher, draw ``samples.png``."""
+    from .evaluate import compare_with_teacher
+    from .export import export_student
+    from .plots import save_comparison
+
+    meta = {
+        "teacher": teacher.describe(),
+        "kind": teacher.kind,
+        "data_shape": list(teacher.data_shape),
+        "sigma0": teacher.sigma0,
+        "shift": float(getattr(teacher, "shift", 1.0)),
+        "scheduler_config": getattr(teacher, "scheduler_config", None),
+        "loss": objective.config(),
+        "weights": cfg.export_weights if cfg.ema_decay > 0 else "raw",
+        "training": {"steps": cfg.max_steps, "seed": cfg.seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                     "ema_decay": cfg.ema_decay, "time_sampling": cfg.time_sampling,
+                     "diagonal_fraction": cfg.diagonal_fraction, "data": cfg.data},
+    }
+    export_student(student, out / "student", meta)
+    log(f"exported student -> {out / 'student'}")
+    n = cfg.eval_samples if teacher.kind == "image" else max(cfg.eval_samples, 4096)
+    metrics, samples = compare_with_teacher(student, teacher, steps=(1, 2, 4), n=n,
+                                            reference_steps=cfg.reference_steps, seed=cfg.seed + 1, device=device)
+    if teacher.kind == "points" and hasattr(teacher, "sample_data"):
+        from .metrics import histogram_kl
+
+        metrics["kl"] = {k: histogram_kl(v, teacher) for k, v in samples.items()}
+    metrics["training"] = {"steps": cfg.max_steps, "seconds": round(seconds, 1), "skipped_steps": skipped,
+                           "final_loss": history[-1]["loss"] if history else None}
+    metrics["settings"] = {"eval_samples": n, "reference": f"rk4 {cfg.reference_steps} steps", "seed": cfg.seed + 1}
+    write_json(out / "metrics.json", metrics)
+    rows, errors = _comparison_rows(samples, teacher, metrics, cfg, device)
+    save_comparison(rows, out / "samples.png", kind=teacher.kind, errors=errors,
+                    title=f"{teacher.name}: student ({cfg.loss}, {cfg.max_steps} steps) vs teacher, same noise")
+    fme = metrics["flow_map_error"]
+    log("flow-map error   " + "  ".join(
+        f"{k} step: student {fme['student'][k]:.4f} / teacher Euler {fme['teacher_euler'][k]:.4f}" for k in fme["student"]))
+    return metrics
+
+
+def _comparison_rows(samples, teacher, metrics, cfg, device):
+    from .sampling import euler, uniform_time_grid
+
+    k = 10 if teacher.kind == "image" else None
+    pick = (lambda x: x[:k]) if k else (lambda x: x)
+    rows, errors = {}, {}
+    fme = metrics["flow_map_error"]
+    for n in ("1", "2", "4"):
+        rows[f"student {n}"] = pick(samples[f"student {n}"])
+        errors[f"student {n}"] = fme["student"][n]
+    for n in ("1", "2", "4"):
+        rows[f"teacher Euler {n}"] = pick(samples[f"teacher euler {n}"])
+        errors[f"teacher Euler {n}"] = fme["teacher_euler"][n]
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    x0 = teacher.sample_noise(samples["reference"].shape[0], generator=g)
+    x0 = pick(x0).to(device)
+    rows["teacher Euler 50"] = euler(teacher.velocity, x0, uniform_time_grid(50, getattr(teacher, "shift", 1.0)).to(device)).cpu()
+    return rows, errors
+
+
+def _progress(console, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4g}"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+        console=console, disable=not enabled, transient=False,
+    )
