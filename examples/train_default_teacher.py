@@ -7,7 +7,7 @@ timestep ``sigma * 1000``), saved with ``save_pretrained`` beside a
 ``FlowMatchEulerDiscreteScheduler``.  The weights shipped are the EMA weights.
 
     apt-get install dataset-fashion-mnist
-    python examples/train_default_teacher.py --steps 12000 --output ttfm_distill/assets/fashion16
+    python examples/train_default_teacher.py --steps 10000 --stop-after 4000 --output ttfm_distill/assets/fashion16
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ UNET_CONFIG = dict(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=12000)
+    p.add_argument("--steps", type=int, default=10000, help="length of the learning-rate schedule")
+    p.add_argument("--stop-after", type=int, default=None, help="stop (and save) after this many steps")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema", type=float, default=0.999)
@@ -61,7 +62,8 @@ def main() -> None:
     units = TimestepUnits(scale=1000.0)
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
-    for step in range(1, args.steps + 1):
+    last = min(args.steps, args.stop_after or args.steps)
+    for step in range(1, last + 1):
         idx = torch.randint(0, data.shape[0], (args.batch_size,), generator=gen)
         x1 = data[idx]
         x1 = torch.where(torch.rand(x1.shape[0], 1, 1, 1, generator=gen) < 0.5, x1, x1.flip(-1))
@@ -81,7 +83,7 @@ def main() -> None:
         if step % 200 == 0 or step == 1:
             el = time.time() - t0
             print(f"step {step}/{args.steps} loss {loss.item():.4f} {el:.0f}s eta {el / step * (args.steps - step):.0f}s", flush=True)
-        if step % 2000 == 0 or step == args.steps:
+        if step % 2000 == 0 or step == last:
             save(ema, args, step)
 
 
@@ -92,8 +94,8 @@ def save(ema: UNet2DModel, args, step: int) -> None:
     (out / "teacher_card.json").write_text(json.dumps({
         "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist), 60k train images, 28x28 zero-padded to 32 and 2x2 mean-pooled to 16x16, [-1, 1], random horizontal flips",
         "objective": "rectified flow, diffusers convention (target noise - data, timestep sigma*1000), uniform sigma",
-        "steps": step, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema, "seed": args.seed,
-        "recipe": "python examples/train_default_teacher.py",
+        "steps": step, "schedule_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema, "seed": args.seed,
+        "recipe": f"python examples/train_default_teacher.py --steps {args.steps} --stop-after {step}",
     }, indent=2))
 
 

@@ -101,7 +101,7 @@ def run(
     """Distil a teacher into a two-timed student; writes student/, samples.png, metrics.json."""
 
     def body():
-        from .config import ConfigError, RunConfig, load_config_file
+        from .config import RunConfig, load_config_file
 
         values = load_config_file(config) if config else {}
         values.update(_parse_options(set_, "--set"))
@@ -113,16 +113,16 @@ def run(
             values["loss_options"] = {**values.get("loss_options", {}), **_parse_options(loss_option, "--loss-option")}
         if loss and loss != values.get("loss") and "loss_options" not in values:
             values["loss_options"] = {}
-        cfg = RunConfig.from_dict(values)
-        try:
-            cfg.validate()
-        except ConfigError:
-            raise
+        cfg = RunConfig.from_dict(values).validate()
         from .objectives import make_objective
 
         make_objective(cfg.loss, **cfg.loss_options)  # fail fast on bad loss options
         if dry_run:
+            from .teachers.loading import check_teacher_spec
+
+            teacher_info = check_teacher_spec(cfg.teacher, cfg.subfolder)
             typer.echo(json.dumps(cfg.to_dict(), indent=2))
+            typer.echo(f"teacher: {teacher_info}; objective: {cfg.loss}; {cfg.max_steps} steps -> {cfg.output}", err=True)
             return
         from .trainer import run_distillation
 

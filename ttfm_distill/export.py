@@ -118,7 +118,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu"):
     except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as e:
         if isinstance(e, StudentLoadError):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = " ".join(line.strip() for line in str(e).strip().splitlines())[:400] or type(e).__name__
         raise StudentLoadError(f"cannot load the student in {folder}: {msg}") from None
     return student.to(device).eval(), config
 

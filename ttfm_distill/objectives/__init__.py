@@ -5,10 +5,12 @@ from __future__ import annotations
 from .base import Objective, ObjectiveOutput, TrainBatch
 from .itvm import ItvmObjective
 from .lfmd import LfmdObjective
+from .lsd import LsdObjective
+from .meanflow import MeanFlowObjective
 from .progressive import ProgressiveObjective
 
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (ItvmObjective, LfmdObjective, ProgressiveObjective)
+    cls.name: cls for cls in (ItvmObjective, LfmdObjective, LsdObjective, MeanFlowObjective, ProgressiveObjective)
 }
 
 

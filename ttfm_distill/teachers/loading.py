@@ -62,6 +62,33 @@ def load_teacher(spec: str | None = None, subfolder: str | None = None, revision
     )
 
 
+def check_teacher_spec(spec: str | None, subfolder: str | None = None) -> str:
+    """Cheap check that ``spec`` names a usable teacher, without loading weights.
+
+    Returns a short description; raises :class:`TeacherLoadError` or
+    :class:`UnsupportedTeacher` like :func:`load_teacher` would.
+    """
+    spec = spec or DEFAULT_TEACHER
+    if spec.startswith("builtin:"):
+        if spec.split(":", 1)[1] not in builtin_names():
+            raise TeacherLoadError(f"unknown built-in teacher {spec!r}; choose one of: {', '.join(builtin_names())}")
+        return spec
+    path = Path(spec).expanduser()
+    if path.exists():
+        denoiser = _locate_denoiser(path, subfolder)
+        class_name = _read_json(denoiser / "config.json").get("_class_name")
+        if class_name not in ADAPTERS:
+            raise UnsupportedTeacher(
+                f"{denoiser} holds a {class_name}, which is not a supported denoiser; supported: {', '.join(sorted(ADAPTERS))}")
+        _check_flow_scheduler(_scheduler_config(path, denoiser), path)
+        return f"{class_name} in {denoiser}"
+    if _looks_like_hub_id(spec):
+        return f"hub id {spec} (not fetched in a dry run)"
+    raise TeacherLoadError(
+        f"teacher {spec!r} is neither a folder nor a hub id; pass a diffusers folder, an 'org/name' hub id, "
+        f"or one of: {', '.join('builtin:' + n for n in builtin_names())}")
+
+
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and os.sep not in spec.replace("/", "", 1)
