@@ -106,7 +106,8 @@ def build_data(teacher, cfg: RunConfig, out: Path, device, log):
 
 # -------------------------------------------------------------- models ------
 def build_student(teacher, cfg: RunConfig):
-    """The student initialised from the teacher (diffusers) or fresh (analytic)."""
+    """The student initialised from the teacher (diffusers) or fresh (analytic), seeded by ``cfg.seed``."""
+    torch.manual_seed(cfg.seed)
     if hasattr(teacher, "network"):
         from .student import TwoTimeFlowMap
 
@@ -114,7 +115,6 @@ def build_student(teacher, cfg: RunConfig):
         return TwoTimeFlowMap(network, second_time_input=cfg.second_time_input)
     from .mlp import MlpFlowMap
 
-    torch.manual_seed(cfg.seed)
     return MlpFlowMap(dim=teacher.data_shape[0], width=cfg.mlp_width, depth=cfg.mlp_depth)
 
 
