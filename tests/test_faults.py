@@ -24,9 +24,10 @@ def tiny_cfg(teacher_dir, out, **kw):
 
 
 def test_resumed_run_matches_uninterrupted_bit_for_bit(tiny_teacher_dir, tmp_path):
-    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "a", max_steps=8), show_progress=False)
-    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "b", max_steps=4), show_progress=False)
-    res = run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "b", max_steps=8), show_progress=False)
+    ema = dict(ema_decay=0.9, loss_options={"target_model": "ema"}, diagonal_fraction=0.25)
+    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "a", max_steps=8, **ema), show_progress=False)
+    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "b", max_steps=4, **ema), show_progress=False)
+    res = run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "b", max_steps=8, **ema), show_progress=False)
     assert res.resumed_from == 4
     for name in ("student.safetensors", "ema.safetensors"):
         a = load_file(tmp_path / "a" / "checkpoints" / "step-00000008" / name)

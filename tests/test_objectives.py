@@ -36,7 +36,8 @@ def test_itvm_teacher_step_error_shrinks_with_tau(gaussian_case):
     """With an Euler teacher segment the exact map's residual is the Euler defect, O(tau^2) in u."""
     teacher, exact = gaussian_case
     batch = make_batch(diag=0.0)
-    losses = [loss_of(make_objective("itvm", tau=tau), exact, teacher, batch) for tau in (0.08, 0.04, 0.02)]
+    losses = [loss_of(make_objective("itvm", tau=tau, teacher_solver="euler"), exact, teacher, batch)
+              for tau in (0.08, 0.04, 0.02)]
     assert losses[0] > losses[1] > losses[2] > 0
     assert losses[1] / losses[2] > 3.0  # squared residual: at least ~4x per halving once tau is small
 
@@ -57,7 +58,7 @@ def test_itvm_short_jumps_are_teacher_euler_steps(gaussian_case):
     s = torch.rand(n, generator=g, dtype=torch.float64) * 0.9
     t = s + 0.01
     x = torch.randn(n, 2, generator=g, dtype=torch.float64)
-    obj = make_objective("itvm", tau=0.05)
+    obj = make_objective("itvm", tau=0.05, teacher_solver="euler")
     from conftest import ExactGaussianMap
 
     some_model = ExactGaussianMap(torch.zeros(2, dtype=torch.float64), 2.0)

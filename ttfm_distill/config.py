@@ -27,16 +27,16 @@ class RunConfig:
     output: str = DEFAULT_OUTPUT
     loss: str = "itvm"
     loss_options: dict = field(default_factory=dict)
-    max_steps: int = 2000
-    batch_size: int = 48
+    max_steps: int = 1200
+    batch_size: int = 32
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 50
     grad_clip: float = 1.0
-    ema_decay: float = 0.99
+    ema_decay: float = 0.0
     seed: int = 0
     time_sampling: str = "mixed"
-    diagonal_fraction: float = 0.25
+    diagonal_fraction: float = 0.0
     dyadic_levels: int = 4
     second_time_input: str = "delta"
     data: str = "teacher"
