@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -50,6 +51,9 @@ def _guard(fn):
         known = _known_errors()
         if isinstance(e, known) or isinstance(e, ValueError):
             _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 1 if _is_runtime(e) else 2)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            _fail(f"disk full while writing {e.filename or 'the output'}; free some space or choose another "
+                  "--output (files written before are intact)", 1)
         if isinstance(e, OSError):
             _fail(f"{e.strerror or e} ({e.filename})" if e.filename else str(e), 1)
         _fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (set TTFM_DEBUG=1 for the traceback)", 1)
@@ -92,6 +96,7 @@ def run(
     data: Optional[str] = typer.Option(None, "--data", help="'teacher' (data-free: samples of the teacher's ODE) or 'fashion-mnist'."),
     subfolder: Optional[str] = typer.Option(None, "--subfolder", help="Denoiser subfolder of a pipeline folder."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle teacher weights (.bin/.pt/.ckpt) when there are no safetensors; they can run code."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or TOML file of run settings (flags override it)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Any run setting KEY=VALUE (repeatable), e.g. --set time_sampling=uniform."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run in --output and start over."),
@@ -107,7 +112,7 @@ def run(
         values.update(_parse_options(set_, "--set"))
         flags = dict(teacher=teacher, output=output, max_steps=max_steps, loss=loss, seed=seed,
                      batch_size=batch_size, lr=lr, ema_decay=ema_decay, data=data, subfolder=subfolder,
-                     revision=revision)
+                     revision=revision, allow_pickle=allow_pickle or None)
         values.update({k: v for k, v in flags.items() if v is not None})
         if loss_option:
             values["loss_options"] = {**values.get("loss_options", {}), **_parse_options(loss_option, "--loss-option")}
@@ -116,7 +121,9 @@ def run(
         cfg = RunConfig.from_dict(values).validate()
         from .objectives import make_objective
 
-        make_objective(cfg.loss, **cfg.loss_options)  # fail fast on bad loss options
+        from .trainer import check_objective_fits
+
+        check_objective_fits(make_objective(cfg.loss, **cfg.loss_options), cfg)  # fail fast on bad loss options
         if dry_run:
             from .teachers.loading import check_teacher_spec
 
@@ -127,7 +134,8 @@ def run(
         from .trainer import run_distillation
 
         result = run_distillation(cfg, overwrite=overwrite, show_progress=not quiet)
-        typer.echo(f"done: {result.output} ({result.steps} steps, {result.seconds:.0f}s training)")
+        if result.is_main:
+            typer.echo(f"done: {result.output} ({result.steps} steps, {result.seconds:.0f}s training)")
 
     _guard(body)
 
@@ -175,20 +183,40 @@ def inspect(
     teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Hub id, diffusers folder, or builtin:NAME."),
     subfolder: Optional[str] = typer.Option(None, "--subfolder"),
     revision: Optional[str] = typer.Option(None, "--revision"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle weights when there are no safetensors."),
 ):
     """Print what was detected about a teacher, without training."""
 
     def body():
         from .teachers.loading import load_teacher
 
-        t = load_teacher(teacher, subfolder, revision)
+        t = load_teacher(teacher, subfolder, revision, allow_pickle=allow_pickle)
         typer.echo(json.dumps(t.describe(), indent=2))
 
     _guard(body)
 
 
 def main() -> None:
-    app(prog_name="ttfm-distill")
+    """Entry point: usage errors (unknown flag, non-numeric value) are one line too, exit 2."""
+    try:  # typer >= 0.20 vendors click as typer._click
+        from typer._click import exceptions as cx
+    except ImportError:  # pragma: no cover - older typer
+        from click import exceptions as cx
+
+    try:
+        code = app(prog_name="ttfm-distill", standalone_mode=False)
+    except getattr(cx, "NoArgsIsHelpError", ()) as e:
+        typer.echo(e.ctx.get_help())
+        sys.exit(0)
+    except cx.UsageError as e:
+        where = f"ttfm-distill {e.ctx.info_name} --help" if e.ctx is not None and e.ctx.parent is not None else "ttfm-distill --help"
+        message = " ".join(line.strip() for line in e.format_message().splitlines() if line.strip())
+        typer.echo(f"error: {message} (see {where})", err=True)
+        sys.exit(2)
+    except cx.Abort:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ class RunConfig:
     teacher: str = "builtin:fashion16"
     subfolder: str | None = None
     revision: str | None = None
+    #: read pickle (.bin/.pt/.ckpt) teacher weights when no safetensors exist (they can run code)
+    allow_pickle: bool = False
     output: str = DEFAULT_OUTPUT
     loss: str = "itvm"
     loss_options: dict = field(default_factory=dict)
@@ -112,7 +114,7 @@ def load_config_file(path: str | Path) -> dict:
 
 # fields that may change between a run and its resumption
 RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_samples",
-                     "reference_steps", "output"}
+                     "reference_steps", "output", "allow_pickle"}
 
 
 def resume_mismatch(saved: dict, current: dict) -> list[str]:

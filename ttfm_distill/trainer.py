@@ -157,7 +157,7 @@ def load_checkpoint(path: Path, student, ema, optimizer, scheduler) -> tuple[int
         scheduler.load_state_dict(opt["scheduler"])
         state = json.loads((path / "trainer_state.json").read_text())
     except Exception as e:
-        raise RunError(f"checkpoint {path} is damaged ({type(e).__name__}); delete it to resume from the one before") from None
+        raise RunError(f"checkpoint {path} is damaged ({type(e).__name__}); skipping it") from None
     return int(state["step"]), list(state.get("history", []))
 
 
@@ -169,6 +169,7 @@ class RunResult:
     seconds: float
     metrics: dict
     resumed_from: int
+    is_main: bool = True
 
 
 def prepare_output(cfg: RunConfig, overwrite: bool) -> Path:
@@ -220,6 +221,13 @@ class _SigtermAsInterrupt:
             signal.signal(signal.SIGTERM, self.old)
 
 
+def check_objective_fits(objective, cfg: RunConfig) -> None:
+    """Refuse settings under which the teacher never reaches the loss."""
+    if not objective.teacher_off_diagonal and cfg.diagonal_fraction == 0:
+        raise ConfigError(f"{cfg.loss} with these options sees the teacher only on diagonal pairs (s == t), and "
+                          "diagonal_fraction is 0, so nothing would be distilled; use --set diagonal_fraction=0.25")
+
+
 def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True, console=None) -> RunResult:
     """Distil ``cfg.teacher`` into a two-timed student; see :class:`RunConfig`."""
     from accelerate import Accelerator
@@ -234,7 +242,8 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
     log = (lambda msg: console.print(msg)) if main else (lambda msg: None)
 
     objective = make_objective(cfg.loss, **cfg.loss_options)
-    teacher = load_teacher(cfg.teacher, cfg.subfolder, cfg.revision)
+    check_objective_fits(objective, cfg)
+    teacher = load_teacher(cfg.teacher, cfg.subfolder, cfg.revision, allow_pickle=cfg.allow_pickle)
     out = prepare_output(cfg, overwrite) if main else Path(cfg.output)
     accelerator.wait_for_everyone()
     device = accelerator.device
@@ -255,10 +264,22 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm))
 
     start_step, history = 0, []
+    if main:
+        for stale in (out / "checkpoints").glob(".*.tmp"):  # left by a kill mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
     ckpts = list_checkpoints(out)
-    if ckpts:
-        start_step, history = load_checkpoint(ckpts[-1], student, ema, optimizer, scheduler)
-        log(f"resuming from {ckpts[-1]} (step {start_step})")
+    for ckpt in reversed(ckpts):  # newest readable checkpoint; a damaged one is reported and skipped
+        try:
+            start_step, history = load_checkpoint(ckpt, student, ema, optimizer, scheduler)
+        except RunError as e:
+            log(f"[yellow]warning:[/] {e}")
+            continue
+        log(f"resuming from {ckpt} (step {start_step})")
+        break
+    else:
+        if ckpts:
+            raise RunError(f"no checkpoint in {out / 'checkpoints'} could be read; pass --overwrite to start over")
     wrapped, optimizer = accelerator.prepare(student, optimizer)
     target_ema = ema if ema is not None else student
 
@@ -269,6 +290,7 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
     progress = _progress(console, show_progress and main)
     task = progress.add_task("distilling", total=cfg.max_steps, completed=start_step, loss=float("nan"))
     step = start_step
+    first_batch = 0.0
     try:
         with progress, _SigtermAsInterrupt():
             for step in range(start_step, cfg.max_steps):
@@ -281,7 +303,9 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
                 with accelerator.autocast():
                     result = objective(wrapped, teacher, batch, target_ema)
                 loss = result.loss
-                if not torch.isfinite(loss):
+                if step == start_step:
+                    first_batch = x1.double().sum().item()
+                if not _all_finite(loss, accelerator):
                     if cfg.nan_policy == "skip":
                         skipped += 1
                         optimizer.zero_grad(set_to_none=True)
@@ -312,17 +336,41 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
         raise Interrupted(f"interrupted at step {step}; checkpoint saved in {out / 'checkpoints'}; "
                           "re-run the same command to resume") from None
     seconds = time.time() - t_start
+    distributed = _distributed_report(accelerator, student, first_batch)
     metrics = {}
     if main:
         final = ema if (cfg.export_weights == "ema" and ema is not None) else student
         if cfg.max_steps > last_saved:
             save_checkpoint(out, cfg.max_steps, student, ema, optimizer, scheduler, cfg.keep_checkpoints, history)
-        metrics = finish_run(cfg, out, final.eval(), teacher, objective, seconds, history, device, log, skipped)
+        metrics = finish_run(cfg, out, final.eval(), teacher, objective, seconds, history, device, log, skipped,
+                             distributed)
     accelerator.wait_for_everyone()
-    return RunResult(out, cfg.max_steps, seconds, metrics, start_step)
+    return RunResult(out, cfg.max_steps, seconds, metrics, start_step, main)
 
 
-def finish_run(cfg, out, student, teacher, objective, seconds, history, device, log, skipped=0) -> dict:
+def _all_finite(loss: torch.Tensor, accelerator) -> bool:
+    """Whether the loss is finite on every process (all ranks take the same branch)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, "sum")
+    return bad.item() == 0
+
+
+def _distributed_report(accelerator, student, first_batch: float) -> dict | None:
+    """Per-rank parameter checksums (equal if data parallel works) and first-batch checksums (different)."""
+    if accelerator.num_processes == 1:
+        return None
+    with torch.no_grad():
+        params = sum(p.double().sum() for p in student.parameters())
+        row = torch.stack([params, torch.tensor(first_batch, dtype=torch.float64)]).to(accelerator.device)[None]
+    rows = accelerator.gather(row).cpu()
+    return {"processes": accelerator.num_processes,
+            "param_checksums": rows[:, 0].tolist(), "first_batch_checksums": rows[:, 1].tolist(),
+            "ranks_in_sync": bool(torch.allclose(rows[:, 0], rows[0, 0].expand(len(rows)), rtol=0, atol=0))}
+
+
+def finish_run(cfg, out, student, teacher, objective, seconds, history, device, log, skipped=0,
+               distributed: dict | None = None) -> dict:
     """Export the student, measure it against the teacher, draw ``samples.png``."""
     from .evaluate import compare_with_teacher
     from .export import export_student
@@ -352,14 +400,16 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
         metrics["kl"] = {k: histogram_kl(v, teacher) for k, v in samples.items()}
     metrics["training"] = {"steps": cfg.max_steps, "seconds": round(seconds, 1), "skipped_steps": skipped,
                            "final_loss": history[-1]["loss"] if history else None}
+    if distributed is not None:
+        metrics["distributed"] = distributed
     metrics["settings"] = {"eval_samples": n, "reference": f"rk4 {cfg.reference_steps} steps", "seed": cfg.seed + 1}
     write_json(out / "metrics.json", metrics)
     rows, errors = _comparison_rows(samples, teacher, metrics, cfg, device)
     save_comparison(rows, out / "samples.png", kind=teacher.kind, errors=errors,
                     title=f"{teacher.name}: student ({cfg.loss}, {cfg.max_steps} steps) vs teacher, same noise")
     fme = metrics["flow_map_error"]
-    log("flow-map error   " + "  ".join(
-        f"{k} step: student {fme['student'][k]:.4f} / teacher Euler {fme['teacher_euler'][k]:.4f}" for k in fme["student"]))
+    for k in fme["student"]:  # one short line each: a narrow or non-terminal console must not cut them
+        log(f"flow-map error, {k} step: student {fme['student'][k]:.4f}, teacher Euler {fme['teacher_euler'][k]:.4f}")
     return metrics
 
 

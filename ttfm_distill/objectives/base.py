@@ -75,6 +75,9 @@ class Objective:
 
     name: str = ""
     needs_ema: bool = False
+    #: whether off-diagonal pairs see the teacher; if not, the teacher enters only
+    #: through diagonal pairs and a run needs ``diagonal_fraction > 0``
+    teacher_off_diagonal: bool = True
 
     @dataclass
     class Options:

@@ -73,6 +73,7 @@ def _mean_or_zero(v: torch.Tensor) -> float:
 class LsdObjective(Objective):
     name = "lsd"
     needs_ema = False
+    teacher_off_diagonal = False
 
     @dataclass
     class Options:

@@ -36,7 +36,17 @@ def builtin_names() -> list[str]:
     return sorted([*EMBEDDED_TEACHERS, *ANALYTIC_TEACHERS])
 
 
-def load_teacher(spec: str | None = None, subfolder: str | None = None, revision: str | None = None) -> Teacher:
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def load_teacher(spec: str | None = None, subfolder: str | None = None, revision: str | None = None,
+                 allow_pickle: bool = False) -> Teacher:
+    """Load ``spec`` as a frozen flow teacher.
+
+    Only safetensors weights are read unless ``allow_pickle`` (pickle files can
+    run code when loaded; a warning is printed).  Model classes come from
+    diffusers itself: custom or remote code is never imported.
+    """
     spec = spec or DEFAULT_TEACHER
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
@@ -53,9 +63,9 @@ def load_teacher(spec: str | None = None, subfolder: str | None = None, revision
     if path.exists():
         if not path.is_dir():
             raise TeacherLoadError(f"teacher {spec!r} is a file; pass the diffusers folder that holds it")
-        return _load_folder(path, subfolder, source=spec)
+        return _load_folder(path, subfolder, source=spec, allow_pickle=allow_pickle)
     if _looks_like_hub_id(spec):
-        return _load_hub(spec, subfolder, revision)
+        return _load_hub(spec, subfolder, revision, allow_pickle)
     raise TeacherLoadError(
         f"teacher {spec!r} is neither a folder nor a hub id; pass a diffusers folder, an 'org/name' hub id, "
         f"or one of: {', '.join('builtin:' + n for n in builtin_names())}"
@@ -76,10 +86,7 @@ def check_teacher_spec(spec: str | None, subfolder: str | None = None) -> str:
     path = Path(spec).expanduser()
     if path.exists():
         denoiser = _locate_denoiser(path, subfolder)
-        class_name = _read_json(denoiser / "config.json").get("_class_name")
-        if class_name not in ADAPTERS:
-            raise UnsupportedTeacher(
-                f"{denoiser} holds a {class_name}, which is not a supported denoiser; supported: {', '.join(sorted(ADAPTERS))}")
+        class_name = _denoiser_class(denoiser)
         _check_flow_scheduler(_scheduler_config(path, denoiser), path)
         return f"{class_name} in {denoiser}"
     if _looks_like_hub_id(spec):
@@ -117,6 +124,23 @@ def _locate_denoiser(root: Path, subfolder: str | None) -> Path:
     )
 
 
+def _denoiser_class(denoiser: Path) -> str:
+    """The diffusers class named in ``denoiser/config.json``, if it is one we can distil."""
+    config = _read_json(denoiser / "config.json")
+    if not isinstance(config, dict):
+        raise TeacherLoadError(f"{denoiser / 'config.json'} is not a model config (expected a JSON object)")
+    class_name = config.get("_class_name")
+    if not class_name:
+        what = f" (a transformers {config['architectures'][0]}?)" if config.get("architectures") else ""
+        raise UnsupportedTeacher(
+            f"{denoiser / 'config.json'} names no diffusers class{what}: not a denoiser; point --teacher at a "
+            f"folder holding one of: {', '.join(sorted(ADAPTERS))}")
+    if class_name not in ADAPTERS:
+        raise UnsupportedTeacher(
+            f"{denoiser} holds a {class_name}, which is not a supported denoiser; supported: {', '.join(sorted(ADAPTERS))}")
+    return class_name
+
+
 def _scheduler_config(root: Path, denoiser: Path) -> dict | None:
     for cand in (root / "scheduler", denoiser.parent / "scheduler"):
         f = cand / "scheduler_config.json"
@@ -137,48 +161,53 @@ def _check_flow_scheduler(cfg: dict | None, where: Path) -> None:
         )
 
 
-def _load_folder(root: Path, subfolder: str | None, source: str | None = None) -> Teacher:
+def _load_folder(root: Path, subfolder: str | None, source: str | None = None, allow_pickle: bool = False) -> Teacher:
     root = Path(root)
     denoiser = _locate_denoiser(root, subfolder)
-    config = _read_json(denoiser / "config.json")
-    class_name = config.get("_class_name")
-    if not class_name:
-        raise TeacherLoadError(f"{denoiser / 'config.json'} has no _class_name: not a diffusers model folder")
-    if class_name not in ADAPTERS:
-        raise UnsupportedTeacher(
-            f"{denoiser} holds a {class_name}, which is not a supported denoiser; supported: {', '.join(sorted(ADAPTERS))}"
-        )
+    class_name = _denoiser_class(denoiser)
     sched = _scheduler_config(root, denoiser)
     _check_flow_scheduler(sched, root)
     weights = [p for p in denoiser.iterdir() if p.suffix == ".safetensors"]
+    use_safetensors = True
     if not weights:
-        raise TeacherLoadError(f"{denoiser} has no .safetensors weights (pickle weights are not loaded)")
+        pickles = sorted(p.name for p in denoiser.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if not pickles:
+            raise TeacherLoadError(f"{denoiser} has no weights (expected diffusion_pytorch_model.safetensors)")
+        if not allow_pickle:
+            raise TeacherLoadError(
+                f"{denoiser} has only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
+                "convert them to safetensors, or pass --allow-pickle if you trust the file")
+        import sys
+
+        print(f"warning: loading pickle weights {', '.join(pickles)} from {denoiser} (--allow-pickle); "
+              "only do this for files you trust", file=sys.stderr)
+        use_safetensors = False
     import diffusers
 
     from .diffusers_teacher import DiffusersFlowTeacher
 
     cls = getattr(diffusers, class_name)
     try:
-        network = cls.from_pretrained(denoiser, use_safetensors=True, low_cpu_mem_usage=False)
+        network = cls.from_pretrained(denoiser, use_safetensors=use_safetensors, low_cpu_mem_usage=False)
     except Exception as e:  # diffusers raises many types for bad files
         raise TeacherLoadError(f"cannot load {class_name} from {denoiser}: {_first_line(e)}") from None
     rel = denoiser.relative_to(root).as_posix() if denoiser != root else ""
     return DiffusersFlowTeacher(network, source or str(root), sched, subfolder=rel)
 
 
-def _load_hub(repo_id: str, subfolder: str | None, revision: str | None) -> Teacher:
+def _load_hub(repo_id: str, subfolder: str | None, revision: str | None, allow_pickle: bool = False) -> Teacher:
+    patterns = ["model_index.json", "*/config.json", "config.json", "scheduler/*", "*.safetensors", "*/*.safetensors"]
+    if allow_pickle:
+        patterns += [f"*{suffix}" for suffix in PICKLE_SUFFIXES] + [f"*/*{suffix}" for suffix in PICKLE_SUFFIXES]
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(
-            repo_id, revision=revision,
-            allow_patterns=["model_index.json", "*/config.json", "config.json", "scheduler/*", "*.safetensors", "*/*.safetensors"],
-        )
+        local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except Exception as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         hint = "the hub is unreachable or offline (HF_HUB_OFFLINE is set)" if offline else "check the id and your network"
         raise TeacherLoadError(f"cannot fetch hub teacher {repo_id!r}: {hint} ({_first_line(e)})") from None
-    teacher = _load_folder(Path(local), subfolder, source=repo_id)
+    teacher = _load_folder(Path(local), subfolder, source=repo_id, allow_pickle=allow_pickle)
     return teacher
 
 

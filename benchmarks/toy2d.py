@@ -1,0 +1,257 @@
+"""2-D benchmark: every objective distils the exact checkerboard and 8-Gaussian teachers.
+
+    python benchmarks/toy2d.py --steps 3000 --batch-size 1024
+
+Equal budget per objective (same steps, batch and seeds, so the same training
+samples). Reports the histogram KL (MATH.md section 5: 64k samples, 50x50 grid
+plus an overflow cell, the teacher's ``kl_range``) at 1/2/4/8/16 steps, the
+teacher's Euler KL at the same NFE, the teacher's fine-solve KL (the floor),
+network evaluations per training sample, wall time and step time relative to
+plain flow matching on the same MLP. Writes ``benchmarks/results/toy2d.json``
+and ``toy2d.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ttfm_distill.convention import interpolate
+from ttfm_distill.fileio import atomic_path, write_json
+from ttfm_distill.metrics import histogram_kl
+from ttfm_distill.mlp import MlpFlowMap
+from ttfm_distill.objectives import TrainBatch, make_objective
+from ttfm_distill.objectives.base import flow_map
+from ttfm_distill.objectives.timesampling import sample_time_pairs
+from ttfm_distill.sampling import euler, sample_flow_map, uniform_time_grid
+from ttfm_distill.teachers.analytic import get_analytic_teacher
+from ttfm_distill.trainer import ema_update, step_generator
+
+STEPS = (1, 2, 4, 8, 16)
+# name -> (loss, options, run settings)
+CONFIGS = {
+    "itvm": ("itvm", {}, {}),  # the tool's default reading (r = s + tau, no diagonal pairs)
+    "itvm_terminal": ("itvm", {"intermediate": "terminal"}, {}),
+    # r uniform has no teacher signal off the diagonal: it needs diagonal pairs (the CLI refuses 0)
+    "itvm_uniform": ("itvm", {"intermediate": "uniform"}, {"diagonal_fraction": 0.25}),
+    "itvm_initial_term": ("itvm", {}, {"diagonal_fraction": 0.25}),
+    "itvm_ema_target": ("itvm", {"target_model": "ema"}, {"ema_decay": 0.999}),
+    "lfmd_fd": ("lfmd", {"derivative": "fd"}, {"diagonal_fraction": 0.25}),
+    "lfmd_jvp": ("lfmd", {"derivative": "jvp"}, {"diagonal_fraction": 0.25}),
+    "progressive": ("progressive", {}, {"diagonal_fraction": 0.25, "ema_decay": 0.999}),
+    "lsd": ("lsd", {}, {"diagonal_fraction": 0.25}),
+    "meanflow": ("meanflow", {"adaptive_p": 1.0}, {"diagonal_fraction": 0.75}),
+}
+
+
+class Counting:
+    """Counts rows evaluated by a callable (network evaluations per training sample)."""
+
+    def __init__(self, fn):
+        self.fn, self.rows = fn, 0
+
+    def __call__(self, x, *a, **k):
+        self.rows += x.shape[0]
+        return self.fn(x, *a, **k)
+
+
+class CountingTeacher:
+    def __init__(self, teacher):
+        self.teacher, self.velocity = teacher, Counting(teacher.velocity)
+
+
+class CountingModel(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, x, s, t, cond=None):
+        self.rows += x.shape[0]
+        return self.model(x, s, t, cond)
+
+
+def train(teacher, loss, options, settings, steps, batch, lr, seed, width, depth):
+    torch.manual_seed(seed)
+    student = MlpFlowMap(2, width, depth)
+    decay = settings.get("ema_decay", 0.0)
+    ema = MlpFlowMap(2, width, depth) if decay > 0 else None
+    if ema is not None:
+        ema.load_state_dict(student.state_dict())
+    obj = make_objective(loss, **options)
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    counted, ct = CountingModel(student), CountingTeacher(teacher)
+    counted_ema = CountingModel(ema) if ema is not None else counted
+    t0 = time.perf_counter()
+    for step in range(steps):
+        g = step_generator(seed, 0, step)
+        x1, x0 = teacher.sample_data(batch, generator=g), teacher.sample_noise(batch, generator=g)
+        s, t = sample_time_pairs(batch, settings.get("time_sampling", "mixed"),
+                                 settings.get("diagonal_fraction", 0.0), generator=g)
+        out = obj(counted, ct, TrainBatch(interpolate(x0, x1, s), s, t, None, g), counted_ema)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        if ema is not None:
+            ema_update(ema, student, decay)
+    seconds = time.perf_counter() - t0
+    evals = (counted.rows + (counted_ema.rows if ema is not None else 0) + ct.velocity.rows) / (steps * batch)
+    return (ema if ema is not None else student).eval(), seconds, evals
+
+
+def flow_matching_step_time(teacher, steps, batch, width, depth):
+    student = MlpFlowMap(2, width, depth)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        g = step_generator(0, 0, step)
+        x1, x0 = teacher.sample_data(batch, generator=g), teacher.sample_noise(batch, generator=g)
+        t = torch.rand(batch, generator=g)
+        loss = (student(interpolate(x0, x1, t), t, t) - (x1 - x0)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (time.perf_counter() - t0) / steps
+
+
+@torch.no_grad()
+def kls(teacher, sampler, n=65536, seed=123):
+    """KL at each step count, plus 8192 of the samples per step count for the figure."""
+    x0 = teacher.sample_noise(n, generator=torch.Generator().manual_seed(seed))
+    kl, shown = {}, {}
+    for k in STEPS:
+        x = sampler(x0, uniform_time_grid(k))
+        kl[str(k)] = histogram_kl(x, teacher)
+        shown[k] = x[:8192].clone()
+    return kl, shown, x0
+
+
+def teacher_rows(teacher, tname):
+    """The teacher's Euler KL at each NFE and its fine-solve floor."""
+    t0 = time.perf_counter()
+    euler_kl, euler_x, x0 = kls(teacher, lambda x, g: euler(teacher.velocity, x, g))
+    floor = histogram_kl(euler(teacher.velocity, x0, uniform_time_grid(512)), teacher)
+    res = {
+        "teacher_euler": {"kl": euler_kl, "seconds": round(time.perf_counter() - t0, 1), "evals_per_sample": None,
+                          "note": "the teacher's own Euler sampler at the same NFE; not trained"},
+        "teacher_fine": {"kl": {str(k): floor for k in STEPS}, "seconds": None, "evals_per_sample": None,
+                         "note": "Euler 512 steps: the floor of the metric (finite samples, histogram)"},
+    }
+    print(tname, "teacher euler", {k: round(v, 3) for k, v in euler_kl.items()}, f"floor {floor:.4f}", flush=True)
+    return res, {"teacher_euler": euler_x}
+
+
+def run_teacher(tname, args, only=None):
+    """``{name: {"kl": {...}, "seconds": s, ...}}`` for one teacher, and the samples to plot."""
+    teacher = get_analytic_teacher(tname)
+    fm = flow_matching_step_time(teacher, 50, args.batch_size, args.width, args.depth)
+    res, shown = {}, {}
+    if only is None:
+        res, shown = teacher_rows(teacher, tname)
+    for name in args.objectives.split(","):
+        if only is not None and name not in only:
+            continue
+        loss, options, settings = CONFIGS[name]
+        model, seconds, evals = train(teacher, loss, options, settings, args.steps, args.batch_size,
+                                      args.lr, args.seed, args.width, args.depth)
+        kl, xs, _ = kls(teacher, lambda x, g: sample_flow_map(lambda a, s, t: flow_map(model, a, s, t), x, g))
+        res[name] = {"kl": kl, "seconds": round(seconds, 1), "evals_per_sample": round(evals, 2),
+                     "step_time_vs_flow_matching": round(seconds / args.steps / fm, 2),
+                     "loss": loss, "options": options, "settings": settings}
+        shown[name] = xs
+        print(tname, name, {k: round(v, 3) for k, v in kl.items()}, f"{seconds:.0f}s",
+              f"{evals:.2f} evals/sample", f"{seconds / args.steps / fm:.2f}x FM step", flush=True)
+    return res, shown, fm
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teachers", default="checkerboard,gaussian-mixture")
+    p.add_argument("--objectives", default=",".join(CONFIGS))
+    p.add_argument("--output", default="benchmarks/results")
+    p.add_argument("--merge", action="store_true",
+                   help="update the named objectives in existing results (same settings) instead of starting over")
+    args = p.parse_args()
+    unknown = [o for o in args.objectives.split(",") if o not in CONFIGS]
+    if unknown:
+        p.error(f"unknown objective(s) {unknown}; choose from {sorted(CONFIGS)}")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for tname in args.teachers.split(","):
+        t0 = time.perf_counter()
+        stem = "toy2d" if tname == "checkerboard" else f"toy2d-{tname}"
+        cache = out / f".{stem}-samples.pt"  # the figure's samples, so --merge can redraw it (not committed)
+        old, old_shown, old_total = {}, {}, 0.0
+        requested = args.objectives.split(",")
+        if args.merge:
+            prev = json.loads((out / f"{stem}-settings.json").read_text())
+            for key in ("steps", "batch_size", "lr", "width", "depth", "seed"):
+                if prev[key] != getattr(args, key):
+                    p.error(f"--merge: {key} differs from the saved results ({prev[key]} != {getattr(args, key)})")
+            old = json.loads((out / f"{stem}.json").read_text())
+            old_shown = torch.load(cache) if cache.exists() else {}  # rows without samples: KL curve only
+            old_total = prev["total_seconds"]
+            args.objectives = ",".join(dict.fromkeys(prev["objectives"].split(",") + args.objectives.split(",")))
+        res, shown, fm = run_teacher(tname, args, only=requested if args.merge else None)
+        res, shown = {**old, **res}, {**old_shown, **shown}
+        order = ["teacher_euler", "teacher_fine", *args.objectives.split(",")]
+        res = {k: res[k] for k in order if k in res}
+        shown = {k: shown[k] for k in order if k in shown}
+        torch.save(shown, cache)
+        write_json(out / f"{stem}.json", res)
+        write_json(out / f"{stem}-settings.json", {
+            **vars(args), "teacher": tname, "kl_samples": 65536, "kl_bins": 50,
+            "kl_range": get_analytic_teacher(tname).kl_range, "flow_matching_step_seconds": fm,
+            "total_seconds": round(old_total + time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads(),
+            "command": "python benchmarks/toy2d.py " + " ".join(
+                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "teachers") + f" --teachers {tname}",
+        })
+        plot(tname, res, shown, out / f"{stem}.png")
+        print(f"wrote {out / stem}.json and .png", flush=True)
+
+
+def plot(tname, res, shown, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(shown)
+    rng = get_analytic_teacher(tname).kl_range
+    fig = plt.figure(figsize=(1.3 * len(STEPS) + 6.5, 1.3 * len(rows) + 0.6))
+    grid = fig.add_gridspec(len(rows), len(STEPS) + 5)
+    for i, name in enumerate(rows):
+        for j, k in enumerate(STEPS):
+            ax = fig.add_subplot(grid[i, j])
+            x = shown[name][k].numpy()
+            ax.hist2d(x[:, 0], x[:, 1], bins=80, range=[list(rng[0]), list(rng[1])], cmap="magma")
+            ax.set_xticks([]), ax.set_yticks([]), ax.set_aspect("equal")
+            if i == 0:
+                ax.set_title(f"{k} step" + ("s" if k > 1 else ""), fontsize=8)
+            if j == 0:
+                ax.set_ylabel(name, fontsize=7)
+            ax.text(0.03, 0.03, f"{res[name]['kl'][str(k)]:.3f}", transform=ax.transAxes, color="w", fontsize=6)
+    ax = fig.add_subplot(grid[1:-1, len(STEPS) + 1:])
+    for name, r in res.items():
+        ax.plot(STEPS, [r["kl"][str(k)] for k in STEPS], marker="" if name == "teacher_fine" else "o",
+                label=name, ls="--" if name.startswith("teacher") else "-", lw=1.2, ms=3)
+    ax.set_xscale("log", base=2), ax.set_yscale("log"), ax.set_xlabel("steps (NFE)"), ax.set_ylabel("KL")
+    ax.set_xticks(STEPS, [str(k) for k in STEPS])
+    ax.set_title(f"{tname}: histogram KL (64k samples, 50x50)", fontsize=9), ax.legend(fontsize=6)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

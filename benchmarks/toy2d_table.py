@@ -1,0 +1,32 @@
+"""Print the README's Markdown tables from benchmarks/results/toy2d*.json.
+
+    python benchmarks/toy2d_table.py
+"""
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent / "results"
+
+
+def table(path: Path) -> str:
+    res = json.loads(path.read_text())
+    steps = list(next(iter(res.values()))["kl"])
+    head = "| objective | " + " | ".join(f"KL {k}" for k in steps) + " | train s | evals/sample | step vs FM |"
+    lines = [head, "|" + "---|" * (len(steps) + 4)]
+    for name, r in res.items():
+        kl = " | ".join(f"{r['kl'][k]:.3f}" for k in steps)
+        extra = [f"{r['seconds']}" if r.get("seconds") is not None and not name.startswith("teacher") else "",
+                 f"{r['evals_per_sample']}" if r.get("evals_per_sample") else "",
+                 f"{r['step_time_vs_flow_matching']}x" if r.get("step_time_vs_flow_matching") else ""]
+        label = {"teacher_euler": "*teacher Euler, same NFE*", "teacher_fine": "*teacher Euler 512 (floor)*"}.get(name, name)
+        lines.append(f"| {label} | {kl} | " + " | ".join(extra) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    for path in sorted(ROOT.glob("toy2d*.json")):
+        if path.stem.endswith("-settings"):
+            continue
+        settings = json.loads(path.with_name(path.stem + "-settings.json").read_text())
+        print(f"### {settings['teacher']}\n\n`{settings['command']}`\n\n{table(path)}\n")
