@@ -7,8 +7,13 @@ samples). Reports the histogram KL (MATH.md section 5: 64k samples, 50x50 grid
 plus an overflow cell, the teacher's ``kl_range``) at 1/2/4/8/16 steps, the
 teacher's Euler KL at the same NFE, the teacher's fine-solve KL (the floor),
 network evaluations per training sample, wall time and step time relative to
-plain flow matching on the same MLP. Writes ``benchmarks/results/toy2d.json``
-and ``toy2d.png``.
+plain flow matching on the same MLP. The optimiser is the trainer's recipe
+(Adam, 50 warm-up steps, gradient norm clipped at 1, non-finite steps skipped
+and counted); the student is an MLP from scratch (there is no teacher network
+to start from). Writes ``benchmarks/results/toy2d.json`` (checkerboard) and
+``toy2d-gaussian-mixture.json`` as ``{objective: {"kl": {...}, "seconds": s, ...}}``,
+their ``-settings.json`` and PNGs. ``python benchmarks/toy2d_table.py`` prints
+the README tables.
 """
 
 from __future__ import annotations
@@ -74,7 +79,8 @@ class CountingModel(torch.nn.Module):
         return self.model(x, s, t, cond)
 
 
-def train(teacher, loss, options, settings, steps, batch, lr, seed, width, depth):
+def train(teacher, loss, options, settings, steps, batch, lr, seed, width, depth, grad_clip=1.0, warmup=50):
+    """The trainer's optimiser recipe (Adam, linear warm-up, gradient clipping, non-finite steps skipped)."""
     torch.manual_seed(seed)
     student = MlpFlowMap(2, width, depth)
     decay = settings.get("ema_decay", 0.0)
@@ -83,6 +89,8 @@ def train(teacher, loss, options, settings, steps, batch, lr, seed, width, depth
         ema.load_state_dict(student.state_dict())
     obj = make_objective(loss, **options)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(1, warmup)))
+    nonfinite = 0
     counted, ct = CountingModel(student), CountingTeacher(teacher)
     counted_ema = CountingModel(ema) if ema is not None else counted
     t0 = time.perf_counter()
@@ -93,13 +101,19 @@ def train(teacher, loss, options, settings, steps, batch, lr, seed, width, depth
                                  settings.get("diagonal_fraction", 0.0), generator=g)
         out = obj(counted, ct, TrainBatch(interpolate(x0, x1, s), s, t, None, g), counted_ema)
         opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(out.loss):
+            nonfinite += 1
+            continue
         out.loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
         opt.step()
+        sched.step()
         if ema is not None:
             ema_update(ema, student, decay)
     seconds = time.perf_counter() - t0
     evals = (counted.rows + (counted_ema.rows if ema is not None else 0) + ct.velocity.rows) / (steps * batch)
-    return (ema if ema is not None else student).eval(), seconds, evals
+    return (ema if ema is not None else student).eval(), seconds, evals, nonfinite
 
 
 def flow_matching_step_time(teacher, steps, batch, width, depth):
@@ -113,6 +127,7 @@ def flow_matching_step_time(teacher, steps, batch, width, depth):
         loss = (student(interpolate(x0, x1, t), t, t) - (x1 - x0)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
     return (time.perf_counter() - t0) / steps
 
@@ -155,15 +170,16 @@ def run_teacher(tname, args, only=None):
         if only is not None and name not in only:
             continue
         loss, options, settings = CONFIGS[name]
-        model, seconds, evals = train(teacher, loss, options, settings, args.steps, args.batch_size,
-                                      args.lr, args.seed, args.width, args.depth)
+        model, seconds, evals, nonfinite = train(teacher, loss, options, settings, args.steps, args.batch_size,
+                                                 args.lr, args.seed, args.width, args.depth, args.grad_clip,
+                                                 args.warmup)
         kl, xs, _ = kls(teacher, lambda x, g: sample_flow_map(lambda a, s, t: flow_map(model, a, s, t), x, g))
         res[name] = {"kl": kl, "seconds": round(seconds, 1), "evals_per_sample": round(evals, 2),
                      "step_time_vs_flow_matching": round(seconds / args.steps / fm, 2),
-                     "loss": loss, "options": options, "settings": settings}
+                     "nonfinite_steps_skipped": nonfinite, "loss": loss, "options": options, "settings": settings}
         shown[name] = xs
         print(tname, name, {k: round(v, 3) for k, v in kl.items()}, f"{seconds:.0f}s",
-              f"{evals:.2f} evals/sample", f"{seconds / args.steps / fm:.2f}x FM step", flush=True)
+              f"{evals:.2f} evals/sample", f"{seconds / args.steps / fm:.2f}x FM step", f"{nonfinite} non-finite", flush=True)
     return res, shown, fm
 
 
@@ -175,6 +191,8 @@ def main():
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="as the trainer (RunConfig.grad_clip)")
+    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, as the trainer")
     p.add_argument("--teachers", default="checkerboard,gaussian-mixture")
     p.add_argument("--objectives", default=",".join(CONFIGS))
     p.add_argument("--output", default="benchmarks/results")
@@ -194,7 +212,7 @@ def main():
         requested = args.objectives.split(",")
         if args.merge:
             prev = json.loads((out / f"{stem}-settings.json").read_text())
-            for key in ("steps", "batch_size", "lr", "width", "depth", "seed"):
+            for key in ("steps", "batch_size", "lr", "width", "depth", "seed", "grad_clip", "warmup"):
                 if prev[key] != getattr(args, key):
                     p.error(f"--merge: {key} differs from the saved results ({prev[key]} != {getattr(args, key)})")
             old = json.loads((out / f"{stem}.json").read_text())
@@ -213,7 +231,7 @@ def main():
             "kl_range": get_analytic_teacher(tname).kl_range, "flow_matching_step_seconds": fm,
             "total_seconds": round(old_total + time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads(),
             "command": "python benchmarks/toy2d.py " + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "teachers") + f" --teachers {tname}",
+                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("teachers", "merge")) + f" --teachers {tname}",
         })
         plot(tname, res, shown, out / f"{stem}.png")
         print(f"wrote {out / stem}.json and .png", flush=True)
