@@ -79,3 +79,15 @@ def gaussian_case():
     mean = torch.tensor([1.5, -0.5], dtype=torch.float64)
     teacher = GaussianVelocity(mean, 0.4)
     return teacher, ExactGaussianMap(mean, 0.4)
+
+
+def make_pair_batch(n=512, seed=0, diag=0.25, mode="uniform"):
+    """A float64 batch of 2-D points with (s, t) pairs drawn like training draws them."""
+    from ttfm_distill.objectives import TrainBatch
+    from ttfm_distill.objectives.timesampling import sample_time_pairs
+
+    g = torch.Generator().manual_seed(seed)
+    s, t = sample_time_pairs(n, mode, diag, generator=g)
+    s, t = s.double(), t.double()
+    x = torch.randn(n, 2, generator=g, dtype=torch.float64) * 1.3
+    return TrainBatch(x, s, t, None, g)

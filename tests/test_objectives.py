@@ -3,17 +3,11 @@
 import pytest
 import torch
 
+from conftest import make_pair_batch as make_batch
+
 from ttfm_distill.objectives import OBJECTIVES, TrainBatch, make_objective
-from ttfm_distill.objectives.lfmd import time_derivative_fd, time_derivative_jvp
 from ttfm_distill.objectives.timesampling import sample_time_pairs
-
-
-def make_batch(n=512, seed=0, diag=0.25, mode="uniform"):
-    g = torch.Generator().manual_seed(seed)
-    s, t = sample_time_pairs(n, mode, diag, generator=g)
-    s, t = s.double(), t.double()
-    x = torch.randn(n, 2, generator=g, dtype=torch.float64) * 1.3
-    return TrainBatch(x, s, t, None, g)
+from ttfm_distill.objectives.lfmd import time_derivative_fd, time_derivative_jvp
 
 
 def loss_of(obj, student, teacher, batch, ema=None):

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from conftest import ExactGaussianMap
+from conftest import ExactGaussianMap, make_pair_batch
 
 from ttfm_distill.mlp import MlpFlowMap
-from ttfm_distill.objectives import OBJECTIVES, TrainBatch, make_objective
-from ttfm_distill.objectives.timesampling import sample_time_pairs
+from ttfm_distill.objectives import OBJECTIVES, make_objective
 
 VARIANTS = [
     ("lsd", {"derivative": "jvp"}, 1e-12),
@@ -18,12 +17,8 @@ VARIANTS = [
 ]
 
 
-def make_batch(n=256, seed=0, diag=0.25, mode="uniform"):
-    g = torch.Generator().manual_seed(seed)
-    s, t = sample_time_pairs(n, mode, diag, generator=g)
-    s, t = s.double(), t.double()
-    x = torch.randn(n, 2, generator=g, dtype=torch.float64) * 1.3
-    return TrainBatch(x, s, t, None, g)
+def make_batch(n=256, **kw):
+    return make_pair_batch(n, **kw)
 
 
 class CountingModel(torch.nn.Module):

@@ -67,6 +67,14 @@ def lerp_velocities(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.
     return (1.0 - w) * a + w * b
 
 
+def check_derivative_options(name: str, derivative: str, fd_step: float) -> None:
+    """The time-derivative options shared by LFMD, LSD and MeanFlow."""
+    if derivative not in ("jvp", "fd"):
+        raise ValueError(f"{name}: derivative must be 'jvp' or 'fd'")
+    if not 0 < fd_step < 0.5:
+        raise ValueError(f"{name}: fd_step must be in (0, 0.5)")
+
+
 class Objective:
     """Base class. Subclasses set ``name`` and an ``Options`` dataclass.
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from ..convention import broadcast_time
-from .base import Objective, ObjectiveOutput, TrainBatch, flow_map, masked_mean, per_sample_mse, repeat_cond
+from .base import (Objective, ObjectiveOutput, TrainBatch, check_derivative_options, flow_map, masked_mean,
+                   per_sample_mse, repeat_cond)
 
 
 def time_derivative_jvp(student, x, s, t, cond=None):
@@ -47,10 +48,7 @@ class LfmdObjective(Objective):
         fd_step: float = 1e-3
 
     def validate(self):
-        if self.options.derivative not in ("jvp", "fd"):
-            raise ValueError("lfmd: derivative must be 'jvp' or 'fd'")
-        if not 0 < self.options.fd_step < 0.5:
-            raise ValueError("lfmd: fd_step must be in (0, 0.5)")
+        check_derivative_options("lfmd", self.options.derivative, self.options.fd_step)
 
     def __call__(self, student, teacher, batch: TrainBatch, ema=None) -> ObjectiveOutput:
         x, s, t, cond = batch.x_s, batch.s, batch.t, batch.cond

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..convention import broadcast_time
-from .base import Objective, ObjectiveOutput, TrainBatch, per_sample_mse
+from .base import Objective, ObjectiveOutput, TrainBatch, check_derivative_options, per_sample_mse
 from .lfmd import time_derivative_jvp
 
 TARGET_MODELS = ("student", "ema")
@@ -84,10 +84,7 @@ class LsdObjective(Objective):
 
     def validate(self):
         o = self.options
-        if o.derivative not in ("jvp", "fd"):
-            raise ValueError("lsd: derivative must be 'jvp' or 'fd'")
-        if not 0 < o.fd_step < 0.5:
-            raise ValueError("lsd: fd_step must be in (0, 0.5)")
+        check_derivative_options("lsd", o.derivative, o.fd_step)
         if o.target_model not in TARGET_MODELS:
             raise ValueError(f"lsd: target_model must be one of {TARGET_MODELS}")
         if o.lambda_diagonal < 0:

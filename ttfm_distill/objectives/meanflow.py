@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import torch
 
 from ..convention import broadcast_time
-from .base import Objective, ObjectiveOutput, TrainBatch, per_sample_mse
+from .base import Objective, ObjectiveOutput, TrainBatch, check_derivative_options, per_sample_mse
 from .lsd import _mean_or_zero, cat_conds, select_cond, split_rows
 
 
@@ -93,10 +93,7 @@ class MeanFlowObjective(Objective):
 
     def validate(self):
         o = self.options
-        if o.derivative not in ("jvp", "fd"):
-            raise ValueError("meanflow: derivative must be 'jvp' or 'fd'")
-        if not 0 < o.fd_step < 0.5:
-            raise ValueError("meanflow: fd_step must be in (0, 0.5)")
+        check_derivative_options("meanflow", o.derivative, o.fd_step)
         if o.lambda_diagonal < 0 or o.adaptive_p < 0 or o.adaptive_c <= 0:
             raise ValueError("meanflow: need lambda_diagonal >= 0, adaptive_p >= 0, adaptive_c > 0")
 

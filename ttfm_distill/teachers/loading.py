@@ -58,7 +58,7 @@ def load_teacher(spec: str | None = None, subfolder: str | None = None, revision
 
         if name in ANALYTIC_TEACHERS:
             return get_analytic_teacher(name)
-        raise TeacherLoadError(f"unknown built-in teacher {name!r}; choose one of: {', '.join(builtin_names())}")
+        raise _unknown_builtin(name)
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -66,10 +66,7 @@ def load_teacher(spec: str | None = None, subfolder: str | None = None, revision
         return _load_folder(path, subfolder, source=spec, allow_pickle=allow_pickle)
     if _looks_like_hub_id(spec):
         return _load_hub(spec, subfolder, revision, allow_pickle)
-    raise TeacherLoadError(
-        f"teacher {spec!r} is neither a folder nor a hub id; pass a diffusers folder, an 'org/name' hub id, "
-        f"or one of: {', '.join('builtin:' + n for n in builtin_names())}"
-    )
+    raise _not_found(spec)
 
 
 def check_teacher_spec(spec: str | None, subfolder: str | None = None) -> str:
@@ -81,7 +78,7 @@ def check_teacher_spec(spec: str | None, subfolder: str | None = None) -> str:
     spec = spec or DEFAULT_TEACHER
     if spec.startswith("builtin:"):
         if spec.split(":", 1)[1] not in builtin_names():
-            raise TeacherLoadError(f"unknown built-in teacher {spec!r}; choose one of: {', '.join(builtin_names())}")
+            raise _unknown_builtin(spec.split(":", 1)[1])
         return spec
     path = Path(spec).expanduser()
     if path.exists():
@@ -91,9 +88,17 @@ def check_teacher_spec(spec: str | None, subfolder: str | None = None) -> str:
         return f"{class_name} in {denoiser}"
     if _looks_like_hub_id(spec):
         return f"hub id {spec} (not fetched in a dry run)"
-    raise TeacherLoadError(
+    raise _not_found(spec)
+
+
+def _not_found(spec: str) -> TeacherLoadError:
+    return TeacherLoadError(
         f"teacher {spec!r} is neither a folder nor a hub id; pass a diffusers folder, an 'org/name' hub id, "
         f"or one of: {', '.join('builtin:' + n for n in builtin_names())}")
+
+
+def _unknown_builtin(name: str) -> TeacherLoadError:
+    return TeacherLoadError(f"unknown built-in teacher {name!r}; choose one of: {', '.join(builtin_names())}")
 
 
 def _looks_like_hub_id(spec: str) -> bool:
