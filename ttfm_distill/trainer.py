@@ -44,6 +44,23 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 
 
 # ---------------------------------------------------------------- data ------
+# A data source has ``sample(n, generator)`` returning either clean samples ``x1``
+# ``(n, *teacher.data_shape)`` in the teacher's data space (latents for latent
+# teachers), or a pair ``(x1, cond)`` where ``cond`` is a dict of batch-first
+# conditioning tensors (``class_labels``, prompt embeddings, ...) or ``None``.
+def split_sample(drawn) -> tuple[torch.Tensor, dict | None]:
+    if isinstance(drawn, tuple):
+        x1, cond = drawn
+        return x1, cond
+    return drawn, None
+
+
+def cond_to(cond: dict | None, device) -> dict | None:
+    if not cond:
+        return None
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in cond.items()}
+
+
 class TeacherPool:
     """Data-free training data: clean samples from the teacher's own ODE (Euler), cached."""
 
@@ -294,11 +311,12 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
         with progress, _SigtermAsInterrupt():
             for step in range(start_step, cfg.max_steps):
                 g = step_generator(cfg.seed, rank, step)
-                x1 = data.sample(cfg.batch_size, g)
+                x1, cond = split_sample(data.sample(cfg.batch_size, g))
                 x0 = teacher.sample_noise(cfg.batch_size, generator=g)
                 s, t = sample_time_pairs(cfg.batch_size, cfg.time_sampling, cfg.diagonal_fraction,
                                          cfg.dyadic_levels, generator=g)
-                batch = TrainBatch(interpolate(x0, x1, s).to(device), s.to(device), t.to(device), None, g)
+                batch = TrainBatch(interpolate(x0, x1, s).to(device), s.to(device), t.to(device),
+                                   cond_to(cond, device), g)
                 with accelerator.autocast():
                     result = objective(wrapped, teacher, batch, target_ema)
                 loss = result.loss

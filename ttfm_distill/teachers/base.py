@@ -27,5 +27,32 @@ class Teacher(nn.Module):
     def sample_noise(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         return self.sigma0 * torch.randn((n, *self.data_shape), generator=generator, device=device)
 
+    # ---- data-space hooks (latent and conditioned teachers override them) ----
+    #: what the teacher is conditioned on: None, "class" (``cond["class_labels"]``) or "text"
+    conditioning: str | None = None
+    #: number of classes when ``conditioning == "class"``
+    num_classes: int = 0
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape ``(C, H, W)`` of one training image in pixel space (``data_shape`` unless latent)."""
+        return tuple(self.data_shape)
+
+    @property
+    def is_latent(self) -> bool:
+        return False
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixel images ``(B, *image_shape)`` in [-1, 1] -> teacher data ``(B, *data_shape)`` (VAE for latent teachers)."""
+        return images
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher data ``(B, *data_shape)`` -> pixel images in [-1, 1] (identity unless latent)."""
+        return x
+
+    def encode_prompts(self, prompts: list[str]) -> dict:
+        """Per-sample conditioning tensors (batch first) for ``prompts``; text teachers only."""
+        raise ValueError(f"teacher {self.name} is not text-conditioned")
+
     def describe(self) -> dict:
         return {"name": self.name, "data_shape": list(self.data_shape), "shift": self.shift}
