@@ -178,6 +178,59 @@ def sample(
     _guard(body)
 
 
+@app.command("eval")
+def eval_(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Run folder or exported student (default: ./{DEFAULT_OUTPUT})."),
+    steps: str = typer.Option("1,2,4,8", "--steps", "-n", help="Step counts (= network evaluations) to compare, e.g. 1,2,4,8."),
+    teacher_steps: Optional[str] = typer.Option(None, "--teacher-steps", help="NFEs for the teacher's Euler/Heun (default: --steps), e.g. 1,2,4,8,16,50."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON report (default: eval.json in the run folder)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of each metric against steps (default: the --output path with .png)."),
+    num: Optional[int] = typer.Option(None, "--num", "-k", help="Samples per sampler (default 512 for images, 65536 for 2-D)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shared noise."),
+    reference_steps: int = typer.Option(32, "--reference-steps", help="RK4 steps of the teacher's fine solve."),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="Local TorchScript Inception file (inception-2015-12-05.pt) for a real FID."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Override the teacher recorded in the student's ttfm_config.json."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle teacher weights when there are no safetensors."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per network call (default 256 for images, 8192 for 2-D)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Score the student against the teacher's Euler and Heun samplers at the same NFE; writes JSON and a PNG."""
+
+    def body():
+        from .evaluate import EvalError, parse_steps
+
+        step_list = parse_steps(steps)
+        teacher_list = parse_steps(teacher_steps, "--teacher-steps") if teacher_steps else None
+        if num is not None and num < 2:
+            raise EvalError(f"--num must be >= 2, got {num}")
+        if (batch_size is not None and batch_size < 1) or reference_steps < 1:
+            raise EvalError("--batch-size and --reference-steps must be >= 1")
+        if output is not None and output.suffix.lower() != ".json":
+            raise EvalError(f"--output must be a .json file, got {output.name}")
+        if plot is not None and plot.suffix.lower() != ".png":
+            raise EvalError(f"--plot must be a .png file, got {plot.name}")
+        from .evaluate import evaluate_student, load_student_and_teacher, summary_lines
+        from .features import load_inception
+        from .fileio import write_json
+        from .plots import save_metric_curves
+
+        detector = load_inception(inception) if inception else None  # a bad file fails before the models load
+        folder, student, _, t = load_student_and_teacher(model or DEFAULT_OUTPUT, teacher, allow_pickle)
+        report = evaluate_student(student, t, step_list, teacher_list, num=num, seed=seed,
+                                  reference_steps=reference_steps, batch_size=batch_size,
+                                  inception=detector, show_progress=not quiet)
+        report = {"model": str(folder), **report}
+        target = output or (folder.parent if folder.name == "student" else folder) / "eval.json"
+        png = plot or target.with_suffix(".png")
+        write_json(target, report)
+        save_metric_curves(report["results"], report["floors"], png, title=f"{folder}: student vs teacher {report['teacher']}")
+        for line in summary_lines(report):
+            typer.echo(line)
+        typer.echo(f"wrote {target} and {png}")
+
+    _guard(body)
+
+
 @app.command()
 def inspect(
     teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Hub id, diffusers folder, or builtin:NAME."),

@@ -1,12 +1,25 @@
-"""Flow-map error of the student against the teacher's fine ODE solution (MATH.md section 5)."""
+"""Measuring a student against its teacher (MATH.md section 5).
+
+* :func:`compare_with_teacher`: the flow-map error after training (``metrics.json``).
+* :func:`evaluate_student` / :class:`Evaluation`: ``ttfm-distill eval``: the
+  student's N jumps and the teacher's Euler and Heun samplers at the same
+  number of network evaluations (NFE), from the same noise, scored by the
+  flow-map error, Frechet distances in the project classifier's features, KL
+  (2-D), FID (with a local Inception file) and speed.
+"""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
 import torch
 
-from .metrics import flow_map_error
+from .metrics import flow_map_error, frechet_distance, gaussian_stats, histogram_kl
 from .objectives.base import flow_map
-from .sampling import euler, fine_reference, sample_flow_map, uniform_time_grid
+from .sampling import euler, fine_reference, heun, sample_flow_map, uniform_time_grid
 
 
 @torch.no_grad()
@@ -40,3 +53,372 @@ def compare_with_teacher(student, teacher, steps=(1, 2, 4), n: int = 128, refere
         samples[f"student {n_steps}"] = xs.cpu()
         samples[f"teacher euler {n_steps}"] = xe.cpu()
     return metrics, samples
+
+
+# --------------------------------------------------------------------------
+# ``ttfm-distill eval``: every sampler at every NFE, scored from the same noise.
+# --------------------------------------------------------------------------
+
+METRIC_DESCRIPTIONS = {
+    "flow_map_error": "E|x_N - x_ref|^2 / E|x_ref|^2, same noise; x_ref = the teacher's fine RK4 solve (MATH.md 5)",
+    "fd_test_images": "Frechet distance to the real Fashion-MNIST test images (and their mirror images) in the "
+                      "features of the project's classifier",
+    "fd_teacher_fine": "Frechet distance to the teacher's fine-solve samples (same noise) in the classifier's features",
+    "kl": "KL(target || histogram of samples), 2-D teachers (metrics.histogram_kl: 50x50 grid + overflow cell)",
+    "fid_test_images": "FID (Inception features of the --inception file) to real Fashion-MNIST test images",
+    "fid_teacher_fine": "FID to the teacher's fine-solve samples",
+    "ms_per_sample": "sampling wall time per sample (milliseconds), in batches of --batch-size",
+    "samples_per_second": "samples per second, same timing",
+}
+#: defaults by teacher kind: samples per sampler, and samples per network call
+DEFAULT_NUM = {"image": 512, "points": 65536}
+DEFAULT_BATCH = {"image": 256, "points": 8192}
+
+
+class EvalError(ValueError):
+    """Settings or models that ``eval`` cannot work with; the message says why."""
+
+
+def parse_steps(text: str, flag: str = "--steps") -> tuple[int, ...]:
+    """``"1,2,4,8"`` -> ``(1, 2, 4, 8)`` (sorted, unique, each >= 1)."""
+    try:
+        values = sorted({int(v) for v in str(text).split(",") if v.strip()})
+    except ValueError:
+        raise EvalError(f"{flag} expects comma-separated integers such as 1,2,4,8, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise EvalError(f"{flag} needs step counts >= 1, got {text!r}")
+    return tuple(values)
+
+
+@dataclass
+class Sampler:
+    """One way to turn noise into samples with ``nfe`` network evaluations.
+
+    ``run(x0, nfe)``: ``(B, *shape)`` noise -> samples; ``accepts(nfe)``:
+    whether this sampler can use exactly ``nfe`` evaluations.
+    """
+
+    name: str
+    run: Callable[[torch.Tensor, int], torch.Tensor]
+    accepts: Callable[[int], bool] = lambda nfe: nfe >= 1
+
+
+def student_flow_map_sampler(student, shift: float = 1.0, name: str = "student") -> Sampler:
+    """The student's N jumps on the uniform (teacher-shifted) grid: N evaluations."""
+    fm = student_sampler(student)
+    return Sampler(name, lambda x, n: sample_flow_map(fm, x, uniform_time_grid(n, shift).to(x.device)))
+
+
+def teacher_euler_sampler(teacher) -> Sampler:
+    shift = float(getattr(teacher, "shift", 1.0))
+    return Sampler("teacher_euler", lambda x, n: euler(teacher.velocity, x, uniform_time_grid(n, shift).to(x.device)))
+
+
+def teacher_heun_sampler(teacher) -> Sampler:
+    """Heun with ``nfe / 2`` steps; only even ``nfe >= 2`` (the report gives ``null`` for the rest)."""
+    shift = float(getattr(teacher, "shift", 1.0))
+    return Sampler("teacher_heun", lambda x, n: heun(teacher.velocity, x, uniform_time_grid(n // 2, shift).to(x.device)),
+                   accepts=lambda n: n >= 2 and n % 2 == 0)
+
+
+def _finite_rows(x: torch.Tensor) -> int:
+    return int((~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)).sum())
+
+
+class Evaluation:
+    """Shared noise, the teacher's fine solve and the scorers; samplers are scored one by one.
+
+    ``num`` noises from ``seed``; the reference is RK4 with ``reference_steps``
+    steps.  Image teachers are scored in the shipped classifier's features
+    when their pixel images are 1x16x16 (latent teachers are decoded first
+    with ``teacher.decode``), 2-D analytic teachers by histogram KL, and with
+    ``inception`` (a TorchScript file) by FID.  What cannot be computed is
+    listed, with the reason, in :attr:`not_computed`.  ``on_step(label)`` is
+    called after each unit of work (for a progress bar).
+    """
+
+    def __init__(self, teacher, num: int | None = None, seed: int = 0, reference_steps: int = 32,
+                 batch_size: int | None = None, inception=None, device="cpu", on_step=None,
+                 keep: int = 0):
+        if getattr(teacher, "conditioning", None):
+            raise EvalError(f"eval does not support {teacher.conditioning}-conditioned teachers yet")
+        self.kind = getattr(teacher, "kind", "image")
+        batch_size = int(batch_size or DEFAULT_BATCH.get(self.kind, 256))
+        if reference_steps < 1 or batch_size < 1:
+            raise EvalError("--reference-steps and --batch-size must be >= 1")
+        self.teacher, self.device, self.batch_size, self.seed = teacher, device, batch_size, seed
+        self.num = int(num or DEFAULT_NUM.get(self.kind, 512))
+        if self.num < 2:
+            raise EvalError(f"--num must be >= 2 (a covariance needs two samples), got {self.num}")
+        self.reference_steps = reference_steps
+        self.on_step = on_step or (lambda label: None)
+        self.not_computed: dict[str, str] = {}
+        self.info: dict = {}
+        #: the first ``keep`` pixel images of the reference and of each (sampler, nfe), for figures
+        self.keep, self.kept = keep, {}
+        self.inception = inception
+        if isinstance(inception, (str, Path)):
+            from .features import load_inception
+
+            self.inception = load_inception(inception)  # fails fast, before any sampling
+        g = torch.Generator().manual_seed(seed)
+        self.x0 = teacher.sample_noise(self.num, generator=g)
+        shift = float(getattr(teacher, "shift", 1.0))
+        self.reference = self._chunked(lambda x: fine_reference(teacher.velocity, x, reference_steps, shift))
+        self.on_step(f"reference: RK4 {reference_steps} steps")
+        self._setup_scorers()
+        if keep and self.kind == "image":
+            self.kept["reference"] = self._pixels(self.reference[:keep])
+
+    # ---------------------------------------------------------------- setup --
+    def _chunked(self, fn) -> torch.Tensor:
+        return torch.cat([fn(c.to(self.device)).cpu() for c in self.x0.split(self.batch_size)])
+
+    def _pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher data -> pixel images in [-1, 1] (``teacher.decode``; identity for pixel teachers)."""
+        with torch.no_grad():
+            out = [self.teacher.decode(c.to(self.device)).cpu() for c in x.split(self.batch_size)]
+        return torch.cat(out).float().clamp(-1, 1)
+
+    def _setup_scorers(self) -> None:
+        from .features import CLASSIFIER_IMAGE_SHAPE, load_feature_classifier
+
+        self.classifier = None
+        self.kl_teacher = None
+        self.fid_real = None
+        self.ref_pixels = None
+        images = self.kind == "image"
+        shape = tuple(getattr(self.teacher, "image_shape", self.teacher.data_shape)) if images else None
+        if self.kind == "points" and hasattr(self.teacher, "bin_masses"):
+            self.kl_teacher = self.teacher
+        else:
+            self.not_computed["kl"] = "only for 2-D analytic teachers (kind 'points' with an exact density)"
+        if not images:
+            for key in ("fd_test_images", "fd_teacher_fine", "fid_test_images", "fid_teacher_fine"):
+                self.not_computed[key] = f"only for image teachers (this one is kind {self.kind!r})"
+            return
+        if shape == CLASSIFIER_IMAGE_SHAPE or self.inception is not None:
+            self.ref_pixels = self._pixels(self.reference)
+        if shape == CLASSIFIER_IMAGE_SHAPE:
+            self.classifier = load_feature_classifier()
+            self.ref_stats = gaussian_stats(self.classifier.features(self.ref_pixels))
+            card = self.classifier.card
+            self.info["classifier"] = {
+                "file": "ttfm_distill/assets/fashion16_classifier/model.safetensors",
+                "test_accuracy": card["test_accuracy"], "feature_dim": card["config"]["feature_dim"],
+                "real_images": "Fashion-MNIST test split, 10k images and their 10k mirror images (16x16, [-1, 1])",
+                "recipe": card["recipe"]}
+            if str(getattr(self.teacher, "source", "")) != "builtin:fashion16":
+                self.info["classifier"]["note"] = ("the teacher is not the embedded Fashion-MNIST teacher; "
+                                                   "fd_test_images still compares with Fashion-MNIST")
+        else:
+            reason = f"the feature classifier reads 1x16x16 images; this teacher makes {'x'.join(map(str, shape))}"
+            self.not_computed["fd_test_images"] = self.not_computed["fd_teacher_fine"] = reason
+        if self.inception is None:
+            reason = ("no --inception file given: FID needs a local TorchScript Inception-v3 feature extractor "
+                      "(inception-2015-12-05.pt, as StyleGAN3/clean-fid use); nothing is downloaded")
+            self.not_computed["fid_test_images"] = self.not_computed["fid_teacher_fine"] = reason
+            return
+        from .features import inception_features
+
+        self.ref_fid_stats = gaussian_stats(inception_features(self.inception, self.ref_pixels))
+        real = self._real_images("test")
+        if isinstance(real, str):
+            self.not_computed["fid_test_images"] = real
+        else:
+            self.fid_real = gaussian_stats(inception_features(self.inception, real))
+            self.info["fid_real_images"] = f"{len(real)} Fashion-MNIST test images (and mirror images), seed {self.seed}"
+
+    def _real_images(self, split: str):
+        """``num`` real images of ``split`` (random left-right flips, seeded), or a reason string."""
+        from .datasets import DatasetUnavailable, load_fashion_mnist
+        from .features import CLASSIFIER_IMAGE_SHAPE
+
+        shape = tuple(getattr(self.teacher, "image_shape", self.teacher.data_shape))
+        if shape != CLASSIFIER_IMAGE_SHAPE:
+            return f"real images exist here only for 1x16x16 Fashion-MNIST; this teacher makes {'x'.join(map(str, shape))}"
+        try:
+            images, _ = load_fashion_mnist(split, resolution=16)
+        except DatasetUnavailable as e:
+            return str(e)
+        g = torch.Generator().manual_seed(self.seed + 1)
+        x = torch.from_numpy(images)
+        idx = torch.randperm(len(x), generator=g)[: self.num]
+        x = x[idx]
+        return torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x, x.flip(-1))
+
+    # -------------------------------------------------------------- scoring --
+    def score(self, x: torch.Tensor, against_reference: bool = True) -> dict:
+        """Every available metric of samples ``x`` ``(num, *data_shape)`` (teacher data space)."""
+        bad = _finite_rows(x)
+        if bad:
+            return {"nonfinite_samples": bad}
+        out = {}
+        if against_reference:
+            out["flow_map_error"] = flow_map_error(x, self.reference)
+        if self.kl_teacher is not None:
+            out["kl"] = histogram_kl(x, self.kl_teacher)
+        if self.kind == "image" and (self.classifier is not None or self.inception is not None):
+            out.update(self._score_pixels(self._pixels(x), against_reference))
+        return out
+
+    def _score_pixels(self, pixels: torch.Tensor, against_reference: bool = True) -> dict:
+        out = {}
+        if self.classifier is not None:
+            stats = gaussian_stats(self.classifier.features(pixels))
+            out["fd_test_images"] = frechet_distance(*stats, self.classifier.test_mu, self.classifier.test_sigma)
+            if against_reference:
+                out["fd_teacher_fine"] = frechet_distance(*stats, *self.ref_stats)
+        if self.inception is not None:
+            from .features import inception_features
+
+            stats = gaussian_stats(inception_features(self.inception, pixels))
+            if self.fid_real is not None:
+                out["fid_test_images"] = frechet_distance(*stats, *self.fid_real)
+            if against_reference:
+                out["fid_teacher_fine"] = frechet_distance(*stats, *self.ref_fid_stats)
+        return out
+
+    def run(self, sampler: Sampler, steps) -> dict:
+        """``{str(nfe): metrics or None}`` for ``sampler`` at each NFE in ``steps``, timed."""
+        results = {}
+        warm = next((n for n in steps if sampler.accepts(n)), None)
+        if warm is not None:  # one small untimed call first: lazy initialisation is not sampling time
+            sampler.run(self.x0[:2].to(self.device), warm)
+        for n in steps:
+            if not sampler.accepts(n):
+                results[str(n)] = None
+                self.on_step(f"{sampler.name}: NFE {n} impossible")
+                continue
+            start = time.perf_counter()
+            x = self._chunked(lambda c: sampler.run(c, n))
+            seconds = time.perf_counter() - start
+            if self.keep and self.kind == "image":
+                self.kept[(sampler.name, n)] = self._pixels(x[: self.keep])
+            row = {"nfe": n, **self.score(x)}
+            row["ms_per_sample"] = 1000.0 * seconds / self.num
+            row["samples_per_second"] = self.num / seconds
+            results[str(n)] = row
+            self.on_step(f"{sampler.name}: NFE {n}")
+        return results
+
+    def floors(self) -> dict:
+        """Scores of the teacher's fine solve, and of real training images where there are some."""
+        out = {"teacher_fine": self.score(self.reference, against_reference=False)}
+        if self.kind == "image" and (self.classifier is not None or self.inception is not None):
+            real = self._real_images("train")
+            if isinstance(real, str):
+                out["real_train_images"] = {"not_computed": real}
+            else:
+                out["real_train_images"] = self._score_pixels(real.clamp(-1, 1))
+        self.on_step("floors")
+        return out
+
+    def settings(self) -> dict:
+        return {"num": self.num, "seed": self.seed, "reference": f"rk4, {self.reference_steps} steps",
+                "batch_size": self.batch_size, "device": str(self.device), "torch_threads": torch.get_num_threads(),
+                "time_grid": f"uniform, shift {float(getattr(self.teacher, 'shift', 1.0))}"}
+
+
+def evaluate_student(student, teacher, steps=(1, 2, 4, 8), teacher_steps=None, num: int | None = None, seed: int = 0,
+                     reference_steps: int = 32, batch_size: int | None = None, inception=None, device="cpu",
+                     show_progress: bool = False, console=None) -> dict:
+    """The ``eval`` report: the student (N jumps) and the teacher's Euler and Heun at the same NFE.
+
+    ``teacher_steps``: NFEs for the teacher's samplers (default: ``steps``).
+    ``inception``: a TorchScript Inception file (or the loaded module) for FID.
+    Returns a JSON-ready dict: ``settings``, ``results`` (``{sampler: {nfe:
+    metrics or null}}``), ``floors``, ``not_computed`` (metric -> reason),
+    ``classifier`` and ``descriptions``.
+    """
+    steps = tuple(steps)
+    teacher_steps = tuple(teacher_steps or steps)
+    kind = getattr(teacher, "kind", "image")
+    total = 2 + len(steps) + 2 * len(teacher_steps)
+    if isinstance(inception, (str, Path)):
+        from .features import load_inception
+
+        inception = load_inception(inception)  # a bad file fails before the progress bar starts
+    progress = _eval_progress(console, show_progress)
+    with progress:
+        task = progress.add_task("evaluating", total=total, what="teacher reference")
+
+        def on_step(label):
+            progress.update(task, advance=1, what=label)
+
+        ev = Evaluation(teacher, num, seed, reference_steps, batch_size, inception, device, on_step)
+        shift = float(getattr(teacher, "shift", 1.0))
+        results = {"student": ev.run(student_flow_map_sampler(student, shift), steps),
+                   "teacher_euler": ev.run(teacher_euler_sampler(teacher), teacher_steps),
+                   "teacher_heun": ev.run(teacher_heun_sampler(teacher), teacher_steps)}
+        floors = ev.floors()
+    return {
+        "teacher": str(getattr(teacher, "source", getattr(teacher, "name", "teacher"))),
+        "kind": kind,
+        "settings": {**ev.settings(), "steps": list(steps), "teacher_steps": list(teacher_steps)},
+        "results": results,
+        "floors": floors,
+        "not_computed": ev.not_computed,
+        **ev.info,
+        "descriptions": {k: v for k, v in METRIC_DESCRIPTIONS.items() if k not in ev.not_computed},
+    }
+
+
+def _eval_progress(console, enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[what]}"), TimeElapsedColumn(),
+                    console=console or Console(stderr=True), disable=not enabled, transient=False)
+
+
+def teacher_spec_of(config: dict) -> tuple[str, str | None]:
+    """``(spec, subfolder)`` for :func:`~ttfm_distill.teachers.loading.load_teacher` from a student's config."""
+    from .export import StudentLoadError
+
+    info = config.get("teacher") or {}
+    if info.get("source"):
+        return str(info["source"]), (info.get("subfolder") or None)
+    name = info.get("name")
+    if name:
+        return (name if str(name).startswith("builtin:") else f"builtin:{name}"), None
+    raise StudentLoadError("the student's ttfm_config.json names no teacher; pass --teacher")
+
+
+def load_student_and_teacher(model: str, teacher: str | None = None, allow_pickle: bool = False):
+    """The exported student in ``model`` and its teacher (``teacher`` overrides the recorded one)."""
+    from .export import StudentLoadError, load_student, resolve_student_folder
+    from .teachers.loading import load_teacher
+
+    folder = resolve_student_folder(model)
+    student, config = load_student(folder)
+    spec, subfolder = (teacher, None) if teacher else teacher_spec_of(config)
+    t = load_teacher(spec, subfolder, allow_pickle=allow_pickle)
+    if list(t.data_shape) != list(config.get("data_shape", t.data_shape)):
+        raise StudentLoadError(f"the student makes {config['data_shape']} samples but teacher {spec} makes "
+                               f"{list(t.data_shape)}; pass the teacher it was distilled from with --teacher")
+    return folder, student, config, t
+
+
+def _fmt(row: dict | None, key: str) -> str:
+    if row is None:
+        return "-"
+    value = row.get(key)
+    return "nan" if value is None else f"{value:.4g}"
+
+
+def summary_lines(report: dict) -> list[str]:
+    """Short lines for the terminal: each headline metric per NFE, student / teacher Euler / teacher Heun."""
+    keys = [k for k in ("flow_map_error", "fd_test_images", "kl", "fid_test_images", "ms_per_sample")
+            if k not in report.get("not_computed", {})]
+    res = report["results"]
+    nfes = sorted({int(n) for r in res.values() for n in r})
+    lines = []
+    for key in keys:
+        cells = []
+        for n in nfes:
+            trio = [_fmt(res[s].get(str(n)), key) if str(n) in res[s] else "-" for s in res]
+            cells.append(f"{n}: " + " / ".join(trio))
+        lines.append(f"{key} ({' / '.join(res)}) at NFE " + "; ".join(cells))
+    return lines

@@ -72,3 +72,69 @@ def save_comparison(rows: dict[str, torch.Tensor], path: str | Path, kind: str =
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+#: metrics drawn by :func:`save_metric_curves`, with their axis labels
+CURVE_METRICS = {
+    "flow_map_error": "flow-map error",
+    "fd_test_images": "FD to real test images",
+    "fd_teacher_fine": "FD to teacher fine solve",
+    "kl": "KL (2-D histogram)",
+    "fid_test_images": "FID to real test images",
+    "fid_teacher_fine": "FID to teacher fine solve",
+    "ms_per_sample": "ms per sample",
+}
+
+
+def save_metric_curves(results: dict, floors: dict | None, path: str | Path, title: str = "") -> None:
+    """One panel per metric against NFE (log-log), one line per sampler, floors as dotted lines.
+
+    ``results``: ``{sampler: {str(nfe): {metric: value} or None}}`` (the
+    ``eval`` report's ``results``); ``floors``: ``{name: {metric: value}}``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    floors = floors or {}
+
+    def points(rows, key):
+        pts = [(int(n), r[key]) for n, r in rows.items() if r is not None and r.get(key) is not None]
+        return sorted(pts)
+
+    keys = [k for k in CURVE_METRICS if any(points(rows, k) for rows in results.values())]
+    ncol = min(3, max(1, len(keys)))
+    nrow = int(np.ceil(len(keys) / ncol)) or 1
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.3 * nrow), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys):
+        nfes = set()
+        for name, rows in results.items():
+            pts = points(rows, key)
+            if not pts:
+                continue
+            nfes.update(n for n, _ in pts)
+            teacher = name.startswith("teacher")
+            ax.plot([n for n, _ in pts], [v for _, v in pts], marker="o", ms=3, lw=1.3, label=name,
+                    ls="--" if teacher else "-")
+        for j, (name, values) in enumerate(floors.items()):
+            if isinstance(values, dict) and values.get(key) is not None:
+                ax.axhline(values[key], color=f"C{7 + j}", ls=":", lw=1.0, label=f"{name} (floor)")
+        ax.set_xscale("log", base=2)
+        if all(v > 0 for rows in results.values() for _, v in points(rows, key)):
+            ax.set_yscale("log")
+        ticks = sorted(nfes)
+        ax.set_xticks(ticks, [str(n) for n in ticks])
+        ax.set_xlabel("steps (network evaluations)")
+        ax.set_title(CURVE_METRICS[key], fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    if keys:
+        axes.flat[0].legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
