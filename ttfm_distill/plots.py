@@ -130,8 +130,17 @@ def save_metric_curves(results: dict, floors: dict | None, path: str | Path, tit
         ax.set_xlabel("steps (network evaluations)")
         ax.set_title(CURVE_METRICS[key], fontsize=9)
         ax.grid(alpha=0.3, which="both")
-    if keys:
-        axes.flat[0].legend(fontsize=6)
+    handles = {}
+    for ax in axes.flat[: len(keys)]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    if handles:  # one legend for every panel: in a spare cell when there is one
+        spare = axes.flat[len(keys)] if len(keys) < axes.size else None
+        if spare is not None:
+            spare.set_visible(True), spare.axis("off")
+            spare.legend(handles.values(), handles.keys(), fontsize=7, loc="center")
+        else:
+            axes.flat[0].legend(handles.values(), handles.keys(), fontsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
