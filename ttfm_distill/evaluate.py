@@ -227,7 +227,8 @@ class Evaluation:
             self.not_computed["fid_test_images"] = real
         else:
             self.fid_real = gaussian_stats(inception_features(self.inception, real))
-            self.info["fid_real_images"] = f"{len(real)} Fashion-MNIST test images (and mirror images), seed {self.seed}"
+            self.info["fid_real_images"] = (f"{len(real)} random Fashion-MNIST test images, each mirrored with "
+                                            f"probability 1/2 (seed {self.seed + 1})")
 
     def _real_images(self, split: str):
         """``num`` real images of ``split`` (random left-right flips, seeded), or a reason string."""
