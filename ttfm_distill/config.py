@@ -26,6 +26,8 @@ class RunConfig:
     revision: str | None = None
     #: read pickle (.bin/.pt/.ckpt) teacher weights when no safetensors exist (they can run code)
     allow_pickle: bool = False
+    #: latent (or pixel) size for teachers whose config does not fix it (Flux), or to override it
+    sample_size: int | None = None
     output: str = DEFAULT_OUTPUT
     loss: str = "itvm"
     loss_options: dict = field(default_factory=dict)
@@ -61,6 +63,8 @@ class RunConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.sample_size is not None and int(self.sample_size) < 1:
+            raise ConfigError(f"sample_size must be a positive integer, got {self.sample_size}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:

@@ -70,6 +70,7 @@ def export_student(student, folder: str | Path, meta: dict) -> Path:
                 "input": student.second_time_input,
                 "injected_at": "output of the family's timestep embedder (temb)",
                 "units": {"scale": student.units.scale, "reversed": student.units.reversed},
+                "network_io": student.io.describe(),
                 "projection": vars(student.second_time.spec),
             }
             network.save_pretrained(tmp / sub, safe_serialization=True)
@@ -140,6 +141,10 @@ def _load_diffusers_student(folder: Path, config: dict):
     if not weights.exists():
         raise StudentLoadError(f"{sub} has no diffusion_pytorch_model.safetensors")
     network.load_state_dict(load_file(weights), strict=True)
-    student = TwoTimeFlowMap(network, second_time_input=config["second_time"]["input"])
+    from .teachers.diffusers_teacher import network_io
+
+    adapter = ADAPTERS[name]
+    io = network_io(adapter, network, config.get("scheduler_config"))
+    student = TwoTimeFlowMap(network, second_time_input=config["second_time"]["input"], adapter=adapter, io=io)
     student.second_time.load_state_dict(load_file(folder / "second_time.safetensors"), strict=True)
     return student
