@@ -160,3 +160,25 @@ def test_unsupported_class_names_the_supported_ones(tmp_path):
     UNet1DModel(block_out_channels=(8, 8, 8), sample_size=16).save_pretrained(tmp_path / "u1d")
     with pytest.raises(UnsupportedTeacher, match="UNet1DModel.*SD3Transformer2DModel"):
         load_teacher(str(tmp_path / "u1d"))
+
+
+def test_dynamic_shift_matches_diffusers_flux_schedule():
+    """Flux's resolution-dependent shift becomes the static shift diffusers' scheduler applies at that size."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from ttfm_distill.convention import dynamic_shift, shift_time
+    from ttfm_distill.teachers.diffusers_teacher import DiffusersFlowTeacher
+
+    cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True, "base_shift": 0.5,
+           "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096, "shift": 3.0}
+    sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    tokens = 64 * 64  # a 1024 px Flux image: 128x128 latents packed 2x2
+    mu = calculate_shift(tokens, 256, 4096, 0.5, 1.15)
+    sigmas = np.linspace(1.0, 1 / 8, 8)
+    sched.set_timesteps(sigmas=sigmas, mu=mu)
+    ours = 1 - shift_time(1 - torch.tensor(sigmas, dtype=torch.float64), dynamic_shift(tokens, cfg))
+    torch.testing.assert_close(ours.float(), sched.sigmas[:-1].float(), atol=1e-5, rtol=0)
+    teacher = DiffusersFlowTeacher(build("FluxTransformer2DModel"), "flux", cfg, sample_size=128)
+    assert teacher.shift == pytest.approx(dynamic_shift(tokens, cfg)) and teacher.describe()["dynamic_shift"]

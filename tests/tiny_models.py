@@ -72,3 +72,41 @@ def build(key: str, seed: int = 0):
     torch.manual_seed(seed)
     cls = getattr(diffusers, class_name(key))
     return cls.from_config(TINY_CONFIGS[key])
+
+
+def tiny_tokenizer(max_length: int):
+    """A word-level tokenizer built in memory (no files, no hub), saved in the transformers format."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "<pad> <unk> </s> <s> a an the cat dog photo of red blue green big small house tree".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+                                   bos_token="<s>", model_max_length=max_length)
+
+
+def tiny_sd3_pipeline(root, seed: int = 0):
+    """A whole tiny StableDiffusion3Pipeline folder: SD3 transformer, VAE, two CLIPs and a T5 with in-memory
+    tokenizers (key names of the released configs, sizes shrunk); about 1 MB, loads offline."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = build("SD3Transformer2DModel", seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4, scaling_factor=1.5305, shift_factor=0.0609)
+    clip = dict(vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=16, projection_dim=4, bos_token_id=3, eos_token_id=2, pad_token_id=0)
+    t5 = T5Config(vocab_size=20, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                  relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=2)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip)), tokenizer=tiny_tokenizer(8),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip)), tokenizer_2=tiny_tokenizer(8),
+        text_encoder_3=T5EncoderModel(t5), tokenizer_3=tiny_tokenizer(16),
+    )
+    pipe.save_pretrained(root)
+    return root

@@ -252,3 +252,21 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
         return t
     sigma = sigma_from_t(t)
     return t_from_sigma(shift * sigma / (1.0 + (shift - 1.0) * sigma))
+
+
+def dynamic_shift(image_tokens: int, scheduler_config: dict) -> float:
+    """The static ``shift`` equal to a dynamically shifted scheduler's at ``image_tokens`` tokens (Flux).
+
+    diffusers computes ``mu`` linearly in the token count between
+    ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)``
+    and warps ``sigma' = e^mu / (e^mu + 1/sigma - 1)`` ("exponential") or
+    ``mu / (mu + 1/sigma - 1)`` ("linear"): :func:`shift_time` with
+    ``shift = e^mu`` (or ``mu``).
+    """
+    import math
+
+    cfg = scheduler_config
+    base_len, max_len = float(cfg.get("base_image_seq_len", 256)), float(cfg.get("max_image_seq_len", 4096))
+    base, top = float(cfg.get("base_shift", 0.5)), float(cfg.get("max_shift", 1.15))
+    mu = base + (top - base) * (image_tokens - base_len) / (max_len - base_len)
+    return math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else mu

@@ -44,8 +44,11 @@ def package_versions() -> dict:
     return out
 
 
-def export_student(student, folder: str | Path, meta: dict) -> Path:
-    """Write ``student`` (unwrapped) to ``folder`` atomically. ``meta``: teacher, loss, training info."""
+def export_student(student, folder: str | Path, meta: dict, codec=None) -> Path:
+    """Write ``student`` (unwrapped) to ``folder`` atomically. ``meta``: teacher, loss, training info.
+
+    ``codec``: the teacher's VAE (latent teachers), saved as ``vae/`` so the folder samples images alone.
+    """
     from .mlp import MlpFlowMap
 
     folder = Path(folder)
@@ -75,6 +78,12 @@ def export_student(student, folder: str | Path, meta: dict) -> Path:
             }
             network.save_pretrained(tmp / sub, safe_serialization=True)
             save_tensors(tmp / "second_time.safetensors", student.second_time.state_dict())
+            if getattr(student, "null_text", None):
+                save_tensors(tmp / "null_text.safetensors", {k: v.contiguous() for k, v in student.null_text.items()})
+                config["null_text"] = "null_text.safetensors: the empty prompt's embeddings, used when no prompt is given"
+            if codec is not None:
+                codec.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+                config["vae"] = {"subfolder": "vae", **codec.describe()}
             sched = meta.get("scheduler_config")
             if sched:
                 (tmp / "scheduler").mkdir()
@@ -145,6 +154,21 @@ def _load_diffusers_student(folder: Path, config: dict):
 
     adapter = ADAPTERS[name]
     io = network_io(adapter, network, config.get("scheduler_config"))
-    student = TwoTimeFlowMap(network, second_time_input=config["second_time"]["input"], adapter=adapter, io=io)
+    null_text = load_file(folder / "null_text.safetensors") if (folder / "null_text.safetensors").exists() else None
+    student = TwoTimeFlowMap(network, second_time_input=config["second_time"]["input"], adapter=adapter, io=io,
+                             null_text=null_text)
     student.second_time.load_state_dict(load_file(folder / "second_time.safetensors"), strict=True)
     return student
+
+
+def load_codec(path: str | Path):
+    """The VAE saved beside a latent student (``None`` for pixel-space students)."""
+    from .teachers.pipeline import load_vae
+
+    folder = resolve_student_folder(path)
+    if not (folder / "vae" / "config.json").exists():
+        return None
+    try:
+        return load_vae(folder / "vae")
+    except Exception as e:  # noqa: BLE001
+        raise StudentLoadError(f"cannot load the VAE in {folder / 'vae'}: {str(e).splitlines()[0]}") from None

@@ -75,7 +75,7 @@ class TwoTimeFlowMap(nn.Module):
     """
 
     def __init__(self, network: nn.Module, second_time_input: str = "delta", adapter: FamilyAdapter | None = None,
-                 io=None):
+                 io=None, null_text: dict | None = None):
         super().__init__()
         if second_time_input not in SECOND_TIME_INPUTS:
             raise ValueError(f"second_time_input must be one of {SECOND_TIME_INPUTS}")
@@ -84,6 +84,8 @@ class TwoTimeFlowMap(nn.Module):
         self.io = io if io is not None else NetworkIO(self.adapter.units(network))
         self.units = self.io.units
         self.second_time_input = second_time_input
+        #: the empty prompt's embeddings (one row each) of text teachers with encoders; ``None``: zeros
+        self.null_text = null_text
         self.second_time = SecondTimeEmbedding(self.adapter.projection(network), self.adapter.embed_dim(network))
         self._pending: torch.Tensor | None = None
         disable_label_dropout(network)
@@ -104,7 +106,7 @@ class TwoTimeFlowMap(nn.Module):
         s = s.to(torch.float32)
         t = t.to(torch.float32)
         self._pending = self.second_time(self.second_time_value(s, t))
-        cond = self.adapter.complete_cond(self.network, cond, x.shape[0], x.device, x.dtype)
+        cond = self.adapter.complete_cond(self.network, cond, x.shape[0], x.device, x.dtype, null_text=self.null_text)
         x_in, timestep = self.io.network_input(x, s)
         try:
             out = self.adapter.call(self.network, x_in, timestep, cond)

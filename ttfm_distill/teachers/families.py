@@ -89,6 +89,11 @@ class FamilyAdapter:
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return (cfg.in_channels, h, w)
 
+    def image_tokens(self, network: nn.Module, data_shape: tuple[int, ...]) -> int:
+        """Tokens one sample makes (what a dynamic scheduler shift depends on)."""
+        p = int(getattr(network.config, "patch_size", None) or 1)
+        return (data_shape[1] // p) * (data_shape[2] // p)
+
     def split_output(self, network: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Drop a learned-variance half (DiT, PixArt: ``out_channels = 2 * in_channels``)."""
         if out.shape[1] == 2 * x.shape[1]:
@@ -121,9 +126,15 @@ class FamilyAdapter:
         return out
 
     def complete_cond(self, network: nn.Module, cond: dict | None, batch: int, device, dtype,
-                      guidance: float = 3.5) -> dict:
+                      guidance: float = 3.5, null_text: dict | None = None) -> dict:
+        """``cond`` with every input the network needs. Missing text embeddings become the empty prompt:
+        ``null_text`` (one row from the pipeline's encoders) when given, zeros otherwise."""
         cond = dict(cond or {})
-        for key, shape in self.text_inputs(network).items():
+        text_keys = self.text_inputs(network)
+        if text_keys and not any(k in cond for k in text_keys) and null_text:
+            for key, row in null_text.items():
+                cond[key] = row.to(device).expand(batch, *row.shape[1:])
+        for key, shape in text_keys.items():
             if key not in cond:
                 shape = tuple(self.null_tokens if d == -1 else d for d in shape)
                 cond[key] = torch.zeros((batch, *shape), device=device, dtype=dtype)
@@ -243,6 +254,9 @@ class FluxAdapter(FamilyAdapter):
 
     def guidance_input(self, network):
         return bool(network.config.guidance_embeds)
+
+    def image_tokens(self, network, data_shape):
+        return (data_shape[1] // 2) * (data_shape[2] // 2)
 
     @staticmethod
     def pack(x: torch.Tensor) -> torch.Tensor:

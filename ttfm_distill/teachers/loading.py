@@ -39,7 +39,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def load_teacher(spec: str | None = None, subfolder: str | None = None, revision: str | None = None,
-                 allow_pickle: bool = False, sample_size: int | None = None) -> Teacher:
+                 allow_pickle: bool = False, sample_size: int | None = None, guidance_scale: float = 1.0,
+                 negative_prompt: str = "") -> Teacher:
     """Load ``spec`` as a frozen flow teacher.
 
     Only safetensors weights are read unless ``allow_pickle`` (pickle files can
@@ -62,9 +63,11 @@ def load_teacher(spec: str | None = None, subfolder: str | None = None, revision
     if path.exists():
         if not path.is_dir():
             raise TeacherLoadError(f"teacher {spec!r} is a file; pass the diffusers folder that holds it")
-        return _load_folder(path, subfolder, source=spec, allow_pickle=allow_pickle, sample_size=sample_size)
+        return _load_folder(path, subfolder, source=spec, allow_pickle=allow_pickle, sample_size=sample_size,
+                            guidance_scale=guidance_scale, negative_prompt=negative_prompt)
     if _looks_like_hub_id(spec):
-        return _load_hub(spec, subfolder, revision, allow_pickle, sample_size)
+        return _load_hub(spec, subfolder, revision, allow_pickle, sample_size=sample_size,
+                         guidance_scale=guidance_scale, negative_prompt=negative_prompt)
     raise _not_found(spec)
 
 
@@ -168,7 +171,7 @@ def _check_scheduler(cfg: dict | None, where: Path) -> None:
 
 
 def _load_folder(root: Path, subfolder: str | None, source: str | None = None, allow_pickle: bool = False,
-                 sample_size: int | None = None) -> Teacher:
+                 sample_size: int | None = None, guidance_scale: float = 1.0, negative_prompt: str = "") -> Teacher:
     root = Path(root)
     denoiser = _locate_denoiser(root, subfolder)
     class_name = _denoiser_class(denoiser)
@@ -199,15 +202,37 @@ def _load_folder(root: Path, subfolder: str | None, source: str | None = None, a
     except Exception as e:  # diffusers raises many types for bad files
         raise TeacherLoadError(f"cannot load {class_name} from {denoiser}: {_first_line(e)}") from None
     rel = denoiser.relative_to(root).as_posix() if denoiser != root else ""
+    codec, prompts = _pipeline_parts(root, denoiser, class_name, use_safetensors)
     try:
-        return DiffusersFlowTeacher(network, source or str(root), sched, subfolder=rel, sample_size=sample_size)
-    except (ValueError, AttributeError) as e:
+        return DiffusersFlowTeacher(network, source or str(root), sched, subfolder=rel, sample_size=sample_size,
+                                    codec=codec, prompts=prompts, guidance_scale=guidance_scale,
+                                    negative_prompt=negative_prompt)
+    except (ValueError, AttributeError, OSError) as e:
         raise TeacherLoadError(f"cannot use the {class_name} in {denoiser}: {_first_line(e)}") from None
 
 
+def _pipeline_parts(root: Path, denoiser: Path, class_name: str, use_safetensors: bool):
+    """The VAE and the text encoders of a pipeline folder (``None`` for what it lacks)."""
+    from .pipeline import PromptEncoder, load_vae, text_components
+
+    if denoiser == root:
+        return None, None
+    codec = None
+    if (root / "vae" / "config.json").exists():
+        try:
+            codec = load_vae(root / "vae", use_safetensors)
+        except Exception as e:  # noqa: BLE001
+            raise TeacherLoadError(f"cannot load the VAE in {root / 'vae'}: {_first_line(e)}") from None
+    prompts = None
+    if text_components(root) and (root / "model_index.json").exists():
+        prompts = PromptEncoder(root, class_name, denoiser.name, use_safetensors)
+    return codec, prompts
+
+
 def _load_hub(repo_id: str, subfolder: str | None, revision: str | None, allow_pickle: bool = False,
-              sample_size: int | None = None) -> Teacher:
-    patterns = ["model_index.json", "*/config.json", "config.json", "scheduler/*", "*.safetensors", "*/*.safetensors"]
+              **options) -> Teacher:
+    patterns = ["model_index.json", "*/config.json", "config.json", "scheduler/*", "*.safetensors", "*/*.safetensors",
+                "tokenizer*/*", "*/*.json"]
     if allow_pickle:
         patterns += [f"*{suffix}" for suffix in PICKLE_SUFFIXES] + [f"*/*{suffix}" for suffix in PICKLE_SUFFIXES]
     try:
@@ -218,10 +243,24 @@ def _load_hub(repo_id: str, subfolder: str | None, revision: str | None, allow_p
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         hint = "the hub is unreachable or offline (HF_HUB_OFFLINE is set)" if offline else "check the id and your network"
         raise TeacherLoadError(f"cannot fetch hub teacher {repo_id!r}: {hint} ({_first_line(e)})") from None
-    teacher = _load_folder(Path(local), subfolder, source=repo_id, allow_pickle=allow_pickle, sample_size=sample_size)
+    teacher = _load_folder(Path(local), subfolder, source=repo_id, allow_pickle=allow_pickle, **options)
     return teacher
 
 
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def prompt_encoder_for(teacher_info: dict):
+    """The text encoders of the teacher a student was distilled from (its pipeline folder must still exist)."""
+    from .pipeline import PromptEncoder, text_components
+
+    source = str(teacher_info.get("source", ""))
+    root = Path(source).expanduser()
+    if not (root.is_dir() and text_components(root)):
+        raise TeacherLoadError(
+            f"--prompt needs the teacher's text encoders, but the teacher {source!r} is not a local pipeline folder "
+            "with text_encoder/ and tokenizer/; without --prompt the student samples the empty prompt")
+    sub = teacher_info.get("subfolder") or "transformer"
+    return PromptEncoder(root, teacher_info["class_name"], sub)
