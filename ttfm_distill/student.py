@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from .convention import NetworkIO
+from .convention import NetworkIO, diffusers_from_velocity, t_from_sigma
 from .teachers.families import FamilyAdapter, ProjectionSpec, adapter_for
 
 SECOND_TIME_INPUTS = ("delta", "t")
@@ -113,6 +113,17 @@ class TwoTimeFlowMap(nn.Module):
         finally:
             self._pending = None
         return self.io.velocity(out, x, s)
+
+    def diffusers_flow_map(self, sample: torch.Tensor, timestep, r_timestep, cond: dict | None = None,
+                           num_train_timesteps: int = 1000) -> torch.Tensor:
+        """The model output diffusers' ``FlowMapEulerDiscreteScheduler.step`` expects.
+
+        ``timestep`` and ``r_timestep`` are the scheduler's (``sigma * num_train_timesteps``); the result is
+        ``u`` in its convention (``x_r = x_t - (sigma_t - sigma_r) * u``), i.e. minus the package's average velocity.
+        """
+        b = sample.shape[0]
+        as_t = lambda ts: t_from_sigma(torch.as_tensor(ts, dtype=torch.float64).reshape(-1).expand(b) / num_train_timesteps)
+        return diffusers_from_velocity(self(sample, as_t(timestep).float(), as_t(r_timestep).float(), cond))
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
