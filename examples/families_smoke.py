@@ -49,8 +49,8 @@ FAMILIES = {
         mlp_ratio=2.5, sample_size=16, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6,
         guidance_embeds=True, timestep_scale=1.0), {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0}),
     "PixArt-resolution-cond": ("PixArtTransformer2DModel", dict(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
-        cross_attention_dim=32, caption_channels=16, sample_size=16, patch_size=2, norm_type="ada_norm_single",
+        num_attention_heads=3, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=48, caption_channels=16, sample_size=16, patch_size=2, norm_type="ada_norm_single",
         use_additional_conditions=True), None),
     "DiT-patch4": ("DiTTransformer2DModel", dict(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=3, sample_size=16,

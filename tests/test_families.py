@@ -215,3 +215,18 @@ def test_student_samples_with_diffusers_flow_map_scheduler(tmp_path):
             r = sched.timesteps[i + 1] if i + 1 < len(sched.timesteps) else 0.0
             x = sched.step(student.diffusers_flow_map(x, ts, r), ts, x, r_timestep=r).prev_sample
     torch.testing.assert_close(x.float(), ours, atol=1e-4, rtol=1e-4)
+
+
+def test_latent_grids_without_a_vae_show_three_channels(tmp_path):
+    """Bare latent teachers (no vae/) still get a samples.png: the first three channels, scaled."""
+    from PIL import Image
+
+    from ttfm_distill.plots import save_image_grid, viewable
+
+    x = torch.randn(4, 8, 6, 6) * 5
+    v = viewable(x)
+    assert v.shape == (4, 3, 6, 6) and v.min() == -1 and v.max() == 1
+    torch.testing.assert_close(viewable(x[:, :3].clamp(-1, 1)), x[:, :3].clamp(-1, 1))
+    save_image_grid(x, tmp_path / "g.png")
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.mode == "RGB"
