@@ -230,3 +230,21 @@ def test_latent_grids_without_a_vae_show_three_channels(tmp_path):
     save_image_grid(x, tmp_path / "g.png")
     with Image.open(tmp_path / "g.png") as im:
         assert im.mode == "RGB"
+
+
+def test_class_guidance_uses_the_null_class_and_refuses_without_one():
+    from ttfm_distill.teachers.diffusers_teacher import DiffusersFlowTeacher
+
+    net = build("DiTTransformer2DModel")
+    plain = DiffusersFlowTeacher(net, "dit")
+    guided = DiffusersFlowTeacher(net, "dit", guidance_scale=4.0)
+    x, t = torch.randn(2, *plain.data_shape), torch.tensor([0.3, 0.8])
+    labels = {"class_labels": torch.tensor([1, 7])}
+    null = {"class_labels": torch.tensor([10, 10])}  # DiT keeps one extra embedding row for the dropped label
+    with torch.no_grad():
+        v_c, v_n = plain.velocity(x, t, labels), plain.velocity(x, t, null)
+        torch.testing.assert_close(guided.velocity(x, t, labels), v_n + 4.0 * (v_c - v_n), atol=1e-5, rtol=1e-4)
+    assert (v_c - v_n).abs().max() > 1e-5
+    unet = DiffusersFlowTeacher(build("UNet2DConditionModel"), "unet")  # text, but no encoders in a bare folder
+    with pytest.raises(ValueError, match="text encoders"):
+        DiffusersFlowTeacher(unet.network, "unet", guidance_scale=2.0)
