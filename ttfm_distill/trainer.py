@@ -20,6 +20,7 @@ import torch
 
 from .config import ConfigError, RunConfig, resume_mismatch
 from .convention import interpolate
+from .data import ExactData, TeacherPool, build_pool  # noqa: F401 - the data sources live in ttfm_distill.data
 from .fileio import atomic_dir, save_tensors, write_json
 from .objectives import TrainBatch, make_objective
 from .objectives.timesampling import sample_time_pairs

@@ -205,7 +205,7 @@ def _open_hub(spec: str, split: str, streaming: bool) -> OpenedDataset:
         raise DataError(_unreachable_message(spec))
     try:
         ds = datasets.load_dataset(spec, split=split, streaming=streaming)
-    except ConnectionError as e:
+    except ConnectionError:
         raise DataError(_offline_message(spec, offline)) from None
     except ValueError as e:
         raise DataError(f"cannot read hub dataset {spec}: {_first_line(e)} (choose a split with --set "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 
+import numpy as np
 import torch
 
 from .errors import DataError
@@ -107,7 +108,7 @@ class StreamingSource:
                 self.queue.put(item)  # every later call fails the same way
                 raise item
             got.append(item)
-        images = torch.stack([torch.from_numpy(r[0]) for r in got])
+        images = torch.from_numpy(np.stack([r[0] for r in got]))
         labels = None if got[0][1] is None else torch.tensor([r[1] for r in got], dtype=torch.long)
         prompts = None if got[0][2] is None else [r[2] for r in got]
         return self.finish(images, labels, prompts, generator)
