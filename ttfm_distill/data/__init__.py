@@ -292,6 +292,10 @@ class DataBuilder:
             ds = ds.cast_column(image_col, Image(decode=False))
         num_classes = getattr(self.teacher, "num_classes", 0)
         seed = self.cfg.seed
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # each rank its own shard
+            from datasets.distributed import split_dataset_by_node
+
+            ds = split_dataset_by_node(ds, torch.distributed.get_rank(), torch.distributed.get_world_size())
 
         def rows(epoch):
             stream = ds.shuffle(seed=seed + epoch, buffer_size=STREAM_SHUFFLE_BUFFER)

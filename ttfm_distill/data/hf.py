@@ -55,8 +55,14 @@ def open_dataset(spec: str, split: str, streaming: bool, hf_cache: Path | None =
             return _open_hub(spec, split, streaming)
         except DataError as e:
             raise DataError(f"{e}{hint}") from None
-    raise DataError(f"data source {spec!r} is not a file, a folder or a hub dataset id; use 'teacher' (data-free), "
-                    f"'fashion-mnist', a local folder/parquet/arrow file, or an 'org/name' hub id{hint}")
+    raise _not_found(spec, hint)
+
+
+def _not_found(spec: str, hint: str) -> DataError:
+    if spec.startswith((".", "~", os.sep)) or spec.endswith(IMAGE_SUFFIXES + (".parquet", ".arrow")):
+        return DataError(f"data path {spec} does not exist")
+    return DataError(f"data source {spec!r} is not a file, a folder or a hub dataset id; use 'teacher' (data-free), "
+                     f"'fashion-mnist', a local folder/parquet/arrow file, or an 'org/name' hub id{hint}")
 
 
 def _looks_like_hub_id(spec: str) -> bool:
@@ -116,12 +122,31 @@ def _open_local(path: Path, split: str, streaming: bool, hf_cache) -> OpenedData
     if kind == "saved":
         return _open_saved(path, split, streaming)
     if kind == "imagefolder":
-        ds = _load("imagefolder", name, split, streaming, hf_cache, data_dir=str(path))
+        used = _image_files(path, used, split)
+        # explicit files: datasets' own folder scan re-globs the tree once per split pattern (minutes for big sets)
+        ds = _load("imagefolder", name, split, streaming, hf_cache, data_files={split: [str(f) for f in used]})
     else:
         ds = _load(kind, name, split, streaming, hf_cache, data_files={split: [str(f) for f in used]})
     from .cache import files_signature
 
     return OpenedDataset(ds, ["local", kind, split, files_signature(used)], kind, name)
+
+
+SPLIT_FOLDERS = ("train", "test", "validation", "valid", "val", "dev")
+METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
+
+
+def _image_files(path: Path, files: list[Path], split: str) -> list[Path]:
+    """An image folder's files for ``split``: its ``split/`` subfolder when it has split subfolders."""
+    if path.is_file():
+        return files
+    splits = sorted(d.name for d in path.iterdir() if d.is_dir() and d.name in SPLIT_FOLDERS)
+    if splits:
+        if split not in splits:
+            raise DataError(f"image folder {path} has split folders {', '.join(splits)} but no {split!r}; choose one "
+                            "with --set data_split=NAME")
+        files = [f for f in files if f.relative_to(path).parts[0] == split]
+    return [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES or f.name in METADATA_FILES]
 
 
 def check_data_spec(spec: str) -> str:
@@ -139,9 +164,7 @@ def check_data_spec(spec: str) -> str:
     close = difflib.get_close_matches(spec, BUILTIN_SOURCES, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     if not _looks_like_hub_id(spec):
-        raise DataError(f"data source {spec!r} is not a file, a folder or a hub dataset id; use 'teacher' "
-                        "(data-free), 'fashion-mnist', a local folder/parquet/arrow file, or an 'org/name' hub id"
-                        f"{hint}")
+        raise _not_found(spec, hint)
     if hub_offline():
         datasets = _quiet_datasets()
         try:
