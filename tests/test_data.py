@@ -173,7 +173,7 @@ def test_parquet_latent_teacher_encodes_once(tmp_path, parquet_file):
     # the cached latents are the 'VAE' of exactly these pixels, in row order
     expect = F.avg_pool2d(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1, 2)
     assert torch.allclose(source.base, expect, atol=1e-6)
-    assert torch.equal(source.labels, torch.arange(8) % 4)
+    assert torch.equal(source.cond["class_labels"], torch.arange(8) % 4)
     cache_files = list((tmp_path / "cache").glob("latents-*.safetensors"))
     assert len(cache_files) == 1
 
@@ -294,16 +294,22 @@ def test_pool_is_resumable_and_equals_uninterrupted(tmp_path):
 
 
 def test_pool_of_class_and_text_teachers(tmp_path):
-    cfg = RunConfig(pool_size=40, pool_steps=2)
+    cfg = RunConfig(pool_size=POOL_CHUNK + 44, pool_steps=2)
     teacher = FakeTeacher((1, 4, 4), conditioning="class", num_classes=3)
     pool = build_pool(teacher, cfg, tmp_path, "cpu", lambda m: None)
     x, cond = draw(pool, 40)
-    assert set(cond["class_labels"].tolist()) <= {0, 1, 2} and len(set(cond["class_labels"].tolist())) > 1
-    assert all(c is not None and c["class_labels"].shape == (40,) for c in teacher.seen_cond)
+    labels = pool.cond["class_labels"]
+    assert set(cond["class_labels"].tolist()) <= {0, 1, 2} and len(set(labels.tolist())) == 3
+    # the labels are the teacher's sample_cond drawn right after the noise, as a one-shot pool draws them
+    g = torch.Generator().manual_seed(cfg.seed + 7919)
+    teacher.sample_noise(cfg.pool_size, generator=g)
+    assert torch.equal(labels, teacher.sample_cond(cfg.pool_size, generator=g)["class_labels"])
     # each sample was generated with its own label: Euler(2) of v = 0.5 (1 + k) - x gives 0.25 x0 + 0.375 (1 + k)
-    assert torch.equal(teacher.seen_cond[0]["class_labels"], pool.labels)
     means = pool.samples.mean(dim=(1, 2, 3))
-    assert torch.allclose(means, 0.375 * (1 + pool.labels.float()), atol=0.3)
+    assert torch.allclose(means, 0.375 * (1 + labels.float()), atol=0.3)
+    cached = build_pool(FakeTeacher((1, 4, 4), conditioning="class", num_classes=3), cfg, tmp_path, "cpu",
+                        lambda m: None)
+    assert cached.report["cache"] == "hit" and torch.equal(cached.cond["class_labels"], labels)
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red dress\n\nblue shoes\n")
@@ -313,9 +319,11 @@ def test_pool_of_class_and_text_teachers(tmp_path):
     x, cond = draw(pool, 8)
     allowed = {tuple(prompt_vector(p).tolist()) for p in ("a red dress", "blue shoes")}
     assert {tuple(r.tolist()) for r in cond["prompt_embeds"]} <= allowed
-    with pytest.raises(DataError, match="--prompts"):
-        build_pool(FakeTeacher((1, 4, 4), conditioning="text"), RunConfig(pool_size=4), tmp_path / "x", "cpu",
-                   lambda m: None)
+    assert text.prompt_calls == 1 and all(c["prompt_embeds"].shape == (20, 4) for c in text.seen_cond)
+    logs = []
+    plain = build_pool(FakeTeacher((1, 4, 4), conditioning="text"), RunConfig(pool_size=4), tmp_path / "x", "cpu",
+                       logs.append)
+    assert plain.cond is None and any("empty prompt" in m for m in logs)
 
 
 # ------------------------------------------------------ the real entry point --

@@ -77,7 +77,8 @@ def build_student(teacher, cfg: RunConfig):
         from .student import TwoTimeFlowMap
 
         network = copy.deepcopy(teacher.network).train().requires_grad_(True)
-        return TwoTimeFlowMap(network, second_time_input=cfg.second_time_input)
+        return TwoTimeFlowMap(network, second_time_input=cfg.second_time_input, adapter=teacher.adapter, io=teacher.io,
+                              null_text=teacher.null_text)
     from .mlp import MlpFlowMap
 
     return MlpFlowMap(dim=teacher.data_shape[0], width=cfg.mlp_width, depth=cfg.mlp_depth)
@@ -208,7 +209,9 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
 
     objective = make_objective(cfg.loss, **cfg.loss_options)
     check_objective_fits(objective, cfg)
-    teacher = load_teacher(cfg.teacher, cfg.subfolder, cfg.revision, allow_pickle=cfg.allow_pickle)
+    teacher = load_teacher(cfg.teacher, cfg.subfolder, cfg.revision, allow_pickle=cfg.allow_pickle,
+                           sample_size=cfg.sample_size, guidance_scale=cfg.guidance_scale,
+                           negative_prompt=cfg.negative_prompt)
     out = prepare_output(cfg, overwrite) if main else Path(cfg.output)
     accelerator.wait_for_everyone()
     device = accelerator.device
@@ -356,7 +359,7 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
                      "ema_decay": cfg.ema_decay, "time_sampling": cfg.time_sampling,
                      "diagonal_fraction": cfg.diagonal_fraction, "data": cfg.data},
     }
-    export_student(student, out / "student", meta)
+    export_student(student, out / "student", meta, codec=getattr(teacher, "codec", None))
     log(f"exported student -> {out / 'student'}")
     n = cfg.eval_samples if teacher.kind == "image" else max(cfg.eval_samples, 4096)
     metrics, samples = compare_with_teacher(student, teacher, steps=(1, 2, 4), n=n,
@@ -364,7 +367,7 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     if teacher.kind == "points" and hasattr(teacher, "sample_data"):
         from .metrics import histogram_kl
 
-        metrics["kl"] = {k: histogram_kl(v, teacher) for k, v in samples.items()}
+        metrics["kl"] = {k: histogram_kl(v, teacher) for k, v in samples.items() if torch.is_tensor(v)}
     metrics["training"] = {"steps": cfg.max_steps, "seconds": round(seconds, 1), "skipped_steps": skipped,
                            "final_loss": history[-1]["loss"] if history else None}
     if distributed is not None:
@@ -374,6 +377,8 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     metrics["settings"] = {"eval_samples": n, "reference": f"rk4 {cfg.reference_steps} steps", "seed": cfg.seed + 1}
     write_json(out / "metrics.json", metrics)
     rows, errors = _comparison_rows(samples, teacher, metrics, cfg, device)
+    if getattr(teacher, "is_latent", False):  # the grid shows images: decode the latents with the teacher's VAE
+        rows = {k: torch.cat([teacher.decode(c.to(device)).cpu() for c in v.split(64)]) for k, v in rows.items()}
     save_comparison(rows, out / "samples.png", kind=teacher.kind, errors=errors,
                     title=f"{teacher.name}: student ({cfg.loss}, {cfg.max_steps} steps) vs teacher, same noise")
     fme = metrics["flow_map_error"]
@@ -398,7 +403,9 @@ def _comparison_rows(samples, teacher, metrics, cfg, device):
     g = torch.Generator().manual_seed(cfg.seed + 1)
     x0 = teacher.sample_noise(samples["reference"].shape[0], generator=g)
     x0 = pick(x0).to(device)
-    rows["teacher Euler 50"] = euler(teacher.velocity, x0, uniform_time_grid(50, getattr(teacher, "shift", 1.0)).to(device)).cpu()
+    cond = {k: pick(v).to(device) for k, v in samples["cond"].items()} if "cond" in samples else None
+    grid = uniform_time_grid(50, getattr(teacher, "shift", 1.0)).to(device)
+    rows["teacher Euler 50"] = euler(lambda x, t: teacher.velocity(x, t, cond), x0, grid).cpu()
     return rows, errors
 
 

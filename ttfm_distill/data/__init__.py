@@ -211,7 +211,8 @@ class DataBuilder:
             prompts = self.prompts_for(list(ds[caption_col]) if caption_col else None, n)
         info.update({"source": name, "kind": opened.kind, "rows": n, "image_column": image_col,
                      "label_column": label_col, "caption_column": caption_col})
-        return TensorSource(base, self.geometry.target, self.cfg.data_crop, labels, prompts, info)
+        cond = {"class_labels": labels} if labels is not None else None
+        return TensorSource(base, self.geometry.target, self.cfg.data_crop, cond, prompts, info)
 
     def prompts_for(self, captions: list[str] | None, n: int) -> PromptRows:
         if captions is None:
@@ -275,7 +276,8 @@ class DataBuilder:
         if self.conditioning == "text":
             raise DataError("fashion-mnist has no captions for a text-conditioned teacher; use --data teacher "
                             "--prompts FILE or a dataset with a caption column")
-        return TensorSource(base, self.geometry.target, self.cfg.data_crop, labels_t, None, info)
+        cond = {"class_labels": labels_t} if labels_t is not None else None
+        return TensorSource(base, self.geometry.target, self.cfg.data_crop, cond, None, info)
 
     def streaming(self, opened):
         ds, name = opened.dataset, opened.name

@@ -35,13 +35,15 @@ class TensorSource:
     """Rows of a prepared tensor (uint8 pixels or float teacher data) with per-row conditioning.
 
     ``base``: ``(N, C, Hb, Wb)``; a batch is ``base[idx]`` cropped to
-    ``shape[-2:]`` (and mapped to [-1, 1] if uint8).  ``labels``: ``(N,)``
-    class ids or None.  ``prompts``: a :class:`PromptRows` or None.
+    ``shape[-2:]`` (and mapped to [-1, 1] if uint8).  ``cond``: a dict of
+    per-row tensors ``(N, ...)`` (e.g. ``class_labels``) or None.
+    ``prompts``: a :class:`PromptRows` or None.
     """
 
-    def __init__(self, base: torch.Tensor, shape, crop: str = "center", labels=None, prompts=None, report=None):
+    def __init__(self, base: torch.Tensor, shape, crop: str = "center", cond: dict | None = None, prompts=None,
+                 report=None):
         self.base, self.shape, self.crop = base, tuple(shape), crop
-        self.labels, self.prompts = labels, prompts
+        self.cond, self.prompts = (cond or None), prompts
         self.report = report or {}
 
     def __len__(self) -> int:
@@ -52,9 +54,7 @@ class TensorSource:
         x = crop_batch(self.base[idx], self.shape[-2:], self.crop, generator)
         if x.dtype == torch.uint8:
             x = to_unit_range(x)
-        cond = {}
-        if self.labels is not None:
-            cond["class_labels"] = self.labels[idx]
+        cond = {k: v[idx] for k, v in self.cond.items()} if self.cond else {}
         if self.prompts is not None:
             cond.update(self.prompts.rows(idx))
         return (x, cond) if cond else x
