@@ -93,7 +93,14 @@ def run(
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     lr: Optional[float] = typer.Option(None, "--lr"),
     ema_decay: Optional[float] = typer.Option(None, "--ema-decay"),
-    data: Optional[str] = typer.Option(None, "--data", help="'teacher' (data-free: samples of the teacher's ODE) or 'fashion-mnist'."),
+    data: Optional[str] = typer.Option(None, "--data", help="'teacher' (data-free: samples of the teacher's ODE), 'fashion-mnist', an image folder, parquet/arrow file(s), a save_to_disk folder, or a hub dataset id."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="Image column of --data (default: the first image column)."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Class-label column (class-conditioned teachers; default: 'label')."),
+    caption_column: Optional[str] = typer.Option(None, "--caption-column", help="Caption column (text teachers; default: 'text'/'caption'/'prompt')."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Text file of prompts, one per line (text teachers)."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Resize images to this shorter side before cropping to the teacher's size."),
+    crop: Optional[str] = typer.Option(None, "--crop", help="center (default) or random."),
+    streaming: bool = typer.Option(False, "--streaming", help="Stream --data instead of preparing it once (sets larger than memory or disk)."),
     subfolder: Optional[str] = typer.Option(None, "--subfolder", help="Denoiser subfolder of a pipeline folder."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle teacher weights (.bin/.pt/.ckpt) when there are no safetensors; they can run code."),
@@ -116,7 +123,9 @@ def run(
         flags = dict(teacher=teacher, output=output, max_steps=max_steps, loss=loss, seed=seed,
                      batch_size=batch_size, lr=lr, ema_decay=ema_decay, data=data, subfolder=subfolder,
                      revision=revision, allow_pickle=allow_pickle or None, guidance_scale=guidance_scale,
-                     negative_prompt=negative_prompt, sample_size=sample_size)
+                     negative_prompt=negative_prompt, sample_size=sample_size, data_image_column=image_column,
+                     data_label_column=label_column, data_caption_column=caption_column, prompts=prompts,
+                     data_resolution=resolution, data_crop=crop, data_streaming=streaming or None)
         values.update({k: v for k, v in flags.items() if v is not None})
         if loss_option:
             values["loss_options"] = {**values.get("loss_options", {}), **_parse_options(loss_option, "--loss-option")}
@@ -128,12 +137,16 @@ def run(
         from .trainer import check_objective_fits
 
         check_objective_fits(make_objective(cfg.loss, **cfg.loss_options), cfg)  # fail fast on bad loss options
+        from .data.hf import check_data_spec
+
+        data_info = check_data_spec(cfg.data)  # fail fast on a missing or unreachable data set
         if dry_run:
             from .teachers.loading import check_teacher_spec
 
             teacher_info = check_teacher_spec(cfg.teacher, cfg.subfolder)
             typer.echo(json.dumps(cfg.to_dict(), indent=2))
-            typer.echo(f"teacher: {teacher_info}; objective: {cfg.loss}; {cfg.max_steps} steps -> {cfg.output}", err=True)
+            typer.echo(f"teacher: {teacher_info}; data: {data_info}; objective: {cfg.loss}; {cfg.max_steps} steps -> "
+                       f"{cfg.output}", err=True)
             return
         from .trainer import run_distillation
 

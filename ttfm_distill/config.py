@@ -47,6 +47,22 @@ class RunConfig:
     dyadic_levels: int = 4
     second_time_input: str = "delta"
     data: str = "teacher"
+    #: real data (``data`` = a folder, parquet/arrow file, saved dataset or hub id): see ttfm_distill/data
+    data_split: str = "train"
+    data_image_column: str | None = None
+    data_label_column: str | None = None
+    data_caption_column: str | None = None
+    #: text file of prompts, one per line (data-free mode of a text teacher, or one per data row)
+    prompts: str | None = None
+    #: images are resized to this shorter side, then cropped to the teacher's size (default: the teacher's size)
+    data_resolution: int | None = None
+    data_crop: str = "center"
+    data_channels: str = "convert"
+    data_range: str = "auto"
+    data_streaming: bool = False
+    data_max_samples: int | None = None
+    #: where prepared images, latents and prompt embeddings are cached (default: ~/.cache/ttfm-distill/data)
+    data_cache: str | None = None
     pool_size: int = 2048
     pool_steps: int = 16
     mlp_width: int = 256
@@ -66,6 +82,9 @@ class RunConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("data_resolution", "data_max_samples"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.sample_size is not None and int(self.sample_size) < 1:
             raise ConfigError(f"sample_size must be a positive integer, got {self.sample_size}")
         if not self.guidance_scale >= 0:
@@ -84,6 +103,9 @@ class RunConfig:
             "mixed_precision": ("no", "fp16", "bf16"),
             "export_weights": ("ema", "raw"),
             "nan_policy": ("stop", "skip"),
+            "data_crop": ("center", "random"),
+            "data_channels": ("convert", "strict"),
+            "data_range": ("auto", "0-255", "0-1", "-1-1"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -123,7 +145,7 @@ def load_config_file(path: str | Path) -> dict:
 
 # fields that may change between a run and its resumption
 RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_samples",
-                     "reference_steps", "output", "allow_pickle"}
+                     "reference_steps", "output", "allow_pickle", "data_cache"}
 
 
 def resume_mismatch(saved: dict, current: dict) -> list[str]:

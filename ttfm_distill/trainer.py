@@ -20,6 +20,7 @@ import torch
 
 from .config import ConfigError, RunConfig, resume_mismatch
 from .convention import interpolate
+from .data import ExactData, TeacherPool, build_pool  # noqa: F401 - the data sources live in ttfm_distill.data
 from .fileio import atomic_dir, save_tensors, write_json
 from .objectives import TrainBatch, make_objective
 from .objectives.timesampling import sample_time_pairs
@@ -61,72 +62,11 @@ def cond_to(cond: dict | None, device) -> dict | None:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in cond.items()}
 
 
-class TeacherPool:
-    """Data-free training data: clean samples from the teacher's own ODE (Euler), cached."""
+def build_data(teacher, cfg: RunConfig, out: Path, device, log, console=None, show_progress: bool = False):
+    """The run's data source (``ttfm_distill.data``): data-free pool, Fashion-MNIST or a real dataset."""
+    from .data import build_data as build
 
-    def __init__(self, samples: torch.Tensor, cond: dict | None = None):
-        self.samples = samples
-        self.cond = cond or None
-
-    def sample(self, n: int, generator: torch.Generator):
-        idx = torch.randint(0, self.samples.shape[0], (n,), generator=generator)
-        if self.cond:
-            return self.samples[idx], {k: v[idx] for k, v in self.cond.items()}
-        return self.samples[idx]
-
-
-class ExactData:
-    """An analytic teacher's exact data distribution."""
-
-    def __init__(self, teacher):
-        self.teacher = teacher
-
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return self.teacher.sample_data(n, generator=generator)
-
-
-def build_pool(teacher, cfg: RunConfig, cache: Path, device, log) -> TeacherPool:
-    from safetensors.torch import load_file
-
-    from .sampling import euler, uniform_time_grid
-
-    key = f"pool-n{cfg.pool_size}-euler{cfg.pool_steps}-seed{cfg.seed}.safetensors"
-    path = cache / key
-    if path.exists():
-        try:
-            stored = load_file(path)
-            return TeacherPool(stored.pop("samples"), {k.removeprefix("cond."): v for k, v in stored.items()})
-        except Exception:
-            log(f"[yellow]cache {path} is damaged; regenerating[/]")
-    start = time.time()
-    g = torch.Generator().manual_seed(cfg.seed + 7919)
-    noise = teacher.sample_noise(cfg.pool_size, generator=g)
-    cond = teacher.sample_cond(cfg.pool_size, generator=g) or {}
-    grid = uniform_time_grid(cfg.pool_steps, getattr(teacher, "shift", 1.0)).to(device)
-    out = []
-    for i, c in enumerate(noise.split(256)):
-        chunk_cond = cond_to({k: v[i * 256:(i + 1) * 256] for k, v in cond.items()}, device)
-        out.append(euler(lambda x, t: teacher.velocity(x, t, chunk_cond), c.to(device), grid).cpu())
-    samples = torch.cat(out)
-    save_tensors(path, {"samples": samples, **{f"cond.{k}": v for k, v in cond.items()}},
-                 metadata={"teacher": str(teacher.name), "solver": f"euler{cfg.pool_steps}"})
-    log(f"data-free pool: {cfg.pool_size} teacher samples (Euler {cfg.pool_steps} steps) in {time.time() - start:.1f}s -> {path}")
-    return TeacherPool(samples, cond)
-
-
-def build_data(teacher, cfg: RunConfig, out: Path, device, log):
-    if cfg.data == "teacher":
-        if hasattr(teacher, "sample_data"):
-            return ExactData(teacher)
-        return build_pool(teacher, cfg, out / "cache", device, log)
-    if cfg.data == "fashion-mnist":
-        from .datasets import load_fashion_mnist
-
-        images, _ = load_fashion_mnist("train", resolution=teacher.data_shape[-1])
-        if tuple(images.shape[1:]) != tuple(teacher.data_shape):
-            raise ConfigError(f"fashion-mnist images {tuple(images.shape[1:])} do not match the teacher's {teacher.data_shape}")
-        return TeacherPool(torch.from_numpy(images))
-    raise ConfigError(f"unknown data source {cfg.data!r}; use 'teacher' (data-free) or 'fashion-mnist'")
+    return build(teacher, cfg, out, device, log, console=console, show_progress=show_progress)
 
 
 # -------------------------------------------------------------- models ------
@@ -276,7 +216,8 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
     accelerator.wait_for_everyone()
     device = accelerator.device
     teacher.to(device)
-    data = build_data(teacher, cfg, out, device, log) if main or hasattr(teacher, "sample_data") else None
+    data = build_data(teacher, cfg, out, device, log, console, show_progress) if main or hasattr(
+        teacher, "sample_data") else None
     if data is None or accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
         if data is None:
@@ -372,7 +313,7 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
         if cfg.max_steps > last_saved:
             save_checkpoint(out, cfg.max_steps, student, ema, optimizer, scheduler, cfg.keep_checkpoints, history)
         metrics = finish_run(cfg, out, final.eval(), teacher, objective, seconds, history, device, log, skipped,
-                             distributed)
+                             distributed, data_report=getattr(data, "report", None))
     accelerator.wait_for_everyone()
     return RunResult(out, cfg.max_steps, seconds, metrics, start_step, main)
 
@@ -399,7 +340,7 @@ def _distributed_report(accelerator, student, first_batch: float) -> dict | None
 
 
 def finish_run(cfg, out, student, teacher, objective, seconds, history, device, log, skipped=0,
-               distributed: dict | None = None) -> dict:
+               distributed: dict | None = None, data_report: dict | None = None) -> dict:
     """Export the student, measure it against the teacher, draw ``samples.png``."""
     from .evaluate import compare_with_teacher
     from .export import export_student
@@ -431,6 +372,8 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
                            "final_loss": history[-1]["loss"] if history else None}
     if distributed is not None:
         metrics["distributed"] = distributed
+    if data_report:
+        metrics["data"] = data_report
     metrics["settings"] = {"eval_samples": n, "reference": f"rk4 {cfg.reference_steps} steps", "seed": cfg.seed + 1}
     write_json(out / "metrics.json", metrics)
     rows, errors = _comparison_rows(samples, teacher, metrics, cfg, device)
