@@ -149,6 +149,10 @@ RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpo
 
 
 def resume_mismatch(saved: dict, current: dict) -> list[str]:
-    """Names of settings that differ and forbid resuming."""
+    """Names of settings that differ and forbid resuming.
+
+    A setting missing from ``saved`` (a run folder from before it existed) counts as its default.
+    """
+    defaults = RunConfig().to_dict()
     return sorted(k for k in set(saved) | set(current)
-                  if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+                  if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k)))
