@@ -58,8 +58,8 @@ class RunConfig:
     #: split each step's batch (per process) into this many micro-batches; memory only, same update
     grad_accum_steps: int = 1
     gradient_checkpointing: bool = False
-    #: torch.compile the student through Accelerate (inductor)
-    compile: bool = False
+    #: torch.compile the student through Accelerate: true (inductor) or a dynamo backend name
+    compile: bool | str = False
     #: > 0: a LoRA student of this rank on the teacher's own (frozen, shared) network
     lora_rank: int = 0
     #: LoRA scale numerator (scale = alpha / rank); 0 means alpha = rank
@@ -84,6 +84,8 @@ class RunConfig:
         if int(self.grad_accum_steps) < 1 or self.batch_size % int(self.grad_accum_steps):
             raise ConfigError(f"grad_accum_steps must be a positive divisor of batch_size ({self.batch_size}), "
                               f"got {self.grad_accum_steps}")
+        if not isinstance(self.compile, (bool, str)):
+            raise ConfigError(f"compile must be true, false or a torch.compile backend name, got {self.compile!r}")
         if int(self.lora_rank) < 0 or self.lora_alpha < 0:
             raise ConfigError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:

@@ -25,7 +25,14 @@ def check_mixed_precision(mode: str, device_type: str) -> None:
         raise ConfigError("fp16 needs a GPU; use bf16 (--set mixed_precision=bf16)")
 
 
-def make_accelerator(mixed_precision: str, compile: bool, cpu: bool):
+def dynamo_backend(compile) -> str | None:
+    """``RunConfig.compile`` -> the ``torch.compile`` backend: False -> none, True -> inductor, or a backend name."""
+    if compile is True:
+        return "inductor"
+    return compile or None
+
+
+def make_accelerator(mixed_precision: str, compile, cpu: bool):
     """An ``Accelerator`` for one run, honouring this run's precision and compile settings.
 
     Accelerate keeps one process-wide ``AcceleratorState`` and refuses a second
@@ -38,7 +45,7 @@ def make_accelerator(mixed_precision: str, compile: bool, cpu: bool):
 
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, dynamo_backend="inductor" if compile else None)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, dynamo_backend=dynamo_backend(compile))
 
 
 def _fp32_forward(self, *args, **kwargs):
