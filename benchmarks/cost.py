@@ -70,39 +70,6 @@ TEXT_TOKENS = 77
 
 
 # ---------------------------------------------------------------- models ----
-def _sd3_adapter():
-    """The SD3 family adapter; a local one until ``teachers/families.py`` has its own."""
-    from ttfm_distill.teachers.families import ADAPTERS, FamilyAdapter, ProjectionSpec
-
-    if "SD3Transformer2DModel" in ADAPTERS:
-        return ADAPTERS["SD3Transformer2DModel"]
-
-    class Sd3BenchAdapter(FamilyAdapter):
-        class_name, subfolder = "SD3Transformer2DModel", "transformer"
-
-        def time_embedder(self, network):
-            return network.time_text_embed  # output: temb = time embedding + pooled text projection
-
-        def projection(self, network):
-            p = network.time_text_embed.time_proj
-            return ProjectionSpec(p.num_channels, bool(p.flip_sin_to_cos), float(p.downscale_freq_shift))
-
-        def embed_dim(self, network):
-            return network.config.num_attention_heads * network.config.attention_head_dim
-
-        def data_shape(self, network):
-            c = network.config
-            return (c.in_channels, c.sample_size, c.sample_size)
-
-        def call(self, network, x, timestep, cond):
-            return network(hidden_states=x, timestep=timestep, encoder_hidden_states=cond["encoder_hidden_states"],
-                           pooled_projections=cond["pooled_projections"], return_dict=False)[0]
-
-    adapter = Sd3BenchAdapter()
-    ADAPTERS[adapter.class_name] = adapter
-    return adapter
-
-
 def build_teacher(model: str, device):
     """``(teacher, cond_fn)``: ``cond_fn(n, generator)`` gives per-sample conditioning or None."""
     if model == "fashion16":
@@ -116,7 +83,7 @@ def build_teacher(model: str, device):
     cfg = SD3_CONFIGS[model]
     torch.manual_seed(0)
     network = SD3Transformer2DModel(**cfg)
-    teacher = DiffusersFlowTeacher(network, source=f"random {model}", adapter=_sd3_adapter()).to(device)
+    teacher = DiffusersFlowTeacher(network, source=f"random {model}").to(device)
 
     def cond(n, g):
         return {"encoder_hidden_states": torch.randn(n, TEXT_TOKENS, cfg["joint_attention_dim"], generator=g).to(device),

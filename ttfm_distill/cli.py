@@ -97,6 +97,9 @@ def run(
     subfolder: Optional[str] = typer.Option(None, "--subfolder", help="Denoiser subfolder of a pipeline folder."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle teacher weights (.bin/.pt/.ckpt) when there are no safetensors; they can run code."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Classifier-free guidance baked into the student (1 = none)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt of the baked guidance (text teachers)."),
+    sample_size: Optional[int] = typer.Option(None, "--sample-size", help="Latent size for teachers whose config does not fix it (Flux: default 128)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or TOML file of run settings (flags override it)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Any run setting KEY=VALUE (repeatable), e.g. --set time_sampling=uniform."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run in --output and start over."),
@@ -112,7 +115,8 @@ def run(
         values.update(_parse_options(set_, "--set"))
         flags = dict(teacher=teacher, output=output, max_steps=max_steps, loss=loss, seed=seed,
                      batch_size=batch_size, lr=lr, ema_decay=ema_decay, data=data, subfolder=subfolder,
-                     revision=revision, allow_pickle=allow_pickle or None)
+                     revision=revision, allow_pickle=allow_pickle or None, guidance_scale=guidance_scale,
+                     negative_prompt=negative_prompt, sample_size=sample_size)
         values.update({k: v for k, v in flags.items() if v is not None})
         if loss_option:
             values["loss_options"] = {**values.get("loss_options", {}), **_parse_options(loss_option, "--loss-option")}
@@ -149,6 +153,8 @@ def sample(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG grid to write (default: samples-<N>step.png in the model folder)."),
     save_raw: Optional[Path] = typer.Option(None, "--save-raw", help="Also save the raw samples (.safetensors or .npy)."),
     batch_size: int = typer.Option(256, "--batch-size"),
+    class_label: Optional[int] = typer.Option(None, "--class-label", help="Class of every sample (class-conditional students; default: random)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt (text students; needs the teacher's pipeline folder for its text encoders)."),
 ):
     """Generate with the distilled student in any number of steps."""
 
@@ -161,12 +167,28 @@ def sample(
             _fail(f"--batch-size must be >= 1, got {batch_size}")
         if save_raw is not None and save_raw.suffix not in (".safetensors", ".npy"):
             _fail(f"--save-raw must end in .safetensors or .npy, got {save_raw.name}")
+        import torch
+
         from .export import load_student, resolve_student_folder
         from .generate import generate
 
         folder = resolve_student_folder(model or DEFAULT_OUTPUT)
         student, meta = load_student(folder)
-        x = generate(student, meta, steps=steps, num=num, seed=seed, batch_size=batch_size)
+        cond = None
+        if prompt is not None:
+            if meta.get("teacher", {}).get("conditioning") != "text":
+                _fail("--prompt is only for text-conditioned students")
+            from .teachers.loading import prompt_encoder_for
+
+            row = prompt_encoder_for(meta["teacher"])([prompt])
+            cond = {k: v.expand(num, *v.shape[1:]) for k, v in row.items()}
+        x = generate(student, meta, steps=steps, num=num, seed=seed, batch_size=batch_size, cond=cond,
+                     class_label=class_label)
+        from .export import load_codec
+
+        codec = load_codec(folder)
+        if codec is not None:  # latent student: decode with the teacher's VAE saved beside it
+            x = torch.cat([codec.decode(c) for c in x.split(batch_size)])
         target = output or (folder.parent if folder.name == "student" else folder) / f"samples-{steps}step.png"
         if target.suffix.lower() != ".png":
             _fail(f"--output must be a .png file, got {target.name}")
@@ -184,13 +206,16 @@ def inspect(
     subfolder: Optional[str] = typer.Option(None, "--subfolder"),
     revision: Optional[str] = typer.Option(None, "--revision"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle weights when there are no safetensors."),
+    sample_size: Optional[int] = typer.Option(None, "--sample-size", help="Latent size for teachers whose config does not fix it."),
 ):
-    """Print what was detected about a teacher, without training."""
+    """Print what was detected about a teacher (class, units, shift, prediction type, conditioning, latents, VAE), without training."""
 
     def body():
         from .teachers.loading import load_teacher
 
-        t = load_teacher(teacher, subfolder, revision, allow_pickle=allow_pickle)
+        if sample_size is not None and sample_size < 1:
+            _fail(f"--sample-size must be >= 1, got {sample_size}")
+        t = load_teacher(teacher, subfolder, revision, allow_pickle=allow_pickle, sample_size=sample_size)
         typer.echo(json.dumps(t.describe(), indent=2))
 
     _guard(body)

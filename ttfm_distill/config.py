@@ -26,6 +26,11 @@ class RunConfig:
     revision: str | None = None
     #: read pickle (.bin/.pt/.ckpt) teacher weights when no safetensors exist (they can run code)
     allow_pickle: bool = False
+    #: latent (or pixel) size for teachers whose config does not fix it (Flux), or to override it
+    sample_size: int | None = None
+    #: classifier-free guidance baked into the student (1 = none), against negative_prompt or the null class
+    guidance_scale: float = 1.0
+    negative_prompt: str = ""
     output: str = DEFAULT_OUTPUT
     loss: str = "itvm"
     loss_options: dict = field(default_factory=dict)
@@ -75,6 +80,10 @@ class RunConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.sample_size is not None and int(self.sample_size) < 1:
+            raise ConfigError(f"sample_size must be a positive integer, got {self.sample_size}")
+        if not self.guidance_scale >= 0:
+            raise ConfigError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:

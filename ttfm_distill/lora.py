@@ -55,10 +55,10 @@ def parse_targets(targets) -> list[str]:
     return [str(t) for t in targets or []]
 
 
-def default_lora_targets(network: nn.Module, time_embedder: nn.Module | None = None) -> list[str]:
+def default_lora_targets(network: nn.Module, time_embedders=()) -> list[str]:
     """The :data:`DEFAULT_TARGETS` suffixes that name Linear/Conv2d layers of ``network``
-    (never the timestep embedder: the teacher path must not depend on adapters there)."""
-    skip = {id(m) for m in time_embedder.modules()} if time_embedder is not None else set()
+    (never inside a timestep embedder)."""
+    skip = {id(m) for e in time_embedders for m in e.modules()}
     found = set()
     for name, module in network.named_modules():
         if id(module) in skip or not isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -74,8 +74,8 @@ class LoraFlowMap(TwoTimeFlowMap):
     no second-time addition (the hook passes the embedder's output through).
     """
 
-    def __init__(self, network: nn.Module, second_time_input: str = "delta", adapter=None):
-        super().__init__(network, second_time_input=second_time_input, adapter=adapter)
+    def __init__(self, network: nn.Module, second_time_input: str = "delta", **kwargs):
+        super().__init__(network, second_time_input=second_time_input, **kwargs)
         self._teacher_mode = False
 
     def _add_second_time(self, module, args, output):
@@ -125,8 +125,8 @@ class LoraFlowMap(TwoTimeFlowMap):
         finally:
             self.load_trainable_state_dict(saved)
 
-    def export_to(self, folder, meta: dict, mode: str = "merged") -> Path:
-        return export_lora_student(self, self.trainable_state_dict(), folder, meta, mode)
+    def export_to(self, folder, meta: dict, mode: str = "merged", **export_kwargs) -> Path:
+        return export_lora_student(self, self.trainable_state_dict(), folder, meta, mode, **export_kwargs)
 
 
 class AdapterEma(nn.Module):
@@ -161,8 +161,8 @@ class AdapterEma(nn.Module):
             for name, value in state.items():
                 self.shadow[name].copy_(value)
 
-    def export_to(self, folder, meta: dict, mode: str = "merged") -> Path:
-        return export_lora_student(self.student, self.shadow, folder, meta, mode)
+    def export_to(self, folder, meta: dict, mode: str = "merged", **export_kwargs) -> Path:
+        return export_lora_student(self.student, self.shadow, folder, meta, mode, **export_kwargs)
 
 
 class BaseWeightsTeacher:
@@ -198,9 +198,9 @@ def lora_config(rank: int, alpha: float, targets: list[str]):
                            init_lora_weights=True)
 
 
-def add_lora(network: nn.Module, rank: int, alpha: float, targets, time_embedder: nn.Module | None = None) -> list[str]:
+def add_lora(network: nn.Module, rank: int, alpha: float, targets, time_embedders=()) -> list[str]:
     """Add a LoRA adapter to ``network`` (frozen base); returns the target suffixes used."""
-    targets = parse_targets(targets) or default_lora_targets(network, time_embedder)
+    targets = parse_targets(targets) or default_lora_targets(network, time_embedders)
     if not targets:
         raise ConfigError(f"no layer of {type(network).__name__} matches the default LoRA targets; "
                           "name some with --set lora_targets=NAME,NAME")
@@ -221,12 +221,18 @@ def build_lora_student(teacher, cfg: RunConfig):
     require_peft()
     torch.manual_seed(cfg.seed)
     network = teacher.network
-    student = LoraFlowMap(network, second_time_input=cfg.second_time_input)
+    student = LoraFlowMap(network, **_student_kwargs(teacher, cfg.second_time_input))
     targets = add_lora(network, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
-                       student.adapter.time_embedder(network))
+                       student.adapter.time_embedders(network))
     student.lora_targets = targets
     student.train()
     return student, BaseWeightsTeacher(teacher, student)
+
+
+def _student_kwargs(teacher, second_time_input: str) -> dict:
+    """What :func:`ttfm_distill.trainer.build_student` passes to the student, taken from the teacher."""
+    return dict(second_time_input=second_time_input, adapter=teacher.adapter, io=teacher.io,
+                null_text=getattr(teacher, "null_text", None))
 
 
 # ------------------------------------------------------------- export -------
@@ -250,7 +256,8 @@ def _merged_network_state(student: LoraFlowMap) -> dict:
     return state
 
 
-def export_lora_student(student: LoraFlowMap, values: dict, folder, meta: dict, mode: str = "merged") -> Path:
+def export_lora_student(student: LoraFlowMap, values: dict, folder, meta: dict, mode: str = "merged",
+                        **export_kwargs) -> Path:
     """Write ``student`` with the trained tensors ``values`` (current or EMA) to ``folder``."""
     from .export import export_student
     from .fileio import atomic_dir, save_tensors
@@ -262,10 +269,10 @@ def export_lora_student(student: LoraFlowMap, values: dict, folder, meta: dict, 
         if mode == "merged":
             network = type(student.network).from_config(student.network.config)
             network.load_state_dict(_merged_network_state(student), strict=True)
-            plain = TwoTimeFlowMap(network.to(next(student.parameters()).device),
-                                   second_time_input=student.second_time_input)
+            plain = TwoTimeFlowMap(network.to(next(student.parameters()).device), second_time_input=student.second_time_input,
+                                   adapter=student.adapter, io=student.io, null_text=student.null_text)
             plain.second_time.load_state_dict(student.second_time.state_dict(), strict=True)
-            return export_student(plain.eval(), folder, {**meta, "lora": lora_meta})
+            return export_student(plain.eval(), folder, {**meta, "lora": lora_meta}, **export_kwargs)
         if mode != "adapters":
             raise ConfigError(f"lora_export must be 'merged' or 'adapters', got {mode!r}")
         folder = Path(folder)
@@ -307,9 +314,9 @@ def load_lora_student(folder, base=None, device="cpu"):
     teacher = base if base is not None else load_teacher(config["teacher"]["source"], config["teacher"].get("subfolder"))
     lora = config["lora"]
     torch.manual_seed(0)
-    student = LoraFlowMap(teacher.network, second_time_input=config["second_time"]["input"])
+    student = LoraFlowMap(teacher.network, **_student_kwargs(teacher, config["second_time"]["input"]))
     student.lora_targets = add_lora(teacher.network, lora["rank"], lora["alpha"], lora["targets"],
-                                    student.adapter.time_embedder(teacher.network))
+                                    student.adapter.time_embedders(teacher.network))
     weights = load_file(folder / ADAPTER_SUBFOLDER / ADAPTER_WEIGHTS)
     result = set_peft_model_state_dict(teacher.network, weights, adapter_name=ADAPTER_NAME)
     if getattr(result, "unexpected_keys", None):

@@ -81,7 +81,8 @@ def keep_time_embedders_fp32(*models) -> None:
         adapter = getattr(model, "adapter", None)
         if network is None or adapter is None:
             continue
-        keep_in_fp32(adapter.time_embedder(network))
+        for embedder in adapter.time_embedders(network):
+            keep_in_fp32(embedder)
         if hasattr(model, "second_time"):
             keep_in_fp32(model.second_time)
 

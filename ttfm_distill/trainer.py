@@ -65,11 +65,14 @@ def cond_to(cond: dict | None, device) -> dict | None:
 class TeacherPool:
     """Data-free training data: clean samples from the teacher's own ODE (Euler), cached."""
 
-    def __init__(self, samples: torch.Tensor):
+    def __init__(self, samples: torch.Tensor, cond: dict | None = None):
         self.samples = samples
+        self.cond = cond or None
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator):
         idx = torch.randint(0, self.samples.shape[0], (n,), generator=generator)
+        if self.cond:
+            return self.samples[idx], {k: v[idx] for k, v in self.cond.items()}
         return self.samples[idx]
 
 
@@ -92,18 +95,24 @@ def build_pool(teacher, cfg: RunConfig, cache: Path, device, log) -> TeacherPool
     path = cache / key
     if path.exists():
         try:
-            return TeacherPool(load_file(path)["samples"])
+            stored = load_file(path)
+            return TeacherPool(stored.pop("samples"), {k.removeprefix("cond."): v for k, v in stored.items()})
         except Exception:
             log(f"[yellow]cache {path} is damaged; regenerating[/]")
     start = time.time()
     g = torch.Generator().manual_seed(cfg.seed + 7919)
     noise = teacher.sample_noise(cfg.pool_size, generator=g)
+    cond = teacher.sample_cond(cfg.pool_size, generator=g) or {}
     grid = uniform_time_grid(cfg.pool_steps, getattr(teacher, "shift", 1.0)).to(device)
-    out = [euler(teacher.velocity, c.to(device), grid).cpu() for c in noise.split(256)]
+    out = []
+    for i, c in enumerate(noise.split(256)):
+        chunk_cond = cond_to({k: v[i * 256:(i + 1) * 256] for k, v in cond.items()}, device)
+        out.append(euler(lambda x, t: teacher.velocity(x, t, chunk_cond), c.to(device), grid).cpu())
     samples = torch.cat(out)
-    save_tensors(path, {"samples": samples}, metadata={"teacher": str(teacher.name), "solver": f"euler{cfg.pool_steps}"})
+    save_tensors(path, {"samples": samples, **{f"cond.{k}": v for k, v in cond.items()}},
+                 metadata={"teacher": str(teacher.name), "solver": f"euler{cfg.pool_steps}"})
     log(f"data-free pool: {cfg.pool_size} teacher samples (Euler {cfg.pool_steps} steps) in {time.time() - start:.1f}s -> {path}")
-    return TeacherPool(samples)
+    return TeacherPool(samples, cond)
 
 
 def build_data(teacher, cfg: RunConfig, out: Path, device, log):
@@ -129,7 +138,8 @@ def build_student(teacher, cfg: RunConfig):
         from .student import TwoTimeFlowMap
 
         network = copy.deepcopy(teacher.network).train().requires_grad_(True)
-        return TwoTimeFlowMap(network, second_time_input=cfg.second_time_input)
+        return TwoTimeFlowMap(network, second_time_input=cfg.second_time_input, adapter=teacher.adapter, io=teacher.io,
+                              null_text=teacher.null_text)
     from .mlp import MlpFlowMap
 
     return MlpFlowMap(dim=teacher.data_shape[0], width=cfg.mlp_width, depth=cfg.mlp_depth)
@@ -282,7 +292,9 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
 
     objective = make_objective(cfg.loss, **cfg.loss_options)
     check_objective_fits(objective, cfg)
-    teacher = load_teacher(cfg.teacher, cfg.subfolder, cfg.revision, allow_pickle=cfg.allow_pickle)
+    teacher = load_teacher(cfg.teacher, cfg.subfolder, cfg.revision, allow_pickle=cfg.allow_pickle,
+                           sample_size=cfg.sample_size, guidance_scale=cfg.guidance_scale,
+                           negative_prompt=cfg.negative_prompt)
     out = prepare_output(cfg, overwrite) if main else Path(cfg.output)
     accelerator.wait_for_everyone()
     device = accelerator.device
@@ -481,10 +493,11 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
                      "ema_decay": cfg.ema_decay, "time_sampling": cfg.time_sampling,
                      "diagonal_fraction": cfg.diagonal_fraction, "data": cfg.data},
     }
+    codec = getattr(teacher, "codec", None)
     if hasattr(student, "export_to"):  # a LoRA student or its EMA: merged or adapters
-        student.export_to(out / "student", meta, cfg.lora_export)
+        student.export_to(out / "student", meta, cfg.lora_export, codec=codec)
     else:
-        export_student(student, out / "student", meta)
+        export_student(student, out / "student", meta, codec=codec)
     log(f"exported student -> {out / 'student'}")
     n = cfg.eval_samples if teacher.kind == "image" else max(cfg.eval_samples, 4096)
     metrics, samples = compare_with_teacher(student, teacher, steps=(1, 2, 4), n=n,
@@ -492,7 +505,7 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     if teacher.kind == "points" and hasattr(teacher, "sample_data"):
         from .metrics import histogram_kl
 
-        metrics["kl"] = {k: histogram_kl(v, teacher) for k, v in samples.items()}
+        metrics["kl"] = {k: histogram_kl(v, teacher) for k, v in samples.items() if torch.is_tensor(v)}
     metrics["training"] = {"steps": cfg.max_steps, "seconds": round(seconds, 1), "skipped_steps": skipped,
                            "final_loss": history[-1]["loss"] if history else None}
     if distributed is not None:
@@ -500,6 +513,8 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     metrics["settings"] = {"eval_samples": n, "reference": f"rk4 {cfg.reference_steps} steps", "seed": cfg.seed + 1}
     write_json(out / "metrics.json", metrics)
     rows, errors = _comparison_rows(samples, teacher, metrics, cfg, device)
+    if getattr(teacher, "is_latent", False):  # the grid shows images: decode the latents with the teacher's VAE
+        rows = {k: torch.cat([teacher.decode(c.to(device)).cpu() for c in v.split(64)]) for k, v in rows.items()}
     save_comparison(rows, out / "samples.png", kind=teacher.kind, errors=errors,
                     title=f"{teacher.name}: student ({cfg.loss}, {cfg.max_steps} steps) vs teacher, same noise")
     fme = metrics["flow_map_error"]
@@ -524,7 +539,9 @@ def _comparison_rows(samples, teacher, metrics, cfg, device):
     g = torch.Generator().manual_seed(cfg.seed + 1)
     x0 = teacher.sample_noise(samples["reference"].shape[0], generator=g)
     x0 = pick(x0).to(device)
-    rows["teacher Euler 50"] = euler(teacher.velocity, x0, uniform_time_grid(50, getattr(teacher, "shift", 1.0)).to(device)).cpu()
+    cond = {k: pick(v).to(device) for k, v in samples["cond"].items()} if "cond" in samples else None
+    grid = uniform_time_grid(50, getattr(teacher, "shift", 1.0)).to(device)
+    rows["teacher Euler 50"] = euler(lambda x, t: teacher.velocity(x, t, cond), x0, grid).cpu()
     return rows, errors
 
 
