@@ -75,6 +75,20 @@ class RunConfig:
     reference_steps: int = 32
     export_weights: str = "ema"
     nan_policy: str = "stop"
+    # training at scale (README, "Training at scale")
+    #: split each step's batch (per process) into this many micro-batches; memory only, same update
+    grad_accum_steps: int = 1
+    gradient_checkpointing: bool = False
+    #: torch.compile the student through Accelerate: true (inductor) or a dynamo backend name
+    compile: bool | str = False
+    #: > 0: a LoRA student of this rank on the teacher's own (frozen, shared) network
+    lora_rank: int = 0
+    #: LoRA scale numerator (scale = alpha / rank); 0 means alpha = rank
+    lora_alpha: float = 0.0
+    #: module name suffixes to adapt, comma-separated or a list; "" = the family's defaults
+    lora_targets: str | list = ""
+    #: "merged" (a plain student folder) or "adapters" (adapter safetensors + config)
+    lora_export: str = "merged"
 
     def validate(self) -> "RunConfig":
         positive = ["max_steps", "batch_size", "pool_size", "pool_steps", "log_every", "checkpoint_every",
@@ -95,6 +109,13 @@ class RunConfig:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.diagonal_fraction <= 1:
             raise ConfigError(f"diagonal_fraction must be in [0, 1], got {self.diagonal_fraction}")
+        if int(self.grad_accum_steps) < 1 or self.batch_size % int(self.grad_accum_steps):
+            raise ConfigError(f"grad_accum_steps must be a positive divisor of batch_size ({self.batch_size}), "
+                              f"got {self.grad_accum_steps}")
+        if not isinstance(self.compile, (bool, str)):
+            raise ConfigError(f"compile must be true, false or a torch.compile backend name, got {self.compile!r}")
+        if int(self.lora_rank) < 0 or self.lora_alpha < 0:
+            raise ConfigError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ConfigError("weight_decay, grad_clip and warmup_steps must be >= 0")
         choices = {
@@ -106,6 +127,7 @@ class RunConfig:
             "data_crop": ("center", "random"),
             "data_channels": ("convert", "strict"),
             "data_range": ("auto", "0-255", "0-1", "-1-1"),
+            "lora_export": ("merged", "adapters"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -145,7 +167,8 @@ def load_config_file(path: str | Path) -> dict:
 
 # fields that may change between a run and its resumption
 RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_samples",
-                     "reference_steps", "output", "allow_pickle", "data_cache"}
+                     "reference_steps", "output", "allow_pickle", "data_cache", "gradient_checkpointing", "compile",
+                     "lora_export"}
 
 
 def resume_mismatch(saved: dict, current: dict) -> list[str]:

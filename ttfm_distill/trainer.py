@@ -8,6 +8,7 @@ output folder resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -86,8 +87,16 @@ def build_student(teacher, cfg: RunConfig):
 
 @torch.no_grad()
 def ema_update(ema, model, decay: float) -> None:
+    if hasattr(ema, "update"):  # a LoRA student's EMA covers its trained tensors only
+        ema.update(model, decay)
+        return
     for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm.detach().to(pe.dtype), 1.0 - decay)
+        pe.lerp_(_unsharded(pm.detach()).to(pe.dtype), 1.0 - decay)
+
+
+def _unsharded(p: torch.Tensor) -> torch.Tensor:
+    """The full tensor of an FSDP-sharded parameter (a collective), else ``p``."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 # --------------------------------------------------------- checkpoints ------
@@ -98,33 +107,42 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").exists())
 
 
-def save_checkpoint(out: Path, step: int, student, ema, optimizer, scheduler, keep: int, history: list) -> Path:
+def save_checkpoint(out: Path, step: int, student_state: dict, ema, optimizer_state: dict, scheduler, keep: int,
+                    history: list) -> Path:
+    """Write one checkpoint atomically; ``student_state``/``optimizer_state`` are full (gathered) state dicts."""
     final = out / "checkpoints" / f"step-{step:08d}"
     with atomic_dir(final) as tmp:
-        save_tensors(tmp / "student.safetensors", student.state_dict())
-        if ema is not None and ema is not student:
+        save_tensors(tmp / "student.safetensors", student_state)
+        if ema is not None:
             save_tensors(tmp / "ema.safetensors", ema.state_dict())
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history[-1000:]}))
     for old in list_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(path: Path, student, ema, optimizer, scheduler) -> tuple[int, list]:
+def load_checkpoint(path: Path, student, ema, scheduler) -> tuple[int, list, dict]:
+    """Load model, EMA and scheduler; return ``(step, history, optimizer_state)``.
+
+    The optimizer state is applied after ``accelerator.prepare`` (FSDP re-creates the parameters).
+    """
     from safetensors.torch import load_file
 
     try:
-        student.load_state_dict(load_file(path / "student.safetensors"), strict=True)
-        if ema is not None and ema is not student:
+        weights = load_file(path / "student.safetensors")
+        if hasattr(student, "load_trainable_state_dict"):  # LoRA: adapters + second time only
+            student.load_trainable_state_dict(weights)
+        else:
+            student.load_state_dict(weights, strict=True)
+        if ema is not None:
             ema.load_state_dict(load_file(path / "ema.safetensors"), strict=True)
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(opt["optimizer"])
         scheduler.load_state_dict(opt["scheduler"])
         state = json.loads((path / "trainer_state.json").read_text())
     except Exception as e:
         raise RunError(f"checkpoint {path} is damaged ({type(e).__name__}); skipping it") from None
-    return int(state["step"]), list(state.get("history", []))
+    return int(state["step"]), list(state.get("history", [])), opt["optimizer"]
 
 
 # ---------------------------------------------------------------- run -------
@@ -196,14 +214,19 @@ def check_objective_fits(objective, cfg: RunConfig) -> None:
 
 def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True, console=None) -> RunResult:
     """Distil ``cfg.teacher`` into a two-timed student; see :class:`RunConfig`."""
-    from accelerate import Accelerator
     from rich.console import Console
 
+    from . import scale
     from .teachers.loading import load_teacher
 
     cfg.validate()
     console = console or Console(stderr=True)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    on_cpu = not torch.cuda.is_available()
+    scale.check_mixed_precision(cfg.mixed_precision, "cpu" if on_cpu else "cuda")
+    accelerator = scale.make_accelerator(cfg.mixed_precision, cfg.compile, cpu=on_cpu)
+    if cfg.lora_rank > 0 and scale.is_sharded(accelerator):
+        raise ConfigError("LoRA students under FSDP are not supported yet; use data parallel (the base is frozen, "
+                          "so each GPU holds one copy of it plus the adapters)")
     main = accelerator.is_main_process
     log = (lambda msg: console.print(msg)) if main else (lambda msg: None)
 
@@ -223,10 +246,20 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
         if data is None:
             data = build_data(teacher, cfg, out, device, log)
 
-    student = build_student(teacher, cfg).to(device)
+    if cfg.lora_rank > 0:  # adapters on the teacher's own network; the teacher becomes its base-weights view
+        from .lora import build_lora_student
+
+        student, teacher = build_lora_student(teacher, cfg)
+    else:
+        student = build_student(teacher, cfg)
+    student = student.to(device)
+    if cfg.mixed_precision != "no":
+        scale.keep_time_embedders_fp32(student, teacher)
+    if cfg.gradient_checkpointing:
+        scale.enable_gradient_checkpointing(student)
     ema = None
-    if objective.needs_ema or cfg.export_weights == "ema":
-        ema = copy.deepcopy(student).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
+    if (objective.needs_ema or cfg.export_weights == "ema") and cfg.ema_decay > 0:
+        ema = student.make_ema() if hasattr(student, "make_ema") else copy.deepcopy(student).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     warm = max(1, cfg.warmup_steps)
@@ -238,9 +271,10 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     ckpts = list_checkpoints(out)
+    opt_state = None
     for ckpt in reversed(ckpts):  # newest readable checkpoint; a damaged one is reported and skipped
         try:
-            start_step, history = load_checkpoint(ckpt, student, ema, optimizer, scheduler)
+            start_step, history, opt_state = load_checkpoint(ckpt, student, ema, scheduler)
         except RunError as e:
             log(f"[yellow]warning:[/] {e}")
             continue
@@ -250,7 +284,19 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
         if ckpts:
             raise RunError(f"no checkpoint in {out / 'checkpoints'} could be read; pass --overwrite to start over")
     wrapped, optimizer = accelerator.prepare(student, optimizer)
+    if opt_state is not None:
+        try:
+            scale.load_optimizer_state(accelerator, wrapped, optimizer, opt_state)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise RunError(f"the optimizer state of the latest checkpoint does not fit this run ({type(e).__name__}); "
+                           "pass --overwrite to start over") from None
     target_ema = ema if ema is not None else student
+
+    def checkpoint(at_step: int) -> None:  # a collective under FSDP: every rank gathers, rank 0 writes
+        state = scale.full_model_state(accelerator, wrapped, student)
+        opt = scale.optimizer_state(accelerator, wrapped, optimizer)
+        if main:
+            save_checkpoint(out, at_step, state, ema, opt, scheduler, cfg.keep_checkpoints, history)
 
     rank = accelerator.process_index
     t_start = time.time()
@@ -270,12 +316,11 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
                                          cfg.dyadic_levels, generator=g)
                 batch = TrainBatch(interpolate(x0, x1, s).to(device), s.to(device), t.to(device),
                                    cond_to(cond, device), g)
-                with accelerator.autocast():
-                    result = objective(wrapped, teacher, batch, target_ema)
-                loss = result.loss
                 if step == start_step:
                     first_batch = x1.double().sum().item()
-                if not _all_finite(loss, accelerator):
+                loss, step_metrics, finite = backward_micro_batches(accelerator, wrapped, objective, teacher, batch,
+                                                                    target_ema, cfg.grad_accum_steps)
+                if not finite:
                     if cfg.nan_policy == "skip":
                         skipped += 1
                         optimizer.zero_grad(set_to_none=True)
@@ -283,7 +328,6 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
                     raise NonFiniteLoss(
                         f"loss became {loss.item()} at step {step}; stopped without saving "
                         f"(last good checkpoint: step {last_saved}); lower --lr or use nan_policy=skip")
-                accelerator.backward(loss)
                 if cfg.grad_clip > 0:
                     accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
                 optimizer.step()
@@ -293,29 +337,60 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
                     ema_update(ema, student, cfg.ema_decay)
                 lv = loss.item()
                 if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
-                    history.append({"step": step, "loss": lv, **result.metrics})
+                    history.append({"step": step, "loss": lv, **step_metrics})
                 progress.update(task, completed=step + 1, loss=lv)
                 if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
-                    if main:
-                        save_checkpoint(out, step + 1, student, ema, optimizer, scheduler, cfg.keep_checkpoints, history)
+                    checkpoint(step + 1)
                     last_saved = step + 1
             step = cfg.max_steps
     except KeyboardInterrupt:
-        if main and step > last_saved:
-            save_checkpoint(out, step, student, ema, optimizer, scheduler, cfg.keep_checkpoints, history)
+        if step > last_saved:
+            checkpoint(step)
         raise Interrupted(f"interrupted at step {step}; checkpoint saved in {out / 'checkpoints'}; "
                           "re-run the same command to resume") from None
     seconds = time.time() - t_start
     distributed = _distributed_report(accelerator, student, first_batch)
     metrics = {}
+    if cfg.max_steps > last_saved:
+        checkpoint(cfg.max_steps)
+    final = ema if (cfg.export_weights == "ema" and ema is not None) else student
+    if final is student and scale.is_sharded(accelerator):  # export an unsharded copy, built on rank 0
+        full = scale.full_model_state(accelerator, wrapped, student)
+        if main:
+            final = build_student(teacher, cfg).to(device)
+            final.load_state_dict(full, strict=True)
     if main:
-        final = ema if (cfg.export_weights == "ema" and ema is not None) else student
-        if cfg.max_steps > last_saved:
-            save_checkpoint(out, cfg.max_steps, student, ema, optimizer, scheduler, cfg.keep_checkpoints, history)
         metrics = finish_run(cfg, out, final.eval(), teacher, objective, seconds, history, device, log, skipped,
                              distributed, data_report=getattr(data, "report", None))
     accelerator.wait_for_everyone()
     return RunResult(out, cfg.max_steps, seconds, metrics, start_step, main)
+
+
+def backward_micro_batches(accelerator, model, objective, teacher, batch: TrainBatch, ema, n_micro: int):
+    """Forward and backward over ``n_micro`` equal slices of ``batch`` (gradient accumulation).
+
+    Each slice's loss is divided by ``n_micro``, so the summed gradients are those of the
+    whole batch's mean loss (exactly, up to rounding, for objectives whose loss is a
+    per-sample mean).  Gradients are all-reduced on the last slice only.  Returns
+    ``(loss, metrics, finite)`` averaged over the slices; at the first non-finite slice loss
+    (checked on every rank together) it stops before that slice's backward.
+    """
+    slices = batch.split(n_micro)
+    losses, metrics = [], []
+    for i, micro in enumerate(slices):
+        sync = contextlib.nullcontext() if i == len(slices) - 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                result = objective(model, teacher, micro, ema)
+            if not _all_finite(result.loss, accelerator):
+                return result.loss, result.metrics, False
+            accelerator.backward(result.loss if len(slices) == 1 else result.loss / len(slices))
+        losses.append(result.loss.detach())
+        metrics.append(result.metrics)
+    if len(slices) == 1:
+        return losses[0], metrics[0], True
+    mean = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
+    return torch.stack(losses).mean(), mean, True
 
 
 def _all_finite(loss: torch.Tensor, accelerator) -> bool:
@@ -331,7 +406,7 @@ def _distributed_report(accelerator, student, first_batch: float) -> dict | None
     if accelerator.num_processes == 1:
         return None
     with torch.no_grad():
-        params = sum(p.double().sum() for p in student.parameters())
+        params = sum(_unsharded(p).double().sum() for p in student.parameters())
         row = torch.stack([params, torch.tensor(first_batch, dtype=torch.float64)]).to(accelerator.device)[None]
     rows = accelerator.gather(row).cpu()
     return {"processes": accelerator.num_processes,
@@ -359,7 +434,11 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
                      "ema_decay": cfg.ema_decay, "time_sampling": cfg.time_sampling,
                      "diagonal_fraction": cfg.diagonal_fraction, "data": cfg.data},
     }
-    export_student(student, out / "student", meta, codec=getattr(teacher, "codec", None))
+    codec = getattr(teacher, "codec", None)
+    if hasattr(student, "export_to"):  # a LoRA student or its EMA: merged or adapters
+        student.export_to(out / "student", meta, cfg.lora_export, codec=codec)
+    else:
+        export_student(student, out / "student", meta, codec=codec)
     log(f"exported student -> {out / 'student'}")
     n = cfg.eval_samples if teacher.kind == "image" else max(cfg.eval_samples, 4096)
     metrics, samples = compare_with_teacher(student, teacher, steps=(1, 2, 4), n=n,
