@@ -168,6 +168,7 @@ def sample(
     batch_size: int = typer.Option(256, "--batch-size"),
     class_label: Optional[int] = typer.Option(None, "--class-label", help="Class of every sample (class-conditional students; default: random)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt (text students; needs the teacher's pipeline folder for its text encoders)."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Guidance scale, for students distilled with a guidance_range."),
 ):
     """Generate with the distilled student in any number of steps."""
 
@@ -195,6 +196,16 @@ def sample(
 
             row = prompt_encoder_for(meta["teacher"])([prompt])
             cond = {k: v.expand(num, *v.shape[1:]) for k, v in row.items()}
+        if guidance_scale is not None:
+            spec = meta.get("guidance_input")
+            if not spec:
+                baked = meta.get("teacher", {}).get("guidance_scale", 1.0)
+                _fail(f"this student has guidance {baked} baked in and takes no --guidance-scale; "
+                      "distil with --set guidance_range=[lo,hi] for a choosable scale")
+            lo, hi = spec["range"]
+            if not lo <= guidance_scale <= hi:
+                typer.echo(f"warning: --guidance-scale {guidance_scale} is outside the trained range [{lo}, {hi}]", err=True)
+            cond = {**(cond or {}), "cfg_scale": torch.full((num,), float(guidance_scale))}
         x = generate(student, meta, steps=steps, num=num, seed=seed, batch_size=batch_size, cond=cond,
                      class_label=class_label)
         from .export import load_codec

@@ -31,6 +31,9 @@ class RunConfig:
     #: classifier-free guidance baked into the student (1 = none), against negative_prompt or the null class
     guidance_scale: float = 1.0
     negative_prompt: str = ""
+    #: [lo, hi]: a guidance scale drawn per sample in this range and given to the student as an input
+    #: (sampling picks any scale in it; default guidance_scale, or the middle when guidance_scale is 1)
+    guidance_range: list | None = None
     output: str = DEFAULT_OUTPUT
     loss: str = "itvm"
     loss_options: dict = field(default_factory=dict)
@@ -103,6 +106,13 @@ class RunConfig:
             raise ConfigError(f"sample_size must be a positive integer, got {self.sample_size}")
         if not self.guidance_scale >= 0:
             raise ConfigError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.guidance_range is not None:
+            r = self.guidance_range
+            if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(v, (int, float)) for v in r)
+                    and 0 <= r[0] <= r[1]):
+                raise ConfigError(f"guidance_range must be [lo, hi] with 0 <= lo <= hi, got {r!r}")
+            if int(self.lora_rank) > 0:
+                raise ConfigError("guidance_range is not supported with LoRA students yet; use a fixed guidance_scale")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
@@ -133,6 +143,12 @@ class RunConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         return self
+
+    def default_guidance(self) -> float:
+        """The guidance scale the teacher uses when a sample has none (evaluation, data-free pools)."""
+        if self.guidance_range is not None and self.guidance_scale == 1.0:
+            return (float(self.guidance_range[0]) + float(self.guidance_range[1])) / 2
+        return float(self.guidance_scale)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -78,6 +78,10 @@ def export_student(student, folder: str | Path, meta: dict, codec=None) -> Path:
             }
             network.save_pretrained(tmp / sub, safe_serialization=True)
             save_tensors(tmp / "second_time.safetensors", student.second_time.state_dict())
+            if getattr(student, "guidance_embed", None) is not None:
+                save_tensors(tmp / "guidance_embed.safetensors", student.guidance_embed.state_dict())
+                config["guidance_input"] = {**student.guidance, "key": "cfg_scale",
+                                            "weights": "guidance_embed.safetensors (additive, zero-initialised)"}
             if getattr(student, "null_text", None):
                 save_tensors(tmp / "null_text.safetensors", {k: v.contiguous() for k, v in student.null_text.items()})
                 config["null_text"] = "null_text.safetensors: the empty prompt's embeddings, used when no prompt is given"
@@ -155,8 +159,12 @@ def _load_diffusers_student(folder: Path, config: dict):
     adapter = ADAPTERS[name]
     io = network_io(adapter, network, config.get("scheduler_config"))
     null_text = load_file(folder / "null_text.safetensors") if (folder / "null_text.safetensors").exists() else None
+    guidance = config.get("guidance_input")
     student = TwoTimeFlowMap(network, second_time_input=config["second_time"]["input"], adapter=adapter, io=io,
-                             null_text=null_text)
+                             null_text=null_text,
+                             guidance={"range": guidance["range"], "default": guidance["default"]} if guidance else None)
+    if guidance:
+        student.guidance_embed.load_state_dict(load_file(folder / "guidance_embed.safetensors"), strict=True)
     student.second_time.load_state_dict(load_file(folder / "second_time.safetensors"), strict=True)
     return student
 

@@ -39,8 +39,7 @@ def generate(student, meta: dict, steps: int, num: int, seed: int = 0, batch_siz
     g = torch.Generator().manual_seed(seed)
     shape = tuple(meta["data_shape"])
     x0 = float(meta.get("sigma0", 1.0)) * torch.randn((num, *shape), generator=g)
-    if cond is None:
-        cond = sample_cond_for(meta, num, g, class_label)
+    cond = {**(sample_cond_for(meta, num, g, class_label) or {}), **(cond or {})} or None
     grid = uniform_time_grid(steps, float(meta.get("shift", 1.0))).to(device)
     conds = split_cond(cond, batch_size, num, device)
     return torch.cat([sample_flow_map(student_sampler(student, c), x.to(device), grid).cpu()

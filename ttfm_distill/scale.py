@@ -85,6 +85,8 @@ def keep_time_embedders_fp32(*models) -> None:
             keep_in_fp32(embedder)
         if hasattr(model, "second_time"):
             keep_in_fp32(model.second_time)
+        if getattr(model, "guidance_embed", None) is not None:
+            keep_in_fp32(model.guidance_embed)
 
 
 def enable_gradient_checkpointing(student) -> None:

@@ -22,6 +22,8 @@ from .convention import NetworkIO, diffusers_from_velocity, t_from_sigma
 from .teachers.families import FamilyAdapter, ProjectionSpec, adapter_for
 
 SECOND_TIME_INPUTS = ("delta", "t")
+#: a guidance scale ``w`` enters its embedding as ``100 * w`` (the projection's frequencies suit 0..1000)
+GUIDANCE_EMBED_SCALE = 100.0
 
 
 def sinusoidal_embedding(value: torch.Tensor, spec: ProjectionSpec, max_period: float = 10000.0) -> torch.Tensor:
@@ -75,7 +77,7 @@ class TwoTimeFlowMap(nn.Module):
     """
 
     def __init__(self, network: nn.Module, second_time_input: str = "delta", adapter: FamilyAdapter | None = None,
-                 io=None, null_text: dict | None = None):
+                 io=None, null_text: dict | None = None, guidance: dict | None = None):
         super().__init__()
         if second_time_input not in SECOND_TIME_INPUTS:
             raise ValueError(f"second_time_input must be one of {SECOND_TIME_INPUTS}")
@@ -87,6 +89,11 @@ class TwoTimeFlowMap(nn.Module):
         #: the empty prompt's embeddings (one row each) of text teachers with encoders; ``None``: zeros
         self.null_text = null_text
         self.second_time = SecondTimeEmbedding(self.adapter.projection(network), self.adapter.embed_dim(network))
+        #: ``{"range": [lo, hi], "default": w}`` when the student takes the guidance scale as an input
+        #: (``cond["cfg_scale"]``, ``(B,)``) through a second zero-initialised embedding; ``None`` otherwise
+        self.guidance = dict(guidance) if guidance else None
+        self.guidance_embed = (SecondTimeEmbedding(self.adapter.projection(network), self.adapter.embed_dim(network))
+                               if guidance else None)
         self._pending: torch.Tensor | None = None
         disable_label_dropout(network)
         for embedder in self.adapter.time_embedders(network):
@@ -106,6 +113,10 @@ class TwoTimeFlowMap(nn.Module):
         s = s.to(torch.float32)
         t = t.to(torch.float32)
         self._pending = self.second_time(self.second_time_value(s, t))
+        if self.guidance_embed is not None:
+            w = (cond or {}).get("cfg_scale")
+            w = torch.full_like(s, float(self.guidance["default"])) if w is None else w.to(s.device, torch.float32)
+            self._pending = self._pending + self.guidance_embed(GUIDANCE_EMBED_SCALE * w)
         cond = self.adapter.complete_cond(self.network, cond, x.shape[0], x.device, x.dtype, null_text=self.null_text)
         x_in, timestep = self.io.network_input(x, s)
         try:

@@ -78,8 +78,11 @@ def build_student(teacher, cfg: RunConfig):
         from .student import TwoTimeFlowMap
 
         network = copy.deepcopy(teacher.network).train().requires_grad_(True)
+        guidance = None
+        if cfg.guidance_range is not None:
+            guidance = {"range": [float(v) for v in cfg.guidance_range], "default": cfg.default_guidance()}
         return TwoTimeFlowMap(network, second_time_input=cfg.second_time_input, adapter=teacher.adapter, io=teacher.io,
-                              null_text=teacher.null_text)
+                              null_text=teacher.null_text, guidance=guidance)
     from .mlp import MlpFlowMap
 
     return MlpFlowMap(dim=teacher.data_shape[0], width=cfg.mlp_width, depth=cfg.mlp_depth)
@@ -233,8 +236,8 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
     objective = make_objective(cfg.loss, **cfg.loss_options)
     check_objective_fits(objective, cfg)
     teacher = load_teacher(cfg.teacher, cfg.subfolder, cfg.revision, allow_pickle=cfg.allow_pickle,
-                           sample_size=cfg.sample_size, guidance_scale=cfg.guidance_scale,
-                           negative_prompt=cfg.negative_prompt)
+                           sample_size=cfg.sample_size, guidance_scale=cfg.default_guidance(),
+                           negative_prompt=cfg.negative_prompt, guided=cfg.guidance_range is not None)
     out = prepare_output(cfg, overwrite) if main else Path(cfg.output)
     accelerator.wait_for_everyone()
     device = accelerator.device
@@ -314,6 +317,9 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
                 x0 = teacher.sample_noise(cfg.batch_size, generator=g)
                 s, t = sample_time_pairs(cfg.batch_size, cfg.time_sampling, cfg.diagonal_fraction,
                                          cfg.dyadic_levels, generator=g)
+                if cfg.guidance_range is not None:  # one guidance scale per sample, seen by teacher and student
+                    lo, hi = cfg.guidance_range
+                    cond = {**(cond or {}), "cfg_scale": lo + (hi - lo) * torch.rand(cfg.batch_size, generator=g)}
                 batch = TrainBatch(interpolate(x0, x1, s).to(device), s.to(device), t.to(device),
                                    cond_to(cond, device), g)
                 if step == start_step:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..convention import DIFFUSION_PREDICTIONS, DiffusionIO, NetworkIO
+from ..convention import DIFFUSION_PREDICTIONS, DiffusionIO, NetworkIO, broadcast_time
 from .base import Teacher
 from .families import FamilyAdapter, adapter_for
 
@@ -76,7 +76,7 @@ class DiffusersFlowTeacher(Teacher):
 
     def __init__(self, network: nn.Module, source: str, scheduler_config: dict | None = None,
                  adapter: FamilyAdapter | None = None, subfolder: str | None = None, sample_size: int | None = None,
-                 codec=None, prompts=None, guidance_scale: float = 1.0, negative_prompt: str = ""):
+                 codec=None, prompts=None, guidance_scale: float = 1.0, negative_prompt: str = "", guided: bool = False):
         super().__init__()
         self.network = network.eval().requires_grad_(False)
         self.adapter = adapter or adapter_for(network)
@@ -100,7 +100,7 @@ class DiffusersFlowTeacher(Teacher):
         self.guidance_scale = float(guidance_scale)
         self.negative_prompt = negative_prompt
         self._negative = None
-        if self.guidance_scale != 1.0:
+        if self.guidance_scale != 1.0 or guided:
             self._negative = self._negative_cond()
 
     def _grid_shift(self) -> float:
@@ -160,15 +160,21 @@ class DiffusersFlowTeacher(Teacher):
         return self.io.velocity(self.adapter.call(self.network, x_in, timestep, cond), x, t)
 
     def velocity(self, x, t, cond=None):
+        """``cond["cfg_scale"]`` (``(B,)``), when present, is each sample's guidance scale (default: ``guidance_scale``)."""
+        cond = dict(cond or {})
+        w = cond.pop("cfg_scale", None)
         if self._negative is None:
-            return self._raw_velocity(x, t, cond)
+            if w is not None:
+                raise ValueError("cfg_scale given to a teacher loaded without guidance (guided=False)")
+            return self._raw_velocity(x, t, cond or None)
         n = x.shape[0]
+        w = torch.full((n,), self.guidance_scale, device=x.device) if w is None else w.to(x.device)
         full = self.adapter.complete_cond(self.network, cond, n, x.device, x.dtype, null_text=self.null_text)
         neg = {**full, **{k: v.to(x.device).expand(n, *v.shape[1:]) for k, v in self._negative.items()}}
         both = {k: torch.cat([full[k], neg[k]]) if torch.is_tensor(full[k]) else full[k] for k in full}
         v = self._raw_velocity(torch.cat([x, x]), torch.cat([t, t]), both)
         v_cond, v_neg = v[:n], v[n:]
-        return v_neg + self.guidance_scale * (v_cond - v_neg)
+        return v_neg + broadcast_time(w.to(v.dtype), v) * (v_cond - v_neg)
 
     def describe(self) -> dict:
         cfg = self.scheduler_config

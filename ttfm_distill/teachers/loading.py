@@ -40,7 +40,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 def load_teacher(spec: str | None = None, subfolder: str | None = None, revision: str | None = None,
                  allow_pickle: bool = False, sample_size: int | None = None, guidance_scale: float = 1.0,
-                 negative_prompt: str = "") -> Teacher:
+                 negative_prompt: str = "", guided: bool = False) -> Teacher:
     """Load ``spec`` as a frozen flow teacher.
 
     Only safetensors weights are read unless ``allow_pickle`` (pickle files can
@@ -64,10 +64,10 @@ def load_teacher(spec: str | None = None, subfolder: str | None = None, revision
         if not path.is_dir():
             raise TeacherLoadError(f"teacher {spec!r} is a file; pass the diffusers folder that holds it")
         return _load_folder(path, subfolder, source=spec, allow_pickle=allow_pickle, sample_size=sample_size,
-                            guidance_scale=guidance_scale, negative_prompt=negative_prompt)
+                            guidance_scale=guidance_scale, negative_prompt=negative_prompt, guided=guided)
     if _looks_like_hub_id(spec):
         return _load_hub(spec, subfolder, revision, allow_pickle, sample_size=sample_size,
-                         guidance_scale=guidance_scale, negative_prompt=negative_prompt)
+                         guidance_scale=guidance_scale, negative_prompt=negative_prompt, guided=guided)
     raise _not_found(spec)
 
 
@@ -171,7 +171,8 @@ def _check_scheduler(cfg: dict | None, where: Path) -> None:
 
 
 def _load_folder(root: Path, subfolder: str | None, source: str | None = None, allow_pickle: bool = False,
-                 sample_size: int | None = None, guidance_scale: float = 1.0, negative_prompt: str = "") -> Teacher:
+                 sample_size: int | None = None, guidance_scale: float = 1.0, negative_prompt: str = "",
+                 guided: bool = False) -> Teacher:
     root = Path(root)
     denoiser = _locate_denoiser(root, subfolder)
     class_name = _denoiser_class(denoiser)
@@ -206,7 +207,7 @@ def _load_folder(root: Path, subfolder: str | None, source: str | None = None, a
     try:
         return DiffusersFlowTeacher(network, source or str(root), sched, subfolder=rel, sample_size=sample_size,
                                     codec=codec, prompts=prompts, guidance_scale=guidance_scale,
-                                    negative_prompt=negative_prompt)
+                                    negative_prompt=negative_prompt, guided=guided)
     except (ValueError, AttributeError, OSError) as e:
         raise TeacherLoadError(f"cannot use the {class_name} in {denoiser}: {_first_line(e)}") from None
 
