@@ -98,7 +98,11 @@ def export_student(student, folder: str | Path, meta: dict, codec=None) -> Path:
 
 def resolve_student_folder(path: str | Path) -> Path:
     """Accept a student folder or a run folder holding ``student/``."""
+    from .fileio import recover_dir
+
     path = Path(path)
+    recover_dir(path)
+    recover_dir(path / "student")
     if (path / "ttfm_config.json").exists():
         return path
     if (path / "student" / "ttfm_config.json").exists():

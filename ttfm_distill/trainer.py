@@ -22,7 +22,7 @@ import torch
 from .config import ConfigError, RunConfig, resume_mismatch
 from .convention import interpolate
 from .data import ExactData, TeacherPool, build_pool  # noqa: F401 - the data sources live in ttfm_distill.data
-from .fileio import atomic_dir, save_tensors, write_json
+from .fileio import atomic_dir, save_tensors, save_torch, write_json
 from .objectives import TrainBatch, make_objective
 from .objectives.timesampling import sample_time_pairs
 
@@ -118,7 +118,7 @@ def save_checkpoint(out: Path, step: int, student_state: dict, ema, optimizer_st
         save_tensors(tmp / "student.safetensors", student_state)
         if ema is not None:
             save_tensors(tmp / "ema.safetensors", ema.state_dict())
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        save_torch(tmp / "optimizer.pt", {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()})
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history[-1000:]}))
     for old in list_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
