@@ -81,12 +81,27 @@ def test_model_folder_without_config(tiny_teacher_dir, tmp_path):
     one_line_error(cli("inspect", "--teacher", t), 2, "holds no denoiser")
 
 
-def test_diffusion_scheduler_is_not_a_flow_teacher(tiny_teacher_dir, tmp_path):
+@pytest.mark.parametrize("scheduler, expect", [
+    ({"_class_name": "NotAScheduler"}, "unknown scheduler 'NotAScheduler'"),
+    ({"_class_name": "DDPMScheduler", "prediction_type": "flow"}, "prediction_type 'flow'"),
+    ({"_class_name": "KDPM2DiscreteScheduler", "beta_schedule": "no-such-schedule"}, "cannot build scheduler"),
+])
+def test_scheduler_that_is_neither_flow_nor_diffusion(tiny_teacher_dir, tmp_path, scheduler, expect):
+    t = tmp_path / "t"
+    shutil.copytree(tiny_teacher_dir, t)
+    (t / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    one_line_error(cli("run", "--teacher", t, "--dry-run"), 2, "not a flow-matching or diffusion teacher", expect)
+
+
+def test_diffusion_scheduler_is_read_through_its_ode(tiny_teacher_dir, tmp_path):
     t = tmp_path / "t"
     shutil.copytree(tiny_teacher_dir, t)
     (t / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "DDPMScheduler", "prediction_type": "epsilon"}))
-    one_line_error(cli("run", "--teacher", t, "--dry-run"), 2, "not a flow-matching teacher", "DDPMScheduler")
+        {"_class_name": "DDPMScheduler", "prediction_type": "v_prediction"}))
+    r = cli("inspect", "--teacher", t)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["prediction_type"] == "v_prediction" and info["scheduler"] == "DDPMScheduler" and info["shift"] == 1.0
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])

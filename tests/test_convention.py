@@ -69,3 +69,59 @@ def test_diffusion_to_flow_change_of_variables_on_a_gaussian():
     x = alpha * data + sigma * eps
     x_lin, t = C.diffusion_to_flow(x, alpha, sigma)
     assert torch.allclose(x_lin, C.interpolate(eps, data, t.expand(4000)), atol=1e-6)
+
+
+def _exact_gaussian_diffusion_net(io, mean, std, prediction):
+    """The exact network of a VP diffusion model for N(mean, std^2) data, on io's interpolated schedule."""
+
+    def net(x, k):
+        k = k.double()
+        table = io.log_snr
+        lo = k.floor().long().clamp(0, len(table) - 1)
+        hi = (lo + 1).clamp(max=len(table) - 1)
+        lam = table[lo] + (k - lo) * (table[hi] - table[lo])
+        a = torch.sqrt(torch.sigmoid(lam))[:, None].float()
+        s = torch.sqrt(torch.sigmoid(-lam))[:, None].float()
+        var = a**2 * std**2 + s**2
+        eps = s * (x - a * mean) / var
+        data = mean + a * std**2 * (x - a * mean) / var
+        return {"epsilon": eps, "v_prediction": a * eps - s * data, "sample": data}[prediction]
+
+    return net
+
+
+def test_diffusion_network_read_through_its_probability_flow_ode():
+    """An exact epsilon / v / sample network of Gaussian data, converted, is the exact linear-path velocity."""
+    import pytest
+    from diffusers import DDPMScheduler
+
+    from conftest import GaussianVelocity
+
+    acp = DDPMScheduler(beta_schedule="linear").alphas_cumprod
+    mean, std = torch.tensor([1.5, -0.5]), 0.4
+    exact = GaussianVelocity(mean.double(), std)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, generator=g)
+    t = torch.rand(64, generator=g) * 0.9 + 0.05
+    for prediction in ("epsilon", "v_prediction", "sample"):
+        io = C.DiffusionIO(acp, prediction)
+        net = _exact_gaussian_diffusion_net(io, mean, std, prediction)
+        x_in, k = io.network_input(x, t)
+        assert ((k >= 0) & (k <= 999)).all()
+        v = io.velocity(net(x_in, k), x, t)
+        torch.testing.assert_close(v.double(), exact.velocity(x.double(), t.double()), rtol=1e-3, atol=1e-3)
+    assert io.t_min < 0.01 < 0.99 < io.t_max < 1
+    with pytest.raises(ValueError, match="prediction_type"):
+        C.DiffusionIO(acp, "flow")
+
+
+def test_diffusion_timestep_follows_the_snr():
+    from diffusers import DDPMScheduler
+
+    acp = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    io = C.DiffusionIO(acp, "epsilon")
+    k = torch.tensor([0, 250, 500, 999])
+    snr = acp[k] / (1 - acp[k])
+    t = torch.sqrt(snr) / (1 + torch.sqrt(snr))  # alpha/sigma = t/(1-t)
+    torch.testing.assert_close(io.timestep(t).float(), k.float(), atol=1e-3, rtol=0)
+    assert io.timestep(torch.tensor([0.0, 1.0])).tolist() == [999.0, 0.0]  # clamped at the schedule's ends

@@ -40,3 +40,12 @@ def test_written_files_get_umask_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "c.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+
+
+def test_resume_accepts_a_run_saved_before_a_setting_existed():
+    from ttfm_distill.config import RunConfig, resume_mismatch
+
+    current = RunConfig(max_steps=10).to_dict()
+    old = {k: v for k, v in current.items() if k not in ("guidance_scale", "data_crop")}
+    assert resume_mismatch(old, current) == []
+    assert resume_mismatch(old, {**current, "guidance_scale": 3.0}) == ["guidance_scale"]

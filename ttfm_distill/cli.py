@@ -93,10 +93,20 @@ def run(
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     lr: Optional[float] = typer.Option(None, "--lr"),
     ema_decay: Optional[float] = typer.Option(None, "--ema-decay"),
-    data: Optional[str] = typer.Option(None, "--data", help="'teacher' (data-free: samples of the teacher's ODE) or 'fashion-mnist'."),
+    data: Optional[str] = typer.Option(None, "--data", help="'teacher' (data-free: samples of the teacher's ODE), 'fashion-mnist', an image folder, parquet/arrow file(s), a save_to_disk folder, or a hub dataset id."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="Image column of --data (default: the first image column)."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Class-label column (class-conditioned teachers; default: 'label')."),
+    caption_column: Optional[str] = typer.Option(None, "--caption-column", help="Caption column (text teachers; default: 'text'/'caption'/'prompt')."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Text file of prompts, one per line (text teachers)."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Resize images to this shorter side before cropping to the teacher's size."),
+    crop: Optional[str] = typer.Option(None, "--crop", help="center (default) or random."),
+    streaming: bool = typer.Option(False, "--streaming", help="Stream --data instead of preparing it once (sets larger than memory or disk)."),
     subfolder: Optional[str] = typer.Option(None, "--subfolder", help="Denoiser subfolder of a pipeline folder."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle teacher weights (.bin/.pt/.ckpt) when there are no safetensors; they can run code."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Classifier-free guidance baked into the student (1 = none)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt of the baked guidance (text teachers)."),
+    sample_size: Optional[int] = typer.Option(None, "--sample-size", help="Latent size for teachers whose config does not fix it (Flux: default 128)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or TOML file of run settings (flags override it)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Any run setting KEY=VALUE (repeatable), e.g. --set time_sampling=uniform."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run in --output and start over."),
@@ -112,7 +122,10 @@ def run(
         values.update(_parse_options(set_, "--set"))
         flags = dict(teacher=teacher, output=output, max_steps=max_steps, loss=loss, seed=seed,
                      batch_size=batch_size, lr=lr, ema_decay=ema_decay, data=data, subfolder=subfolder,
-                     revision=revision, allow_pickle=allow_pickle or None)
+                     revision=revision, allow_pickle=allow_pickle or None, guidance_scale=guidance_scale,
+                     negative_prompt=negative_prompt, sample_size=sample_size, data_image_column=image_column,
+                     data_label_column=label_column, data_caption_column=caption_column, prompts=prompts,
+                     data_resolution=resolution, data_crop=crop, data_streaming=streaming or None)
         values.update({k: v for k, v in flags.items() if v is not None})
         if loss_option:
             values["loss_options"] = {**values.get("loss_options", {}), **_parse_options(loss_option, "--loss-option")}
@@ -124,12 +137,16 @@ def run(
         from .trainer import check_objective_fits
 
         check_objective_fits(make_objective(cfg.loss, **cfg.loss_options), cfg)  # fail fast on bad loss options
+        from .data.hf import check_data_spec
+
+        data_info = check_data_spec(cfg.data)  # fail fast on a missing or unreachable data set
         if dry_run:
             from .teachers.loading import check_teacher_spec
 
             teacher_info = check_teacher_spec(cfg.teacher, cfg.subfolder)
             typer.echo(json.dumps(cfg.to_dict(), indent=2))
-            typer.echo(f"teacher: {teacher_info}; objective: {cfg.loss}; {cfg.max_steps} steps -> {cfg.output}", err=True)
+            typer.echo(f"teacher: {teacher_info}; data: {data_info}; objective: {cfg.loss}; {cfg.max_steps} steps -> "
+                       f"{cfg.output}", err=True)
             return
         from .trainer import run_distillation
 
@@ -149,6 +166,9 @@ def sample(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG grid to write (default: samples-<N>step.png in the model folder)."),
     save_raw: Optional[Path] = typer.Option(None, "--save-raw", help="Also save the raw samples (.safetensors or .npy)."),
     batch_size: int = typer.Option(256, "--batch-size"),
+    class_label: Optional[int] = typer.Option(None, "--class-label", help="Class of every sample (class-conditional students; default: random)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt (text students; needs the teacher's pipeline folder for its text encoders)."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Guidance scale, for students distilled with a guidance_range."),
 ):
     """Generate with the distilled student in any number of steps."""
 
@@ -161,12 +181,38 @@ def sample(
             _fail(f"--batch-size must be >= 1, got {batch_size}")
         if save_raw is not None and save_raw.suffix not in (".safetensors", ".npy"):
             _fail(f"--save-raw must end in .safetensors or .npy, got {save_raw.name}")
+        import torch
+
         from .export import load_student, resolve_student_folder
         from .generate import generate
 
         folder = resolve_student_folder(model or DEFAULT_OUTPUT)
         student, meta = load_student(folder)
-        x = generate(student, meta, steps=steps, num=num, seed=seed, batch_size=batch_size)
+        cond = None
+        if prompt is not None:
+            if meta.get("teacher", {}).get("conditioning") != "text":
+                _fail("--prompt is only for text-conditioned students")
+            from .teachers.loading import prompt_encoder_for
+
+            row = prompt_encoder_for(meta["teacher"])([prompt])
+            cond = {k: v.expand(num, *v.shape[1:]) for k, v in row.items()}
+        if guidance_scale is not None:
+            spec = meta.get("guidance_input")
+            if not spec:
+                baked = meta.get("teacher", {}).get("guidance_scale", 1.0)
+                _fail(f"this student has guidance {baked} baked in and takes no --guidance-scale; "
+                      "distil with --set guidance_range=[lo,hi] for a choosable scale")
+            lo, hi = spec["range"]
+            if not lo <= guidance_scale <= hi:
+                typer.echo(f"warning: --guidance-scale {guidance_scale} is outside the trained range [{lo}, {hi}]", err=True)
+            cond = {**(cond or {}), "cfg_scale": torch.full((num,), float(guidance_scale))}
+        x = generate(student, meta, steps=steps, num=num, seed=seed, batch_size=batch_size, cond=cond,
+                     class_label=class_label)
+        from .export import load_codec
+
+        codec = load_codec(folder)
+        if codec is not None:  # latent student: decode with the teacher's VAE saved beside it
+            x = torch.cat([codec.decode(c) for c in x.split(batch_size)])
         target = output or (folder.parent if folder.name == "student" else folder) / f"samples-{steps}step.png"
         if target.suffix.lower() != ".png":
             _fail(f"--output must be a .png file, got {target.name}")
@@ -237,13 +283,16 @@ def inspect(
     subfolder: Optional[str] = typer.Option(None, "--subfolder"),
     revision: Optional[str] = typer.Option(None, "--revision"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle weights when there are no safetensors."),
+    sample_size: Optional[int] = typer.Option(None, "--sample-size", help="Latent size for teachers whose config does not fix it."),
 ):
-    """Print what was detected about a teacher, without training."""
+    """Print what was detected about a teacher (class, units, shift, prediction type, conditioning, latents, VAE), without training."""
 
     def body():
         from .teachers.loading import load_teacher
 
-        t = load_teacher(teacher, subfolder, revision, allow_pickle=allow_pickle)
+        if sample_size is not None and sample_size < 1:
+            _fail(f"--sample-size must be >= 1, got {sample_size}")
+        t = load_teacher(teacher, subfolder, revision, allow_pickle=allow_pickle, sample_size=sample_size)
         typer.echo(json.dumps(t.describe(), indent=2))
 
     _guard(body)

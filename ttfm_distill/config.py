@@ -26,6 +26,14 @@ class RunConfig:
     revision: str | None = None
     #: read pickle (.bin/.pt/.ckpt) teacher weights when no safetensors exist (they can run code)
     allow_pickle: bool = False
+    #: latent (or pixel) size for teachers whose config does not fix it (Flux), or to override it
+    sample_size: int | None = None
+    #: classifier-free guidance baked into the student (1 = none), against negative_prompt or the null class
+    guidance_scale: float = 1.0
+    negative_prompt: str = ""
+    #: [lo, hi]: a guidance scale drawn per sample in this range and given to the student as an input
+    #: (sampling picks any scale in it; default guidance_scale, or the middle when guidance_scale is 1)
+    guidance_range: list | None = None
     output: str = DEFAULT_OUTPUT
     loss: str = "itvm"
     loss_options: dict = field(default_factory=dict)
@@ -42,6 +50,22 @@ class RunConfig:
     dyadic_levels: int = 4
     second_time_input: str = "delta"
     data: str = "teacher"
+    #: real data (``data`` = a folder, parquet/arrow file, saved dataset or hub id): see ttfm_distill/data
+    data_split: str = "train"
+    data_image_column: str | None = None
+    data_label_column: str | None = None
+    data_caption_column: str | None = None
+    #: text file of prompts, one per line (data-free mode of a text teacher, or one per data row)
+    prompts: str | None = None
+    #: images are resized to this shorter side, then cropped to the teacher's size (default: the teacher's size)
+    data_resolution: int | None = None
+    data_crop: str = "center"
+    data_channels: str = "convert"
+    data_range: str = "auto"
+    data_streaming: bool = False
+    data_max_samples: int | None = None
+    #: where prepared images, latents and prompt embeddings are cached (default: ~/.cache/ttfm-distill/data)
+    data_cache: str | None = None
     pool_size: int = 2048
     pool_steps: int = 16
     mlp_width: int = 256
@@ -54,6 +78,20 @@ class RunConfig:
     reference_steps: int = 32
     export_weights: str = "ema"
     nan_policy: str = "stop"
+    # training at scale (README, "Training at scale")
+    #: split each step's batch (per process) into this many micro-batches; memory only, same update
+    grad_accum_steps: int = 1
+    gradient_checkpointing: bool = False
+    #: torch.compile the student through Accelerate: true (inductor) or a dynamo backend name
+    compile: bool | str = False
+    #: > 0: a LoRA student of this rank on the teacher's own (frozen, shared) network
+    lora_rank: int = 0
+    #: LoRA scale numerator (scale = alpha / rank); 0 means alpha = rank
+    lora_alpha: float = 0.0
+    #: module name suffixes to adapt, comma-separated or a list; "" = the family's defaults
+    lora_targets: str | list = ""
+    #: "merged" (a plain student folder) or "adapters" (adapter safetensors + config)
+    lora_export: str = "merged"
 
     def validate(self) -> "RunConfig":
         positive = ["max_steps", "batch_size", "pool_size", "pool_steps", "log_every", "checkpoint_every",
@@ -61,12 +99,33 @@ class RunConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("data_resolution", "data_max_samples"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.sample_size is not None and int(self.sample_size) < 1:
+            raise ConfigError(f"sample_size must be a positive integer, got {self.sample_size}")
+        if not self.guidance_scale >= 0:
+            raise ConfigError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.guidance_range is not None:
+            r = self.guidance_range
+            if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(v, (int, float)) for v in r)
+                    and 0 <= r[0] <= r[1]):
+                raise ConfigError(f"guidance_range must be [lo, hi] with 0 <= lo <= hi, got {r!r}")
+            if int(self.lora_rank) > 0:
+                raise ConfigError("guidance_range is not supported with LoRA students yet; use a fixed guidance_scale")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.diagonal_fraction <= 1:
             raise ConfigError(f"diagonal_fraction must be in [0, 1], got {self.diagonal_fraction}")
+        if int(self.grad_accum_steps) < 1 or self.batch_size % int(self.grad_accum_steps):
+            raise ConfigError(f"grad_accum_steps must be a positive divisor of batch_size ({self.batch_size}), "
+                              f"got {self.grad_accum_steps}")
+        if not isinstance(self.compile, (bool, str)):
+            raise ConfigError(f"compile must be true, false or a torch.compile backend name, got {self.compile!r}")
+        if int(self.lora_rank) < 0 or self.lora_alpha < 0:
+            raise ConfigError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ConfigError("weight_decay, grad_clip and warmup_steps must be >= 0")
         choices = {
@@ -75,11 +134,21 @@ class RunConfig:
             "mixed_precision": ("no", "fp16", "bf16"),
             "export_weights": ("ema", "raw"),
             "nan_policy": ("stop", "skip"),
+            "data_crop": ("center", "random"),
+            "data_channels": ("convert", "strict"),
+            "data_range": ("auto", "0-255", "0-1", "-1-1"),
+            "lora_export": ("merged", "adapters"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         return self
+
+    def default_guidance(self) -> float:
+        """The guidance scale the teacher uses when a sample has none (evaluation, data-free pools)."""
+        if self.guidance_range is not None and self.guidance_scale == 1.0:
+            return (float(self.guidance_range[0]) + float(self.guidance_range[1])) / 2
+        return float(self.guidance_scale)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,10 +183,15 @@ def load_config_file(path: str | Path) -> dict:
 
 # fields that may change between a run and its resumption
 RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_samples",
-                     "reference_steps", "output", "allow_pickle"}
+                     "reference_steps", "output", "allow_pickle", "data_cache", "gradient_checkpointing", "compile",
+                     "lora_export"}
 
 
 def resume_mismatch(saved: dict, current: dict) -> list[str]:
-    """Names of settings that differ and forbid resuming."""
+    """Names of settings that differ and forbid resuming.
+
+    A setting missing from ``saved`` (a run folder from before it existed) counts as its default.
+    """
+    defaults = RunConfig().to_dict()
     return sorted(k for k in set(saved) | set(current)
-                  if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+                  if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k)))

@@ -136,16 +136,109 @@ def flow_to_diffusion(
     return x_lin * broadcast_time(alpha + sigma, x_lin), alpha, sigma
 
 
-def velocity_from_denoiser(
-    x_lin: torch.Tensor, t: torch.Tensor, data_hat: torch.Tensor, eps_hat: torch.Tensor
-) -> torch.Tensor:
-    """Velocity of the linear path from a diffusion model's data/noise estimates.
+class NetworkIO:
+    """How a network's input and output relate to the package path, for flow-matching networks.
 
-    On the linear path ``x_lin = t * data + (1 - t) * eps``, so its
-    velocity is ``data - eps`` given the (posterior mean) estimates.
+    ``network_input(x, t)`` gives the network's ``(sample, timestep)`` for a
+    point ``x`` of the linear path at package time ``t``; ``velocity(out, x, t)``
+    turns the network's output there into the package velocity ``x1 - x0``.
     """
-    del x_lin, t
-    return data_hat - eps_hat
+
+    prediction_type = "flow"
+
+    def __init__(self, units: TimestepUnits):
+        self.units = units
+
+    def network_input(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, self.units.model_timestep(t.to(x.dtype))
+
+    def velocity(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.units.velocity(out)
+
+    def describe(self) -> dict:
+        return {"prediction_type": "flow", "timestep_scale": self.units.scale, "reversed_time": self.units.reversed}
+
+
+DIFFUSION_PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+
+class DiffusionIO(NetworkIO):
+    """A diffusion network (``x = alpha * data + sigma * eps``, variance preserving) seen on the linear path.
+
+    Its probability-flow ODE is the linear path's ODE after the change of
+    variables of :func:`diffusion_to_flow` (MATH.md section 1): at package time
+    ``t`` the signal-to-noise ratio is ``alpha / sigma = t / (1 - t)``.  The
+    discrete schedule ``alphas_cumprod`` (index ``k``, the network's timestep)
+    is interpolated in log-SNR, so the network sees fractional timesteps.
+    Times beyond the schedule's ends (``t_min``, ``t_max``) are read at the
+    nearest end: the network was never trained outside it.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
+        if prediction_type not in DIFFUSION_PREDICTIONS:
+            raise ValueError(f"prediction_type must be one of {DIFFUSION_PREDICTIONS}, got {prediction_type!r}")
+        acp = torch.as_tensor(alphas_cumprod, dtype=torch.float64).clamp(1e-10, 1 - 1e-10)
+        self.prediction_type = prediction_type
+        self.log_snr = torch.log(acp) - torch.log1p(-acp)  # decreasing in k
+        if not bool((self.log_snr[1:] <= self.log_snr[:-1]).all()):
+            raise ValueError("alphas_cumprod must decrease with the timestep")
+        self.units = TimestepUnits(scale=float(len(acp)))
+        self.t_min = float(self._t_of_log_snr(self.log_snr[-1]))
+        self.t_max = float(self._t_of_log_snr(self.log_snr[0]))
+
+    @staticmethod
+    def _t_of_log_snr(lam: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(lam / 2)  # alpha/sigma = t/(1-t) and SNR = (alpha/sigma)^2
+
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """Fractional network timestep ``k`` whose log-SNR is that of package time ``t`` (clamped)."""
+        t = t.double().clamp(self.t_min, self.t_max)
+        lam = 2 * (torch.log(t) - torch.log1p(-t))
+        table = self.log_snr.to(t.device)
+        rev = table.flip(0)  # increasing
+        idx = torch.searchsorted(rev, lam).clamp(1, len(rev) - 1)
+        lo, hi = rev[idx - 1], rev[idx]
+        frac = ((lam - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
+        k_rev = (idx - 1).double() + frac
+        return (len(rev) - 1) - k_rev
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha, sigma)`` with ``alpha^2 + sigma^2 = 1`` and ``alpha / sigma = t / (1 - t)`` (clamped ``t``)."""
+        t = t.double().clamp(self.t_min, self.t_max)
+        norm = torch.sqrt(t**2 + (1 - t) ** 2)
+        return t / norm, (1 - t) / norm
+
+    def network_input(self, x, t):
+        alpha, sigma = self.alpha_sigma(t)
+        x_diff = x * broadcast_time((alpha + sigma).to(x.dtype), x)
+        return x_diff, self.timestep(t).to(x.dtype)
+
+    def velocity(self, out, x, t):
+        alpha, sigma = self.alpha_sigma(t)
+        a, s = broadcast_time(alpha.to(x.dtype), x), broadcast_time(sigma.to(x.dtype), x)
+        x_diff = x * (a + s)
+        data_hat, eps_hat = denoiser_estimates(x_diff, out, a, s, self.prediction_type)
+        return data_hat - eps_hat
+
+    def describe(self) -> dict:
+        return {"prediction_type": self.prediction_type, "timesteps": len(self.log_snr),
+                "t_min": round(self.t_min, 5), "t_max": round(self.t_max, 5)}
+
+
+def denoiser_estimates(x: torch.Tensor, out: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+                       prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(data_hat, eps_hat)`` from a VP diffusion network's output at ``x = alpha*data + sigma*eps``.
+
+    On the linear path ``x_lin = t * data + (1 - t) * eps`` the velocity is
+    ``data_hat - eps_hat`` (the posterior means are shared by both paths).
+    """
+    if prediction_type == "epsilon":
+        return (x - sigma * out) / alpha, out
+    if prediction_type == "v_prediction":  # v = alpha * eps - sigma * data
+        return alpha * x - sigma * out, sigma * x + alpha * out
+    if prediction_type == "sample":
+        return out, (x - alpha * out) / sigma
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -159,3 +252,21 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
         return t
     sigma = sigma_from_t(t)
     return t_from_sigma(shift * sigma / (1.0 + (shift - 1.0) * sigma))
+
+
+def dynamic_shift(image_tokens: int, scheduler_config: dict) -> float:
+    """The static ``shift`` equal to a dynamically shifted scheduler's at ``image_tokens`` tokens (Flux).
+
+    diffusers computes ``mu`` linearly in the token count between
+    ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)``
+    and warps ``sigma' = e^mu / (e^mu + 1/sigma - 1)`` ("exponential") or
+    ``mu / (mu + 1/sigma - 1)`` ("linear"): :func:`shift_time` with
+    ``shift = e^mu`` (or ``mu``).
+    """
+    import math
+
+    cfg = scheduler_config
+    base_len, max_len = float(cfg.get("base_image_seq_len", 256)), float(cfg.get("max_image_seq_len", 4096))
+    base, top = float(cfg.get("base_shift", 0.5)), float(cfg.get("max_shift", 1.15))
+    mu = base + (top - base) * (image_tokens - base_len) / (max_len - base_len)
+    return math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else mu

@@ -44,8 +44,11 @@ def package_versions() -> dict:
     return out
 
 
-def export_student(student, folder: str | Path, meta: dict) -> Path:
-    """Write ``student`` (unwrapped) to ``folder`` atomically. ``meta``: teacher, loss, training info."""
+def export_student(student, folder: str | Path, meta: dict, codec=None) -> Path:
+    """Write ``student`` (unwrapped) to ``folder`` atomically. ``meta``: teacher, loss, training info.
+
+    ``codec``: the teacher's VAE (latent teachers), saved as ``vae/`` so the folder samples images alone.
+    """
     from .mlp import MlpFlowMap
 
     folder = Path(folder)
@@ -70,10 +73,21 @@ def export_student(student, folder: str | Path, meta: dict) -> Path:
                 "input": student.second_time_input,
                 "injected_at": "output of the family's timestep embedder (temb)",
                 "units": {"scale": student.units.scale, "reversed": student.units.reversed},
+                "network_io": student.io.describe(),
                 "projection": vars(student.second_time.spec),
             }
             network.save_pretrained(tmp / sub, safe_serialization=True)
             save_tensors(tmp / "second_time.safetensors", student.second_time.state_dict())
+            if getattr(student, "guidance_embed", None) is not None:
+                save_tensors(tmp / "guidance_embed.safetensors", student.guidance_embed.state_dict())
+                config["guidance_input"] = {**student.guidance, "key": "cfg_scale",
+                                            "weights": "guidance_embed.safetensors (additive, zero-initialised)"}
+            if getattr(student, "null_text", None):
+                save_tensors(tmp / "null_text.safetensors", {k: v.contiguous() for k, v in student.null_text.items()})
+                config["null_text"] = "null_text.safetensors: the empty prompt's embeddings, used when no prompt is given"
+            if codec is not None:
+                codec.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+                config["vae"] = {"subfolder": "vae", **codec.describe()}
             sched = meta.get("scheduler_config")
             if sched:
                 (tmp / "scheduler").mkdir()
@@ -84,7 +98,11 @@ def export_student(student, folder: str | Path, meta: dict) -> Path:
 
 def resolve_student_folder(path: str | Path) -> Path:
     """Accept a student folder or a run folder holding ``student/``."""
+    from .fileio import recover_dir
+
     path = Path(path)
+    recover_dir(path)
+    recover_dir(path / "student")
     if (path / "ttfm_config.json").exists():
         return path
     if (path / "student" / "ttfm_config.json").exists():
@@ -140,6 +158,29 @@ def _load_diffusers_student(folder: Path, config: dict):
     if not weights.exists():
         raise StudentLoadError(f"{sub} has no diffusion_pytorch_model.safetensors")
     network.load_state_dict(load_file(weights), strict=True)
-    student = TwoTimeFlowMap(network, second_time_input=config["second_time"]["input"])
+    from .teachers.diffusers_teacher import network_io
+
+    adapter = ADAPTERS[name]
+    io = network_io(adapter, network, config.get("scheduler_config"))
+    null_text = load_file(folder / "null_text.safetensors") if (folder / "null_text.safetensors").exists() else None
+    guidance = config.get("guidance_input")
+    student = TwoTimeFlowMap(network, second_time_input=config["second_time"]["input"], adapter=adapter, io=io,
+                             null_text=null_text,
+                             guidance={"range": guidance["range"], "default": guidance["default"]} if guidance else None)
+    if guidance:
+        student.guidance_embed.load_state_dict(load_file(folder / "guidance_embed.safetensors"), strict=True)
     student.second_time.load_state_dict(load_file(folder / "second_time.safetensors"), strict=True)
     return student
+
+
+def load_codec(path: str | Path):
+    """The VAE saved beside a latent student (``None`` for pixel-space students)."""
+    from .teachers.pipeline import load_vae
+
+    folder = resolve_student_folder(path)
+    if not (folder / "vae" / "config.json").exists():
+        return None
+    try:
+        return load_vae(folder / "vae")
+    except Exception as e:  # noqa: BLE001
+        raise StudentLoadError(f"cannot load the VAE in {folder / 'vae'}: {str(e).splitlines()[0]}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -56,7 +57,42 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict | None = None) 
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except Exception as e:  # safetensors reports I/O failures (a full disk) as its own error type
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            errno_ = int(code.group(1))
+            raise OSError(errno_, os.strerror(errno_), str(path)) from None
+
+
+def save_torch(path: str | Path, obj) -> None:
+    """``torch.save`` atomically; a full disk (which torch reports as an obscure RuntimeError) becomes ENOSPC."""
+    import errno
+
+    import torch
+
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError:
+            if shutil.disk_usage(Path(tmp).parent).free < 1 << 20:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+            raise
+
+
+def recover_dir(path: str | Path) -> bool:
+    """Put back a folder that a kill left moved aside by :func:`atomic_dir` (between its two renames).
+
+    Returns whether anything was restored.
+    """
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
+        return True
+    return False
 
 
 @contextmanager
@@ -68,6 +104,7 @@ def atomic_dir(path: str | Path):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:

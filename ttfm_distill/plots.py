@@ -10,9 +10,21 @@ import torch
 from .fileio import atomic_path
 
 
+def viewable(x: torch.Tensor) -> torch.Tensor:
+    """Images with 1 or 3 channels as they are; other channel counts (latents with no VAE to decode them)
+    shown as their first three channels, each scaled to [-1, 1] over the batch."""
+    x = x.detach().float()
+    if x.shape[1] in (1, 3):
+        return x
+    x = x[:, :3] if x.shape[1] >= 3 else x[:, :1]
+    lo = x.amin(dim=(0, 2, 3), keepdim=True)
+    hi = x.amax(dim=(0, 2, 3), keepdim=True)
+    return 2 * (x - lo) / (hi - lo).clamp_min(1e-8) - 1
+
+
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:
-    """``(N, C, H, W)`` in [-1, 1] -> ``(N, H, W, C)`` uint8."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """``(N, C, H, W)`` in [-1, 1] -> ``(N, H, W, C)`` uint8 (see :func:`viewable` for other channel counts)."""
+    x = ((viewable(x).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -18,9 +18,12 @@ import math
 import torch
 from torch import nn
 
+from .convention import NetworkIO, diffusers_from_velocity, t_from_sigma
 from .teachers.families import FamilyAdapter, ProjectionSpec, adapter_for
 
 SECOND_TIME_INPUTS = ("delta", "t")
+#: a guidance scale ``w`` enters its embedding as ``100 * w`` (the projection's frequencies suit 0..1000)
+GUIDANCE_EMBED_SCALE = 100.0
 
 
 def sinusoidal_embedding(value: torch.Tensor, spec: ProjectionSpec, max_period: float = 10000.0) -> torch.Tensor:
@@ -31,7 +34,7 @@ def sinusoidal_embedding(value: torch.Tensor, spec: ProjectionSpec, max_period: 
     half = spec.num_channels // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=value.device)
     exponent = exponent / (half - spec.downscale_freq_shift)
-    args = value.float()[:, None] * torch.exp(exponent)[None, :]
+    args = float(getattr(spec, "scale", 1.0)) * value.float()[:, None] * torch.exp(exponent)[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
     if spec.flip_sin_to_cos:
         emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
@@ -57,6 +60,14 @@ class SecondTimeEmbedding(nn.Module):
         return self.linear_2(self.act(self.linear_1(h)))
 
 
+def disable_label_dropout(network: nn.Module) -> None:
+    """Turn off class-label dropout (DiT's ``LabelEmbedding``): in train mode it would replace labels at
+    random, so the student would stop matching its teacher; the distilled guidance is the teacher's."""
+    for module in network.modules():
+        if type(module).__name__ == "LabelEmbedding" and getattr(module, "dropout_prob", 0) > 0:
+            module.dropout_prob = 0.0
+
+
 class TwoTimeFlowMap(nn.Module):
     """``phi(x, s, t)`` built on a diffusers denoiser.
 
@@ -65,17 +76,28 @@ class TwoTimeFlowMap(nn.Module):
     :func:`ttfm_distill.objectives.base.flow_map` turns it into ``phi(x, s, t)``.  ``s``, ``t``: ``(B,)`` with ``s <= t``.
     """
 
-    def __init__(self, network: nn.Module, second_time_input: str = "delta", adapter: FamilyAdapter | None = None):
+    def __init__(self, network: nn.Module, second_time_input: str = "delta", adapter: FamilyAdapter | None = None,
+                 io=None, null_text: dict | None = None, guidance: dict | None = None):
         super().__init__()
         if second_time_input not in SECOND_TIME_INPUTS:
             raise ValueError(f"second_time_input must be one of {SECOND_TIME_INPUTS}")
         self.network = network
         self.adapter = adapter or adapter_for(network)
-        self.units = self.adapter.units(network)
+        self.io = io if io is not None else NetworkIO(self.adapter.units(network))
+        self.units = self.io.units
         self.second_time_input = second_time_input
+        #: the empty prompt's embeddings (one row each) of text teachers with encoders; ``None``: zeros
+        self.null_text = null_text
         self.second_time = SecondTimeEmbedding(self.adapter.projection(network), self.adapter.embed_dim(network))
+        #: ``{"range": [lo, hi], "default": w}`` when the student takes the guidance scale as an input
+        #: (``cond["cfg_scale"]``, ``(B,)``) through a second zero-initialised embedding; ``None`` otherwise
+        self.guidance = dict(guidance) if guidance else None
+        self.guidance_embed = (SecondTimeEmbedding(self.adapter.projection(network), self.adapter.embed_dim(network))
+                               if guidance else None)
         self._pending: torch.Tensor | None = None
-        self.adapter.time_embedder(network).register_forward_hook(self._add_second_time)
+        disable_label_dropout(network)
+        for embedder in self.adapter.time_embedders(network):
+            embedder.register_forward_hook(self._add_second_time)
 
     def _add_second_time(self, module, args, output):
         if self._pending is None:
@@ -91,11 +113,28 @@ class TwoTimeFlowMap(nn.Module):
         s = s.to(torch.float32)
         t = t.to(torch.float32)
         self._pending = self.second_time(self.second_time_value(s, t))
+        if self.guidance_embed is not None:
+            w = (cond or {}).get("cfg_scale")
+            w = torch.full_like(s, float(self.guidance["default"])) if w is None else w.to(s.device, torch.float32)
+            self._pending = self._pending + self.guidance_embed(GUIDANCE_EMBED_SCALE * w)
+        cond = self.adapter.complete_cond(self.network, cond, x.shape[0], x.device, x.dtype, null_text=self.null_text)
+        x_in, timestep = self.io.network_input(x, s)
         try:
-            out = self.adapter.call(self.network, x, self.units.model_timestep(s).to(x.dtype), cond)
+            out = self.adapter.call(self.network, x_in, timestep, cond)
         finally:
             self._pending = None
-        return self.units.velocity(out)
+        return self.io.velocity(out, x, s)
+
+    def diffusers_flow_map(self, sample: torch.Tensor, timestep, r_timestep, cond: dict | None = None,
+                           num_train_timesteps: int = 1000) -> torch.Tensor:
+        """The model output diffusers' ``FlowMapEulerDiscreteScheduler.step`` expects.
+
+        ``timestep`` and ``r_timestep`` are the scheduler's (``sigma * num_train_timesteps``); the result is
+        ``u`` in its convention (``x_r = x_t - (sigma_t - sigma_r) * u``), i.e. minus the package's average velocity.
+        """
+        b = sample.shape[0]
+        as_t = lambda ts: t_from_sigma(torch.as_tensor(ts, dtype=torch.float64).reshape(-1).expand(b) / num_train_timesteps)
+        return diffusers_from_velocity(self(sample, as_t(timestep).float(), as_t(r_timestep).float(), cond))
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

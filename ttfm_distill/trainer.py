@@ -8,6 +8,7 @@ output folder resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -20,7 +21,8 @@ import torch
 
 from .config import ConfigError, RunConfig, resume_mismatch
 from .convention import interpolate
-from .fileio import atomic_dir, save_tensors, write_json
+from .data import ExactData, TeacherPool, build_pool  # noqa: F401 - the data sources live in ttfm_distill.data
+from .fileio import atomic_dir, save_tensors, save_torch, write_json
 from .objectives import TrainBatch, make_objective
 from .objectives.timesampling import sample_time_pairs
 
@@ -61,63 +63,11 @@ def cond_to(cond: dict | None, device) -> dict | None:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in cond.items()}
 
 
-class TeacherPool:
-    """Data-free training data: clean samples from the teacher's own ODE (Euler), cached."""
+def build_data(teacher, cfg: RunConfig, out: Path, device, log, console=None, show_progress: bool = False):
+    """The run's data source (``ttfm_distill.data``): data-free pool, Fashion-MNIST or a real dataset."""
+    from .data import build_data as build
 
-    def __init__(self, samples: torch.Tensor):
-        self.samples = samples
-
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(0, self.samples.shape[0], (n,), generator=generator)
-        return self.samples[idx]
-
-
-class ExactData:
-    """An analytic teacher's exact data distribution."""
-
-    def __init__(self, teacher):
-        self.teacher = teacher
-
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return self.teacher.sample_data(n, generator=generator)
-
-
-def build_pool(teacher, cfg: RunConfig, cache: Path, device, log) -> TeacherPool:
-    from safetensors.torch import load_file
-
-    from .sampling import euler, uniform_time_grid
-
-    key = f"pool-n{cfg.pool_size}-euler{cfg.pool_steps}-seed{cfg.seed}.safetensors"
-    path = cache / key
-    if path.exists():
-        try:
-            return TeacherPool(load_file(path)["samples"])
-        except Exception:
-            log(f"[yellow]cache {path} is damaged; regenerating[/]")
-    start = time.time()
-    g = torch.Generator().manual_seed(cfg.seed + 7919)
-    noise = teacher.sample_noise(cfg.pool_size, generator=g)
-    grid = uniform_time_grid(cfg.pool_steps, getattr(teacher, "shift", 1.0)).to(device)
-    out = [euler(teacher.velocity, c.to(device), grid).cpu() for c in noise.split(256)]
-    samples = torch.cat(out)
-    save_tensors(path, {"samples": samples}, metadata={"teacher": str(teacher.name), "solver": f"euler{cfg.pool_steps}"})
-    log(f"data-free pool: {cfg.pool_size} teacher samples (Euler {cfg.pool_steps} steps) in {time.time() - start:.1f}s -> {path}")
-    return TeacherPool(samples)
-
-
-def build_data(teacher, cfg: RunConfig, out: Path, device, log):
-    if cfg.data == "teacher":
-        if hasattr(teacher, "sample_data"):
-            return ExactData(teacher)
-        return build_pool(teacher, cfg, out / "cache", device, log)
-    if cfg.data == "fashion-mnist":
-        from .datasets import load_fashion_mnist
-
-        images, _ = load_fashion_mnist("train", resolution=teacher.data_shape[-1])
-        if tuple(images.shape[1:]) != tuple(teacher.data_shape):
-            raise ConfigError(f"fashion-mnist images {tuple(images.shape[1:])} do not match the teacher's {teacher.data_shape}")
-        return TeacherPool(torch.from_numpy(images))
-    raise ConfigError(f"unknown data source {cfg.data!r}; use 'teacher' (data-free) or 'fashion-mnist'")
+    return build(teacher, cfg, out, device, log, console=console, show_progress=show_progress)
 
 
 # -------------------------------------------------------------- models ------
@@ -128,7 +78,11 @@ def build_student(teacher, cfg: RunConfig):
         from .student import TwoTimeFlowMap
 
         network = copy.deepcopy(teacher.network).train().requires_grad_(True)
-        return TwoTimeFlowMap(network, second_time_input=cfg.second_time_input)
+        guidance = None
+        if cfg.guidance_range is not None:
+            guidance = {"range": [float(v) for v in cfg.guidance_range], "default": cfg.default_guidance()}
+        return TwoTimeFlowMap(network, second_time_input=cfg.second_time_input, adapter=teacher.adapter, io=teacher.io,
+                              null_text=teacher.null_text, guidance=guidance)
     from .mlp import MlpFlowMap
 
     return MlpFlowMap(dim=teacher.data_shape[0], width=cfg.mlp_width, depth=cfg.mlp_depth)
@@ -136,8 +90,16 @@ def build_student(teacher, cfg: RunConfig):
 
 @torch.no_grad()
 def ema_update(ema, model, decay: float) -> None:
+    if hasattr(ema, "update"):  # a LoRA student's EMA covers its trained tensors only
+        ema.update(model, decay)
+        return
     for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm.detach().to(pe.dtype), 1.0 - decay)
+        pe.lerp_(_unsharded(pm.detach()).to(pe.dtype), 1.0 - decay)
+
+
+def _unsharded(p: torch.Tensor) -> torch.Tensor:
+    """The full tensor of an FSDP-sharded parameter (a collective), else ``p``."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 # --------------------------------------------------------- checkpoints ------
@@ -148,33 +110,42 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").exists())
 
 
-def save_checkpoint(out: Path, step: int, student, ema, optimizer, scheduler, keep: int, history: list) -> Path:
+def save_checkpoint(out: Path, step: int, student_state: dict, ema, optimizer_state: dict, scheduler, keep: int,
+                    history: list) -> Path:
+    """Write one checkpoint atomically; ``student_state``/``optimizer_state`` are full (gathered) state dicts."""
     final = out / "checkpoints" / f"step-{step:08d}"
     with atomic_dir(final) as tmp:
-        save_tensors(tmp / "student.safetensors", student.state_dict())
-        if ema is not None and ema is not student:
+        save_tensors(tmp / "student.safetensors", student_state)
+        if ema is not None:
             save_tensors(tmp / "ema.safetensors", ema.state_dict())
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        save_torch(tmp / "optimizer.pt", {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()})
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history[-1000:]}))
     for old in list_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(path: Path, student, ema, optimizer, scheduler) -> tuple[int, list]:
+def load_checkpoint(path: Path, student, ema, scheduler) -> tuple[int, list, dict]:
+    """Load model, EMA and scheduler; return ``(step, history, optimizer_state)``.
+
+    The optimizer state is applied after ``accelerator.prepare`` (FSDP re-creates the parameters).
+    """
     from safetensors.torch import load_file
 
     try:
-        student.load_state_dict(load_file(path / "student.safetensors"), strict=True)
-        if ema is not None and ema is not student:
+        weights = load_file(path / "student.safetensors")
+        if hasattr(student, "load_trainable_state_dict"):  # LoRA: adapters + second time only
+            student.load_trainable_state_dict(weights)
+        else:
+            student.load_state_dict(weights, strict=True)
+        if ema is not None:
             ema.load_state_dict(load_file(path / "ema.safetensors"), strict=True)
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(opt["optimizer"])
         scheduler.load_state_dict(opt["scheduler"])
         state = json.loads((path / "trainer_state.json").read_text())
     except Exception as e:
         raise RunError(f"checkpoint {path} is damaged ({type(e).__name__}); skipping it") from None
-    return int(state["step"]), list(state.get("history", []))
+    return int(state["step"]), list(state.get("history", [])), opt["optimizer"]
 
 
 # ---------------------------------------------------------------- run -------
@@ -246,34 +217,52 @@ def check_objective_fits(objective, cfg: RunConfig) -> None:
 
 def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True, console=None) -> RunResult:
     """Distil ``cfg.teacher`` into a two-timed student; see :class:`RunConfig`."""
-    from accelerate import Accelerator
     from rich.console import Console
 
+    from . import scale
     from .teachers.loading import load_teacher
 
     cfg.validate()
     console = console or Console(stderr=True)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    on_cpu = not torch.cuda.is_available()
+    scale.check_mixed_precision(cfg.mixed_precision, "cpu" if on_cpu else "cuda")
+    accelerator = scale.make_accelerator(cfg.mixed_precision, cfg.compile, cpu=on_cpu)
+    if cfg.lora_rank > 0 and scale.is_sharded(accelerator):
+        raise ConfigError("LoRA students under FSDP are not supported yet; use data parallel (the base is frozen, "
+                          "so each GPU holds one copy of it plus the adapters)")
     main = accelerator.is_main_process
     log = (lambda msg: console.print(msg)) if main else (lambda msg: None)
 
     objective = make_objective(cfg.loss, **cfg.loss_options)
     check_objective_fits(objective, cfg)
-    teacher = load_teacher(cfg.teacher, cfg.subfolder, cfg.revision, allow_pickle=cfg.allow_pickle)
+    teacher = load_teacher(cfg.teacher, cfg.subfolder, cfg.revision, allow_pickle=cfg.allow_pickle,
+                           sample_size=cfg.sample_size, guidance_scale=cfg.default_guidance(),
+                           negative_prompt=cfg.negative_prompt, guided=cfg.guidance_range is not None)
     out = prepare_output(cfg, overwrite) if main else Path(cfg.output)
     accelerator.wait_for_everyone()
     device = accelerator.device
     teacher.to(device)
-    data = build_data(teacher, cfg, out, device, log) if main or hasattr(teacher, "sample_data") else None
+    data = build_data(teacher, cfg, out, device, log, console, show_progress) if main or hasattr(
+        teacher, "sample_data") else None
     if data is None or accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
         if data is None:
             data = build_data(teacher, cfg, out, device, log)
 
-    student = build_student(teacher, cfg).to(device)
+    if cfg.lora_rank > 0:  # adapters on the teacher's own network; the teacher becomes its base-weights view
+        from .lora import build_lora_student
+
+        student, teacher = build_lora_student(teacher, cfg)
+    else:
+        student = build_student(teacher, cfg)
+    student = student.to(device)
+    if cfg.mixed_precision != "no":
+        scale.keep_time_embedders_fp32(student, teacher)
+    if cfg.gradient_checkpointing:
+        scale.enable_gradient_checkpointing(student)
     ema = None
-    if objective.needs_ema or cfg.export_weights == "ema":
-        ema = copy.deepcopy(student).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
+    if (objective.needs_ema or cfg.export_weights == "ema") and cfg.ema_decay > 0:
+        ema = student.make_ema() if hasattr(student, "make_ema") else copy.deepcopy(student).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     warm = max(1, cfg.warmup_steps)
@@ -285,9 +274,10 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     ckpts = list_checkpoints(out)
+    opt_state = None
     for ckpt in reversed(ckpts):  # newest readable checkpoint; a damaged one is reported and skipped
         try:
-            start_step, history = load_checkpoint(ckpt, student, ema, optimizer, scheduler)
+            start_step, history, opt_state = load_checkpoint(ckpt, student, ema, scheduler)
         except RunError as e:
             log(f"[yellow]warning:[/] {e}")
             continue
@@ -297,7 +287,19 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
         if ckpts:
             raise RunError(f"no checkpoint in {out / 'checkpoints'} could be read; pass --overwrite to start over")
     wrapped, optimizer = accelerator.prepare(student, optimizer)
+    if opt_state is not None:
+        try:
+            scale.load_optimizer_state(accelerator, wrapped, optimizer, opt_state)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise RunError(f"the optimizer state of the latest checkpoint does not fit this run ({type(e).__name__}); "
+                           "pass --overwrite to start over") from None
     target_ema = ema if ema is not None else student
+
+    def checkpoint(at_step: int) -> None:  # a collective under FSDP: every rank gathers, rank 0 writes
+        state = scale.full_model_state(accelerator, wrapped, student)
+        opt = scale.optimizer_state(accelerator, wrapped, optimizer)
+        if main:
+            save_checkpoint(out, at_step, state, ema, opt, scheduler, cfg.keep_checkpoints, history)
 
     rank = accelerator.process_index
     t_start = time.time()
@@ -315,14 +317,16 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
                 x0 = teacher.sample_noise(cfg.batch_size, generator=g)
                 s, t = sample_time_pairs(cfg.batch_size, cfg.time_sampling, cfg.diagonal_fraction,
                                          cfg.dyadic_levels, generator=g)
+                if cfg.guidance_range is not None:  # one guidance scale per sample, seen by teacher and student
+                    lo, hi = cfg.guidance_range
+                    cond = {**(cond or {}), "cfg_scale": lo + (hi - lo) * torch.rand(cfg.batch_size, generator=g)}
                 batch = TrainBatch(interpolate(x0, x1, s).to(device), s.to(device), t.to(device),
                                    cond_to(cond, device), g)
-                with accelerator.autocast():
-                    result = objective(wrapped, teacher, batch, target_ema)
-                loss = result.loss
                 if step == start_step:
                     first_batch = x1.double().sum().item()
-                if not _all_finite(loss, accelerator):
+                loss, step_metrics, finite = backward_micro_batches(accelerator, wrapped, objective, teacher, batch,
+                                                                    target_ema, cfg.grad_accum_steps)
+                if not finite:
                     if cfg.nan_policy == "skip":
                         skipped += 1
                         optimizer.zero_grad(set_to_none=True)
@@ -330,7 +334,6 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
                     raise NonFiniteLoss(
                         f"loss became {loss.item()} at step {step}; stopped without saving "
                         f"(last good checkpoint: step {last_saved}); lower --lr or use nan_policy=skip")
-                accelerator.backward(loss)
                 if cfg.grad_clip > 0:
                     accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
                 optimizer.step()
@@ -340,29 +343,60 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
                     ema_update(ema, student, cfg.ema_decay)
                 lv = loss.item()
                 if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
-                    history.append({"step": step, "loss": lv, **result.metrics})
+                    history.append({"step": step, "loss": lv, **step_metrics})
                 progress.update(task, completed=step + 1, loss=lv)
                 if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
-                    if main:
-                        save_checkpoint(out, step + 1, student, ema, optimizer, scheduler, cfg.keep_checkpoints, history)
+                    checkpoint(step + 1)
                     last_saved = step + 1
             step = cfg.max_steps
     except KeyboardInterrupt:
-        if main and step > last_saved:
-            save_checkpoint(out, step, student, ema, optimizer, scheduler, cfg.keep_checkpoints, history)
+        if step > last_saved:
+            checkpoint(step)
         raise Interrupted(f"interrupted at step {step}; checkpoint saved in {out / 'checkpoints'}; "
                           "re-run the same command to resume") from None
     seconds = time.time() - t_start
     distributed = _distributed_report(accelerator, student, first_batch)
     metrics = {}
+    if cfg.max_steps > last_saved:
+        checkpoint(cfg.max_steps)
+    final = ema if (cfg.export_weights == "ema" and ema is not None) else student
+    if final is student and scale.is_sharded(accelerator):  # export an unsharded copy, built on rank 0
+        full = scale.full_model_state(accelerator, wrapped, student)
+        if main:
+            final = build_student(teacher, cfg).to(device)
+            final.load_state_dict(full, strict=True)
     if main:
-        final = ema if (cfg.export_weights == "ema" and ema is not None) else student
-        if cfg.max_steps > last_saved:
-            save_checkpoint(out, cfg.max_steps, student, ema, optimizer, scheduler, cfg.keep_checkpoints, history)
         metrics = finish_run(cfg, out, final.eval(), teacher, objective, seconds, history, device, log, skipped,
-                             distributed)
+                             distributed, data_report=getattr(data, "report", None))
     accelerator.wait_for_everyone()
     return RunResult(out, cfg.max_steps, seconds, metrics, start_step, main)
+
+
+def backward_micro_batches(accelerator, model, objective, teacher, batch: TrainBatch, ema, n_micro: int):
+    """Forward and backward over ``n_micro`` equal slices of ``batch`` (gradient accumulation).
+
+    Each slice's loss is divided by ``n_micro``, so the summed gradients are those of the
+    whole batch's mean loss (exactly, up to rounding, for objectives whose loss is a
+    per-sample mean).  Gradients are all-reduced on the last slice only.  Returns
+    ``(loss, metrics, finite)`` averaged over the slices; at the first non-finite slice loss
+    (checked on every rank together) it stops before that slice's backward.
+    """
+    slices = batch.split(n_micro)
+    losses, metrics = [], []
+    for i, micro in enumerate(slices):
+        sync = contextlib.nullcontext() if i == len(slices) - 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                result = objective(model, teacher, micro, ema)
+            if not _all_finite(result.loss, accelerator):
+                return result.loss, result.metrics, False
+            accelerator.backward(result.loss if len(slices) == 1 else result.loss / len(slices))
+        losses.append(result.loss.detach())
+        metrics.append(result.metrics)
+    if len(slices) == 1:
+        return losses[0], metrics[0], True
+    mean = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
+    return torch.stack(losses).mean(), mean, True
 
 
 def _all_finite(loss: torch.Tensor, accelerator) -> bool:
@@ -378,7 +412,7 @@ def _distributed_report(accelerator, student, first_batch: float) -> dict | None
     if accelerator.num_processes == 1:
         return None
     with torch.no_grad():
-        params = sum(p.double().sum() for p in student.parameters())
+        params = sum(_unsharded(p).double().sum() for p in student.parameters())
         row = torch.stack([params, torch.tensor(first_batch, dtype=torch.float64)]).to(accelerator.device)[None]
     rows = accelerator.gather(row).cpu()
     return {"processes": accelerator.num_processes,
@@ -387,7 +421,7 @@ def _distributed_report(accelerator, student, first_batch: float) -> dict | None
 
 
 def finish_run(cfg, out, student, teacher, objective, seconds, history, device, log, skipped=0,
-               distributed: dict | None = None) -> dict:
+               distributed: dict | None = None, data_report: dict | None = None) -> dict:
     """Export the student, measure it against the teacher, draw ``samples.png``."""
     from .evaluate import compare_with_teacher
     from .export import export_student
@@ -406,7 +440,11 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
                      "ema_decay": cfg.ema_decay, "time_sampling": cfg.time_sampling,
                      "diagonal_fraction": cfg.diagonal_fraction, "data": cfg.data},
     }
-    export_student(student, out / "student", meta)
+    codec = getattr(teacher, "codec", None)
+    if hasattr(student, "export_to"):  # a LoRA student or its EMA: merged or adapters
+        student.export_to(out / "student", meta, cfg.lora_export, codec=codec)
+    else:
+        export_student(student, out / "student", meta, codec=codec)
     log(f"exported student -> {out / 'student'}")
     n = cfg.eval_samples if teacher.kind == "image" else max(cfg.eval_samples, 4096)
     metrics, samples = compare_with_teacher(student, teacher, steps=(1, 2, 4), n=n,
@@ -414,14 +452,18 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     if teacher.kind == "points" and hasattr(teacher, "sample_data"):
         from .metrics import histogram_kl
 
-        metrics["kl"] = {k: histogram_kl(v, teacher) for k, v in samples.items()}
+        metrics["kl"] = {k: histogram_kl(v, teacher) for k, v in samples.items() if torch.is_tensor(v)}
     metrics["training"] = {"steps": cfg.max_steps, "seconds": round(seconds, 1), "skipped_steps": skipped,
                            "final_loss": history[-1]["loss"] if history else None}
     if distributed is not None:
         metrics["distributed"] = distributed
+    if data_report:
+        metrics["data"] = data_report
     metrics["settings"] = {"eval_samples": n, "reference": f"rk4 {cfg.reference_steps} steps", "seed": cfg.seed + 1}
     write_json(out / "metrics.json", metrics)
     rows, errors = _comparison_rows(samples, teacher, metrics, cfg, device)
+    if getattr(teacher, "is_latent", False):  # the grid shows images: decode the latents with the teacher's VAE
+        rows = {k: torch.cat([teacher.decode(c.to(device)).cpu() for c in v.split(64)]) for k, v in rows.items()}
     save_comparison(rows, out / "samples.png", kind=teacher.kind, errors=errors,
                     title=f"{teacher.name}: student ({cfg.loss}, {cfg.max_steps} steps) vs teacher, same noise")
     fme = metrics["flow_map_error"]
@@ -446,7 +488,9 @@ def _comparison_rows(samples, teacher, metrics, cfg, device):
     g = torch.Generator().manual_seed(cfg.seed + 1)
     x0 = teacher.sample_noise(samples["reference"].shape[0], generator=g)
     x0 = pick(x0).to(device)
-    rows["teacher Euler 50"] = euler(teacher.velocity, x0, uniform_time_grid(50, getattr(teacher, "shift", 1.0)).to(device)).cpu()
+    cond = {k: pick(v).to(device) for k, v in samples["cond"].items()} if "cond" in samples else None
+    grid = uniform_time_grid(50, getattr(teacher, "shift", 1.0)).to(device)
+    rows["teacher Euler 50"] = euler(lambda x, t: teacher.velocity(x, t, cond), x0, grid).cpu()
     return rows, errors
 
 

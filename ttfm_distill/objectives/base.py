@@ -25,6 +25,19 @@ class TrainBatch:
     cond: dict | None = None
     generator: torch.Generator | None = None
 
+    def split(self, n: int) -> list["TrainBatch"]:
+        """``n`` equal consecutive slices (gradient accumulation); they share the generator."""
+        if n == 1:
+            return [self]
+        size = self.x_s.shape[0] // n
+        if size * n != self.x_s.shape[0]:
+            raise ValueError(f"a batch of {self.x_s.shape[0]} does not split into {n} equal micro-batches")
+        pieces = lambda v: v.split(size) if torch.is_tensor(v) else [v] * n  # noqa: E731
+        conds = ([dict(zip(self.cond, vals)) for vals in zip(*(pieces(v) for v in self.cond.values()))]
+                 if self.cond else [self.cond] * n)
+        return [TrainBatch(x, s, t, c, self.generator)
+                for x, s, t, c in zip(self.x_s.split(size), self.s.split(size), self.t.split(size), conds)]
+
 
 @dataclass
 class ObjectiveOutput:

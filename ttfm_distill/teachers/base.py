@@ -50,6 +50,13 @@ class Teacher(nn.Module):
         """Teacher data ``(B, *data_shape)`` -> pixel images in [-1, 1] (identity unless latent)."""
         return x
 
+    def sample_cond(self, n: int, generator: torch.Generator | None = None) -> dict | None:
+        """Conditioning for ``n`` unlabelled draws (data-free pools, evaluation): random class labels
+        for class-conditional teachers, ``None`` (the empty prompt) otherwise."""
+        if self.conditioning == "class" and self.num_classes > 0:
+            return {"class_labels": torch.randint(0, self.num_classes, (n,), generator=generator)}
+        return None
+
     def encode_prompts(self, prompts: list[str]) -> dict:
         """Per-sample conditioning tensors (batch first) for ``prompts``; text teachers only."""
         raise ValueError(f"teacher {self.name} is not text-conditioned")

@@ -22,7 +22,6 @@ from .families import ADAPTERS, UnsupportedTeacher
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_TEACHERS = {"fashion16": ASSETS / "fashion16"}
 DEFAULT_TEACHER = "builtin:fashion16"
-FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMapEulerDiscreteScheduler")
 DENOISER_SUBFOLDERS = ("unet", "transformer")
 
 
@@ -40,7 +39,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def load_teacher(spec: str | None = None, subfolder: str | None = None, revision: str | None = None,
-                 allow_pickle: bool = False) -> Teacher:
+                 allow_pickle: bool = False, sample_size: int | None = None, guidance_scale: float = 1.0,
+                 negative_prompt: str = "", guided: bool = False) -> Teacher:
     """Load ``spec`` as a frozen flow teacher.
 
     Only safetensors weights are read unless ``allow_pickle`` (pickle files can
@@ -63,9 +63,11 @@ def load_teacher(spec: str | None = None, subfolder: str | None = None, revision
     if path.exists():
         if not path.is_dir():
             raise TeacherLoadError(f"teacher {spec!r} is a file; pass the diffusers folder that holds it")
-        return _load_folder(path, subfolder, source=spec, allow_pickle=allow_pickle)
+        return _load_folder(path, subfolder, source=spec, allow_pickle=allow_pickle, sample_size=sample_size,
+                            guidance_scale=guidance_scale, negative_prompt=negative_prompt, guided=guided)
     if _looks_like_hub_id(spec):
-        return _load_hub(spec, subfolder, revision, allow_pickle)
+        return _load_hub(spec, subfolder, revision, allow_pickle, sample_size=sample_size,
+                         guidance_scale=guidance_scale, negative_prompt=negative_prompt, guided=guided)
     raise _not_found(spec)
 
 
@@ -84,7 +86,7 @@ def check_teacher_spec(spec: str | None, subfolder: str | None = None) -> str:
     if path.exists():
         denoiser = _locate_denoiser(path, subfolder)
         class_name = _denoiser_class(denoiser)
-        _check_flow_scheduler(_scheduler_config(path, denoiser), path)
+        _check_scheduler(_scheduler_config(path, denoiser), path)
         return f"{class_name} in {denoiser}"
     if _looks_like_hub_id(spec):
         return f"hub id {spec} (not fetched in a dry run)"
@@ -154,24 +156,28 @@ def _scheduler_config(root: Path, denoiser: Path) -> dict | None:
     return None
 
 
-def _check_flow_scheduler(cfg: dict | None, where: Path) -> None:
-    if cfg is None:
-        return
-    name = cfg.get("_class_name", "")
-    if name not in FLOW_SCHEDULERS:
-        pred = cfg.get("prediction_type", "?")
+def _check_scheduler(cfg: dict | None, where: Path) -> None:
+    """A flow-matching scheduler, or a diffusion one read through its probability-flow ODE."""
+    from .diffusers_teacher import FLOW_SCHEDULERS, SchedulerError, scheduler_kind
+
+    if cfg is not None and not isinstance(cfg, dict):
+        raise TeacherLoadError(f"{where}: scheduler_config.json is not a JSON object")
+    try:
+        scheduler_kind(cfg)
+    except SchedulerError as e:
         raise TeacherLoadError(
-            f"{where} is not a flow-matching teacher (scheduler {name}, prediction_type {pred}); "
-            f"supported schedulers: {', '.join(FLOW_SCHEDULERS)}"
-        )
+            f"{where} is not a flow-matching or diffusion teacher ({e}); supported: {', '.join(FLOW_SCHEDULERS)} "
+            "or a diffusers diffusion scheduler with betas (DDPM, DDIM, Euler, DPM-Solver, ...)") from None
 
 
-def _load_folder(root: Path, subfolder: str | None, source: str | None = None, allow_pickle: bool = False) -> Teacher:
+def _load_folder(root: Path, subfolder: str | None, source: str | None = None, allow_pickle: bool = False,
+                 sample_size: int | None = None, guidance_scale: float = 1.0, negative_prompt: str = "",
+                 guided: bool = False) -> Teacher:
     root = Path(root)
     denoiser = _locate_denoiser(root, subfolder)
     class_name = _denoiser_class(denoiser)
     sched = _scheduler_config(root, denoiser)
-    _check_flow_scheduler(sched, root)
+    _check_scheduler(sched, root)
     weights = [p for p in denoiser.iterdir() if p.suffix == ".safetensors"]
     use_safetensors = True
     if not weights:
@@ -197,11 +203,37 @@ def _load_folder(root: Path, subfolder: str | None, source: str | None = None, a
     except Exception as e:  # diffusers raises many types for bad files
         raise TeacherLoadError(f"cannot load {class_name} from {denoiser}: {_first_line(e)}") from None
     rel = denoiser.relative_to(root).as_posix() if denoiser != root else ""
-    return DiffusersFlowTeacher(network, source or str(root), sched, subfolder=rel)
+    codec, prompts = _pipeline_parts(root, denoiser, class_name, use_safetensors)
+    try:
+        return DiffusersFlowTeacher(network, source or str(root), sched, subfolder=rel, sample_size=sample_size,
+                                    codec=codec, prompts=prompts, guidance_scale=guidance_scale,
+                                    negative_prompt=negative_prompt, guided=guided)
+    except (ValueError, AttributeError, OSError) as e:
+        raise TeacherLoadError(f"cannot use the {class_name} in {denoiser}: {_first_line(e)}") from None
 
 
-def _load_hub(repo_id: str, subfolder: str | None, revision: str | None, allow_pickle: bool = False) -> Teacher:
-    patterns = ["model_index.json", "*/config.json", "config.json", "scheduler/*", "*.safetensors", "*/*.safetensors"]
+def _pipeline_parts(root: Path, denoiser: Path, class_name: str, use_safetensors: bool):
+    """The VAE and the text encoders of a pipeline folder (``None`` for what it lacks)."""
+    from .pipeline import PromptEncoder, load_vae, text_components
+
+    if denoiser == root:
+        return None, None
+    codec = None
+    if (root / "vae" / "config.json").exists():
+        try:
+            codec = load_vae(root / "vae", use_safetensors)
+        except Exception as e:  # noqa: BLE001
+            raise TeacherLoadError(f"cannot load the VAE in {root / 'vae'}: {_first_line(e)}") from None
+    prompts = None
+    if text_components(root) and (root / "model_index.json").exists():
+        prompts = PromptEncoder(root, class_name, denoiser.name, use_safetensors)
+    return codec, prompts
+
+
+def _load_hub(repo_id: str, subfolder: str | None, revision: str | None, allow_pickle: bool = False,
+              **options) -> Teacher:
+    patterns = ["model_index.json", "*/config.json", "config.json", "scheduler/*", "*.safetensors", "*/*.safetensors",
+                "tokenizer*/*", "*/*.json"]
     if allow_pickle:
         patterns += [f"*{suffix}" for suffix in PICKLE_SUFFIXES] + [f"*/*{suffix}" for suffix in PICKLE_SUFFIXES]
     try:
@@ -212,10 +244,24 @@ def _load_hub(repo_id: str, subfolder: str | None, revision: str | None, allow_p
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         hint = "the hub is unreachable or offline (HF_HUB_OFFLINE is set)" if offline else "check the id and your network"
         raise TeacherLoadError(f"cannot fetch hub teacher {repo_id!r}: {hint} ({_first_line(e)})") from None
-    teacher = _load_folder(Path(local), subfolder, source=repo_id, allow_pickle=allow_pickle)
+    teacher = _load_folder(Path(local), subfolder, source=repo_id, allow_pickle=allow_pickle, **options)
     return teacher
 
 
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def prompt_encoder_for(teacher_info: dict):
+    """The text encoders of the teacher a student was distilled from (its pipeline folder must still exist)."""
+    from .pipeline import PromptEncoder, text_components
+
+    source = str(teacher_info.get("source", ""))
+    root = Path(source).expanduser()
+    if not (root.is_dir() and text_components(root)):
+        raise TeacherLoadError(
+            f"--prompt needs the teacher's text encoders, but the teacher {source!r} is not a local pipeline folder "
+            "with text_encoder/ and tokenizer/; without --prompt the student samples the empty prompt")
+    sub = teacher_info.get("subfolder") or "transformer"
+    return PromptEncoder(root, teacher_info["class_name"], sub)

@@ -1,0 +1,103 @@
+"""A whole tiny text-to-image pipeline folder (SD3: VAE, two CLIPs, T5, in-memory tokenizers) as a teacher."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from tiny_models import tiny_sd3_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    return tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe")
+
+
+def test_pipeline_teacher_is_latent_text_conditioned_and_guided(sd3_dir):
+    from ttfm_distill.teachers.loading import load_teacher
+
+    plain = load_teacher(str(sd3_dir))
+    guided = load_teacher(str(sd3_dir), guidance_scale=3.0, negative_prompt="blurry")
+    info = guided.describe()
+    assert info["latent"] and info["image_shape"] == [3, 16, 16] and info["vae"]["downsampling"] == 2
+    assert info["text_encoders"] and info["shift"] == 3.0 and info["conditioning"] == "text"
+
+    cond = guided.encode_prompts(["a cat", "a red house"])
+    assert cond["encoder_hidden_states"].shape[:2] == (2, 8 + 256) and cond["pooled_projections"].shape == (2, 8)
+    assert (cond["encoder_hidden_states"][0] - cond["encoder_hidden_states"][1]).abs().max() > 1e-3
+
+    x = torch.randn(2, *guided.data_shape)
+    t = torch.tensor([0.3, 0.7])
+    neg = guided.encode_prompts(["blurry", "blurry"])
+    with torch.no_grad():
+        v_c, v_n = plain.velocity(x, t, cond), plain.velocity(x, t, neg)
+        torch.testing.assert_close(guided.velocity(x, t, cond), v_n + 3.0 * (v_c - v_n), atol=1e-5, rtol=1e-4)
+        # no prompt = the pipeline's own empty prompt, not zeros
+        torch.testing.assert_close(plain.velocity(x, t), plain.velocity(x, t, plain.encode_prompts(["", ""])))
+
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    z = guided.encode_images(images)
+    assert z.shape == (2, 4, 8, 8) and guided.decode(z).shape == (2, 3, 16, 16)
+
+
+def test_pipeline_run_exports_vae_and_samples_images_from_a_prompt(sd3_dir, tmp_path):
+    from PIL import Image
+
+    from ttfm_distill.config import RunConfig
+    from ttfm_distill.export import load_student
+    from ttfm_distill.trainer import run_distillation
+
+    cfg = RunConfig(teacher=str(sd3_dir), output=str(tmp_path / "run"), max_steps=2, batch_size=2, pool_size=4,
+                    pool_steps=2, eval_samples=2, reference_steps=2, guidance_scale=2.0)
+    result = run_distillation(cfg, show_progress=False)
+    folder = result.output / "student"
+    assert (folder / "vae" / "config.json").exists() and (folder / "null_text.safetensors").exists()
+    student, meta = load_student(folder)
+    assert meta["teacher"]["guidance_scale"] == 2.0 and student.null_text is not None
+    r = subprocess.run([sys.executable, "-m", "ttfm_distill", "sample", "--model", str(result.output), "--steps", "2",
+                        "--num", "2", "--prompt", "a big red house", "--output", str(tmp_path / "s.png")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with Image.open(tmp_path / "s.png") as im:  # decoded 16x16 RGB images, not 8x8 latents
+        assert im.mode == "RGB" and im.size[0] >= 16
+    r = subprocess.run([sys.executable, "-m", "ttfm_distill", "sample", "--model", str(result.output),
+                        "--class-label", "1"], capture_output=True, text=True)
+    assert r.returncode != 0 and "only for class-conditional" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pipeline_teacher_on_captioned_images_encodes_once(sd3_dir, tmp_path):
+    """Real data for a latent text teacher: images through its VAE and captions through its encoders, once."""
+    import io
+    import json
+
+    import numpy as np
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    from ttfm_distill.config import RunConfig
+    from ttfm_distill.trainer import run_distillation
+
+    def png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    Dataset.from_dict({"image": [{"bytes": png(p), "path": None} for p in pixels],
+                       "caption": [f"a {c} house" for c in ("red", "blue", "green") * 2]},
+                      features=Features({"image": ImageFeature(), "caption": Value("string")})
+                      ).to_parquet(str(tmp_path / "d.parquet"))
+    reports = []
+    for name in ("a", "b"):
+        cfg = RunConfig(teacher=str(sd3_dir), output=str(tmp_path / name), data=str(tmp_path / "d.parquet"),
+                        data_cache=str(tmp_path / "cache"), max_steps=2, batch_size=2, eval_samples=2,
+                        reference_steps=2)
+        run_distillation(cfg, show_progress=False)
+        reports.append(json.loads((tmp_path / name / "metrics.json").read_text())["data"])
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.safetensors"))
+    assert "latents" in cached and "prompts" in cached, cached
+    assert reports[1]["cache_hit"] and not reports[0]["cache_hit"], reports

@@ -1,0 +1,128 @@
+"""Data-free training data: clean samples of the teacher's own ODE from noise.
+
+The pool is generated in chunks of :data:`POOL_CHUNK` samples; each finished
+chunk is saved at once, so an interrupted generation keeps them and the next
+run continues where it stopped.  The noise is one stream from one seed, drawn
+chunk by chunk, so a resumed pool equals an uninterrupted one bit for bit (and
+equals the earlier one-shot pool).  Conditioning comes from
+``teacher.sample_cond`` (random class labels for class-conditioned teachers,
+the empty prompt for text teachers) drawn from the same stream after the noise,
+or, for a text teacher given ``--prompts``, from random lines of that file.
+Guidance is whatever ``teacher.velocity`` applies (the run's, baked in at load).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .conditioning import PromptRows, prompt_table, prompts_key, read_prompt_file
+from .sources import TensorSource
+
+POOL_CHUNK = 256
+
+
+class TeacherPool(TensorSource):
+    """Pool rows ``samples (N, *data_shape)`` with optional per-row conditioning ``cond`` (dict of ``(N, ...)``)."""
+
+    def __init__(self, samples: torch.Tensor, cond: dict | None = None, prompts=None, report=None):
+        super().__init__(samples, samples.shape[1:], "center", cond, prompts, report)
+
+    @property
+    def samples(self) -> torch.Tensor:
+        return self.base
+
+
+class _NoiseStream:
+    """``sample_noise`` rows ``[start, stop)`` of one seeded stream, drawn in order (re-drawn to skip)."""
+
+    def __init__(self, teacher, seed: int):
+        self.teacher, self.seed = teacher, seed
+        self.generator, self.position = None, None
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        if self.position != start:
+            self.skip_to(start)
+        out = self.teacher.sample_noise(stop - start, generator=self.generator)
+        self.position = stop
+        return out
+
+    def skip_to(self, start: int) -> torch.Generator:
+        """Restart the stream and draw (and drop) its first ``start`` rows, chunk by chunk as generated."""
+        self.generator, self.position = torch.Generator().manual_seed(self.seed), 0
+        while self.position < start:
+            step = min(POOL_CHUNK, start - self.position)
+            self.teacher.sample_noise(step, generator=self.generator)
+            self.position += step
+        return self.generator
+
+
+def prompt_conditioning(teacher, cfg, n: int, cache_dir: Path | None, progress, log):
+    """For a text teacher given ``--prompts``: ``(PromptRows of n random lines, cache-name tag)``, else ``(None, "")``."""
+    if getattr(teacher, "conditioning", None) != "text" or not getattr(cfg, "prompts", None):
+        return None, ""
+    from .cache import default_cache_dir, teacher_fingerprint
+
+    prompts = read_prompt_file(cfg.prompts)
+    table, unique, _ = prompt_table(teacher, prompts, Path(cache_dir or default_cache_dir()),
+                                    teacher_fingerprint(teacher), progress, log)
+    pick = torch.randint(0, len(prompts), (n,), generator=torch.Generator().manual_seed(cfg.seed + 7921))
+    return PromptRows(table, unique, [prompts[i] for i in pick.tolist()]), f"-prompts{prompts_key(prompts)}"
+
+
+def sampled_conditioning(teacher, seed: int, n: int, log) -> dict | None:
+    """``teacher.sample_cond(n)`` drawn from the pool's stream just after its noise (as a one-shot pool draws it)."""
+    if not hasattr(teacher, "sample_cond"):
+        return None
+    if getattr(teacher, "conditioning", None) == "text":
+        log("data-free pool of a text teacher without --prompts: every sample uses the empty prompt")
+    return teacher.sample_cond(n, generator=_NoiseStream(teacher, seed).skip_to(n)) or None
+
+
+def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir: Path | None = None,
+               velocity=None) -> TeacherPool:
+    """The cached, resumable data-free pool of ``cfg.pool_size`` Euler(``cfg.pool_steps``) teacher samples.
+
+    ``velocity(x, t, cond)``: the field to integrate (default ``teacher.velocity``).
+    ``cache_dir``: where prompt embeddings are cached (text teachers with ``--prompts``).
+    """
+    from ..sampling import euler, uniform_time_grid
+    from .cache import build_chunked
+
+    velocity = velocity or teacher.velocity
+    n = cfg.pool_size
+    prompt_rows, tag = prompt_conditioning(teacher, cfg, n, cache_dir, progress, log)
+    path = Path(cache) / f"pool-n{n}-euler{cfg.pool_steps}-seed{cfg.seed}{tag}.safetensors"
+    grid = uniform_time_grid(cfg.pool_steps, getattr(teacher, "shift", 1.0)).to(device)
+    noise = _NoiseStream(teacher, cfg.seed + 7919)
+    drawn = {}  # sample_cond's draw, made only if a chunk has to be generated
+
+    def make(start, stop):
+        if "cond" not in drawn:
+            drawn["cond"] = None if prompt_rows is not None else sampled_conditioning(teacher, cfg.seed + 7919, n, log)
+        rows = {k: v[start:stop] for k, v in (drawn["cond"] or {}).items()}
+        chunk = {k: v.to(device) for k, v in rows.items()}
+        if prompt_rows is not None:
+            chunk.update({k: v.to(device) for k, v in prompt_rows.rows(torch.arange(start, stop)).items()})
+        field = (lambda x, t: velocity(x, t, chunk)) if chunk else velocity
+        out = {"samples": euler(field, noise.rows(start, stop).to(device), grid).float()}
+        out.update({f"cond.{k}": v for k, v in rows.items()})  # stored beside the samples, as before
+        return out
+
+    tensors, rep = build_chunked(path, n, POOL_CHUNK, make, progress=progress, log=log,
+                                 description="data-free pool (teacher ODE)",
+                                 metadata={"teacher": str(teacher.name), "solver": f"euler{cfg.pool_steps}"})
+    stored = {k.removeprefix("cond."): v for k, v in tensors.items() if k.startswith("cond.")}
+    report = {"source": "teacher", "samples": n, "solver": f"euler {cfg.pool_steps} steps", "path": str(path),
+              "cache": "hit" if rep.built_rows == 0 else ("resumed" if rep.resumed_rows else "built"),
+              "seconds": round(rep.seconds, 2),
+              "generation_seconds": None if rep.first_build_seconds is None else round(rep.first_build_seconds, 2),
+              "conditioning": getattr(teacher, "conditioning", None)}
+    if rep.built_rows:
+        what = f" (resumed: {rep.resumed_rows} were done)" if rep.resumed_rows else ""
+        log(f"data-free pool: {n} teacher samples (Euler {cfg.pool_steps} steps) in {rep.seconds:.1f}s{what} -> {path}")
+    else:
+        took = f", generated in {rep.first_build_seconds:.1f}s" if rep.first_build_seconds is not None else ""
+        log(f"data-free pool: {n} teacher samples from the cache{took} ({path})")
+    return TeacherPool(tensors["samples"], stored or None, prompt_rows, report)

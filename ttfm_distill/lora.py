@@ -1,0 +1,326 @@
+"""LoRA students: adapters on the teacher's own network, so one copy of the base weights is held.
+
+The student is the teacher's network with LoRA adapters (injected with peft's
+``inject_adapter_in_model``, which works on every diffusers model, including
+the ones without diffusers' ``PeftAdapterMixin`` such as ``UNet2DModel``) plus the usual zero-initialised second-time
+embedding.  LoRA's ``B`` matrices start at zero, so the student equals the
+teacher exactly at step 0.  The teacher is the *same* network evaluated with
+the adapters disabled and without the second-time addition
+(:class:`BaseWeightsTeacher`).  Only the adapters and the second-time
+embedding are trained; the EMA (:class:`AdapterEma`) and the checkpoints hold
+only those tensors.
+
+Export (``lora_export``): ``merged`` writes a plain student folder (adapters
+folded into the base weights; :func:`ttfm_distill.export.load_student` reads
+it); ``adapters`` writes the adapter weights (peft's state-dict keys, the
+config in ``adapter_config.json``), the
+second-time embedding and ``ttfm_config.json``; :func:`load_lora_student`
+reads it back onto the teacher named there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError, RunConfig
+from .student import TwoTimeFlowMap
+
+ADAPTER_FORMAT = "ttfm-distill-lora-adapters"
+ADAPTER_NAME = "default"
+ADAPTER_SUBFOLDER = "adapter"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name
+
+#: module-name suffixes adapted by default, when present: attention projections (UNets and
+#: transformers, joint-attention context projections included) and, for UNets, the resnet convolutions
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                   "conv1", "conv2")
+
+
+def require_peft():
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ConfigError("LoRA students need peft: pip install 'ttfm-distill[lora]' (or set lora_rank=0)") from None
+    return peft
+
+
+def parse_targets(targets) -> list[str]:
+    if isinstance(targets, str):
+        return [t.strip() for t in targets.split(",") if t.strip()]
+    return [str(t) for t in targets or []]
+
+
+def default_lora_targets(network: nn.Module, time_embedders=()) -> list[str]:
+    """The :data:`DEFAULT_TARGETS` suffixes that name Linear/Conv2d layers of ``network``
+    (never inside a timestep embedder)."""
+    skip = {id(m) for e in time_embedders for m in e.modules()}
+    found = set()
+    for name, module in network.named_modules():
+        if id(module) in skip or not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        found.update(t for t in DEFAULT_TARGETS if name == t or name.endswith("." + t))
+    return [t for t in DEFAULT_TARGETS if t in found]
+
+
+class LoraFlowMap(TwoTimeFlowMap):
+    """A :class:`TwoTimeFlowMap` whose network carries LoRA adapters.
+
+    Inside :meth:`base_weights` the network is the teacher: adapters off and
+    no second-time addition (the hook passes the embedder's output through).
+    """
+
+    def __init__(self, network: nn.Module, second_time_input: str = "delta", **kwargs):
+        super().__init__(network, second_time_input=second_time_input, **kwargs)
+        self._teacher_mode = False
+
+    def _add_second_time(self, module, args, output):
+        if self._teacher_mode:
+            return output
+        return super()._add_second_time(module, args, output)
+
+    @contextlib.contextmanager
+    def base_weights(self):
+        """Evaluate ``self.network`` as the teacher: adapters disabled, no second time.
+
+        (peft's ``enable_adapters`` also switches the adapters' ``requires_grad``
+        off and back on; both happen before any backward.)
+        """
+        set_adapters_enabled(self.network, False)
+        self._teacher_mode = True
+        try:
+            yield self.network
+        finally:
+            self._teacher_mode = False
+            set_adapters_enabled(self.network, True)
+
+    def trainable_state_dict(self) -> dict:
+        """The trained tensors only (adapters and second-time embedding), detached, by parameter name."""
+        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict) -> None:
+        expected = {n for n, p in self.named_parameters() if p.requires_grad}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+            raise RuntimeError(f"LoRA state does not match the student (missing {missing}, unexpected {extra})")
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def make_ema(self) -> "AdapterEma":
+        return AdapterEma(self)
+
+    @contextlib.contextmanager
+    def values_swapped_in(self, values: dict):
+        """Temporarily copy ``values`` into the trained tensors (for exporting EMA weights; no graph may be alive)."""
+        saved = self.trainable_state_dict()
+        self.load_trainable_state_dict(values)
+        try:
+            yield self
+        finally:
+            self.load_trainable_state_dict(saved)
+
+    def export_to(self, folder, meta: dict, mode: str = "merged", **export_kwargs) -> Path:
+        return export_lora_student(self, self.trainable_state_dict(), folder, meta, mode, **export_kwargs)
+
+
+class AdapterEma(nn.Module):
+    """EMA of a LoRA student's trained tensors only; evaluated on the shared network.
+
+    ``forward`` runs the student with the EMA tensors substituted through
+    ``torch.func.functional_call`` (no parameter is modified in place, so a
+    student graph built earlier in the step stays valid).
+    """
+
+    def __init__(self, student: LoraFlowMap):
+        super().__init__()
+        object.__setattr__(self, "student", student)  # not a submodule: the base is not ours to save
+        self.shadow = student.trainable_state_dict()
+
+    def forward(self, x, s, t, cond=None):
+        return torch.func.functional_call(self.student, self.shadow, (x, s, t, cond), strict=False)
+
+    @torch.no_grad()
+    def update(self, model: LoraFlowMap, decay: float) -> None:
+        params = dict(model.named_parameters())
+        for name, value in self.shadow.items():
+            value.lerp_(params[name].detach().to(value.dtype), 1.0 - decay)
+
+    def state_dict(self, *args, **kwargs) -> dict:  # noqa: D102 - the shadow tensors by parameter name
+        return {k: v.detach().clone() for k, v in self.shadow.items()}
+
+    def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False):
+        if set(state) != set(self.shadow):
+            raise RuntimeError("EMA state does not match the LoRA student")
+        with torch.no_grad():
+            for name, value in state.items():
+                self.shadow[name].copy_(value)
+
+    def export_to(self, folder, meta: dict, mode: str = "merged", **export_kwargs) -> Path:
+        return export_lora_student(self.student, self.shadow, folder, meta, mode, **export_kwargs)
+
+
+class BaseWeightsTeacher:
+    """The teacher as seen by the objectives when the student is a LoRA student.
+
+    ``velocity`` evaluates the shared network with adapters off and no second
+    time; everything else is the wrapped teacher's.
+    """
+
+    def __init__(self, teacher, student: LoraFlowMap):
+        self._teacher = teacher
+        self._student = student
+
+    def velocity(self, x, t, cond=None):
+        with self._student.base_weights():
+            return self._teacher.velocity(x, t, cond)
+
+    def __getattr__(self, name):
+        return getattr(self._teacher, name)
+
+
+def set_adapters_enabled(network: nn.Module, enabled: bool) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in network.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(enabled)
+
+
+def lora_config(rank: int, alpha: float, targets: list[str]):
+    peft = require_peft()
+    return peft.LoraConfig(r=int(rank), lora_alpha=float(alpha or rank), target_modules=list(targets),
+                           init_lora_weights=True)
+
+
+def add_lora(network: nn.Module, rank: int, alpha: float, targets, time_embedders=()) -> list[str]:
+    """Add a LoRA adapter to ``network`` (frozen base); returns the target suffixes used."""
+    targets = parse_targets(targets) or default_lora_targets(network, time_embedders)
+    if not targets:
+        raise ConfigError(f"no layer of {type(network).__name__} matches the default LoRA targets; "
+                          "name some with --set lora_targets=NAME,NAME")
+    from peft import inject_adapter_in_model
+
+    network.requires_grad_(False)
+    try:
+        inject_adapter_in_model(lora_config(rank, alpha, targets), network, adapter_name=ADAPTER_NAME)
+    except ValueError as e:  # peft: no module matched
+        raise ConfigError(f"LoRA targets {targets} do not fit {type(network).__name__}: {str(e).splitlines()[0]}") from None
+    return targets
+
+
+def build_lora_student(teacher, cfg: RunConfig):
+    """``(student, teacher_view)``: a LoRA student on ``teacher.network`` and the teacher evaluated on its base."""
+    if not hasattr(teacher, "network"):
+        raise ConfigError(f"LoRA students need a diffusers teacher; {teacher.name} has no network (use lora_rank=0)")
+    require_peft()
+    torch.manual_seed(cfg.seed)
+    network = teacher.network
+    student = LoraFlowMap(network, **_student_kwargs(teacher, cfg.second_time_input))
+    targets = add_lora(network, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                       student.adapter.time_embedders(network))
+    student.lora_targets = targets
+    student.train()
+    return student, BaseWeightsTeacher(teacher, student)
+
+
+def _student_kwargs(teacher, second_time_input: str) -> dict:
+    """What :func:`ttfm_distill.trainer.build_student` passes to the student, taken from the teacher."""
+    return dict(second_time_input=second_time_input, adapter=teacher.adapter, io=teacher.io,
+                null_text=getattr(teacher, "null_text", None))
+
+
+# ------------------------------------------------------------- export -------
+def _merged_network_state(student: LoraFlowMap) -> dict:
+    """The network's state dict with every adapter folded into its base layer (plain diffusers keys)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    network = student.network
+    merged = {}
+    with torch.no_grad():
+        for name, module in network.named_modules():
+            if isinstance(module, BaseTunerLayer):
+                base = module.get_base_layer()
+                merged[f"{name}.weight"] = base.weight + module.get_delta_weight(ADAPTER_NAME).to(base.weight.dtype)
+        state = {}
+        for key, value in network.state_dict().items():
+            if ".lora_" in key:
+                continue
+            plain = key.replace(".base_layer.", ".")
+            state[plain] = merged.get(plain, value).detach().clone()
+    return state
+
+
+def export_lora_student(student: LoraFlowMap, values: dict, folder, meta: dict, mode: str = "merged",
+                        **export_kwargs) -> Path:
+    """Write ``student`` with the trained tensors ``values`` (current or EMA) to ``folder``."""
+    from .export import export_student
+    from .fileio import atomic_dir, save_tensors
+
+    lora_meta = {"rank": int(student.network.peft_config[ADAPTER_NAME].r),
+                 "alpha": float(student.network.peft_config[ADAPTER_NAME].lora_alpha),
+                 "targets": list(getattr(student, "lora_targets", [])), "export": mode}
+    with student.values_swapped_in(values):
+        if mode == "merged":
+            network = type(student.network).from_config(student.network.config)
+            network.load_state_dict(_merged_network_state(student), strict=True)
+            plain = TwoTimeFlowMap(network.to(next(student.parameters()).device), second_time_input=student.second_time_input,
+                                   adapter=student.adapter, io=student.io, null_text=student.null_text)
+            plain.second_time.load_state_dict(student.second_time.state_dict(), strict=True)
+            return export_student(plain.eval(), folder, {**meta, "lora": lora_meta}, **export_kwargs)
+        if mode != "adapters":
+            raise ConfigError(f"lora_export must be 'merged' or 'adapters', got {mode!r}")
+        folder = Path(folder)
+        config = {"format": ADAPTER_FORMAT, "format_version": 1, **meta, "lora": lora_meta,
+                  "backbone": {"class_name": type(student.network).__name__, "subfolder": student.adapter.subfolder},
+                  "second_time": {"recipe": "additive_zero_init", "input": student.second_time_input}}
+        from peft import get_peft_model_state_dict
+
+        with atomic_dir(folder) as tmp:
+            (tmp / ADAPTER_SUBFOLDER).mkdir()
+            weights = get_peft_model_state_dict(student.network, adapter_name=ADAPTER_NAME)
+            save_tensors(tmp / ADAPTER_SUBFOLDER / ADAPTER_WEIGHTS, {k: v.detach() for k, v in weights.items()})
+            peft_cfg = student.network.peft_config[ADAPTER_NAME].to_dict()
+            (tmp / ADAPTER_SUBFOLDER / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2, default=list))
+            save_tensors(tmp / "second_time.safetensors", student.second_time.state_dict())
+            (tmp / "ttfm_config.json").write_text(json.dumps(config, indent=2))
+        return folder
+
+
+def load_lora_student(folder, base=None, device="cpu"):
+    """Read an ``adapters`` export: ``(student, teacher_view, config)``.
+
+    ``base``: a teacher (from :func:`ttfm_distill.teachers.loading.load_teacher`); by default the
+    teacher recorded in ``ttfm_config.json`` is loaded.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .export import StudentLoadError
+    from .teachers.loading import load_teacher
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "ttfm_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StudentLoadError(f"{folder} holds no readable ttfm_config.json ({type(e).__name__})") from None
+    if config.get("format") != ADAPTER_FORMAT:
+        raise StudentLoadError(f"{folder} is not a LoRA adapter export (format {config.get('format')!r})")
+    teacher = base if base is not None else load_teacher(config["teacher"]["source"], config["teacher"].get("subfolder"))
+    lora = config["lora"]
+    torch.manual_seed(0)
+    student = LoraFlowMap(teacher.network, **_student_kwargs(teacher, config["second_time"]["input"]))
+    student.lora_targets = add_lora(teacher.network, lora["rank"], lora["alpha"], lora["targets"],
+                                    student.adapter.time_embedders(teacher.network))
+    weights = load_file(folder / ADAPTER_SUBFOLDER / ADAPTER_WEIGHTS)
+    result = set_peft_model_state_dict(teacher.network, weights, adapter_name=ADAPTER_NAME)
+    if getattr(result, "unexpected_keys", None):
+        raise StudentLoadError(f"{folder}: adapter weights do not fit the base ({result.unexpected_keys[:3]})")
+    student.second_time.load_state_dict(load_file(folder / "second_time.safetensors"), strict=True)
+    student = student.to(device).eval()
+    return student, BaseWeightsTeacher(teacher, student), config
