@@ -287,3 +287,10 @@ def test_guidance_range_is_a_student_input(tmp_path):
     assert r.returncode == 0, r.stderr
     with pytest.raises(ConfigError, match="guidance_range"):
         RunConfig(guidance_range=[3, 1]).validate()
+    # eval on a class-conditional, guidance-input student: shared labels, the teacher at the default scale
+    r = subprocess.run([sys.executable, "-m", "ttfm_distill", "eval", "--model", str(tmp_path / "run"), "--steps", "1,2",
+                        "--num", "4", "--reference-steps", "2", "--output", str(tmp_path / "e.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert "class_labels" in report["conditioning"] and report["results"]["student"]["2"]["flow_map_error"] >= 0

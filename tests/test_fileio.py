@@ -3,7 +3,9 @@ import stat
 
 import pytest
 
-from ttfm_distill.fileio import atomic_dir, atomic_path, write_json
+import torch
+
+from ttfm_distill.fileio import atomic_dir, atomic_path, save_tensors, write_json
 
 
 def test_failed_write_keeps_previous_file(tmp_path):
@@ -34,11 +36,13 @@ def test_written_files_get_umask_permissions(tmp_path):
     old = os.umask(0o022)
     try:
         write_json(tmp_path / "c.json", {})
+        save_tensors(tmp_path / "w.safetensors", {"w": torch.ones(2)})  # safetensors recreates its file 0600
         with atomic_dir(tmp_path / "d") as tmp:
             (tmp / "x").write_text("x")
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "c.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
 
 

@@ -110,26 +110,36 @@ class Sampler:
     """
 
     name: str
-    run: Callable[[torch.Tensor, int], torch.Tensor]
+    run: Callable[..., torch.Tensor]
     accepts: Callable[[int], bool] = lambda nfe: nfe >= 1
+    #: ``run(x0, nfe, cond)`` takes the batch's conditioning (class labels, prompt embeddings)
+    conditional: bool = False
 
 
 def student_flow_map_sampler(student, shift: float = 1.0, name: str = "student") -> Sampler:
     """The student's N jumps on the uniform (teacher-shifted) grid: N evaluations."""
-    fm = student_sampler(student)
-    return Sampler(name, lambda x, n: sample_flow_map(fm, x, uniform_time_grid(n, shift).to(x.device)))
+    return Sampler(name, lambda x, n, cond=None: sample_flow_map(student_sampler(student, cond), x,
+                                                                 uniform_time_grid(n, shift).to(x.device)),
+                   conditional=True)
+
+
+def _bound(teacher, cond):
+    return lambda x, t: teacher.velocity(x, t, cond)
 
 
 def teacher_euler_sampler(teacher) -> Sampler:
     shift = float(getattr(teacher, "shift", 1.0))
-    return Sampler("teacher_euler", lambda x, n: euler(teacher.velocity, x, uniform_time_grid(n, shift).to(x.device)))
+    return Sampler("teacher_euler", lambda x, n, cond=None: euler(_bound(teacher, cond), x,
+                                                                  uniform_time_grid(n, shift).to(x.device)),
+                   conditional=True)
 
 
 def teacher_heun_sampler(teacher) -> Sampler:
     """Heun with ``nfe / 2`` steps; only even ``nfe >= 2`` (the report gives ``null`` for the rest)."""
     shift = float(getattr(teacher, "shift", 1.0))
-    return Sampler("teacher_heun", lambda x, n: heun(teacher.velocity, x, uniform_time_grid(n // 2, shift).to(x.device)),
-                   accepts=lambda n: n >= 2 and n % 2 == 0)
+    return Sampler("teacher_heun", lambda x, n, cond=None: heun(_bound(teacher, cond), x,
+                                                                uniform_time_grid(n // 2, shift).to(x.device)),
+                   accepts=lambda n: n >= 2 and n % 2 == 0, conditional=True)
 
 
 def _finite_rows(x: torch.Tensor) -> int:
@@ -151,8 +161,6 @@ class Evaluation:
     def __init__(self, teacher, num: int | None = None, seed: int = 0, reference_steps: int = 32,
                  batch_size: int | None = None, inception=None, device="cpu", on_step=None,
                  keep: int = 0):
-        if getattr(teacher, "conditioning", None):
-            raise EvalError(f"eval does not support {teacher.conditioning}-conditioned teachers yet")
         self.kind = getattr(teacher, "kind", "image")
         batch_size = int(batch_size or DEFAULT_BATCH.get(self.kind, 256))
         if reference_steps < 1 or batch_size < 1:
@@ -174,8 +182,13 @@ class Evaluation:
             self.inception = load_inception(inception)  # fails fast, before any sampling
         g = torch.Generator().manual_seed(seed)
         self.x0 = teacher.sample_noise(self.num, generator=g)
+        #: conditioning shared by every sampler: random class labels, or ``None`` (the empty prompt)
+        self.cond = teacher.sample_cond(self.num, generator=g) if hasattr(teacher, "sample_cond") else None
+        if self.cond:
+            self.info["conditioning"] = {k: f"{tuple(v.shape)} from teacher.sample_cond, seed {seed}"
+                                         for k, v in self.cond.items()}
         shift = float(getattr(teacher, "shift", 1.0))
-        self.reference = self._chunked(lambda x: fine_reference(teacher.velocity, x, reference_steps, shift))
+        self.reference = self._chunked(lambda x, c: fine_reference(_bound(teacher, c), x, reference_steps, shift))
         self.on_step(f"reference: RK4 {reference_steps} steps")
         self._setup_scorers()
         if keep and self.kind == "image":
@@ -183,7 +196,9 @@ class Evaluation:
 
     # ---------------------------------------------------------------- setup --
     def _chunked(self, fn) -> torch.Tensor:
-        return torch.cat([fn(c.to(self.device)).cpu() for c in self.x0.split(self.batch_size)])
+        """``fn(noise chunk, its conditioning)`` over the shared noise, concatenated on the CPU."""
+        conds = split_cond(self.cond, self.batch_size, self.num, self.device)
+        return torch.cat([fn(x.to(self.device), c).cpu() for x, c in zip(self.x0.split(self.batch_size), conds)])
 
     def _pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher data -> pixel images in [-1, 1] (``teacher.decode``; identity for pixel teachers)."""
@@ -296,14 +311,15 @@ class Evaluation:
         results = {}
         warm = next((n for n in steps if sampler.accepts(n)), None)
         if warm is not None:  # one small untimed call first: lazy initialisation is not sampling time
-            sampler.run(self.x0[:2].to(self.device), warm)
+            first = split_cond(self.cond, 2, 2, self.device)[0]
+            sampler.run(self.x0[:2].to(self.device), warm, *((first,) if sampler.conditional else ()))
         for n in steps:
             if not sampler.accepts(n):
                 results[str(n)] = None
                 self.on_step(f"{sampler.name}: NFE {n} impossible")
                 continue
             start = time.perf_counter()
-            x = self._chunked(lambda c: sampler.run(c, n))
+            x = self._chunked(lambda c, k: sampler.run(c, n, k) if sampler.conditional else sampler.run(c, n))
             seconds = time.perf_counter() - start
             if self.keep and self.kind == "image":
                 self.kept[(sampler.name, n)] = self._pixels(x[: self.keep])
@@ -406,7 +422,12 @@ def load_student_and_teacher(model: str, teacher: str | None = None, allow_pickl
     folder = resolve_student_folder(model)
     student, config = load_student(folder)
     spec, subfolder = (teacher, None) if teacher else teacher_spec_of(config)
-    t = load_teacher(spec, subfolder, allow_pickle=allow_pickle)
+    info = config.get("teacher") or {}
+    guidance = config.get("guidance_input")
+    t = load_teacher(spec, subfolder, allow_pickle=allow_pickle,
+                     sample_size=(config.get("data_shape") or [None, None])[-1] if teacher is None else None,
+                     guidance_scale=float(guidance["default"] if guidance else info.get("guidance_scale", 1.0)),
+                     negative_prompt=info.get("negative_prompt", ""))
     if list(t.data_shape) != list(config.get("data_shape", t.data_shape)):
         raise StudentLoadError(f"the student makes {config['data_shape']} samples but teacher {spec} makes "
                                f"{list(t.data_shape)}; pass the teacher it was distilled from with --teacher")
