@@ -112,3 +112,40 @@ def test_full_disk_in_torch_save_is_enospc(tiny_disk):
     with pytest.raises(OSError) as e:
         save_torch(tiny_disk / "optimizer.pt", {"state": torch.ones(200_000)})
     assert e.value.errno == 28 and list(tiny_disk.iterdir()) == []
+
+
+CHECKPOINTER = textwrap.dedent("""
+    import sys, torch
+    from pathlib import Path
+    from ttfm_distill.trainer import save_checkpoint
+    class Sched:
+        def state_dict(self):
+            return {"k": 1}
+    out = Path(sys.argv[1])
+    print("ready", flush=True)
+    for step in range(1, 10_000):
+        state = {"w": torch.full((1_500_000,), float(step))}
+        save_checkpoint(out, step, state, None, {"state": {}, "param_groups": []}, Sched(), 2, [{"step": step}])
+        print(step, flush=True)
+""")
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_sigkill_during_checkpoint_writes_keeps_readable_checkpoints(tmp_path, trial):
+    from safetensors.torch import load_file
+
+    from ttfm_distill.trainer import list_checkpoints
+
+    proc = subprocess.Popen([sys.executable, "-c", CHECKPOINTER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    assert proc.stdout.readline().strip() == "1"
+    time.sleep(0.05 + 0.07 * trial)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpts = list_checkpoints(tmp_path)
+    assert ckpts, "the completed checkpoint must survive"
+    for ckpt in ckpts:  # every checkpoint a resume could pick is whole
+        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        assert ckpt.name == f"step-{step:08d}"
+        assert bool((load_file(ckpt / "student.safetensors")["w"] == float(step)).all())
+        torch.load(ckpt / "optimizer.pt", weights_only=True)
