@@ -111,8 +111,9 @@ def build(model: str, device, lora_rank: int, mixed_precision: str):
 class Stepper:
     """One trainer-style optimiser step of an objective (or of flow matching) on fixed-size batches."""
 
-    def __init__(self, accelerator, student, teacher, cond, batch_size: int, mode: str):
+    def __init__(self, accelerator, student, teacher, cond, batch_size: int, mode: str, diagonal_fraction: float = 0.0):
         self.acc, self.teacher, self.cond, self.n, self.mode = accelerator, teacher, cond, batch_size, mode
+        self.diag = diagonal_fraction
         self.student = student
         opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
         self.model, self.opt = accelerator.prepare(student, opt)
@@ -125,7 +126,7 @@ class Stepper:
         self.k += 1
         x1 = self.teacher.sample_noise(self.n, generator=g) * 0.5  # the cost does not depend on the data
         x0 = self.teacher.sample_noise(self.n, generator=g)
-        s, t = sample_time_pairs(self.n, "mixed", 0.0, generator=g)
+        s, t = sample_time_pairs(self.n, "mixed", self.diag, generator=g)
         dev = self.acc.device
         return x0.to(dev), x1.to(dev), s.to(dev), t.to(dev), self.cond(self.n, g), g
 
@@ -253,6 +254,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=24, help="timed steps per mode")
     p.add_argument("--block", type=int, default=4, help="steps per mode before switching to the next mode")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--diagonal-fraction", type=float, default=0.0, help="share of s == t pairs (the run default is 0)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--memory-steps", type=int, default=3)
     p.add_argument("--mixed-precision", default=None, help="default: no on CPU, bf16 on CUDA")
@@ -280,7 +282,7 @@ def main(argv=None):
         st = build_student(teacher, RunConfig()).to(device).train() if mode != modes[0] else student
         if mode != modes[0] and args.mixed_precision != "no":
             scale.keep_time_embedders_fp32(st)
-        steppers[mode] = Stepper(accelerator, st, teacher, cond, args.batch_size, mode)
+        steppers[mode] = Stepper(accelerator, st, teacher, cond, args.batch_size, mode, args.diagonal_fraction)
     for st in steppers.values():
         time_steps(st, args.warmup, device)
     times = {m: [] for m in modes}
@@ -295,7 +297,7 @@ def main(argv=None):
         "command": "python benchmarks/cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": args.model, "network_parameters": params, "batch_size": args.batch_size,
         "mixed_precision": args.mixed_precision, "steps_per_mode": args.steps, "timing_wall_seconds": round(wall, 1),
-        "itvm_options": make_objective("itvm").config(), "diagonal_fraction": 0.0,
+        "itvm_options": make_objective("itvm").config(), "diagonal_fraction": args.diagonal_fraction,
         "step_seconds_median": {m: statistics.median(v) for m, v in times.items()},
         "per_sample_ms": {m: 1e3 * v for m, v in per_sample.items()},
         "samples_per_second": {m: 1.0 / v for m, v in per_sample.items()},

@@ -142,3 +142,39 @@ def test_time_pairs_are_ordered_and_dyadic():
     d = (t - s)[off]
     assert set(torch.unique(d).tolist()) <= {1.0, 0.5, 0.25, 0.125}
     assert torch.allclose(torch.remainder(s[off] / d, 1.0), torch.zeros_like(d))
+
+
+@pytest.mark.parametrize("intermediate", ["terminal", "initial", "uniform"])
+def test_itvm_diagonal_pairs_cost_one_teacher_evaluation(gaussian_case, intermediate):
+    """Diagonal pairs get the teacher's velocity and nothing else; off-diagonal targets do not depend on them."""
+    teacher, exact = gaussian_case
+    from conftest import ExactGaussianMap
+
+    student = ExactGaussianMap(exact.mean + 0.3, exact.std * 1.2)  # not exact: targets depend on the student
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.rows = inner, 0
+
+        def velocity(self, x, t, cond=None):
+            self.rows += x.shape[0]
+            return self.inner.velocity(x, t, cond)
+
+        def __call__(self, x, s, t, cond=None):
+            self.rows += x.shape[0]
+            return self.inner(x, s, t, cond)
+
+    obj = make_objective("itvm", intermediate=intermediate, tau=0.05)
+    batch = make_batch(n=64, diag=0.5)
+    diag = batch.t == batch.s
+    n_diag, n_off = int(diag.sum()), int((~diag).sum())
+    assert n_diag > 0 and n_off > 0
+    t_count, s_count = Counting(teacher), Counting(student)
+    full = obj.target(s_count, t_count, batch, s_count)
+    per_off = {"terminal": 2, "initial": 2, "uniform": 0}[intermediate]  # Heun segment: two teacher calls
+    assert t_count.rows == n_diag + per_off * n_off
+    assert s_count.rows == {"uniform": 2, "terminal": 1, "initial": 1}[intermediate] * n_off
+    torch.testing.assert_close(full[diag], teacher.velocity(batch.x_s[diag], batch.s[diag]))
+    if intermediate != "uniform":  # (uniform draws r for the whole batch, so a sub-batch draws other r)
+        sub = TrainBatch(batch.x_s[~diag], batch.s[~diag], batch.t[~diag], None, batch.generator)
+        torch.testing.assert_close(full[~diag], obj.target(student, teacher, sub, student))

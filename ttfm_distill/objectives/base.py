@@ -63,6 +63,13 @@ def repeat_cond(cond: dict | None, k: int) -> dict | None:
     return {key: (torch.cat([v] * k) if torch.is_tensor(v) else v) for key, v in cond.items()}
 
 
+def select_cond(cond: dict | None, mask: torch.Tensor) -> dict | None:
+    """The rows ``mask`` (a ``(B,)`` bool) of every tensor of ``cond``."""
+    if not cond:
+        return cond
+    return {key: (v[mask] if torch.is_tensor(v) else v) for key, v in cond.items()}
+
+
 def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean squared difference over all non-batch dimensions: ``(B,)``."""
     return (a - b).float().pow(2).flatten(1).mean(1)
