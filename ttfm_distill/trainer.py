@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import shutil
 import signal
 import time
@@ -121,7 +122,11 @@ def save_checkpoint(out: Path, step: int, student_state: dict, ema, optimizer_st
         save_torch(tmp / "optimizer.pt", {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()})
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history[-1000:]}))
     for old in list_checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # renamed away first (one atomic step), so a kill mid-delete never leaves a half checkpoint that
+        # still looks like one; the hidden leftover is swept at the next start
+        trash = old.with_name(f".{old.name}.deleted.tmp")
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     return final
 
 
