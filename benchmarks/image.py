@@ -41,7 +41,8 @@ from ttfm_distill.export import load_student
 from ttfm_distill.fileio import write_json
 from ttfm_distill.plots import save_comparison, save_metric_curves
 from ttfm_distill.teachers.loading import load_teacher
-from ttfm_distill.trainer import build_pool, run_distillation
+from ttfm_distill.data import build_pool
+from ttfm_distill.trainer import run_distillation
 
 TEACHER = "builtin:fashion16"
 # name -> (loss, loss options, run settings); the settings the trainer's check needs (check_objective_fits):

@@ -33,6 +33,11 @@ def t_from_sigma(sigma: torch.Tensor | float) -> torch.Tensor | float:
     return 1.0 - sigma
 
 
+def t_from_scheduler_timestep(timestep, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Package time for a flow-matching scheduler's timestep (``sigma * num_train_timesteps``), float64."""
+    return t_from_sigma(torch.as_tensor(timestep, dtype=torch.float64) / num_train_timesteps)
+
+
 def velocity_from_diffusers(output: torch.Tensor) -> torch.Tensor:
     """Package velocity ``x1 - x0`` from a diffusers flow output ``noise - data``."""
     return -output

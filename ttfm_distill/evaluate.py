@@ -425,7 +425,7 @@ def load_student_and_teacher(model: str, teacher: str | None = None, allow_pickl
     info = config.get("teacher") or {}
     guidance = config.get("guidance_input")
     t = load_teacher(spec, subfolder, allow_pickle=allow_pickle,
-                     sample_size=(config.get("data_shape") or [None, None])[-1] if teacher is None else None,
+                     sample_size=config.get("sample_size") if teacher is None else None,
                      guidance_scale=float(guidance["default"] if guidance else info.get("guidance_scale", 1.0)),
                      negative_prompt=info.get("negative_prompt", ""))
     if list(t.data_shape) != list(config.get("data_shape", t.data_shape)):

@@ -78,12 +78,7 @@ def save_comparison(rows: dict[str, torch.Tensor], path: str | Path, kind: str =
             ax.scatter(pts[:, 0], pts[:, 1], s=0.3, alpha=0.4, color="k")
             ax.set_title(label + (f"\nerr {errors[label]:.3f}" if label in errors else ""), fontsize=9)
             ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path, title, fontsize=10, dpi=110)
 
 
 #: metrics drawn by :func:`save_metric_curves`, with their axis labels
@@ -153,9 +148,16 @@ def save_metric_curves(results: dict, floors: dict | None, path: str | Path, tit
             spare.legend(handles.values(), handles.keys(), fontsize=7, loc="center")
         else:
             axes.flat[0].legend(handles.values(), handles.keys(), fontsize=6)
+    _save_figure(fig, path, title, fontsize=9, dpi=100)
+
+
+def _save_figure(fig, path: str | Path, title: str = "", fontsize: int = 10, dpi: int = 110) -> None:
+    """Title, tight layout, an atomic PNG write, and the figure closed."""
+    import matplotlib.pyplot as plt
+
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)

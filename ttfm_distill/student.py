@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from .convention import NetworkIO, diffusers_from_velocity, t_from_sigma
+from .convention import NetworkIO, diffusers_from_velocity, t_from_scheduler_timestep
 from .teachers.families import FamilyAdapter, ProjectionSpec, adapter_for
 
 SECOND_TIME_INPUTS = ("delta", "t")
@@ -60,12 +60,11 @@ class SecondTimeEmbedding(nn.Module):
         return self.linear_2(self.act(self.linear_1(h)))
 
 
-def disable_label_dropout(network: nn.Module) -> None:
+def disable_label_dropout(network: nn.Module, adapter: FamilyAdapter) -> None:
     """Turn off class-label dropout (DiT's ``LabelEmbedding``): in train mode it would replace labels at
     random, so the student would stop matching its teacher; the distilled guidance is the teacher's."""
-    for module in network.modules():
-        if type(module).__name__ == "LabelEmbedding" and getattr(module, "dropout_prob", 0) > 0:
-            module.dropout_prob = 0.0
+    for table in adapter.label_embeddings(network):
+        table.dropout_prob = 0.0
 
 
 class TwoTimeFlowMap(nn.Module):
@@ -95,7 +94,7 @@ class TwoTimeFlowMap(nn.Module):
         self.guidance_embed = (SecondTimeEmbedding(self.adapter.projection(network), self.adapter.embed_dim(network))
                                if guidance else None)
         self._pending: torch.Tensor | None = None
-        disable_label_dropout(network)
+        disable_label_dropout(network, self.adapter)
         for embedder in self.adapter.time_embedders(network):
             embedder.register_forward_hook(self._add_second_time)
 
@@ -133,8 +132,8 @@ class TwoTimeFlowMap(nn.Module):
         ``u`` in its convention (``x_r = x_t - (sigma_t - sigma_r) * u``), i.e. minus the package's average velocity.
         """
         b = sample.shape[0]
-        as_t = lambda ts: t_from_sigma(torch.as_tensor(ts, dtype=torch.float64).reshape(-1).expand(b) / num_train_timesteps)
-        return diffusers_from_velocity(self(sample, as_t(timestep).float(), as_t(r_timestep).float(), cond))
+        as_t = lambda ts: t_from_scheduler_timestep(ts, num_train_timesteps).reshape(-1).expand(b).float()  # noqa: E731
+        return diffusers_from_velocity(self(sample, as_t(timestep), as_t(r_timestep), cond))
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

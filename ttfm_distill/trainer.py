@@ -22,7 +22,7 @@ import torch
 
 from .config import ConfigError, RunConfig, resume_mismatch
 from .convention import interpolate
-from .data import ExactData, TeacherPool, build_pool  # noqa: F401 - the data sources live in ttfm_distill.data
+from .data import build_data
 from .fileio import atomic_dir, save_tensors, save_torch, write_json
 from .objectives import TrainBatch, make_objective
 from .objectives.timesampling import sample_time_pairs
@@ -62,13 +62,6 @@ def cond_to(cond: dict | None, device) -> dict | None:
     if not cond:
         return None
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in cond.items()}
-
-
-def build_data(teacher, cfg: RunConfig, out: Path, device, log, console=None, show_progress: bool = False):
-    """The run's data source (``ttfm_distill.data``): data-free pool, Fashion-MNIST or a real dataset."""
-    from .data import build_data as build
-
-    return build(teacher, cfg, out, device, log, console=console, show_progress=show_progress)
 
 
 # -------------------------------------------------------------- models ------
@@ -436,6 +429,7 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
         "teacher": teacher.describe(),
         "kind": teacher.kind,
         "data_shape": list(teacher.data_shape),
+        "sample_size": cfg.sample_size,
         "sigma0": teacher.sigma0,
         "shift": float(getattr(teacher, "shift", 1.0)),
         "scheduler_config": getattr(teacher, "scheduler_config", None),

@@ -63,11 +63,18 @@ def repeat_cond(cond: dict | None, k: int) -> dict | None:
     return {key: (torch.cat([v] * k) if torch.is_tensor(v) else v) for key, v in cond.items()}
 
 
-def select_cond(cond: dict | None, mask: torch.Tensor) -> dict | None:
-    """The rows ``mask`` (a ``(B,)`` bool) of every tensor of ``cond``."""
+def select_cond(cond: dict | None, rows: torch.Tensor) -> dict | None:
+    """The ``rows`` (indices, or a ``(B,)`` bool mask) of every tensor of ``cond`` (batch-major)."""
     if not cond:
         return cond
-    return {key: (v[mask] if torch.is_tensor(v) else v) for key, v in cond.items()}
+    return {key: (v[rows] if torch.is_tensor(v) else v) for key, v in cond.items()}
+
+
+def cat_conds(*conds: dict | None) -> dict | None:
+    """Concatenate conditioning dicts along the batch (non-tensors taken from the first)."""
+    if not conds or not conds[0]:
+        return conds[0] if conds else None
+    return {key: (torch.cat([c[key] for c in conds]) if torch.is_tensor(v) else v) for key, v in conds[0].items()}
 
 
 def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

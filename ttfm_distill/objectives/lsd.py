@@ -35,24 +35,11 @@ from dataclasses import dataclass
 import torch
 
 from ..convention import broadcast_time
-from .base import Objective, ObjectiveOutput, TrainBatch, check_derivative_options, per_sample_mse
+from .base import (Objective, ObjectiveOutput, TrainBatch, cat_conds, check_derivative_options, per_sample_mse,
+                   select_cond)
 from .lfmd import time_derivative_jvp
 
 TARGET_MODELS = ("student", "ema")
-
-
-def select_cond(cond: dict | None, idx: torch.Tensor) -> dict | None:
-    """Rows ``idx`` of every tensor of ``cond`` (batch-major, as :func:`.base.repeat_cond` assumes)."""
-    if not cond:
-        return cond
-    return {key: (v[idx] if torch.is_tensor(v) else v) for key, v in cond.items()}
-
-
-def cat_conds(*conds: dict | None) -> dict | None:
-    """Concatenate conditioning dicts along the batch (non-tensors taken from the first)."""
-    if not conds or not conds[0]:
-        return conds[0] if conds else None
-    return {key: (torch.cat([c[key] for c in conds]) if torch.is_tensor(v) else v) for key, v in conds[0].items()}
 
 
 def split_rows(off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

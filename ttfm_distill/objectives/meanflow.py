@@ -60,7 +60,8 @@ import torch
 
 from ..convention import broadcast_time
 from .base import Objective, ObjectiveOutput, TrainBatch, check_derivative_options, per_sample_mse
-from .lsd import _mean_or_zero, cat_conds, select_cond, split_rows
+from .base import cat_conds, select_cond
+from .lsd import _mean_or_zero, split_rows
 
 
 def total_derivative_jvp(model, x, s, t, v, cond=None):

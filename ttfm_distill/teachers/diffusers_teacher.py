@@ -148,8 +148,7 @@ class DiffusersFlowTeacher(Teacher):
                                  "negative prompt")
             return self.prompts([self.negative_prompt])
         if self.conditioning == "class":
-            table = [m for m in self.network.modules() if type(m).__name__ == "LabelEmbedding"]
-            if not table or table[0].embedding_table.num_embeddings <= self.num_classes:
+            if not self.adapter.has_null_class(self.network):
                 raise ValueError("guidance_scale needs a null class; this class-conditional teacher has none")
             return {"class_labels": torch.tensor([self.num_classes])}
         raise ValueError("guidance_scale needs a conditional teacher (class labels or text)")

@@ -59,6 +59,8 @@ class FamilyAdapter:
     null_tokens: int = 1
     #: scheduler assumed when a folder has none (None: a flow-matching model)
     default_scheduler: dict | None = None
+    #: value of the network's own guidance input when the data gives none (FLUX.1-dev's pipeline default)
+    default_guidance: float = 3.5
 
     # ---- time ----
     def units(self, network: nn.Module) -> TimestepUnits:
@@ -108,6 +110,14 @@ class FamilyAdapter:
     def num_classes(self, network: nn.Module) -> int:
         return 0
 
+    def label_embeddings(self, network: nn.Module) -> list[nn.Module]:
+        """The network's class-label tables (diffusers ``LabelEmbedding``: DiT); one extra row = the null class."""
+        return [m for m in network.modules() if type(m).__name__ == "LabelEmbedding"]
+
+    def has_null_class(self, network: nn.Module) -> bool:
+        tables = self.label_embeddings(network)
+        return bool(tables) and tables[0].embedding_table.num_embeddings > self.num_classes(network)
+
     def text_inputs(self, network: nn.Module) -> dict[str, tuple[int, ...]]:
         """Text-embedding inputs and their per-sample shapes (``-1`` = any token count)."""
         return {}
@@ -126,7 +136,7 @@ class FamilyAdapter:
         return out
 
     def complete_cond(self, network: nn.Module, cond: dict | None, batch: int, device, dtype,
-                      guidance: float = 3.5, null_text: dict | None = None) -> dict:
+                      null_text: dict | None = None) -> dict:
         """``cond`` with every input the network needs. Missing text embeddings become the empty prompt:
         ``null_text`` (one row from the pipeline's encoders) when given, zeros otherwise."""
         cond = dict(cond or {})
@@ -141,7 +151,7 @@ class FamilyAdapter:
         if self.conditioning(network) == "class" and "class_labels" not in cond:
             raise ValueError(f"{self.class_name} is class-conditional: pass class_labels")
         if self.guidance_input(network) and "guidance" not in cond:
-            cond["guidance"] = torch.full((batch,), float(guidance), device=device, dtype=torch.float32)
+            cond["guidance"] = torch.full((batch,), self.default_guidance, device=device, dtype=torch.float32)
         return cond
 
     def call(self, network: nn.Module, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
