@@ -45,7 +45,9 @@ def make_accelerator(mixed_precision: str, compile, cpu: bool):
 
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, dynamo_backend=dynamo_backend(compile))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, dynamo_backend=dynamo_backend(compile))
+    adjust_fsdp_precision(accelerator)
+    return accelerator
 
 
 def _fp32_forward(self, *args, **kwargs):
@@ -70,6 +72,7 @@ def keep_in_fp32(module: nn.Module) -> nn.Module:
     """
     module.float()
     module.forward = types.MethodType(_fp32_forward, module)
+    module._ttfm_keep_fp32 = True  # FSDP2 gives it its own fp32 unit (shard_fp32_modules)
     return module
 
 
@@ -103,42 +106,108 @@ def enable_gradient_checkpointing(student) -> None:
 
 
 # ------------------------------------------------------ sharded state -------
-def is_sharded(accelerator) -> bool:
-    """Whether the student is sharded across processes (FSDP), so its state must be gathered."""
+# Under FSDP (Accelerate's or a plain ``torch.distributed.fsdp.fully_shard``) every
+# process holds a slice of each parameter (a DTensor).  Checkpoints and exports hold
+# the full tensors, gathered with torch's ``torch.distributed.checkpoint.state_dict``
+# functions, which serve FSDP1, FSDP2 and unsharded modules alike; every function
+# here that gathers or scatters is a collective that every process must call.
+def module_is_sharded(module) -> bool:
+    """Whether ``module`` (or a submodule) is FSDP-sharded: FSDP2 ``FSDPModule``, FSDP1, or DTensor parameters."""
+    if module is None:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    if type(module).__name__ == "FullyShardedDataParallel":  # FSDP1 wrapper
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        FSDPModule = ()
+    return any(isinstance(m, FSDPModule) for m in module.modules()) or \
+        any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def is_sharded(accelerator, wrapped=None) -> bool:
+    """Whether the student is sharded across processes (FSDP), so its state must be gathered.
+
+    True when Accelerate runs FSDP, or when ``wrapped`` itself is sharded (``fully_shard``
+    applied outside Accelerate).
+    """
     from accelerate.utils import DistributedType
 
-    return accelerator.distributed_type == DistributedType.FSDP
+    return accelerator.distributed_type == DistributedType.FSDP or module_is_sharded(wrapped)
+
+
+def _is_main_rank() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def full_model_state(accelerator, wrapped, model, sharded: bool | None = None) -> dict:
     """The full, unsharded state dict of the student, on CPU.
 
-    Under FSDP every process must call this (it is a collective); the full dict
-    lands on rank 0 (others get ``{}``).  Otherwise it is ``model.state_dict()``
-    (``model``: the unwrapped student), and a LoRA student gives only its
-    trained tensors (``trainable_state_dict``).
+    Sharded: every process must call this (it is a collective); the full dict lands on
+    rank 0, the others get ``{}``.  The keys are those of the unwrapped student
+    (``get_model_state_dict`` drops FSDP1/DDP/compile prefixes).  Otherwise it is
+    ``model.state_dict()`` (``model``: the unwrapped student), and a LoRA student gives
+    only its trained tensors (``trainable_state_dict``).
     """
-    sharded = is_sharded(accelerator) if sharded is None else sharded
+    sharded = is_sharded(accelerator, wrapped) if sharded is None else sharded
     if sharded:
-        return {k: v.detach().cpu() for k, v in accelerator.get_state_dict(wrapped).items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in full.items()} if _is_main_rank() else {}
     if hasattr(model, "trainable_state_dict"):
         return model.trainable_state_dict()
     return model.state_dict()
 
 
+def load_full_model_state(accelerator, wrapped, model, state: dict, sharded: bool | None = None) -> None:
+    """Load a full state dict (a checkpoint's ``student.safetensors``) into the student, strictly.
+
+    Sharded: a collective; **every** process passes the full dict (each reads the
+    checkpoint from disk, as the trainer's resume does) and keeps its own slice of each
+    tensor.  (torch's ``broadcast_from_rank0`` would let only rank 0 read it; not used,
+    so that a rank handed ``{}`` by mistake fails here instead of silently keeping its
+    old weights.)  Unsharded: ``load_state_dict`` (LoRA: ``load_trainable_state_dict``).
+
+    The trainer itself loads before ``accelerator.prepare`` shards the student; this is
+    for a student that is already sharded.
+    """
+    sharded = is_sharded(accelerator, wrapped) if sharded is None else sharded
+    if not sharded:
+        if hasattr(model, "load_trainable_state_dict"):
+            model.load_trainable_state_dict(state)
+        else:
+            model.load_state_dict(state, strict=True)
+        return
+    if not state:
+        raise ValueError("load_full_model_state: every process must pass the full state dict")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(wrapped, dict(state), options=StateDictOptions(full_state_dict=True, strict=True))
+
+
 def optimizer_state(accelerator, wrapped, optimizer, sharded: bool | None = None) -> dict:
-    """The optimizer state to checkpoint: the full (gathered) state under FSDP, keyed by parameter name."""
-    sharded = is_sharded(accelerator) if sharded is None else sharded
+    """The optimizer state to checkpoint: the full (gathered) state when sharded, keyed by parameter name.
+
+    Sharded: a collective; rank 0 gets the dict, the others ``{}``.
+    """
+    sharded = is_sharded(accelerator, wrapped) if sharded is None else sharded
     if not sharded:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     inner = getattr(optimizer, "optimizer", optimizer)
-    return get_optimizer_state_dict(wrapped, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_optimizer_state_dict(wrapped, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if _is_main_rank() else {}
 
 
 def load_optimizer_state(accelerator, wrapped, optimizer, state: dict, sharded: bool | None = None) -> None:
-    sharded = is_sharded(accelerator) if sharded is None else sharded
+    """Load a checkpoint's optimizer state; sharded: a collective, every process passes the full (name-keyed) state."""
+    sharded = is_sharded(accelerator, wrapped) if sharded is None else sharded
     if not sharded:
         optimizer.load_state_dict(state)
         return
@@ -146,3 +215,76 @@ def load_optimizer_state(accelerator, wrapped, optimizer, state: dict, sharded: 
 
     inner = getattr(optimizer, "optimizer", optimizer)
     set_optimizer_state_dict(wrapped, inner, state, options=StateDictOptions(full_state_dict=True))
+
+
+def unsharded_copy(accelerator, wrapped, model, build):
+    """The student to export: ``model`` itself, or, when sharded, a fresh unsharded student
+    made by ``build()`` holding the gathered weights on rank 0 (``None`` on the other ranks;
+    a collective)."""
+    if not is_sharded(accelerator, wrapped):
+        return model
+    full = full_model_state(accelerator, wrapped, model, sharded=True)
+    if not _is_main_rank():
+        return None
+    twin = build()
+    twin.load_state_dict(full, strict=True)
+    return twin
+
+
+# ------------------------------------------- FSDP2 with bf16/fp16 params ----
+def _low_precision_fsdp2_policy(accelerator):
+    """Accelerate's FSDP2 ``MixedPrecisionPolicy`` when it gathers parameters in bf16/fp16, else ``None``."""
+    state = accelerator.state
+    if not getattr(state, "is_fsdp2", False):
+        return None
+    policy = getattr(state.fsdp_plugin, "mixed_precision_policy", None)
+    if policy is None or getattr(policy, "param_dtype", None) in (None, torch.float32):
+        return None
+    return policy
+
+
+def adjust_fsdp_precision(accelerator) -> None:
+    """Under FSDP2 with bf16/fp16 parameters, leave the student's inputs alone.
+
+    Accelerate's policy keeps FSDP2's default ``cast_forward_inputs=True``, which would
+    round ``s`` and ``t`` to bf16 (steps of 1/256 near 1) before the student sees them.
+    Autocast (on in these runs) already casts what the network's layers need, as in the
+    unsharded bf16 run.
+    """
+    import dataclasses
+
+    policy = _low_precision_fsdp2_policy(accelerator)
+    if policy is not None and policy.cast_forward_inputs:
+        accelerator.state.fsdp_plugin.mixed_precision_policy = dataclasses.replace(policy, cast_forward_inputs=False)
+
+
+def shard_fp32_modules(accelerator, student, optimizer) -> int:
+    """Give every module kept in fp32 (:func:`keep_in_fp32`) its own FSDP2 unit with fp32 parameters.
+
+    Under FSDP2 with bf16/fp16 parameters every unit is all-gathered in that dtype, so the
+    fp32 time embedders would get bf16 weights (and fail: fp32 activations, bf16 weights).
+    Call before ``accelerator.prepare`` (which then shards the rest, skipping these units);
+    ``optimizer``'s references to the modules' parameters are switched to the sharded ones.
+    Returns the number of units made (0 when not needed).
+    """
+    policy = _low_precision_fsdp2_policy(accelerator)
+    if policy is None:
+        return 0
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    plugin = accelerator.state.fsdp_plugin
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    kwargs = {"mp_policy": fp32, "reshard_after_forward": plugin.reshard_after_forward,
+              "offload_policy": plugin.cpu_offload}
+    mesh = getattr(accelerator, "torch_device_mesh", None)  # the mesh Accelerate shards the rest on
+    if mesh is not None:
+        kwargs["mesh"] = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+    made = 0
+    for module in [m for m in student.modules() if getattr(m, "_ttfm_keep_fp32", False)]:
+        old = list(module.parameters())
+        fully_shard(module, **kwargs)
+        swap = {id(o): n for o, n in zip(old, module.parameters())}
+        for group in optimizer.param_groups:
+            group["params"] = [swap.get(id(p), p) for p in group["params"]]
+        made += 1
+    return made

@@ -284,6 +284,7 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
     else:
         if ckpts:
             raise RunError(f"no checkpoint in {out / 'checkpoints'} could be read; pass --overwrite to start over")
+    scale.shard_fp32_modules(accelerator, student, optimizer)  # FSDP2 + bf16/fp16 only
     wrapped, optimizer = accelerator.prepare(student, optimizer)
     if opt_state is not None:
         try:
@@ -358,11 +359,8 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
     if cfg.max_steps > last_saved:
         checkpoint(cfg.max_steps)
     final = ema if (cfg.export_weights == "ema" and ema is not None) else student
-    if final is student and scale.is_sharded(accelerator):  # export an unsharded copy, built on rank 0
-        full = scale.full_model_state(accelerator, wrapped, student)
-        if main:
-            final = build_student(teacher, cfg).to(device)
-            final.load_state_dict(full, strict=True)
+    if final is student:  # sharded: an unsharded copy holding the gathered weights, built on rank 0
+        final = scale.unsharded_copy(accelerator, wrapped, student, lambda: build_student(teacher, cfg).to(device))
     if main:
         metrics = finish_run(cfg, out, final.eval(), teacher, objective, seconds, history, device, log, skipped,
                              distributed, data_report=getattr(data, "report", None))
