@@ -189,7 +189,7 @@ def test_gathered_state_paths_round_trip_single_process(tiny_teacher_dir):
     """The FSDP branch of checkpointing (full model state, name-keyed full optimizer state) on one process.
 
     Accelerate 1.15 enables FSDP only on GPU-class devices (``state.py``: the FSDP type is set for
-    MULTI_GPU and the like, never MULTI_CPU), so real sharding cannot run on this machine.
+    MULTI_GPU and the like, never MULTI_CPU); real sharding on CPU processes is in ``test_fsdp.py``.
     """
     teacher = load_teacher(str(tiny_teacher_dir))
     accelerator = scale.make_accelerator("no", False, cpu=True)
