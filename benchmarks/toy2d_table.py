@@ -24,9 +24,28 @@ def table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(path: Path) -> str:
+    """Mean +- standard deviation over seeds, and how many seeds each row beat ``lfmd_fd`` on."""
+    res = json.loads(path.read_text())
+    steps = list(next(iter(res.values()))["kl_mean"])
+    n = len(next(iter(res.values()))["kl_per_seed"])
+    lines = ["| objective | " + " | ".join(f"KL {k}" for k in steps) + " | seeds beating lfmd_fd (per step count) |",
+             "|" + "---|" * (len(steps) + 2)]
+    for name, r in res.items():
+        kl = " | ".join(f"{r['kl_mean'][k]:.3f} ± {r['kl_std'][k]:.3f}" for k in steps)
+        wins = r["wins_vs"].get("lfmd_fd")
+        won = "/".join(str(wins[k]) for k in steps) + f" of {n}" if wins else ""
+        lines.append(f"| {name} | {kl} | {won} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     for path in sorted(ROOT.glob("toy2d*.json")):
         if path.stem.endswith("-settings"):
+            continue
+        if path.stem.startswith("toy2d-seeds-"):
+            settings = json.loads(path.with_name(path.stem + "-settings.json").read_text())
+            print(f"### {settings['teacher']}, seeds {settings['seeds']}\n\n`{settings['command']}`\n\n{seeds_table(path)}\n")
             continue
         settings = json.loads(path.with_name(path.stem + "-settings.json").read_text())
         print(f"### {settings['teacher']}\n\n`{settings['command']}`\n\n{table(path)}\n")
