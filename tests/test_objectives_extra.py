@@ -158,3 +158,37 @@ def test_one_grad_call_and_stop_gradient(gaussian_case, name, opts, diag):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert out.per_sample.shape == (64,) and not out.per_sample.requires_grad
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("name,opts", [("lfmd", {"derivative": "fd"}), ("lsd", {"derivative": "jvp"}),
+                                       ("meanflow", {"derivative": "jvp"})])
+def test_adaptive_weight_is_the_gradient_of_log_residual(gaussian_case, name, opts):
+    """With ``adaptive_p = 1`` each sample's gradient is that of ``log(l + c)``; ``p = 0`` is the plain loss; the
+    weighting really changes the gradient (a large-residual sample no longer dominates)."""
+    teacher, _ = gaussian_case
+    model = MlpFlowMap(2, 32, 2).double()
+    batch = make_batch(64, seed=3)
+    c = 1e-2
+
+    def grads(**extra):
+        model.zero_grad()
+        make_objective(name, **opts, **extra)(model, teacher, batch, model).loss.backward()
+        return torch.cat([p.grad.flatten().clone() for p in model.parameters()])
+
+    plain, weighted = grads(), grads(adaptive_p=1.0, adaptive_c=c)
+    out = make_objective(name, **opts)(model, teacher, batch, model)
+    residual = out.per_sample  # p = 0: the per-sample loss is the residual (lambda_diagonal = 1)
+    assert torch.allclose(plain, grads(adaptive_p=0.0))
+    assert not torch.allclose(plain, weighted, rtol=1e-3)
+    w = 1.0 / (residual + c)
+    # the weighted loss's gradient is the mean of the per-sample gradients, each scaled by 1 / (l_i + c)
+    per_sample_grads = []
+    for i in range(len(residual)):
+        model.zero_grad()
+        o = make_objective(name, **opts)
+        sub = type(batch)(batch.x_s[i:i + 1], batch.s[i:i + 1], batch.t[i:i + 1], None, batch.generator)
+        o(model, teacher, sub, model).loss.backward()
+        per_sample_grads.append(torch.cat([p.grad.flatten().clone() for p in model.parameters()]))
+    expected = (w[:, None] * torch.stack(per_sample_grads)).mean(0)
+    err = (weighted - expected).abs().max() / expected.abs().max()
+    assert err < 1e-6, err  # float64; batch-size-dependent summation order only

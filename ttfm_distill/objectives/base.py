@@ -82,6 +82,22 @@ def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).float().pow(2).flatten(1).mean(1)
 
 
+def adaptive_weight(residual: torch.Tensor, p: float, c: float) -> torch.Tensor:
+    """MeanFlow's robust per-sample weight ``sg[1 / (residual + c)^p]`` (``p = 0``: all ones).
+
+    With ``p = 1`` a sample's gradient is that of ``log(residual + c)``: large residuals, such as
+    a target evaluated where the student's own output has wandered off the data, stop dominating.
+    """
+    if p == 0:
+        return torch.ones_like(residual)
+    return 1.0 / (residual.detach() + c).pow(p)
+
+
+def check_adaptive_options(name: str, p: float, c: float) -> None:
+    if p < 0 or c <= 0:
+        raise ValueError(f"{name}: need adaptive_p >= 0 and adaptive_c > 0")
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over ``mask`` (0 when the mask is empty, keeping the graph)."""
     m = mask.to(values.dtype)

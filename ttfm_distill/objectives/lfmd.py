@@ -6,6 +6,11 @@
 backpropagated through (needs forward-AD support in every op: no fused
 attention, see ENVIRONMENT.md).  ``derivative="fd"``: central finite
 difference with step ``fd_step`` (one-sided at the ends of ``[s, 1]``).
+
+``adaptive_p > 0`` weights each sample by ``sg[1 / (l + adaptive_c)^p]``
+(MeanFlow's robust weighting; off by default): the teacher is evaluated at
+the student's own output, and off the data near ``t = 1`` a sharp teacher's
+velocity is huge, so without it a few samples can blow the loss up.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from ..convention import broadcast_time
-from .base import (Objective, ObjectiveOutput, TrainBatch, check_derivative_options, flow_map, masked_mean,
-                   per_sample_mse, repeat_cond)
+from .base import (Objective, ObjectiveOutput, TrainBatch, adaptive_weight, check_adaptive_options,
+                   check_derivative_options, flow_map, masked_mean, per_sample_mse, repeat_cond)
 
 
 def time_derivative_jvp(student, x, s, t, cond=None):
@@ -46,9 +51,12 @@ class LfmdObjective(Objective):
     class Options:
         derivative: str = "fd"
         fd_step: float = 1e-3
+        adaptive_p: float = 0.0
+        adaptive_c: float = 1e-3
 
     def validate(self):
         check_derivative_options("lfmd", self.options.derivative, self.options.fd_step)
+        check_adaptive_options("lfmd", self.options.adaptive_p, self.options.adaptive_c)
 
     def __call__(self, student, teacher, batch: TrainBatch, ema=None) -> ObjectiveOutput:
         x, s, t, cond = batch.x_s, batch.s, batch.t, batch.cond
@@ -58,9 +66,10 @@ class LfmdObjective(Objective):
             phi, dphi = time_derivative_fd(student, x, s, t, cond, self.options.fd_step)
         with torch.no_grad():
             target = teacher.velocity(phi.detach(), t, cond)
-        per_sample = per_sample_mse(dphi, target)
+        residual = per_sample_mse(dphi, target)
+        per_sample = adaptive_weight(residual, self.options.adaptive_p, self.options.adaptive_c) * residual
         off = t > s
         return ObjectiveOutput(per_sample.mean(), per_sample.detach(), {
-            "lagrangian": masked_mean(per_sample, off).item(),
-            "initial": masked_mean(per_sample, ~off).item(),
+            "lagrangian": masked_mean(residual, off).item(),
+            "initial": masked_mean(residual, ~off).item(),
         })

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from ..convention import broadcast_time
-from .base import (Objective, ObjectiveOutput, TrainBatch, cat_conds, check_derivative_options, per_sample_mse,
-                   select_cond)
+from .base import (Objective, ObjectiveOutput, TrainBatch, adaptive_weight, cat_conds, check_adaptive_options,
+                   check_derivative_options, per_sample_mse, select_cond)
 from .lfmd import time_derivative_jvp
 
 TARGET_MODELS = ("student", "ema")
@@ -68,10 +68,13 @@ class LsdObjective(Objective):
         fd_step: float = 1e-3
         target_model: str = "student"
         lambda_diagonal: float = 1.0
+        adaptive_p: float = 0.0
+        adaptive_c: float = 1e-3
 
     def validate(self):
         o = self.options
         check_derivative_options("lsd", o.derivative, o.fd_step)
+        check_adaptive_options("lsd", o.adaptive_p, o.adaptive_c)
         if o.target_model not in TARGET_MODELS:
             raise ValueError(f"lsd: target_model must be one of {TARGET_MODELS}")
         if o.lambda_diagonal < 0:
@@ -114,7 +117,9 @@ class LsdObjective(Objective):
             v_d = teacher.velocity(x[di], s[di], select_cond(cond, di)) if di.numel() else u_d.detach()
         lagrangian = per_sample_mse(dphi, u_tgt)
         initial = per_sample_mse(u_d, v_d)
-        per_sample = scatter_rows(x.shape[0], oi, lagrangian, di, o.lambda_diagonal * initial)
+        w_l = adaptive_weight(lagrangian, o.adaptive_p, o.adaptive_c)
+        w_i = adaptive_weight(initial, o.adaptive_p, o.adaptive_c)
+        per_sample = scatter_rows(x.shape[0], oi, w_l * lagrangian, di, o.lambda_diagonal * w_i * initial)
         return ObjectiveOutput(per_sample.mean(), per_sample.detach(), {
             "lagrangian": _mean_or_zero(lagrangian.detach()), "initial": _mean_or_zero(initial.detach()),
         })

@@ -59,7 +59,8 @@ from dataclasses import dataclass
 import torch
 
 from ..convention import broadcast_time
-from .base import Objective, ObjectiveOutput, TrainBatch, check_derivative_options, per_sample_mse
+from .base import (Objective, ObjectiveOutput, TrainBatch, adaptive_weight, check_adaptive_options,
+                   check_derivative_options, per_sample_mse)
 from .base import cat_conds, select_cond
 from .lsd import _mean_or_zero, split_rows
 
@@ -95,8 +96,9 @@ class MeanFlowObjective(Objective):
     def validate(self):
         o = self.options
         check_derivative_options("meanflow", o.derivative, o.fd_step)
-        if o.lambda_diagonal < 0 or o.adaptive_p < 0 or o.adaptive_c <= 0:
-            raise ValueError("meanflow: need lambda_diagonal >= 0, adaptive_p >= 0, adaptive_c > 0")
+        check_adaptive_options("meanflow", o.adaptive_p, o.adaptive_c)
+        if o.lambda_diagonal < 0:
+            raise ValueError("meanflow: need lambda_diagonal >= 0")
 
     @torch.no_grad()
     def target(self, student, teacher, batch: TrainBatch) -> torch.Tensor:
@@ -121,8 +123,7 @@ class MeanFlowObjective(Objective):
         u = student(x, s, t, cond)  # the one gradient-carrying call
         residual = per_sample_mse(u, target)
         weight = torch.where(off, torch.ones_like(residual), torch.full_like(residual, o.lambda_diagonal))
-        if o.adaptive_p > 0:
-            weight = weight / (residual.detach() + o.adaptive_c).pow(o.adaptive_p)
+        weight = weight * adaptive_weight(residual, o.adaptive_p, o.adaptive_c)
         per_sample = weight * residual
         r = residual.detach()
         return ObjectiveOutput(per_sample.mean(), per_sample.detach(), {
