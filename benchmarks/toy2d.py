@@ -309,7 +309,7 @@ def plot(tname, res, shown, path):
             if j == 0:
                 ax.set_ylabel(name, fontsize=7)
             ax.text(0.03, 0.03, f"{res[name]['kl'][str(k)]:.3f}", transform=ax.transAxes, color="w", fontsize=6)
-    ax = fig.add_subplot(grid[1:-1, len(STEPS) + 1:])
+    ax = fig.add_subplot(grid[1:-1, len(STEPS) + 1:] if len(rows) > 2 else grid[:, len(STEPS) + 1:])
     for name, r in res.items():
         ax.plot(STEPS, [r["kl"][str(k)] for k in STEPS], marker="" if name == "teacher_fine" else "o",
                 label=name, ls="--" if name.startswith("teacher") else "-", lw=1.2, ms=3)
