@@ -15,7 +15,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Distil a diffusers flow-matching model into a two-timed flow model that samples in 1-4 steps.",
+    help="Distil a diffusers flow-matching or diffusion model into a two-timed flow model that samples in 1-4 steps.",
 )
 
 DEFAULT_OUTPUT = "ttfm-output"
@@ -26,43 +26,59 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _known_errors():
-    from .config import ConfigError
-    from .datasets import DatasetUnavailable
-    from .export import StudentLoadError
-    from .teachers.families import UnsupportedTeacher
-    from .teachers.loading import TeacherLoadError
-    from .trainer import RunError
+class _Terminated(KeyboardInterrupt):
+    signum = 15
 
-    return (ConfigError, TeacherLoadError, UnsupportedTeacher, StudentLoadError, DatasetUnavailable, RunError)
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
 
 
 def _guard(fn):
-    """Run a command body: known errors become one line and a non-zero exit, never a traceback."""
+    """Run a command body: the tool's own errors become one line and a non-zero exit, never a traceback.
+
+    SIGINT exits 130 and SIGTERM 143 wherever they land.  Anything that is not a
+    ``TTFMError`` (or an OS error such as a full disk) is a bug: one line says so
+    and where the traceback is (``TTFM_DEBUG=1``), and the exit code is 1.
+    """
+    import signal
+
+    from .errors import TTFMError
+
+    try:
+        old = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        old = None
     try:
         return fn()
     except typer.Exit:
         raise
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
+    except KeyboardInterrupt as e:
+        signum = int(getattr(e, "signum", 2))
+        _fail("interrupted" + (" (SIGTERM)" if signum == 15 else ""), 128 + signum)
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into messages
         if os.environ.get("TTFM_DEBUG"):
             raise
-        known = _known_errors()
-        if isinstance(e, known) or isinstance(e, ValueError):
-            _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 1 if _is_runtime(e) else 2)
+        if isinstance(e, TTFMError):
+            _fail(_one_line(str(e)) or type(e).__name__, int(getattr(e, "exit_code", 2)))
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             _fail(f"disk full while writing {e.filename or 'the output'}; free some space or choose another "
                   "--output (files written before are intact)", 1)
         if isinstance(e, OSError):
-            _fail(f"{e.strerror or e} ({e.filename})" if e.filename else str(e), 1)
-        _fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (set TTFM_DEBUG=1 for the traceback)", 1)
+            _fail(_one_line(f"{e.strerror or e} ({e.filename})" if e.filename else str(e)), 1)
+        if isinstance(e, MemoryError):
+            _fail("out of memory; lower --batch-size (or --num) and try again", 1)
+        _fail(_one_line(f"internal error, a bug in ttfm-distill: {type(e).__name__}: {str(e)}", 150)
+              + " (TTFM_DEBUG=1 shows the traceback)", 1)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
-def _is_runtime(e: Exception) -> bool:
-    from .trainer import RunError
-
-    return isinstance(e, RunError)
+def _one_line(text: str, limit: int = 190) -> str:
+    """The first line of ``text``, cut to ``limit`` characters."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _parse_value(text: str):
@@ -87,7 +103,7 @@ def run(
     teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Hub id, diffusers folder, or builtin:NAME (default: the embedded Fashion-MNIST teacher)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help=f"Run folder (default: ./{DEFAULT_OUTPUT})."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Training steps."),
-    loss: Optional[str] = typer.Option(None, "--loss", help="Objective: itvm (default), lfmd, progressive."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="Objective: itvm (default), lfmd, lsd, meanflow, progressive (each with its own defaults; see --dry-run)."),
     loss_option: Optional[List[str]] = typer.Option(None, "--loss-option", "-L", help="Objective option KEY=VALUE (repeatable), e.g. -L tau=0.1 -L intermediate=uniform."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
@@ -109,8 +125,8 @@ def run(
     sample_size: Optional[int] = typer.Option(None, "--sample-size", help="Latent size for teachers whose config does not fix it (Flux: default 128)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or TOML file of run settings (flags override it)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Any run setting KEY=VALUE (repeatable), e.g. --set time_sampling=uniform."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run in --output and start over."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run in --output (only what a run wrote; a folder holding anything else is refused) and start over."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything a run would refuse, print the resolved config, and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Distil a teacher into a two-timed student; writes student/, samples.png, metrics.json."""
@@ -128,15 +144,16 @@ def run(
                      data_resolution=resolution, data_crop=crop, data_streaming=streaming or None)
         values.update({k: v for k, v in flags.items() if v is not None})
         if loss_option:
-            values["loss_options"] = {**values.get("loss_options", {}), **_parse_options(loss_option, "--loss-option")}
+            earlier = values.get("loss_options", {})
+            if not isinstance(earlier, dict):
+                _fail(f"loss_options must be a table of KEY=VALUE (e.g. -L tau=0.1), got {earlier!r}")
+            values["loss_options"] = {**earlier, **_parse_options(loss_option, "--loss-option")}
         if loss and loss != values.get("loss") and "loss_options" not in values:
             values["loss_options"] = {}
-        cfg = RunConfig.from_dict(values).validate()
-        from .objectives import make_objective
+        from .preflight import check_run_folder, resolve_settings
 
-        from .trainer import check_objective_fits
-
-        check_objective_fits(make_objective(cfg.loss, **cfg.loss_options), cfg)  # fail fast on bad loss options
+        cfg, _ = resolve_settings(RunConfig.from_dict(values))
+        check_run_folder(cfg, overwrite)  # the same checks run makes, before the teacher or data are touched
         from .data.hf import check_data_spec
 
         data_info = check_data_spec(cfg.data)  # fail fast on a missing or unreachable data set

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .errors import ConfigError  # noqa: F401 - re-exported: most callers import it from here
+
 DEFAULT_OUTPUT = "ttfm-output"
 
-
-class ConfigError(ValueError):
-    """A bad setting; the message names it and the fix."""
 
 
 @dataclass
@@ -46,7 +46,8 @@ class RunConfig:
     ema_decay: float = 0.0
     seed: int = 0
     time_sampling: str = "mixed"
-    diagonal_fraction: float = 0.0
+    #: fraction of pairs with s == t; None: the objective's own default (ITVM 0, LSD 0.75, others 0.25)
+    diagonal_fraction: float | None = None
     dyadic_levels: int = 4
     second_time_input: str = "delta"
     data: str = "teacher"
@@ -92,8 +93,11 @@ class RunConfig:
     lora_targets: str | list = ""
     #: "merged" (a plain student folder) or "adapters" (adapter safetensors + config)
     lora_export: str = "merged"
+    #: filled in by the run, not a setting: a key of the teacher's weights, so a replaced teacher never resumes
+    teacher_fingerprint: str | None = None
 
     def validate(self) -> "RunConfig":
+        check_types(self.to_dict(), {f.name: f.type for f in fields(self)}, "setting")
         positive = ["max_steps", "batch_size", "pool_size", "pool_steps", "log_every", "checkpoint_every",
                     "keep_checkpoints", "eval_samples", "reference_steps", "dyadic_levels", "mlp_width", "mlp_depth"]
         for name in positive:
@@ -117,7 +121,7 @@ class RunConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not 0 <= self.diagonal_fraction <= 1:
+        if self.diagonal_fraction is not None and not 0 <= self.diagonal_fraction <= 1:
             raise ConfigError(f"diagonal_fraction must be in [0, 1], got {self.diagonal_fraction}")
         if int(self.grad_accum_steps) < 1 or self.batch_size % int(self.grad_accum_steps):
             raise ConfigError(f"grad_accum_steps must be a positive divisor of batch_size ({self.batch_size}), "
@@ -161,7 +165,65 @@ class RunConfig:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"unknown config key {key!r}{hint}")
+        check_types(data, {f.name: f.type for f in fields(cls)}, "setting")
         return cls(**data)
+
+
+def _describe(value) -> str:
+    text = json.dumps(value) if isinstance(value, (str, list, dict)) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def type_problem(value, annotation: str) -> str | None:
+    """What is wrong with ``value`` for a field annotated ``annotation`` (a string), or ``None``.
+
+    Integers must be whole numbers (not ``2.5``, ``"10"`` or ``true``); numbers must be
+    finite; ``None`` only where the annotation allows it.
+    """
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None:
+        return None if "None" in kinds else "must be set (got null)"
+    wanted = []
+    for kind in kinds:
+        if kind == "int":
+            wanted.append("an integer")
+            if isinstance(value, int) and not isinstance(value, bool):
+                return None
+        elif kind == "float":
+            wanted.append("a finite number")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return None if math.isfinite(value) else "must be a finite number"
+        elif kind == "bool":
+            wanted.append("true or false")
+            if isinstance(value, bool):
+                return None
+        elif kind == "str":
+            wanted.append("a string")
+            if isinstance(value, str):
+                return None
+        elif kind == "list":
+            wanted.append("a list")
+            if isinstance(value, (list, tuple)):
+                return None
+        elif kind == "dict":
+            wanted.append("a table of KEY=VALUE")
+            if isinstance(value, dict):
+                return None
+        elif kind == "None":
+            continue
+        else:  # an annotation this checker does not know: accept rather than refuse a valid value
+            return None
+    return "must be " + " or ".join(wanted)
+
+
+def check_types(data: dict, annotations: dict, what: str = "setting") -> None:
+    """Raise ``ConfigError`` naming the first value of ``data`` whose type does not fit its annotation."""
+    for key, value in data.items():
+        if key not in annotations:
+            continue
+        problem = type_problem(value, annotations[key])
+        if problem:
+            raise ConfigError(f"{what} {key} {problem}, got {_describe(value)}")
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -171,20 +233,29 @@ def load_config_file(path: str | Path) -> dict:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text; pass a .json or .toml file") from None
+    kind = "TOML" if path.suffix == ".toml" else "JSON"
     try:
         if path.suffix == ".toml":
             import tomllib
 
-            return tomllib.loads(text)
-        return json.loads(text)
+            values = tomllib.loads(text)
+        else:
+            values = json.loads(text)
     except ValueError as e:
-        raise ConfigError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
+        raise ConfigError(f"config file {path} is not valid {kind}: {str(e).splitlines()[0][:80]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a table of settings, got a {type(values).__name__}")
+    return values
 
 
 # fields that may change between a run and its resumption
 RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_samples",
                      "reference_steps", "output", "allow_pickle", "data_cache", "gradient_checkpointing", "compile",
-                     "lora_export"}
+                     "lora_export",
+                     # checked on its own once the teacher is loaded (preflight.check_teacher_unchanged)
+                     "teacher_fingerprint"}
 
 
 def resume_mismatch(saved: dict, current: dict) -> list[str]:

@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from .errors import TTFMError
 
 FASHION_MNIST_DIRS = (
     os.environ.get("TTFM_FASHION_MNIST_DIR", ""),
@@ -25,7 +26,7 @@ FASHION_MNIST_CLASSES = (
 )
 
 
-class DatasetUnavailable(RuntimeError):
+class DatasetUnavailable(TTFMError, RuntimeError):
     """A dataset that needs installing first; the message says how."""
 
 

@@ -20,6 +20,7 @@ import torch
 from .metrics import flow_map_error, frechet_distance, gaussian_stats, histogram_kl
 from .objectives.base import flow_map
 from .sampling import euler, fine_reference, heun, sample_flow_map, uniform_time_grid
+from .errors import TTFMError
 
 
 @torch.no_grad()
@@ -86,7 +87,7 @@ DEFAULT_NUM = {"image": 512, "points": 65536}
 DEFAULT_BATCH = {"image": 256, "points": 8192}
 
 
-class EvalError(ValueError):
+class EvalError(TTFMError, ValueError):
     """Settings or models that ``eval`` cannot work with; the message says why."""
 
 

@@ -22,13 +22,14 @@ import torch
 
 from .convention import TIME_CONVENTION
 from .fileio import atomic_dir, save_tensors
+from .errors import TTFMError
 
 FORMAT = "ttfm-distill-student"
 FORMAT_VERSION = 1
 PARAMETRISATION = "average_velocity: phi(x, s, t) = x + (t - s) * u(x, s, t)"
 
 
-class StudentLoadError(ValueError):
+class StudentLoadError(TTFMError, ValueError):
     """Not an exported student, or a damaged one; the message says which."""
 
 

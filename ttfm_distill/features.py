@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from .errors import TTFMError
 
 CLASSIFIER_DIR = Path(__file__).resolve().parent / "assets" / "fashion16_classifier"
 #: what the classifier reads: one 16x16 grey image in [-1, 1]
@@ -89,7 +90,7 @@ def mirrored(images: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------ Inception ------
-class InceptionFormatError(ValueError):
+class InceptionFormatError(TTFMError, ValueError):
     """The ``--inception`` file is not a TorchScript Inception feature extractor."""
 
 

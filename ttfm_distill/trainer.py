@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -20,24 +17,15 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, RunConfig, resume_mismatch
+from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import RunConfig
 from .convention import interpolate
 from .data import build_data
-from .fileio import atomic_dir, save_tensors, save_torch, write_json
-from .objectives import TrainBatch, make_objective
+from .errors import ConfigError, Interrupted, NonFiniteLoss, RunError  # noqa: F401 - re-exported
+from .fileio import write_json
+from .objectives import TrainBatch
+from .preflight import check_objective_fits  # noqa: F401 - re-exported
 from .objectives.timesampling import sample_time_pairs
-
-
-class RunError(RuntimeError):
-    """A run that cannot go on; the message says why and what to do."""
-
-
-class NonFiniteLoss(RunError):
-    pass
-
-
-class Interrupted(RunError):
-    pass
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -96,56 +84,6 @@ def _unsharded(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
-# --------------------------------------------------------- checkpoints ------
-def list_checkpoints(out: Path) -> list[Path]:
-    root = out / "checkpoints"
-    if not root.exists():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").exists())
-
-
-def save_checkpoint(out: Path, step: int, student_state: dict, ema, optimizer_state: dict, scheduler, keep: int,
-                    history: list) -> Path:
-    """Write one checkpoint atomically; ``student_state``/``optimizer_state`` are full (gathered) state dicts."""
-    final = out / "checkpoints" / f"step-{step:08d}"
-    with atomic_dir(final) as tmp:
-        save_tensors(tmp / "student.safetensors", student_state)
-        if ema is not None:
-            save_tensors(tmp / "ema.safetensors", ema.state_dict())
-        save_torch(tmp / "optimizer.pt", {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()})
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history[-1000:]}))
-    for old in list_checkpoints(out)[:-keep]:
-        # renamed away first (one atomic step), so a kill mid-delete never leaves a half checkpoint that
-        # still looks like one; the hidden leftover is swept at the next start
-        trash = old.with_name(f".{old.name}.deleted.tmp")
-        os.replace(old, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, student, ema, scheduler) -> tuple[int, list, dict]:
-    """Load model, EMA and scheduler; return ``(step, history, optimizer_state)``.
-
-    The optimizer state is applied after ``accelerator.prepare`` (FSDP re-creates the parameters).
-    """
-    from safetensors.torch import load_file
-
-    try:
-        weights = load_file(path / "student.safetensors")
-        if hasattr(student, "load_trainable_state_dict"):  # LoRA: adapters + second time only
-            student.load_trainable_state_dict(weights)
-        else:
-            student.load_state_dict(weights, strict=True)
-        if ema is not None:
-            ema.load_state_dict(load_file(path / "ema.safetensors"), strict=True)
-        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        scheduler.load_state_dict(opt["scheduler"])
-        state = json.loads((path / "trainer_state.json").read_text())
-    except Exception as e:
-        raise RunError(f"checkpoint {path} is damaged ({type(e).__name__}); skipping it") from None
-    return int(state["step"]), list(state.get("history", [])), opt["optimizer"]
-
-
 # ---------------------------------------------------------------- run -------
 @dataclass
 class RunResult:
@@ -157,35 +95,10 @@ class RunResult:
     is_main: bool = True
 
 
-def prepare_output(cfg: RunConfig, overwrite: bool) -> Path:
-    """Create or check the output folder; refuse to mix two different runs."""
-    out = Path(cfg.output)
-    saved_path = out / "config.json"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output {out} exists and is a file; choose another --output")
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    if out.exists() and any(out.iterdir()):
-        if not saved_path.exists():
-            raise ConfigError(f"output folder {out} is not empty and holds no ttfm-distill run; "
-                              "choose another --output or pass --overwrite")
-        try:
-            saved = json.loads(saved_path.read_text())
-        except json.JSONDecodeError:
-            raise ConfigError(f"{saved_path} is damaged; pass --overwrite to start over") from None
-        diff = resume_mismatch(saved, cfg.to_dict())
-        if diff:
-            raise ConfigError(f"output folder {out} holds a different run (differs in: {', '.join(diff)}); "
-                              "re-run with the same settings to resume, or pass --overwrite or another --output")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to output folder {out}: {e.strerror}") from None
-    write_json(saved_path, cfg.to_dict())
-    return out
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run can save a checkpoint (a ``KeyboardInterrupt`` carrying the signal)."""
+
+    signum = signal.SIGTERM
 
 
 class _SigtermAsInterrupt:
@@ -199,173 +112,288 @@ class _SigtermAsInterrupt:
 
     @staticmethod
     def _raise(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     def __exit__(self, *exc):
         if self.old is not None:
             signal.signal(signal.SIGTERM, self.old)
 
 
-def check_objective_fits(objective, cfg: RunConfig) -> None:
-    """Refuse settings under which the teacher never reaches the loss."""
-    if not objective.teacher_off_diagonal and cfg.diagonal_fraction == 0:
-        raise ConfigError(f"{cfg.loss} with these options sees the teacher only on diagonal pairs (s == t), and "
-                          "diagonal_fraction is 0, so nothing would be distilled; use --set diagonal_fraction=0.25")
+def interrupt_signal(exc: BaseException) -> int:
+    """The signal number behind a ``KeyboardInterrupt`` (SIGINT unless it is a :class:`Terminated`)."""
+    return int(getattr(exc, "signum", signal.SIGINT))
 
 
 def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True, console=None) -> RunResult:
-    """Distil ``cfg.teacher`` into a two-timed student; see :class:`RunConfig`."""
-    from rich.console import Console
+    """Distil ``cfg.teacher`` into a two-timed student; see :class:`RunConfig` and :class:`Distillation`."""
+    return Distillation(cfg, overwrite, show_progress, console).run()
 
-    from . import scale
-    from .teachers.loading import load_teacher
 
-    cfg.validate()
-    console = console or Console(stderr=True)
-    on_cpu = not torch.cuda.is_available()
-    scale.check_mixed_precision(cfg.mixed_precision, "cpu" if on_cpu else "cuda")
-    accelerator = scale.make_accelerator(cfg.mixed_precision, cfg.compile, cpu=on_cpu)
-    if cfg.lora_rank > 0 and scale.is_sharded(accelerator):
-        raise ConfigError("LoRA students under FSDP are not supported yet; use data parallel (the base is frozen, "
-                          "so each GPU holds one copy of it plus the adapters)")
-    main = accelerator.is_main_process
-    log = (lambda msg: console.print(msg)) if main else (lambda msg: None)
+class Distillation:
+    """One distillation run, as named steps (each a method, called in this order by :meth:`run`):
 
-    objective = make_objective(cfg.loss, **cfg.loss_options)
-    check_objective_fits(objective, cfg)
-    teacher = load_teacher(cfg.teacher, cfg.subfolder, cfg.revision, allow_pickle=cfg.allow_pickle,
-                           sample_size=cfg.sample_size, guidance_scale=cfg.default_guidance(),
-                           negative_prompt=cfg.negative_prompt, guided=cfg.guidance_range is not None)
-    out = prepare_output(cfg, overwrite) if main else Path(cfg.output)
-    accelerator.wait_for_everyone()
-    device = accelerator.device
-    teacher.to(device)
-    data = build_data(teacher, cfg, out, device, log, console, show_progress) if main or hasattr(
-        teacher, "sample_data") else None
-    if data is None or accelerator.num_processes > 1:
-        accelerator.wait_for_everyone()
-        if data is None:
-            data = build_data(teacher, cfg, out, device, log)
+    ``setup_accelerator`` -> ``preflight`` (settings, output folder: no writes) -> ``setup_teacher``
+    (load, finite check, fingerprint, memory) -> ``claim_output`` (lock, ``--overwrite``, sweep
+    temporaries) -> ``setup_data`` -> ``write_config`` -> ``setup_student`` -> ``setup_optimizer``
+    -> ``resume`` -> ``train`` (``train_step`` per step) -> ``finish`` (last checkpoint, export,
+    report).  Every refusal happens before ``claim_output``; nothing is written before it.
+    """
 
-    if cfg.lora_rank > 0:  # adapters on the teacher's own network; the teacher becomes its base-weights view
-        from .lora import build_lora_student
+    def __init__(self, cfg: RunConfig, overwrite: bool = False, show_progress: bool = True, console=None):
+        from rich.console import Console
 
-        student, teacher = build_lora_student(teacher, cfg)
-    else:
-        student = build_student(teacher, cfg)
-    student = student.to(device)
-    if cfg.mixed_precision != "no":
-        scale.keep_time_embedders_fp32(student, teacher)
-    if cfg.gradient_checkpointing:
-        scale.enable_gradient_checkpointing(student)
-    ema = None
-    if (objective.needs_ema or cfg.export_weights == "ema") and cfg.ema_decay > 0:
-        ema = student.make_ema() if hasattr(student, "make_ema") else copy.deepcopy(student).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    warm = max(1, cfg.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm))
+        self.cfg, self.overwrite, self.show_progress = cfg, overwrite, show_progress
+        self.console = console or Console(stderr=True)
+        self.lock = None
 
-    start_step, history = 0, []
-    if main:
-        for stale in (out / "checkpoints").glob(".*.tmp"):  # left by a kill mid-write
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    ckpts = list_checkpoints(out)
-    opt_state = None
-    for ckpt in reversed(ckpts):  # newest readable checkpoint; a damaged one is reported and skipped
+    def run(self) -> RunResult:
         try:
-            start_step, history, opt_state = load_checkpoint(ckpt, student, ema, scheduler)
-        except RunError as e:
-            log(f"[yellow]warning:[/] {e}")
-            continue
-        log(f"resuming from {ckpt} (step {start_step})")
-        break
-    else:
-        if ckpts:
-            raise RunError(f"no checkpoint in {out / 'checkpoints'} could be read; pass --overwrite to start over")
-    scale.shard_fp32_modules(accelerator, student, optimizer)  # FSDP2 + bf16/fp16 only
-    wrapped, optimizer = accelerator.prepare(student, optimizer)
-    if opt_state is not None:
+            self.setup_accelerator()
+            self.preflight()
+            self.setup_teacher()
+            self.claim_output()
+            self.setup_data()
+            self.write_config()
+            self.setup_student()
+            self.setup_optimizer()
+            self.resume()
+            self.train()
+            return self.finish()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    # -- steps -----------------------------------------------------------------
+    def setup_accelerator(self) -> None:
+        from . import scale
+
+        cfg = self.cfg
+        cfg.validate()
+        on_cpu = not torch.cuda.is_available()
+        scale.check_mixed_precision(cfg.mixed_precision, "cpu" if on_cpu else "cuda")
+        self.accelerator = scale.make_accelerator(cfg.mixed_precision, cfg.compile, cpu=on_cpu)
+        if cfg.lora_rank > 0 and scale.is_sharded(self.accelerator):
+            raise ConfigError("LoRA students under FSDP are not supported yet; use data parallel (the base is frozen, "
+                              "so each GPU holds one copy of it plus the adapters)")
+        self.main = self.accelerator.is_main_process
+        self.device = self.accelerator.device
+        self.log = (lambda msg: self.console.print(msg)) if self.main else (lambda msg: None)
+
+    def preflight(self) -> None:
+        """Settings and the output folder; refuses before anything is loaded or written."""
+        from .preflight import check_run_folder, resolve_settings
+
+        self.cfg, self.objective = resolve_settings(self.cfg)
+        self.folder = check_run_folder(self.cfg, self.overwrite)
+        self.out = self.folder.out
+
+    def setup_teacher(self) -> None:
+        from .data.cache import teacher_fingerprint
+        from .preflight import check_memory, check_teacher, check_teacher_unchanged
+        from .teachers.loading import load_teacher
+
+        cfg = self.cfg
+        teacher = load_teacher(cfg.teacher, cfg.subfolder, cfg.revision, allow_pickle=cfg.allow_pickle,
+                               sample_size=cfg.sample_size, guidance_scale=cfg.default_guidance(),
+                               negative_prompt=cfg.negative_prompt, guided=cfg.guidance_range is not None)
+        if hasattr(teacher, "network"):  # an unsupported time embedding is refused here, before any data work
+            teacher.adapter.projection(teacher.network)
+        teacher.to(self.device)
+        check_teacher(teacher, self.device)
+        cfg.teacher_fingerprint = teacher_fingerprint(teacher)
+        check_teacher_unchanged(self.folder, cfg.teacher_fingerprint)
+        check_memory(cfg, teacher, self.device)
+        self.teacher = teacher
+
+    def claim_output(self) -> None:
+        """Lock the folder (main process), clear it for ``--overwrite``, sweep what a killed run left."""
+        from .rundir import RunLock, clear_run, sweep_temporaries, sweep_unstarted
+
+        if self.main:
+            warn = lambda msg: self.log(f"[yellow]warning:[/] {msg}")  # noqa: E731
+            self.lock = RunLock(self.out, "run", warn).acquire()
+            if self.overwrite:
+                clear_run(self.out)
+            sweep_temporaries(self.out)
+            sweep_unstarted(self.out)
+            try:
+                probe = self.out / ".write-test"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as e:
+                raise ConfigError(f"cannot write to output folder {self.out}: {e.strerror}") from None
+        self.accelerator.wait_for_everyone()
+
+    def setup_data(self) -> None:
+        cfg, teacher, out, device = self.cfg, self.teacher, self.out, self.device
+        data = build_data(teacher, cfg, out, device, self.log, self.console, self.show_progress) if (
+            self.main or hasattr(teacher, "sample_data")) else None
+        if data is None or self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()
+            if data is None:
+                data = build_data(teacher, cfg, out, device, self.log)
+        self.data = data
+
+    def write_config(self) -> None:
+        """The resolved config, written once the data is ready: a refused run leaves none behind."""
+        if self.main:
+            write_json(self.out / "config.json", self.cfg.to_dict())
+        self.accelerator.wait_for_everyone()
+
+    def setup_student(self) -> None:
+        from . import scale
+
+        cfg = self.cfg
+        if cfg.lora_rank > 0:  # adapters on the teacher's own network; the teacher becomes its base-weights view
+            from .lora import build_lora_student
+
+            student, self.teacher = build_lora_student(self.teacher, cfg)
+        else:
+            student = build_student(self.teacher, cfg)
+        student = student.to(self.device)
+        if cfg.mixed_precision != "no":
+            scale.keep_time_embedders_fp32(student, self.teacher)
+        if cfg.gradient_checkpointing:
+            scale.enable_gradient_checkpointing(student)
+        self.ema = None
+        if (self.objective.needs_ema or cfg.export_weights == "ema") and cfg.ema_decay > 0:
+            self.ema = (student.make_ema() if hasattr(student, "make_ema")
+                        else copy.deepcopy(student).requires_grad_(False).eval())
+        self.student = student
+
+    def setup_optimizer(self) -> None:
+        cfg = self.cfg
+        self.optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay)
+        warm = max(1, cfg.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: min(1.0, (k + 1) / warm))
+
+    def resume(self) -> None:
+        """Load the newest readable checkpoint (a damaged one is reported and skipped), then prepare for Accelerate."""
+        from . import scale
+
+        self.start_step, self.history = 0, []
+        ckpts = list_checkpoints(self.out)
+        opt_state = None
+        for ckpt in reversed(ckpts):
+            try:
+                self.start_step, self.history, opt_state = load_checkpoint(ckpt, self.student, self.ema,
+                                                                           self.scheduler)
+            except RunError as e:
+                self.log(f"[yellow]warning:[/] {e}")
+                continue
+            self.log(f"resuming from {ckpt} (step {self.start_step})")
+            break
+        else:
+            if ckpts:
+                raise RunError(f"no checkpoint in {self.out / 'checkpoints'} could be read; "
+                               "pass --overwrite to start over")
+        scale.shard_fp32_modules(self.accelerator, self.student, self.optimizer)  # FSDP2 + bf16/fp16 only
+        self.wrapped, self.optimizer = self.accelerator.prepare(self.student, self.optimizer)
+        if opt_state is not None:
+            try:
+                scale.load_optimizer_state(self.accelerator, self.wrapped, self.optimizer, opt_state)
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise RunError(f"the optimizer state of the latest checkpoint does not fit this run "
+                               f"({type(e).__name__}); pass --overwrite to start over") from None
+        self.last_saved = self.start_step
+
+    def checkpoint(self, at_step: int) -> None:
+        """A collective under FSDP: every rank gathers, rank 0 writes."""
+        from . import scale
+
+        state = scale.full_model_state(self.accelerator, self.wrapped, self.student)
+        opt = scale.optimizer_state(self.accelerator, self.wrapped, self.optimizer)
+        if self.main:
+            save_checkpoint(self.out, at_step, state, self.ema, opt, self.scheduler, self.cfg.keep_checkpoints,
+                            self.history)
+        self.last_saved = at_step
+
+    def make_batch(self, step: int) -> TrainBatch:
+        """The batch of ``step`` on this rank: every draw from the generator of (seed, rank, step)."""
+        cfg = self.cfg
+        g = step_generator(cfg.seed, self.accelerator.process_index, step)
+        x1, cond = split_sample(self.data.sample(cfg.batch_size, g))
+        x0 = self.teacher.sample_noise(cfg.batch_size, generator=g)
+        s, t = sample_time_pairs(cfg.batch_size, cfg.time_sampling, cfg.diagonal_fraction, cfg.dyadic_levels,
+                                 generator=g)
+        if cfg.guidance_range is not None:  # one guidance scale per sample, seen by teacher and student
+            lo, hi = cfg.guidance_range
+            cond = {**(cond or {}), "cfg_scale": lo + (hi - lo) * torch.rand(cfg.batch_size, generator=g)}
+        if step == self.start_step:
+            self.first_batch = x1.double().sum().item()
+        return TrainBatch(interpolate(x0, x1, s).to(self.device), s.to(self.device), t.to(self.device),
+                          cond_to(cond, self.device), g)
+
+    def train_step(self, step: int) -> float | None:
+        """One optimiser step; returns the loss, or ``None`` for a non-finite step skipped by ``nan_policy``."""
+        cfg = self.cfg
+        batch = self.make_batch(step)
+        target = self.ema if self.ema is not None else self.student
+        loss, step_metrics, finite = backward_micro_batches(self.accelerator, self.wrapped, self.objective,
+                                                            self.teacher, batch, target, cfg.grad_accum_steps)
+        if not finite:
+            if cfg.nan_policy == "skip":
+                self.skipped += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+            raise NonFiniteLoss(f"loss became {loss.item()} at step {step}; stopped without saving "
+                                f"(last good checkpoint: step {self.last_saved}); lower --lr or use nan_policy=skip")
+        if cfg.grad_clip > 0:
+            self.accelerator.clip_grad_norm_(self.wrapped.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            ema_update(self.ema, self.student, cfg.ema_decay)
+        lv = loss.item()
+        if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
+            self.history.append({"step": step, "loss": lv, **step_metrics})
+        return lv
+
+    def train(self) -> None:
+        cfg = self.cfg
+        self.skipped, self.first_batch = 0, 0.0
+        t_start = time.time()
+        progress = _progress(self.console, self.show_progress and self.main)
+        task = progress.add_task("distilling", total=cfg.max_steps, completed=self.start_step, loss=float("nan"))
+        step = self.start_step
         try:
-            scale.load_optimizer_state(accelerator, wrapped, optimizer, opt_state)
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise RunError(f"the optimizer state of the latest checkpoint does not fit this run ({type(e).__name__}); "
-                           "pass --overwrite to start over") from None
-    target_ema = ema if ema is not None else student
-
-    def checkpoint(at_step: int) -> None:  # a collective under FSDP: every rank gathers, rank 0 writes
-        state = scale.full_model_state(accelerator, wrapped, student)
-        opt = scale.optimizer_state(accelerator, wrapped, optimizer)
-        if main:
-            save_checkpoint(out, at_step, state, ema, opt, scheduler, cfg.keep_checkpoints, history)
-
-    rank = accelerator.process_index
-    t_start = time.time()
-    last_saved = start_step
-    skipped = 0
-    progress = _progress(console, show_progress and main)
-    task = progress.add_task("distilling", total=cfg.max_steps, completed=start_step, loss=float("nan"))
-    step = start_step
-    first_batch = 0.0
-    try:
-        with progress, _SigtermAsInterrupt():
-            for step in range(start_step, cfg.max_steps):
-                g = step_generator(cfg.seed, rank, step)
-                x1, cond = split_sample(data.sample(cfg.batch_size, g))
-                x0 = teacher.sample_noise(cfg.batch_size, generator=g)
-                s, t = sample_time_pairs(cfg.batch_size, cfg.time_sampling, cfg.diagonal_fraction,
-                                         cfg.dyadic_levels, generator=g)
-                if cfg.guidance_range is not None:  # one guidance scale per sample, seen by teacher and student
-                    lo, hi = cfg.guidance_range
-                    cond = {**(cond or {}), "cfg_scale": lo + (hi - lo) * torch.rand(cfg.batch_size, generator=g)}
-                batch = TrainBatch(interpolate(x0, x1, s).to(device), s.to(device), t.to(device),
-                                   cond_to(cond, device), g)
-                if step == start_step:
-                    first_batch = x1.double().sum().item()
-                loss, step_metrics, finite = backward_micro_batches(accelerator, wrapped, objective, teacher, batch,
-                                                                    target_ema, cfg.grad_accum_steps)
-                if not finite:
-                    if cfg.nan_policy == "skip":
-                        skipped += 1
-                        optimizer.zero_grad(set_to_none=True)
+            with progress, _SigtermAsInterrupt():
+                for step in range(self.start_step, cfg.max_steps):
+                    lv = self.train_step(step)
+                    if lv is None:
                         continue
-                    raise NonFiniteLoss(
-                        f"loss became {loss.item()} at step {step}; stopped without saving "
-                        f"(last good checkpoint: step {last_saved}); lower --lr or use nan_policy=skip")
-                if cfg.grad_clip > 0:
-                    accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema_update(ema, student, cfg.ema_decay)
-                lv = loss.item()
-                if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
-                    history.append({"step": step, "loss": lv, **step_metrics})
-                progress.update(task, completed=step + 1, loss=lv)
-                if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
-                    checkpoint(step + 1)
-                    last_saved = step + 1
-            step = cfg.max_steps
-    except KeyboardInterrupt:
-        if step > last_saved:
-            checkpoint(step)
-        raise Interrupted(f"interrupted at step {step}; checkpoint saved in {out / 'checkpoints'}; "
-                          "re-run the same command to resume") from None
-    seconds = time.time() - t_start
-    distributed = _distributed_report(accelerator, student, first_batch)
-    metrics = {}
-    if cfg.max_steps > last_saved:
-        checkpoint(cfg.max_steps)
-    final = ema if (cfg.export_weights == "ema" and ema is not None) else student
-    if final is student:  # sharded: an unsharded copy holding the gathered weights, built on rank 0
-        final = scale.unsharded_copy(accelerator, wrapped, student, lambda: build_student(teacher, cfg).to(device))
-    if main:
-        metrics = finish_run(cfg, out, final.eval(), teacher, objective, seconds, history, device, log, skipped,
-                             distributed, data_report=getattr(data, "report", None))
-    accelerator.wait_for_everyone()
-    return RunResult(out, cfg.max_steps, seconds, metrics, start_step, main)
+                    progress.update(task, completed=step + 1, loss=lv)
+                    if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
+                        self.checkpoint(step + 1)
+                step = cfg.max_steps
+        except KeyboardInterrupt as e:
+            if step > self.last_saved:
+                self.checkpoint(step)
+            raise Interrupted(f"interrupted at step {step}; checkpoint saved in {self.out / 'checkpoints'}; "
+                              "re-run the same command to resume", interrupt_signal(e)) from None
+        self.seconds = time.time() - t_start
+
+    def finish(self) -> RunResult:
+        """Last checkpoint, export and report; a kill here is finished by re-running the same command."""
+        from . import scale
+
+        cfg = self.cfg
+        distributed = _distributed_report(self.accelerator, self.student, self.first_batch)
+        metrics = {}
+        if cfg.max_steps > self.last_saved:
+            self.checkpoint(cfg.max_steps)
+        final = self.ema if (cfg.export_weights == "ema" and self.ema is not None) else self.student
+        if final is self.student:  # sharded: an unsharded copy holding the gathered weights, built on rank 0
+            final = scale.unsharded_copy(self.accelerator, self.wrapped, self.student,
+                                         lambda: build_student(self.teacher, cfg).to(self.device))
+        if self.main:
+            metrics = finish_run(cfg, self.out, final.eval(), self.teacher, self.objective, self.seconds,
+                                 self.history, self.device, self.log, self.skipped, distributed,
+                                 data_report=getattr(self.data, "report", None))
+        self.accelerator.wait_for_everyone()
+        return RunResult(self.out, cfg.max_steps, self.seconds, metrics, self.start_step, self.main)
 
 
 def backward_micro_batches(accelerator, model, objective, teacher, batch: TrainBatch, ema, n_micro: int):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .conditioning import PromptRows, prompt_table, prompts_key, read_prompt_file
+from .errors import DataError
 from .sources import TensorSource
 
 POOL_CHUNK = 256
@@ -93,7 +94,9 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
     velocity = velocity or teacher.velocity
     n = cfg.pool_size
     prompt_rows, tag = prompt_conditioning(teacher, cfg, n, cache_dir, progress, log)
-    path = Path(cache) / f"pool-n{n}-euler{cfg.pool_steps}-seed{cfg.seed}{tag}.safetensors"
+    # keyed on the teacher's weights too: a teacher replaced at the same path never reuses an old pool
+    key = f"-t{cfg.teacher_fingerprint[:12]}" if getattr(cfg, "teacher_fingerprint", None) else ""
+    path = Path(cache) / f"pool-n{n}-euler{cfg.pool_steps}-seed{cfg.seed}{tag}{key}.safetensors"
     grid = uniform_time_grid(cfg.pool_steps, getattr(teacher, "shift", 1.0)).to(device)
     noise = _NoiseStream(teacher, cfg.seed + 7919)
     drawn = {}  # sample_cond's draw, made only if a chunk has to be generated
@@ -107,6 +110,10 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
             chunk.update({k: v.to(device) for k, v in prompt_rows.rows(torch.arange(start, stop)).items()})
         field = (lambda x, t: velocity(x, t, chunk)) if chunk else velocity
         out = {"samples": euler(field, noise.rows(start, stop).to(device), grid).float()}
+        if not bool(torch.isfinite(out["samples"]).all()):  # never cached: a fixed teacher must run again
+            bad = int((~torch.isfinite(out["samples"].flatten(1))).any(1).sum())
+            raise DataError(f"the teacher's ODE gave NaN/Inf in {bad} pool samples (rows {start}-{stop}, not cached); "
+                            "check the teacher's weights and scheduler")
         out.update({f"cond.{k}": v for k, v in rows.items()})  # stored beside the samples, as before
         return out
 

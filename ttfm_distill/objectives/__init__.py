@@ -16,9 +16,20 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 def make_objective(name: str, **options) -> Objective:
     """Build an objective by registry name with its options."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(sorted(OBJECTIVES))}")
+    from ..errors import ConfigError
+
+    if not isinstance(name, str) or name not in OBJECTIVES:
+        raise ConfigError(f"unknown loss {name!r}; choose one of: {', '.join(sorted(OBJECTIVES))}")
     return OBJECTIVES[name](**options)
 
 
-__all__ = ["OBJECTIVES", "Objective", "ObjectiveOutput", "TrainBatch", "make_objective"]
+def make_objective_from(loss: str, loss_options) -> Objective:
+    """``make_objective`` for settings as a run config holds them (``loss_options`` checked to be a table)."""
+    from ..errors import ConfigError
+
+    if not isinstance(loss_options, dict):
+        raise ConfigError(f"loss_options must be a table of KEY=VALUE (e.g. -L tau=0.1), got {loss_options!r}")
+    return make_objective(loss, **loss_options)
+
+
+__all__ = ["OBJECTIVES", "Objective", "ObjectiveOutput", "TrainBatch", "make_objective", "make_objective_from"]

@@ -134,13 +134,28 @@ class Objective:
     class Options:
         pass
 
+    #: the fraction of diagonal pairs (s == t) a run uses when ``diagonal_fraction`` is not set
+    default_diagonal_fraction: float = 0.25
+
     def __init__(self, **options):
+        from ..config import check_types
+        from ..errors import ConfigError
+
+        if not isinstance(options, dict):
+            raise ConfigError(f"loss_options must be a table of KEY=VALUE, got {options!r}")
         known = {f.name for f in fields(self.Options)}
         unknown = set(options) - known
         if unknown:
-            raise ValueError(f"unknown option(s) {sorted(unknown)} for loss {self.name!r}; known: {sorted(known)}")
+            raise ConfigError(f"unknown option(s) {sorted(unknown)} for loss {self.name!r}; known: "
+                              f"{', '.join(sorted(known))}")
+        check_types(options, {f.name: f.type for f in fields(self.Options)}, f"{self.name} option")
         self.options = self.Options(**options)
-        self.validate()
+        try:
+            self.validate()
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(f"loss {self.name}: {e}") from None
 
     def validate(self) -> None:
         pass

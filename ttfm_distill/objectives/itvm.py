@@ -94,6 +94,8 @@ class ItvmObjective(Objective):
         # with r uniform and a student target, every off-diagonal target is the student's own
         self.teacher_off_diagonal = (o.reading == "composed" and (o.intermediate != "uniform" or o.target_model == "teacher")
                                      or o.reading == "ema_only" or o.initial_on_all)
+        # measured default: no diagonal pairs; a reading whose teacher enters only through the diagonal needs some
+        self.default_diagonal_fraction = 0.0 if self.teacher_off_diagonal else 0.25
 
     # -- pieces ---------------------------------------------------------------
     def _tau(self, s, t):

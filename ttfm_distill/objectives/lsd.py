@@ -61,6 +61,8 @@ class LsdObjective(Objective):
     name = "lsd"
     needs_ema = False
     teacher_off_diagonal = False
+    #: the LSD paper trains on 75% diagonal pairs
+    default_diagonal_fraction = 0.75
 
     @dataclass
     class Options:

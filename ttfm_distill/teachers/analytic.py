@@ -34,6 +34,7 @@ from torch.special import log_ndtr
 
 from ..convention import broadcast_time
 from .base import Teacher
+from ..errors import TTFMError
 
 Range = tuple[tuple[float, float], ...]
 
@@ -520,7 +521,7 @@ ANALYTIC_TEACHERS: dict[str, Callable[..., AnalyticTeacher]] = {
 }
 
 
-class UnknownAnalyticTeacher(KeyError, ValueError):
+class UnknownAnalyticTeacher(TTFMError, KeyError, ValueError):
     """Raised for a name not in :data:`ANALYTIC_TEACHERS` (both a ``KeyError`` and a ``ValueError``)."""
 
     def __str__(self) -> str:  # KeyError would repr-quote the message

@@ -8,12 +8,13 @@ from torch import nn
 from ..convention import DIFFUSION_PREDICTIONS, DiffusionIO, NetworkIO, broadcast_time
 from .base import Teacher
 from .families import FamilyAdapter, adapter_for
+from ..errors import TTFMError
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMapEulerDiscreteScheduler",
                    "FlowMatchLCMScheduler")
 
 
-class SchedulerError(ValueError):
+class SchedulerError(TTFMError, ValueError):
     """A scheduler that is neither flow matching nor a variance-preserving diffusion schedule."""
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..convention import TimestepUnits
+from ..errors import TTFMError
 
 
 @dataclass(frozen=True)
@@ -418,5 +419,5 @@ def adapter_for(network: nn.Module) -> FamilyAdapter:
     return ADAPTERS[name]
 
 
-class UnsupportedTeacher(ValueError):
+class UnsupportedTeacher(TTFMError, ValueError):
     """A model this tool cannot use as a teacher; the message names the supported ones."""

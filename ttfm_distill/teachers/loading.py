@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .base import Teacher
 from .families import ADAPTERS, UnsupportedTeacher
+from ..errors import TTFMError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_TEACHERS = {"fashion16": ASSETS / "fashion16"}
@@ -25,7 +26,7 @@ DEFAULT_TEACHER = "builtin:fashion16"
 DENOISER_SUBFOLDERS = ("unet", "transformer")
 
 
-class TeacherLoadError(ValueError):
+class TeacherLoadError(TTFMError, ValueError):
     """The teacher could not be loaded; the message says why and what to do."""
 
 

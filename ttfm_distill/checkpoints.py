@@ -1,0 +1,69 @@
+"""Checkpoints of a run: ``checkpoints/step-XXXXXXXX/``, each written whole or not at all.
+
+A checkpoint holds the student (or a LoRA student's trained tensors), the
+EMA if any, the optimizer and scheduler state, and ``trainer_state.json``
+(step and recent history).  Resume picks the newest readable one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import RunError
+from .fileio import atomic_dir, save_tensors, save_torch
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").exists())
+
+
+def save_checkpoint(out: Path, step: int, student_state: dict, ema, optimizer_state: dict, scheduler, keep: int,
+                    history: list) -> Path:
+    """Write one checkpoint atomically; ``student_state``/``optimizer_state`` are full (gathered) state dicts."""
+    final = out / "checkpoints" / f"step-{step:08d}"
+    with atomic_dir(final) as tmp:
+        save_tensors(tmp / "student.safetensors", student_state)
+        if ema is not None:
+            save_tensors(tmp / "ema.safetensors", ema.state_dict())
+        save_torch(tmp / "optimizer.pt", {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()})
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history[-1000:]}))
+    for old in list_checkpoints(out)[:-keep]:
+        # renamed away first (one atomic step), so a kill mid-delete never leaves a half checkpoint that
+        # still looks like one; the hidden leftover is swept at the next start
+        trash = old.with_name(f".{old.name}.deleted.tmp")
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, student, ema, scheduler) -> tuple[int, list, dict]:
+    """Load model, EMA and scheduler; return ``(step, history, optimizer_state)``.
+
+    The optimizer state is applied after ``accelerator.prepare`` (FSDP re-creates the parameters).
+    """
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(path / "student.safetensors")
+        if hasattr(student, "load_trainable_state_dict"):  # LoRA: adapters + second time only
+            student.load_trainable_state_dict(weights)
+        else:
+            student.load_state_dict(weights, strict=True)
+        if ema is not None:
+            ema.load_state_dict(load_file(path / "ema.safetensors"), strict=True)
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        scheduler.load_state_dict(opt["scheduler"])
+        state = json.loads((path / "trainer_state.json").read_text())
+    except Exception as e:
+        raise RunError(f"checkpoint {path} is damaged ({type(e).__name__}); skipping it") from None
+    return int(state["step"]), list(state.get("history", [])), opt["optimizer"]
+
+

@@ -1,0 +1,153 @@
+"""Every refusal a run can make, made before any expensive work or any file is written.
+
+``--dry-run`` and ``run`` share :func:`resolve_settings` and
+:func:`check_run_folder`; ``run`` then loads the teacher and adds
+:func:`check_teacher` (finite weights and outputs, a supported time
+embedding), :func:`check_teacher_unchanged` and :func:`check_memory` before
+it touches the data.  Only after all of them pass does it lock the folder,
+clear it (``--overwrite``) and start.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig, resume_mismatch
+from .errors import ConfigError, RunError
+from .rundir import check_output
+
+
+@dataclass
+class FolderState:
+    """What :func:`check_run_folder` found: the saved config (``None``: a new run) and the newest checkpoint step."""
+
+    out: Path
+    saved: dict | None
+    done_steps: int
+
+
+def resolve_settings(cfg: RunConfig):
+    """Validate ``cfg``, build its objective and fill the settings that default per objective.
+
+    Returns ``(cfg, objective)``; ``cfg.diagonal_fraction`` is a number afterwards.
+    """
+    from .objectives import make_objective_from
+
+    cfg.validate()
+    objective = make_objective_from(cfg.loss, cfg.loss_options)
+    if cfg.diagonal_fraction is None:
+        cfg.diagonal_fraction = float(objective.default_diagonal_fraction)
+    check_objective_fits(objective, cfg)
+    return cfg, objective
+
+
+def check_objective_fits(objective, cfg: RunConfig) -> None:
+    """Refuse settings under which the teacher never reaches the loss."""
+    if not objective.teacher_off_diagonal and cfg.diagonal_fraction == 0:
+        raise ConfigError(f"{cfg.loss} with these options sees the teacher only on diagonal pairs (s == t), and "
+                          "diagonal_fraction is 0, so nothing would be distilled; use --set diagonal_fraction=0.25")
+
+
+def latest_checkpoint_step(out: Path) -> int:
+    from .checkpoints import list_checkpoints
+
+    ckpts = list_checkpoints(out)
+    return int(ckpts[-1].name.split("-")[-1]) if ckpts else 0
+
+
+def check_run_folder(cfg: RunConfig, overwrite: bool) -> FolderState:
+    """Refuse an output folder this run must not use, a different run in it, or a run already past ``max_steps``."""
+    out = Path(cfg.output)
+    saved = check_output(out, overwrite)
+    if overwrite or saved is None:
+        return FolderState(out, None, 0)
+    diff = resume_mismatch(saved, cfg.to_dict())
+    if diff:
+        shown = ", ".join(diff[:4]) + (", ..." if len(diff) > 4 else "")
+        raise ConfigError(f"{out} holds a different run (differs in: {shown}); re-run with its settings to resume, "
+                          "or pass --overwrite or another --output")
+    done = latest_checkpoint_step(out)
+    if done > cfg.max_steps:
+        raise ConfigError(f"{out} is already at step {done}, past max_steps {cfg.max_steps}; nothing was changed "
+                          f"(pass --max-steps {done} or more to go on)")
+    return FolderState(out, saved, done)
+
+
+def check_teacher(teacher, device, n: int = 2) -> None:
+    """Refuse a teacher whose weights or velocities are not finite (a short forward at a few times)."""
+    from .convention import interpolate
+    from .teachers.loading import TeacherLoadError
+
+    bad = [k for k, v in teacher.state_dict().items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise TeacherLoadError(f"the teacher's weights hold NaN or Inf ({len(bad)} tensors, e.g. {bad[0][:60]}); "
+                               "fix or re-export the teacher")
+    g = torch.Generator().manual_seed(0)
+    x0 = teacher.sample_noise(n, generator=g)
+    cond = teacher.sample_cond(n, generator=g)
+    if cond:
+        cond = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in cond.items()}
+    with torch.no_grad():
+        for t in (0.05, 0.5, 0.95):
+            tt = torch.full((n,), t)
+            x = interpolate(x0, torch.zeros_like(x0), tt).to(device)
+            v = teacher.velocity(x, tt.to(device), cond)
+            if not bool(torch.isfinite(v).all()):
+                raise TeacherLoadError(f"the teacher's velocity is NaN or Inf at t={t} on a small test batch; "
+                                       "check the teacher's weights and scheduler")
+
+
+def check_teacher_unchanged(state: FolderState, fingerprint: str) -> None:
+    """Refuse to resume a run whose teacher weights were replaced at the same path."""
+    old = (state.saved or {}).get("teacher_fingerprint")
+    if old and old != fingerprint:
+        raise RunError(f"the teacher's weights changed since {state.out} started; pass --overwrite to start over "
+                       "with them, or another --output")
+
+
+def available_memory(device) -> int:
+    """Bytes this process may use on ``device`` (free GPU memory, or the machine's RAM)."""
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 1 << 62
+
+
+#: a training sample holds at least this many copies of its own size at once (x0, x1, x_s, targets, outputs
+#: and their gradients); a lower bound: the network's activations come on top
+TRAIN_COPIES = 16
+
+
+def check_fits(nbytes: float, what: str, fix: str, device="cpu") -> None:
+    """Refuse (one line) when ``nbytes`` cannot fit in the memory of ``device``."""
+    have = available_memory(device)
+    if nbytes > have:
+        raise ConfigError(f"{what} needs at least {_size(nbytes)}, more than the {_size(have)} this machine has; {fix}")
+
+
+def check_memory(cfg: RunConfig, teacher, device) -> None:
+    """Refuse batch, pool or evaluation sizes whose tensors alone cannot fit (before anything is allocated)."""
+    per_sample = 4.0 * math.prod(int(d) for d in teacher.data_shape)
+    check_fits(per_sample * cfg.batch_size * TRAIN_COPIES, f"batch_size {cfg.batch_size}",
+               "lower --batch-size (or use grad_accum_steps)", device)
+    if cfg.data == "teacher":
+        check_fits(per_sample * cfg.pool_size * 2, f"pool_size {cfg.pool_size}", "lower --set pool_size", "cpu")
+    check_fits(per_sample * cfg.eval_samples * 8, f"eval_samples {cfg.eval_samples}", "lower --set eval_samples",
+               "cpu")
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if nbytes < 1024 or unit == "PB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} EB"

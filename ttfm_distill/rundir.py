@@ -1,0 +1,185 @@
+"""The run folder: what a run writes there, who may write, and what ``--overwrite`` may delete.
+
+A run folder holds only what :data:`RUN_ENTRIES` names (plus hidden
+temporaries).  ``--overwrite`` deletes those entries and nothing else: it
+refuses a folder holding anything a run does not write, and it always
+refuses the filesystem root, the home folder, the current folder and every
+folder above it.  One process at a time works in a run folder: it holds an
+exclusive ``flock`` on :data:`LOCK_NAME` for the whole run, so a second
+``run`` (or a ``sample``/``eval`` writing there) is refused while the first
+lives, and a lock left by a dead process is taken over with a warning (the
+kernel drops ``flock`` locks with their process, so "stale" needs no guess).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import ConfigError, OutputInUse
+
+LOCK_NAME = ".ttfm-distill.lock"
+#: names (glob patterns) a run, ``sample`` or ``eval`` writes at the top of a run folder
+RUN_ENTRIES = ("config.json", "student", "checkpoints", "cache", "metrics.json", "samples.png", "eval.json",
+               "eval.png", "samples-*step.png", LOCK_NAME)
+#: hidden temporaries left by a kill mid-write (atomic files, folders, moved-aside folders, probes)
+TEMPORARY_PATTERNS = (".*.tmp", ".*.old", ".write-test")
+
+
+def is_run_entry(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in RUN_ENTRIES + TEMPORARY_PATTERNS)
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """Top-level names in ``out`` that no run writes (sorted)."""
+    return sorted(p.name for p in out.iterdir() if not is_run_entry(p.name))
+
+
+def read_run_config(out: Path) -> dict | None:
+    """The saved run config of ``out``, or ``None`` when there is none; a damaged one raises ``ConfigError``."""
+    from .config import RunConfig
+
+    path = out / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        saved = None
+    known = set(RunConfig().to_dict())
+    if not (isinstance(saved, dict) and {"teacher", "loss", "max_steps"} <= set(saved) and set(saved) <= known):
+        raise ConfigError(f"{path} is not a ttfm-distill run config; choose another --output")
+    return saved
+
+
+def protected_folders() -> list[Path]:
+    """Folders ``--overwrite`` never deletes: the root, the home folder, the current folder and its parents."""
+    cwd = Path.cwd().resolve()
+    return [Path("/").resolve(), Path.home().resolve(), cwd, *cwd.parents]
+
+
+def check_output(out: Path, overwrite: bool) -> dict | None:
+    """Refuse an output folder a run must not use (no writes); return its saved config, if any."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} exists and is a file; choose another --output")
+    if not out.exists():
+        return None
+    if overwrite and out.resolve() in protected_folders():
+        raise ConfigError(f"refusing --overwrite on {out}: it is the root, home or current folder or above it; "
+                          "pass a run folder")
+    foreign = foreign_entries(out)
+    saved = read_run_config(out) if (out / "config.json").exists() else None
+    if foreign:
+        what = "--overwrite" if overwrite else "this output"
+        raise ConfigError(f"refusing {what}: {out} holds files ttfm-distill did not write (e.g. {foreign[0]!r}); "
+                          "choose another --output")
+    return saved
+
+
+def clear_run(out: Path) -> None:
+    """Delete what a run wrote in ``out`` (after :func:`check_output`), keeping the folder and its lock.
+
+    ``config.json`` goes first, so a kill part-way leaves a folder that is no
+    longer a run; the next start sweeps the rest (:func:`sweep_unstarted`).
+    """
+    (out / "config.json").unlink(missing_ok=True)
+    for p in sorted(out.iterdir()):
+        if p.name == LOCK_NAME or not is_run_entry(p.name):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def sweep_unstarted(out: Path) -> None:
+    """A folder with no ``config.json`` holds no run: drop what a killed ``--overwrite`` left, keep the caches."""
+    if (out / "config.json").exists():
+        return
+    for name in ("checkpoints", "student", "metrics.json", "samples.png"):
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def sweep_temporaries(out: Path) -> list[str]:
+    """Remove every hidden temporary a killed run left in ``out``, ``checkpoints/`` and ``cache/``.
+
+    A folder moved aside by an interrupted atomic replace (``.student.old``
+    with no ``student/``) is put back first.  Returns the names removed.
+    """
+    from .fileio import recover_dir
+
+    removed = []
+    for entry in list(out.glob(".*.old")):
+        recover_dir(out / entry.name[1:-4])
+    for folder in (out, out / "checkpoints", out / "cache"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.name == LOCK_NAME or not any(fnmatch.fnmatchcase(p.name, t) for t in TEMPORARY_PATTERNS):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(str(p.relative_to(out)))
+    return removed
+
+
+class RunLock:
+    """An exclusive, non-blocking ``flock`` on ``out/.ttfm-distill.lock`` for as long as the lock is held.
+
+    ``warn(message)`` is told when a lock left by a dead process is taken over.
+    """
+
+    def __init__(self, out: Path, what: str = "run", warn=lambda msg: None):
+        self.path, self.what, self.warn, self.fd = Path(out) / LOCK_NAME, what, warn, None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise OutputInUse(f"{self.path.parent} is in use by another ttfm-distill process ({holder}); "
+                              "wait for it to finish or choose another folder") from None
+        previous = _read_holder(fd)
+        if previous != "unknown":
+            self.warn(f"taking over the lock of a ttfm-distill process that is gone ({previous})")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} {self.what}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.ftruncate(self.fd, 0)  # an empty lock file: the holder ended cleanly
+        finally:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text or "unknown"
