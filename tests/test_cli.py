@@ -68,11 +68,13 @@ def test_sample_is_reproducible_and_steps_matter(finished_run, tmp_path):
     assert np.array_equal(a, b) and not np.allclose(a, c)
 
 
-def test_rerun_resumes_from_latest_checkpoint(finished_run):
+def test_a_different_teacher_in_the_same_folder_is_refused(finished_run):
     cwd, out, _ = finished_run
-    r = cli("run", "--teacher", finished_run[0].parent / "x", cwd=cwd)  # different teacher: refused
+    before = (out / "config.json").read_text()
+    r = cli("run", "--teacher", finished_run[0].parent / "x", cwd=cwd)  # a teacher that does not exist
     assert r.returncode != 0
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert (out / "config.json").read_text() == before
 
 
 def test_resume_extends_a_run(tiny_teacher_dir, tmp_path):

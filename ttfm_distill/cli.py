@@ -278,15 +278,19 @@ def eval_(
         from .plots import save_metric_curves
 
         detector = load_inception(inception) if inception else None  # a bad file fails before the models load
+        from .rundir import writer_lock
+
         folder, student, _, t = load_student_and_teacher(model or DEFAULT_OUTPUT, teacher, allow_pickle)
-        report = evaluate_student(student, t, step_list, teacher_list, num=num, seed=seed,
-                                  reference_steps=reference_steps, batch_size=batch_size,
-                                  inception=detector, show_progress=not quiet)
-        report = {"model": str(folder), **report}
         target = output or (folder.parent if folder.name == "student" else folder) / "eval.json"
         png = plot or target.with_suffix(".png")
-        write_json(target, report)
-        save_metric_curves(report["results"], report["floors"], png, title=f"{folder}: student vs teacher {report['teacher']}")
+        with writer_lock(target.parent, "eval"):  # refused while a run trains in that folder
+            report = evaluate_student(student, t, step_list, teacher_list, num=num, seed=seed,
+                                      reference_steps=reference_steps, batch_size=batch_size,
+                                      inception=detector, show_progress=not quiet)
+            report = {"model": str(folder), **report}
+            write_json(target, report)
+            save_metric_curves(report["results"], report["floors"], png,
+                               title=f"{folder}: student vs teacher {report['teacher']}")
         for line in summary_lines(report):
             typer.echo(line)
         typer.echo(f"wrote {target} and {png}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from .errors import InputError
 
 #: Name recorded in exported configs.
 TIME_CONVENTION = "t0_noise_t1_data_linear"
@@ -181,12 +182,12 @@ class DiffusionIO(NetworkIO):
 
     def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
         if prediction_type not in DIFFUSION_PREDICTIONS:
-            raise ValueError(f"prediction_type must be one of {DIFFUSION_PREDICTIONS}, got {prediction_type!r}")
+            raise InputError(f"prediction_type must be one of {DIFFUSION_PREDICTIONS}, got {prediction_type!r}")
         acp = torch.as_tensor(alphas_cumprod, dtype=torch.float64).clamp(1e-10, 1 - 1e-10)
         self.prediction_type = prediction_type
         self.log_snr = torch.log(acp) - torch.log1p(-acp)  # decreasing in k
         if not bool((self.log_snr[1:] <= self.log_snr[:-1]).all()):
-            raise ValueError("alphas_cumprod must decrease with the timestep")
+            raise InputError("alphas_cumprod must decrease with the timestep")
         self.units = TimestepUnits(scale=float(len(acp)))
         self.t_min = float(self._t_of_log_snr(self.log_snr[-1]))
         self.t_max = float(self._t_of_log_snr(self.log_snr[0]))
@@ -243,7 +244,7 @@ def denoiser_estimates(x: torch.Tensor, out: torch.Tensor, alpha: torch.Tensor, 
         return alpha * x - sigma * out, sigma * x + alpha * out
     if prediction_type == "sample":
         return out, (x - alpha * out) / sigma
-    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    raise InputError(f"unknown prediction_type {prediction_type!r}")
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:

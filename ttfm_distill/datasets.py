@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from .errors import TTFMError
+from .errors import InputError, TTFMError
 
 FASHION_MNIST_DIRS = (
     os.environ.get("TTFM_FASHION_MNIST_DIR", ""),
@@ -36,14 +36,14 @@ def read_idx(path: str | Path) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4:
-        raise ValueError(f"{path}: not an IDX file (too short)")
+        raise InputError(f"{path}: not an IDX file (too short)")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+        raise InputError(f"{path}: not an unsigned-byte IDX file")
     dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: truncated IDX file ({body.size} of {int(np.prod(dims))} values)")
+        raise InputError(f"{path}: truncated IDX file ({body.size} of {int(np.prod(dims))} values)")
     return body.reshape(dims)
 
 
@@ -79,5 +79,5 @@ def load_fashion_mnist(split: str = "train", resolution: int = 16):
     elif resolution == 28:
         x = images.astype(np.float32) / 255.0
     else:
-        raise ValueError(f"resolution must be 16 or 28, got {resolution}")
+        raise InputError(f"resolution must be 16 or 28, got {resolution}")
     return (x[:, None] * 2.0 - 1.0).astype(np.float32), labels

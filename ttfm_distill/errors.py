@@ -42,3 +42,7 @@ class Interrupted(RunError):
 
 class OutputInUse(RunError):
     """Another live process holds the run folder's lock."""
+
+
+class InputError(TTFMError, ValueError):
+    """Bad input that no more specific class names (a file's contents, a sampler's argument)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from .errors import TTFMError
+from .errors import InputError, TTFMError
 
 CLASSIFIER_DIR = Path(__file__).resolve().parent / "assets" / "fashion16_classifier"
 #: what the classifier reads: one 16x16 grey image in [-1, 1]
@@ -67,7 +67,7 @@ class FeatureClassifier:
     def features(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """``(N, 1, 16, 16)`` images in [-1, 1] (clamped here) -> ``(N, F)`` float64 features."""
         if tuple(images.shape[1:]) != CLASSIFIER_IMAGE_SHAPE:
-            raise ValueError(f"the feature classifier reads {CLASSIFIER_IMAGE_SHAPE} images, got {tuple(images.shape[1:])}")
+            raise InputError(f"the feature classifier reads {CLASSIFIER_IMAGE_SHAPE} images, got {tuple(images.shape[1:])}")
         out = [self.net.features(c.float().clamp(-1, 1)).double() for c in images.cpu().split(batch_size)]
         return torch.cat(out)
 
@@ -131,7 +131,7 @@ def to_inception_input(images: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
     if x.shape[1] != 3:
-        raise ValueError(f"Inception features need 1- or 3-channel images, got {x.shape[1]} channels")
+        raise InputError(f"Inception features need 1- or 3-channel images, got {x.shape[1]} channels")
     return x
 
 

@@ -62,7 +62,7 @@ def latest_checkpoint_step(out: Path) -> int:
 
 def check_run_folder(cfg: RunConfig, overwrite: bool) -> FolderState:
     """Refuse an output folder this run must not use, a different run in it, or a run already past ``max_steps``."""
-    out = Path(cfg.output)
+    out = Path(cfg.output).expanduser()
     saved = check_output(out, overwrite)
     if overwrite or saved is None:
         return FolderState(out, None, 0)

@@ -183,3 +183,17 @@ def _read_holder(fd: int) -> str:
     except OSError:
         text = ""
     return text or "unknown"
+
+
+def writer_lock(folder: Path, what: str):
+    """The run folder's lock for a command that writes into ``folder`` (``sample``, ``eval``), if it is a run folder.
+
+    A run training there holds the lock, so the command is refused in one line instead of
+    writing beside (or being swept by) the run; any other folder needs no lock.
+    """
+    import contextlib
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file() or (folder / LOCK_NAME).exists():
+        return RunLock(folder, what)
+    return contextlib.nullcontext()

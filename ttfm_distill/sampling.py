@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from .convention import shift_time
+from .errors import InputError
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 FlowMapFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -19,7 +20,7 @@ FlowMapFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def uniform_time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
     """``steps + 1`` times from 0 (noise) to 1 (data), optionally shifted like the teacher's scheduler."""
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise InputError(f"steps must be >= 1, got {steps}")
     grid = torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64)
     return shift_time(grid, shift).to(torch.float32)
 

@@ -34,7 +34,7 @@ from torch.special import log_ndtr
 
 from ..convention import broadcast_time
 from .base import Teacher
-from ..errors import TTFMError
+from ..errors import InputError, TTFMError
 
 Range = tuple[tuple[float, float], ...]
 
@@ -262,14 +262,14 @@ class GaussianMixture(AnalyticTeacher):
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.ndim != 2:
-            raise ValueError(f"means must be (K, D), got shape {tuple(means.shape)}")
+            raise InputError(f"means must be (K, D), got shape {tuple(means.shape)}")
         k = means.shape[0]
         stds = torch.as_tensor(stds, dtype=torch.float64).reshape(-1).expand(k).clone()
         if weights is None:
             weights = torch.ones(k, dtype=torch.float64)
         weights = torch.as_tensor(weights, dtype=torch.float64).reshape(k)
         if not bool((stds > 0).all()) or not bool((weights >= 0).all()) or float(weights.sum()) <= 0:
-            raise ValueError("stds must be > 0 and weights >= 0 with a positive sum")
+            raise InputError("stds must be > 0 and weights >= 0 with a positive sum")
         self.register_buffer("means", means)
         self.register_buffer("stds", stds)
         self.register_buffer("weights", weights / weights.sum())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from ..errors import InputError
 
 
 class Teacher(nn.Module):
@@ -59,7 +60,7 @@ class Teacher(nn.Module):
 
     def encode_prompts(self, prompts: list[str]) -> dict:
         """Per-sample conditioning tensors (batch first) for ``prompts``; text teachers only."""
-        raise ValueError(f"teacher {self.name} is not text-conditioned")
+        raise InputError(f"teacher {self.name} is not text-conditioned")
 
     def describe(self) -> dict:
         return {"name": self.name, "data_shape": list(self.data_shape), "shift": self.shift}

@@ -8,7 +8,7 @@ from torch import nn
 from ..convention import DIFFUSION_PREDICTIONS, DiffusionIO, NetworkIO, broadcast_time
 from .base import Teacher
 from .families import FamilyAdapter, adapter_for
-from ..errors import TTFMError
+from ..errors import InputError, TTFMError
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMapEulerDiscreteScheduler",
                    "FlowMatchLCMScheduler")
@@ -94,7 +94,7 @@ class DiffusersFlowTeacher(Teacher):
         self.num_classes = self.adapter.num_classes(network)
         self.codec = codec
         if codec is not None and codec.latent_channels != self.data_shape[0]:
-            raise ValueError(f"the VAE makes {codec.latent_channels}-channel latents but the denoiser takes "
+            raise InputError(f"the VAE makes {codec.latent_channels}-channel latents but the denoiser takes "
                              f"{self.data_shape[0]} channels")
         self.prompts = prompts
         self.null_text = prompts([""]) if prompts is not None and self.conditioning == "text" else None
@@ -138,21 +138,21 @@ class DiffusersFlowTeacher(Teacher):
         if self.conditioning != "text":
             return super().encode_prompts(prompts)
         if self.prompts is None:
-            raise ValueError(f"teacher {self.source} has no text encoders: pass a pipeline folder (model_index.json "
+            raise InputError(f"teacher {self.source} has no text encoders: pass a pipeline folder (model_index.json "
                              "with text_encoder/ and tokenizer/) to use prompts")
         return self.prompts(prompts)
 
     def _negative_cond(self) -> dict:
         if self.conditioning == "text":
             if self.prompts is None:
-                raise ValueError("guidance_scale needs the teacher's text encoders (a pipeline folder) for the "
+                raise InputError("guidance_scale needs the teacher's text encoders (a pipeline folder) for the "
                                  "negative prompt")
             return self.prompts([self.negative_prompt])
         if self.conditioning == "class":
             if not self.adapter.has_null_class(self.network):
-                raise ValueError("guidance_scale needs a null class; this class-conditional teacher has none")
+                raise InputError("guidance_scale needs a null class; this class-conditional teacher has none")
             return {"class_labels": torch.tensor([self.num_classes])}
-        raise ValueError("guidance_scale needs a conditional teacher (class labels or text)")
+        raise InputError("guidance_scale needs a conditional teacher (class labels or text)")
 
     def _raw_velocity(self, x, t, cond):
         x_in, timestep = self.io.network_input(x, t)
@@ -165,7 +165,7 @@ class DiffusersFlowTeacher(Teacher):
         w = cond.pop("cfg_scale", None)
         if self._negative is None:
             if w is not None:
-                raise ValueError("cfg_scale given to a teacher loaded without guidance (guided=False)")
+                raise InputError("cfg_scale given to a teacher loaded without guidance (guided=False)")
             return self._raw_velocity(x, t, cond or None)
         n = x.shape[0]
         w = torch.full((n,), self.guidance_scale, device=x.device) if w is None else w.to(x.device)

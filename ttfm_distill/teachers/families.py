@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..convention import TimestepUnits
-from ..errors import TTFMError
+from ..errors import InputError, TTFMError
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class FamilyAdapter:
                 shape = tuple(self.null_tokens if d == -1 else d for d in shape)
                 cond[key] = torch.zeros((batch, *shape), device=device, dtype=dtype)
         if self.conditioning(network) == "class" and "class_labels" not in cond:
-            raise ValueError(f"{self.class_name} is class-conditional: pass class_labels")
+            raise InputError(f"{self.class_name} is class-conditional: pass class_labels")
         if self.guidance_input(network) and "guidance" not in cond:
             cond["guidance"] = torch.full((batch,), self.default_guidance, device=device, dtype=torch.float32)
         return cond
@@ -253,7 +253,7 @@ class FluxAdapter(FamilyAdapter):
     def data_shape(self, network, sample_size=None):
         size = sample_size or self.default_sample_size
         if size % 2:
-            raise ValueError(f"Flux latents need an even size, got {size}")
+            raise InputError(f"Flux latents need an even size, got {size}")
         return (network.config.in_channels // 4, size, size)
 
     def conditioning(self, network):

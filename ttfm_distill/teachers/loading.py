@@ -139,13 +139,17 @@ def _denoiser_class(denoiser: Path) -> str:
         raise TeacherLoadError(f"{denoiser / 'config.json'} is not a model config (expected a JSON object)")
     class_name = config.get("_class_name")
     if not class_name:
-        what = f" (a transformers {config['architectures'][0]}?)" if config.get("architectures") else ""
+        archs = config.get("architectures")
+        what = f" (a transformers {archs[0]}?)" if isinstance(archs, list) and archs else ""
         raise UnsupportedTeacher(
             f"{denoiser / 'config.json'} names no diffusers class{what}: not a denoiser; point --teacher at a "
-            f"folder holding one of: {', '.join(sorted(ADAPTERS))}")
+            f"diffusers model folder (classes: ttfm-distill inspect --help)")
+    if not isinstance(class_name, str):
+        raise TeacherLoadError(f"{denoiser / 'config.json'}: _class_name must be a class name, got {class_name!r:.40}")
     if class_name not in ADAPTERS:
         raise UnsupportedTeacher(
-            f"{denoiser} holds a {class_name}, which is not a supported denoiser; supported: {', '.join(sorted(ADAPTERS))}")
+            f"{denoiser} holds a {class_name:.60}, not a supported denoiser (the supported classes: ttfm-distill "
+            "inspect --help)")
     return class_name
 
 
@@ -244,14 +248,17 @@ def _load_hub(repo_id: str, subfolder: str | None, revision: str | None, allow_p
     except Exception as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         hint = "the hub is unreachable or offline (HF_HUB_OFFLINE is set)" if offline else "check the id and your network"
-        raise TeacherLoadError(f"cannot fetch hub teacher {repo_id!r}: {hint} ({_first_line(e)})") from None
+        raise TeacherLoadError(f"cannot fetch hub teacher {repo_id!r}: {hint} ({_first_line(e, 60)}); "
+                               "or pass a local diffusers folder") from None
     teacher = _load_folder(Path(local), subfolder, source=repo_id, allow_pickle=allow_pickle, **options)
     return teacher
 
 
-def _first_line(e: Exception) -> str:
+def _first_line(e: Exception, limit: int = 90) -> str:
+    """``Type: first line`` of an error from a library, cut to ``limit`` characters (messages stay one short line)."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+    line = f"{type(e).__name__}: {text[0] if text else ''}"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def prompt_encoder_for(teacher_info: dict):

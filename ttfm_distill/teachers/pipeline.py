@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from ..errors import InputError
 
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderDC", "AutoencoderTiny", "AsymmetricAutoencoderKL")
 
@@ -59,7 +60,7 @@ def load_vae(folder: Path, use_safetensors: bool = True) -> LatentCodec:
 
     name = json.loads((folder / "config.json").read_text()).get("_class_name")
     if name not in VAE_CLASSES:
-        raise ValueError(f"{folder} holds a {name}, not a supported VAE ({', '.join(VAE_CLASSES)})")
+        raise InputError(f"{folder} holds a {name}, not a supported VAE ({', '.join(VAE_CLASSES)})")
     vae = getattr(diffusers, name).from_pretrained(folder, use_safetensors=use_safetensors, low_cpu_mem_usage=False)
     return LatentCodec(vae)
 
@@ -74,7 +75,7 @@ def _text_dict(family: str, out) -> dict:
         return {"encoder_hidden_states": out[0], "encoder_attention_mask": out[1]}  # (embeds, mask, neg, neg_mask)
     if family in ("AuraFlowTransformer2DModel", "UNet2DConditionModel"):
         return {"encoder_hidden_states": out[0]}
-    raise ValueError(f"no prompt encoding for {family}")
+    raise InputError(f"no prompt encoding for {family}")
 
 
 def _encode_kwargs(family: str) -> dict:
@@ -108,7 +109,7 @@ class PromptEncoder:
                 transformers.utils.logging.disable_progress_bar()
                 transformers.utils.logging.set_verbosity_error()
             except ImportError:
-                raise ValueError("text encoders need the transformers package: pip install 'ttfm-distill[text]'") from None
+                raise InputError("text encoders need the transformers package: pip install 'ttfm-distill[text]'") from None
             skip = {self.denoiser_subfolder: None, "vae": None}
             self._pipe = diffusers.DiffusionPipeline.from_pretrained(self.root, use_safetensors=self.use_safetensors,
                                                                      **skip)
