@@ -71,7 +71,7 @@ def compare_with_teacher(student, teacher, steps=(1, 2, 4), n: int = 128, refere
 # --------------------------------------------------------------------------
 
 METRIC_DESCRIPTIONS = {
-    "flow_map_error": "E|x_N - x_ref|^2 / E|x_ref|^2, same noise; x_ref = the teacher's fine RK4 solve (docs/method.md, Metrics)",
+    "flow_map_error": "E|x_N - x_ref|^2 / E|x_ref|^2, same noise; x_ref = the teacher's fine RK4 solve (docs/method.md)",
     "fd_test_images": "Frechet distance to the real Fashion-MNIST test images (and their mirror images) in the "
                       "features of the project's classifier",
     "fd_teacher_fine": "Frechet distance to the teacher's fine-solve samples (same noise) in the classifier's features",
