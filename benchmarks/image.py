@@ -17,7 +17,7 @@ Writes ``benchmarks/results/image.json`` (``{"results": {sampler: {nfe:
 metrics}}, "floors", "training", "goal", ...}``), ``image-settings.json``,
 ``image.png`` (each metric against steps) and ``image-samples.png`` (the same
 noises through every sampler).  ``python benchmarks/image.py --table`` prints
-the README tables from the saved JSON.
+the tables of docs/benchmarks.md from the saved JSON.
 
 The data-free pool (teacher Euler samples) is the same for every objective
 (same size, steps and seed), so it is built once and placed in each run
@@ -53,7 +53,7 @@ CONFIGS = {
     "lfmd_fd": ("lfmd", {"derivative": "fd"}, {"diagonal_fraction": 0.25}),
     "progressive": ("progressive", {}, {"diagonal_fraction": 0.25, "ema_decay": 0.99}),
     "lsd": ("lsd", {}, {"diagonal_fraction": 0.25}),
-    # JVP fails on the teacher's mid-block attention on CPU (ENVIRONMENT.md): finite differences
+    # JVP fails on the teacher's mid-block attention on CPU (docs/environment.md): finite differences
     "meanflow": ("meanflow", {"derivative": "fd"}, {"diagonal_fraction": 0.25}),
 }
 
@@ -120,7 +120,7 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workdir", default="/tmp/ttfm-image-benchmark")
     p.add_argument("--output", default="benchmarks/results")
-    p.add_argument("--table", action="store_true", help="print the README tables from the saved results and exit")
+    p.add_argument("--table", action="store_true", help="print the docs/benchmarks.md tables from saved results, exit")
     args = p.parse_args()
     out = Path(args.output)
     if args.table:

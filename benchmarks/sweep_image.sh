@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The ITVM option sweep behind the defaults (README, "Which reading of ITVM is the default").
+# The ITVM option sweep behind the defaults (docs/benchmarks.md, "Which reading of ITVM is the default").
 # usage: benchmarks/sweep_image.sh TEACHER OUTROOT STEPS
-#   the README's table: benchmarks/sweep_image.sh /path/to/fashion16-step2000 /tmp/sweep 400
+#   the table in docs/benchmarks.md: benchmarks/sweep_image.sh /path/to/fashion16-step2000 /tmp/sweep 400
 #   (an earlier checkpoint of the embedded teacher's recipe:
 #    python examples/train_default_teacher.py --steps 10000 --stop-after 2000)
 # Every row spells out all the options it depends on, so it does not drift with the defaults.

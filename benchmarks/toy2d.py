@@ -3,7 +3,7 @@
     python benchmarks/toy2d.py --steps 3000 --batch-size 1024
 
 Equal budget per objective (same steps, batch and seeds, so the same training
-samples). Reports the histogram KL (MATH.md section 5: 64k samples, 50x50 grid
+samples). Reports the histogram KL (docs/method.md, Metrics: 64k samples, 50x50 grid
 plus an overflow cell, the teacher's ``kl_range``) at 1/2/4/8/16 steps, the
 teacher's Euler KL at the same NFE, the teacher's fine-solve KL (the floor),
 network evaluations per training sample, wall time and step time relative to
@@ -13,7 +13,7 @@ and counted); the student is an MLP from scratch (there is no teacher network
 to start from). Writes ``benchmarks/results/toy2d.json`` (checkerboard) and
 ``toy2d-gaussian-mixture.json`` as ``{objective: {"kl": {...}, "seconds": s, ...}}``,
 their ``-settings.json`` and PNGs. ``python benchmarks/toy2d_table.py`` prints
-the README tables.
+the tables of docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Print the README's Markdown tables from benchmarks/results/toy2d*.json.
+"""Print the Markdown tables of docs/benchmarks.md from benchmarks/results/toy2d*.json.
 
     python benchmarks/toy2d_table.py
 """

@@ -5,7 +5,7 @@
 The student folder holds the backbone in diffusers format (``unet/``), the
 added second-time embedding (``second_time.safetensors``) and
 ``ttfm_config.json``.  ``load_student`` rebuilds it strictly; the loop below
-is the whole few-step sampler (MATH.md section 4): ``x <- x + (t_next - t) * u(x, t, t_next)``.
+is the whole few-step sampler (docs/method.md, Samplers): ``x <- x + (t_next - t) * u(x, t, t_next)``.
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""Sample a teacher with its own Euler sampler and save a grid (the README's teacher figure).
+"""Sample a teacher with its own Euler sampler and save a grid (the teacher figure of docs/benchmarks.md).
 
     python examples/teacher_grid.py --teacher builtin:fashion16 --steps 50 --num 64 --output docs/images/teacher-euler50.png
 """

@@ -23,7 +23,7 @@ def test_two_processes_stay_in_sync_on_different_data(tiny_teacher_dir, tmp_path
     if not launcher.exists():
         pytest.skip("accelerate's launcher is not installed beside this Python")
     out = tmp_path / "run"
-    # the flags that really start two CPU processes (ENVIRONMENT.md): --cpu alone silently runs one
+    # the flags that really start two CPU processes (docs/environment.md): --cpu alone silently runs one
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            "-m", "ttfm_distill", "run", "--teacher", str(tiny_teacher_dir), "--output", str(out),

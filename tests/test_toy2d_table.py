@@ -1,4 +1,4 @@
-"""The committed 2-D benchmark results have the promised shape (the README's tables are printed from them)."""
+"""The committed 2-D benchmark results have the promised shape (docs/benchmarks.md's tables are printed from them)."""
 
 import json
 from pathlib import Path

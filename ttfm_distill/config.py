@@ -79,7 +79,7 @@ class RunConfig:
     reference_steps: int = 32
     export_weights: str = "ema"
     nan_policy: str = "stop"
-    # training at scale (README, "Training at scale")
+    # training at scale (docs/scale.md, "Settings")
     #: split each step's batch (per process) into this many micro-batches; memory only, same update
     grad_accum_steps: int = 1
     gradient_checkpointing: bool = False

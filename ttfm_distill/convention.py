@@ -1,6 +1,6 @@
 """The one place that knows how time and velocity are written.
 
-Inside ttfm-distill time runs from noise to data (MATH.md section 1):
+Inside ttfm-distill time runs from noise to data (docs/method.md, Time convention):
 
 * ``t = 0`` is noise, ``t = 1`` is data;
 * ``x_t = (1 - t) * x0 + t * x1`` with ``x0`` noise and ``x1`` data;
@@ -122,7 +122,7 @@ def diffusion_to_flow(
     """Change of variables from a diffusion state to the linear path.
 
     ``x = alpha * data + sigma * eps`` becomes ``x_lin = x / (alpha + sigma)``
-    at ``t = alpha / (alpha + sigma)`` (MATH.md section 1).  Returns
+    at ``t = alpha / (alpha + sigma)`` (docs/teachers.md, Diffusion teachers).  Returns
     ``(x_lin, t)``.
     """
     denom = alpha + sigma
@@ -172,7 +172,7 @@ class DiffusionIO(NetworkIO):
     """A diffusion network (``x = alpha * data + sigma * eps``, variance preserving) seen on the linear path.
 
     Its probability-flow ODE is the linear path's ODE after the change of
-    variables of :func:`diffusion_to_flow` (MATH.md section 1): at package time
+    variables of :func:`diffusion_to_flow` (docs/teachers.md, Diffusion teachers): at package time
     ``t`` the signal-to-noise ratio is ``alpha / sigma = t / (1 - t)``.  The
     discrete schedule ``alphas_cumprod`` (index ``k``, the network's timestep)
     is interpolated in log-SNR, so the network sees fractional timesteps.

@@ -1,4 +1,4 @@
-"""Measuring a student against its teacher (MATH.md section 5).
+"""Measuring a student against its teacher (docs/method.md, Metrics).
 
 * :func:`compare_with_teacher`: the flow-map error after training (``metrics.json``).
 * :func:`evaluate_student` / :class:`Evaluation`: ``ttfm-distill eval``: the
@@ -72,7 +72,7 @@ def compare_with_teacher(student, teacher, steps=(1, 2, 4), n: int = 128, refere
 # --------------------------------------------------------------------------
 
 METRIC_DESCRIPTIONS = {
-    "flow_map_error": "E|x_N - x_ref|^2 / E|x_ref|^2, same noise; x_ref = the teacher's fine RK4 solve (MATH.md 5)",
+    "flow_map_error": "E|x_N - x_ref|^2 / E|x_ref|^2, same noise; x_ref = the teacher's fine RK4 solve (docs/method.md)",
     "fd_test_images": "Frechet distance to the real Fashion-MNIST test images (and their mirror images) in the "
                       "features of the project's classifier",
     "fd_teacher_fine": "Frechet distance to the teacher's fine-solve samples (same noise) in the classifier's features",

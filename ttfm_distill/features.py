@@ -1,4 +1,4 @@
-"""Feature extractors for Frechet distances between image sets (MATH.md section 5).
+"""Feature extractors for Frechet distances between image sets (docs/method.md, Metrics).
 
 * :class:`FashionFeatureNet`: a small CNN classifier this project trains on the
   embedded teacher's dataset (Fashion-MNIST at 16x16 in [-1, 1]; recipe in

@@ -1,4 +1,4 @@
-"""Sample-quality metrics (MATH.md section 5).
+"""Sample-quality metrics (docs/method.md, Metrics).
 
 * :func:`flow_map_error`: relative squared error against the teacher's fine ODE solution.
 * :func:`histogram_kl`: 2-D KL between the exact target and a histogram of samples.

@@ -1,7 +1,7 @@
 """Samplers: the student's flow-map sampler and the teacher's ODE solvers.
 
 Samplers are plain functions; time grids are built separately
-(``t_0 = 0 < ... < t_N = 1`` in the package convention, MATH.md section 4).
+(``t_0 = 0 < ... < t_N = 1`` in the package convention, docs/method.md, Samplers).
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ hook on the family's timestep embedder adds the output of an extra,
 zero-initialised embedding of the second time (``t - s`` by default, in the
 network's own timestep units) to the conditioning vector ``temb``.  With the
 last layer of that embedding at zero, ``u(x, s, t) == v_teacher(x, s)`` for
-every ``(s, t)`` at step 0 (TEACHERS.md, "additive, zero-initialised").
+every ``(s, t)`` at step 0 (docs/teachers.md, "How the second time is added").
 
-Parametrisation (MATH.md section 1, "average velocity"):
+Parametrisation (docs/method.md, "The student"):
 ``phi(x, s, t) = x + (t - s) * u(x, s, t)``.
 """
 

@@ -1,18 +1,21 @@
-"""ITVM: initial/terminal velocity matching (MATH.md section 3.2).
+"""ITVM: initial/terminal velocity matching (docs/method.md, ITVM).
 
 Default reading ("composed", ``intermediate="initial"``; chosen by the
-measurements in the README): the target for the jump ``s -> t`` goes
+measurements in docs/benchmarks.md): the target for the jump ``s -> t`` goes
 through an intermediate time ``r``; one segment of length ``tau`` is taken
-with the **teacher** and the other with the **EMA student** (no derivative
-anywhere).  Written as average velocities it is a convex combination:
+with the **teacher** and the other with the **target model** ``u_tgt`` (no
+derivative anywhere).  ``target_model``: ``"student"`` (default, the current
+weights under stop-gradient), ``"ema"`` (an EMA copy; the current weights when
+no EMA is kept) or ``"teacher"`` (a multi-step teacher solve).  Written as
+average velocities the target is a convex combination:
 
 * ``intermediate="terminal"`` (``r = t - tau``):
-  ``u_target = (r - s)/(t - s) * u_ema(x_s, s, r) + tau/(t - s) * v_seg(y, r -> t)``
-  with ``y = phi_ema(x_s, s, r)``;
+  ``u_target = (r - s)/(t - s) * u_tgt(x_s, s, r) + tau/(t - s) * v_seg(y, r -> t)``
+  with ``y = phi_tgt(x_s, s, r)``;
 * ``intermediate="initial"`` (``r = s + tau``):
-  ``u_target = tau/(t - s) * v(x_s, s) + (t - r)/(t - s) * u_ema(y, r, t)``
-  with ``y = x_s + tau * v(x_s, s)``;
-* ``intermediate="uniform"`` (``r ~ U(s, t)``): both segments with the EMA.
+  ``u_target = tau/(t - s) * v_seg(x_s, s -> r) + (t - r)/(t - s) * u_tgt(y, r, t)``
+  with ``y = x_s + tau * v_seg(x_s, s -> r)``;
+* ``intermediate="uniform"`` (``r ~ U(s, t)``): both segments with the target model.
 
 ``v_seg`` is one Euler (or Heun) step of the teacher over the segment.
 Jumps shorter than ``tau`` get the teacher step alone.  Diagonal pairs
@@ -20,7 +23,7 @@ Jumps shorter than ``tau`` get the teacher step alone.  Diagonal pairs
 ``(s, s)``, give the initial-velocity term ``|u(x_s, s, s) - v(x_s, s)|^2``.
 
 Second reading (``reading="ema_only"``):
-``|(phi(x_s, s, t) - y) / (t - r) - sg[u_ema(sg[y], r, t)]|^2`` with
+``|(phi(x_s, s, t) - y) / (t - r) - sg[u_tgt(sg[y], r, t)]|^2`` with
 ``y = phi(x_s, s, r)``; the gradient through ``y`` is optional.
 """
 
@@ -64,7 +67,7 @@ class ItvmObjective(Objective):
     class Options:
         reading: str = "composed"
         intermediate: str = "initial"
-        # defaults picked by the image sweep (README, "Which reading of ITVM is the default")
+        # defaults picked by the image sweep (docs/benchmarks.md, "Which reading of ITVM is the default")
         tau: float = 0.1
         tau_mode: str = "absolute"
         teacher_solver: str = "heun"

@@ -1,10 +1,10 @@
-"""LFMD: Lagrangian flow map distillation (Boffi et al.; MATH.md section 3.1).
+"""LFMD: Lagrangian flow map distillation (Boffi et al.; docs/method.md, LFMD).
 
 ``L = |d/dt phi(x_s, s, t) - sg[v(phi(x_s, s, t), t)]|^2``.
 
 ``derivative="jvp"``: exact, forward-mode ``torch.func.jvp`` in ``t``,
 backpropagated through (needs forward-AD support in every op: no fused
-attention, see ENVIRONMENT.md).  ``derivative="fd"``: central finite
+attention, see docs/environment.md, JVP through attention).  ``derivative="fd"``: central finite
 difference with step ``fd_step`` (one-sided at the ends of ``[s, 1]``).
 
 ``adaptive_p > 0`` weights each sample by ``sg[1 / (l + adaptive_c)^p]``

@@ -1,4 +1,4 @@
-"""LSD: Lagrangian self-distillation (Boffi, Albergo, Vanden-Eijnden 2025; MATH.md section 3.3).
+"""LSD: Lagrangian self-distillation (Boffi, Albergo, Vanden-Eijnden 2025; docs/method.md, LSD).
 
 Adapted to distillation: the diagonal is anchored to the teacher and the
 off-diagonal is trained against the model's *own* diagonal.

@@ -1,4 +1,4 @@
-"""MeanFlow-style average-velocity identity (Geng et al. 2025; MATH.md section 3.3), distilled.
+"""MeanFlow-style average-velocity identity (Geng et al. 2025; docs/method.md, MeanFlow), distilled.
 
 Identity in this package's convention
 -------------------------------------

@@ -1,4 +1,4 @@
-"""PFMM / progressive flow-map matching (MATH.md section 3.3), no derivative.
+"""PFMM / progressive flow-map matching (docs/method.md, Progressive), no derivative.
 
 ``|phi(x_s, s, t) - sg[phi_ema(phi_ema(x_s, s, r), r, t)]|^2`` with
 ``r ~ U(s, t)``, measured in ``phi`` (so long jumps weigh ``(t - s)^2``

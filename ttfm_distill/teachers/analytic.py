@@ -1,6 +1,6 @@
 """Teachers whose velocity field is known exactly (2-D and n-D toys).
 
-Everything here uses the package convention (MATH.md section 1): ``t = 0`` is
+Everything here uses the package convention (docs/method.md, Time convention): ``t = 0`` is
 noise, ``t = 1`` is data, ``x_t = (1 - t) x0 + t x1`` with
 ``x0 ~ N(0, sigma0^2 I)``, and the teacher velocity is
 ``v(x, t) = E[x1 - x0 | x_t = x]``.
@@ -412,7 +412,7 @@ def gaussian_2d(mean: Sequence[float] = (1.0, -0.5), std: float = 0.5, sigma0: f
 def checkerboard_boxes(scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The squares of the checkerboard support: ``(lo, hi)``, each ``(8, 2)``.
 
-    MATH.md section 6: ``x1 ~ U[-2, 2]``,
+    docs/method.md, The 2-D teachers: ``x1 ~ U[-2, 2]``,
     ``x2 ~ U[0, 1) - 2 Bernoulli(1/2) + (floor(x1) mod 2)``, both times ``scale``.
     With ``i = floor(x1)`` and ``j = floor(x2)`` the recipe gives
     ``j in {i mod 2, i mod 2 - 2}``, i.e. the unit cells ``(i, j)`` in
@@ -482,7 +482,7 @@ class Checkerboard(AnalyticTeacher):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """Samples by the literal recipe of MATH.md section 6: ``(n, 2)``."""
+        """Samples by the literal recipe of docs/method.md, The 2-D teachers: ``(n, 2)``."""
         dev = _sample_device(generator, device)
         x1 = torch.rand(n, generator=generator, device=dev, dtype=torch.float64) * 4.0 - 2.0
         flip = torch.randint(0, 2, (n,), generator=generator, device=dev).to(torch.float64)

@@ -8,7 +8,7 @@ from ..errors import InputError
 
 
 class Teacher(nn.Module):
-    """A frozen velocity field in the package convention (MATH.md section 1).
+    """A frozen velocity field in the package convention (docs/method.md, Time convention).
 
     ``velocity(x, t, cond)``: ``x`` ``(B, *data_shape)``, ``t`` ``(B,)`` in
     [0, 1] with 0 = noise; returns ``E[x1 - x0 | x_t = x]`` of shape ``x``.
