@@ -76,7 +76,7 @@ def write_sources(root: Path, n: int):
     from datasets import Image as ImageFeature
     from PIL import Image
 
-    from ttfm_distill.datasets import FASHION_MNIST_CLASSES, find_fashion_mnist, read_idx
+    from ttfm_distill.data.fashion_mnist import FASHION_MNIST_CLASSES, find_fashion_mnist, read_idx
 
     src = find_fashion_mnist()
     images = read_idx(src / "train-images-idx3-ubyte.gz")[:n]

@@ -22,7 +22,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
 
 from ttfm_distill.convention import TimestepUnits, flow_matching_training_pair
-from ttfm_distill.datasets import load_fashion_mnist
+from ttfm_distill.data.fashion_mnist import load_fashion_mnist
 
 UNET_CONFIG = dict(
     sample_size=16,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ttfm_distill.datasets import load_fashion_mnist
+from ttfm_distill.data.fashion_mnist import load_fashion_mnist
 from ttfm_distill.features import FashionFeatureNet, mirrored
 from ttfm_distill.fileio import atomic_path, save_tensors
 from ttfm_distill.metrics import gaussian_stats

@@ -64,7 +64,7 @@ def test_teacher_folders_that_are_not_denoisers(tmp_path):
     enc.mkdir()
     (enc / "config.json").write_text(json.dumps({"architectures": ["CLIPTextModel"], "hidden_size": 8}))
     one_line_error(cli("run", "--teacher", enc, "--dry-run"), 2, "CLIPTextModel", "not a denoiser")
-    one_line_error(cli("inspect", "--teacher", enc), 2, "not a denoiser", "UNet2DModel")
+    one_line_error(cli("inspect", "--teacher", enc), 2, "not a denoiser", "inspect --help")
     odd = tmp_path / "odd"
     odd.mkdir()
     (odd / "config.json").write_text("[1, 2]")
@@ -135,7 +135,7 @@ def test_output_folder_problems(tiny_teacher_dir, tmp_path):
     busy.mkdir()
     (busy / "thesis.tex").write_text("precious")
     one_line_error(cli("run", "--teacher", tiny_teacher_dir, "--output", busy, "--max-steps", 2, *TINY), 2,
-                   "not empty", "--overwrite")
+                   "did not write", "thesis.tex")
     assert (busy / "thesis.tex").read_text() == "precious" and len(list(busy.iterdir())) == 1
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

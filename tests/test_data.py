@@ -216,7 +216,7 @@ def test_saved_dataset_of_arrays_is_exact(tmp_path):
 
 
 def test_fashion_mnist_with_labels():
-    from ttfm_distill.datasets import load_fashion_mnist
+    from ttfm_distill.data.fashion_mnist import load_fashion_mnist
 
     try:
         images, labels = load_fashion_mnist("train", resolution=16)

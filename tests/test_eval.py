@@ -61,7 +61,7 @@ def test_shipped_classifier_card_and_size():
 
 
 def test_shipped_stats_are_those_of_the_real_test_images():
-    from ttfm_distill.datasets import DatasetUnavailable, load_fashion_mnist
+    from ttfm_distill.data.fashion_mnist import DatasetUnavailable, load_fashion_mnist
     from ttfm_distill.metrics import gaussian_stats
 
     try:

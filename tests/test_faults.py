@@ -81,7 +81,7 @@ def test_sigterm_during_training_checkpoints_and_resumes(tiny_teacher_dir, tmp_p
     time.sleep(3)  # some training steps
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1, err
+    assert proc.returncode == 143, err  # 128 + SIGTERM, the shell's convention
     assert "interrupted at step" in err and "Traceback" not in err
     ckpts = list_checkpoints(out)
     assert len(ckpts) == 1

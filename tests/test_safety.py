@@ -48,7 +48,8 @@ def test_overwrite_refuses_home_current_folder_and_parents(tmp_path, tiny_teache
 def test_overwrite_refuses_a_folder_holding_anything_a_run_did_not_write(tmp_path, tiny_teacher_dir):
     thesis = _decoy(tmp_path, "thesis", {"thesis.tex": "chapter 1", "figures/a.png": "png"})
     r = cli("run", "--teacher", tiny_teacher_dir, "--output", thesis, "--overwrite", "--max-steps", 2, *TINY)
-    one_line_error(r, 2, "thesis.tex", "did not write")
+    line = one_line_error(r, 2, "did not write")
+    assert "'figures'" in line or "'thesis.tex'" in line
     assert (thesis / "thesis.tex").read_text() == "chapter 1" and (thesis / "figures" / "a.png").exists()
     # a config.json that is not a run's does not make a folder a run
     (thesis / "thesis.tex").unlink()
@@ -113,7 +114,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, tiny_teacher_dir):
     first.wait(timeout=60)
     assert f"pid {first.pid}" in (out / ".ttfm-distill.lock").read_text()  # the dead process's record is left
     r = cli("run", "--teacher", tiny_teacher_dir, "--output", out, "--max-steps", 100000, "--set",
-            "checkpoint_every=5", "--dry-run")
+            "checkpoint_every=5", *TINY, "--dry-run")
     assert r.returncode == 0, r.stderr  # a dry run only reads
     # resuming with a reachable budget: the lock of the dead process is taken over with a warning
     done = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
@@ -182,7 +183,6 @@ def test_a_refused_run_leaves_no_config_so_the_fixed_command_runs(tmp_path, tiny
 def _nan_teacher(src, dst):
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, dst)
@@ -205,7 +205,6 @@ def test_a_nan_teacher_is_blamed_before_any_work_and_nothing_is_cached(tmp_path,
 def test_a_replaced_teacher_never_resumes_and_never_reuses_the_pool(tmp_path, tiny_teacher_dir):
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     teacher = tmp_path / "teacher"

@@ -306,7 +306,12 @@ def inspect(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle weights when there are no safetensors."),
     sample_size: Optional[int] = typer.Option(None, "--sample-size", help="Latent size for teachers whose config does not fix it."),
 ):
-    """Print what was detected about a teacher (class, units, shift, prediction type, conditioning, latents, VAE), without training."""
+    """Print what was detected about a teacher (class, units, shift, prediction type, conditioning, latents, VAE), without training.
+
+    Supported denoiser classes: AuraFlowTransformer2DModel, DiTTransformer2DModel, FluxTransformer2DModel,
+    Lumina2Transformer2DModel, PixArtTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel,
+    UNet2DConditionModel, UNet2DModel.
+    """
 
     def body():
         from .teachers.loading import load_teacher
@@ -336,7 +341,7 @@ def main() -> None:
         message = " ".join(line.strip() for line in e.format_message().splitlines() if line.strip())
         typer.echo(f"error: {message} (see {where})", err=True)
         sys.exit(2)
-    except cx.Abort:
+    except getattr(cx, "Abort", None) or getattr(typer, "Abort", ()):  # Ctrl-C while click itself is prompting
         typer.echo("error: interrupted", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

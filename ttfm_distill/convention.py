@@ -129,19 +129,6 @@ def diffusion_to_flow(
     return x / broadcast_time(denom, x), alpha / denom
 
 
-def flow_to_diffusion(
-    x_lin: torch.Tensor, t: torch.Tensor, alpha_of_ratio
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`diffusion_to_flow` for a schedule given as a callable.
-
-    ``alpha_of_ratio(r)`` returns ``(alpha, sigma)`` with ``sigma / alpha = r``.
-    Returns ``(x, alpha, sigma)``.
-    """
-    ratio = (1.0 - t) / t.clamp_min(1e-12)
-    alpha, sigma = alpha_of_ratio(ratio)
-    return x_lin * broadcast_time(alpha + sigma, x_lin), alpha, sigma
-
-
 class NetworkIO:
     """How a network's input and output relate to the package path, for flow-matching networks.
 

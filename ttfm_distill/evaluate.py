@@ -48,7 +48,7 @@ def compare_with_teacher(student, teacher, steps=(1, 2, 4), n: int = 128, refere
     g = torch.Generator().manual_seed(seed)
     x0 = teacher.sample_noise(n, generator=g).to(device)
     cond = teacher.sample_cond(n, generator=g) if hasattr(teacher, "sample_cond") else None
-    shift = float(getattr(teacher, "shift", 1.0))
+    shift = float(teacher.shift)
     chunks = list(zip(x0.split(batch_size), split_cond(cond, batch_size, len(x0), device)))
     velocity = (lambda c: (lambda x, t: teacher.velocity(x, t, c)))
     ref = torch.cat([fine_reference(velocity(c), x, reference_steps, shift) for x, c in chunks])
@@ -129,7 +129,7 @@ def _bound(teacher, cond):
 
 
 def teacher_euler_sampler(teacher) -> Sampler:
-    shift = float(getattr(teacher, "shift", 1.0))
+    shift = float(teacher.shift)
     return Sampler("teacher_euler", lambda x, n, cond=None: euler(_bound(teacher, cond), x,
                                                                   uniform_time_grid(n, shift).to(x.device)),
                    conditional=True)
@@ -137,7 +137,7 @@ def teacher_euler_sampler(teacher) -> Sampler:
 
 def teacher_heun_sampler(teacher) -> Sampler:
     """Heun with ``nfe / 2`` steps; only even ``nfe >= 2`` (the report gives ``null`` for the rest)."""
-    shift = float(getattr(teacher, "shift", 1.0))
+    shift = float(teacher.shift)
     return Sampler("teacher_heun", lambda x, n, cond=None: heun(_bound(teacher, cond), x,
                                                                 uniform_time_grid(n // 2, shift).to(x.device)),
                    accepts=lambda n: n >= 2 and n % 2 == 0, conditional=True)
@@ -162,7 +162,7 @@ class Evaluation:
     def __init__(self, teacher, num: int | None = None, seed: int = 0, reference_steps: int = 32,
                  batch_size: int | None = None, inception=None, device="cpu", on_step=None,
                  keep: int = 0):
-        self.kind = getattr(teacher, "kind", "image")
+        self.kind = teacher.kind
         batch_size = int(batch_size or DEFAULT_BATCH.get(self.kind, 256))
         if reference_steps < 1 or batch_size < 1:
             raise EvalError("--reference-steps and --batch-size must be >= 1")
@@ -188,7 +188,7 @@ class Evaluation:
         if self.cond:
             self.info["conditioning"] = {k: f"{tuple(v.shape)} from teacher.sample_cond, seed {seed}"
                                          for k, v in self.cond.items()}
-        shift = float(getattr(teacher, "shift", 1.0))
+        shift = float(teacher.shift)
         self.reference = self._chunked(lambda x, c: fine_reference(_bound(teacher, c), x, reference_steps, shift))
         self.on_step(f"reference: RK4 {reference_steps} steps")
         self._setup_scorers()
@@ -259,7 +259,7 @@ class Evaluation:
 
     def _real_images(self, split: str):
         """``num`` real images of ``split`` (random left-right flips, seeded), or a reason string."""
-        from .datasets import DatasetUnavailable, load_fashion_mnist
+        from .data.fashion_mnist import DatasetUnavailable, load_fashion_mnist
         from .features import CLASSIFIER_IMAGE_SHAPE
 
         shape = tuple(getattr(self.teacher, "image_shape", self.teacher.data_shape))
@@ -362,7 +362,7 @@ def evaluate_student(student, teacher, steps=(1, 2, 4, 8), teacher_steps=None, n
     """
     steps = tuple(steps)
     teacher_steps = tuple(teacher_steps or steps)
-    kind = getattr(teacher, "kind", "image")
+    kind = teacher.kind
     total = 2 + len(steps) + 2 * len(teacher_steps)
     if isinstance(inception, (str, Path)):
         from .features import load_inception
@@ -376,13 +376,13 @@ def evaluate_student(student, teacher, steps=(1, 2, 4, 8), teacher_steps=None, n
             progress.update(task, advance=1, what=label)
 
         ev = Evaluation(teacher, num, seed, reference_steps, batch_size, inception, device, on_step)
-        shift = float(getattr(teacher, "shift", 1.0))
+        shift = float(teacher.shift)
         results = {"student": ev.run(student_flow_map_sampler(student, shift), steps),
                    "teacher_euler": ev.run(teacher_euler_sampler(teacher), teacher_steps),
                    "teacher_heun": ev.run(teacher_heun_sampler(teacher), teacher_steps)}
         floors = ev.floors()
     return {
-        "teacher": str(getattr(teacher, "source", getattr(teacher, "name", "teacher"))),
+        "teacher": str(teacher.source or teacher.name),
         "kind": kind,
         "settings": {**ev.settings(), "steps": list(steps), "teacher_steps": list(teacher_steps)},
         "results": results,

@@ -91,8 +91,3 @@ def fine_reference(velocity: VelocityFn, x0: torch.Tensor, steps: int = 64, shif
     if batch_size is None:
         return rk4(velocity, x0, grid)
     return torch.cat([rk4(velocity, chunk, grid) for chunk in x0.split(batch_size)])
-
-
-def chunked(fn, x0: torch.Tensor, batch_size: int, *args) -> torch.Tensor:
-    """Apply a sampler to ``x0`` in chunks of ``batch_size``."""
-    return torch.cat([fn(chunk, *args) for chunk in x0.split(batch_size)])

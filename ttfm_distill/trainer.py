@@ -457,8 +457,8 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
         "data_shape": list(teacher.data_shape),
         "sample_size": cfg.sample_size,
         "sigma0": teacher.sigma0,
-        "shift": float(getattr(teacher, "shift", 1.0)),
-        "scheduler_config": getattr(teacher, "scheduler_config", None),
+        "shift": float(teacher.shift),
+        "scheduler_config": teacher.scheduler_config,
         "loss": objective.config(),
         "weights": cfg.export_weights if cfg.ema_decay > 0 else "raw",
         "training": {"steps": cfg.max_steps, "seed": cfg.seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
@@ -487,7 +487,7 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     metrics["settings"] = {"eval_samples": n, "reference": f"rk4 {cfg.reference_steps} steps", "seed": cfg.seed + 1}
     write_json(out / "metrics.json", metrics)
     rows, errors = _comparison_rows(samples, teacher, metrics, cfg, device)
-    if getattr(teacher, "is_latent", False):  # the grid shows images: decode the latents with the teacher's VAE
+    if teacher.is_latent:  # the grid shows images: decode the latents with the teacher's VAE
         rows = {k: torch.cat([teacher.decode(c.to(device)).cpu() for c in v.split(64)]) for k, v in rows.items()}
     save_comparison(rows, out / "samples.png", kind=teacher.kind, errors=errors,
                     title=f"{teacher.name}: student ({cfg.loss}, {cfg.max_steps} steps) vs teacher, same noise")
@@ -514,7 +514,7 @@ def _comparison_rows(samples, teacher, metrics, cfg, device):
     x0 = teacher.sample_noise(samples["reference"].shape[0], generator=g)
     x0 = pick(x0).to(device)
     cond = {k: pick(v).to(device) for k, v in samples["cond"].items()} if "cond" in samples else None
-    grid = uniform_time_grid(50, getattr(teacher, "shift", 1.0)).to(device)
+    grid = uniform_time_grid(50, teacher.shift).to(device)
     rows["teacher Euler 50"] = euler(lambda x, t: teacher.velocity(x, t, cond), x0, grid).cpu()
     return rows, errors
 

@@ -1,7 +1,7 @@
 """Training data for distillation: ``build_data`` turns ``cfg.data`` into a source.
 
 * ``teacher`` (default): data-free, the teacher's own ODE samples (``pool.py``);
-* ``fashion-mnist``: the Debian Fashion-MNIST files (``..datasets``);
+* ``fashion-mnist``: the Debian Fashion-MNIST files (``fashion_mnist.py``);
 * anything else: a local image folder / parquet / arrow / ``save_to_disk``
   folder or a hub id, read through ``datasets`` (``hf.py``).
 
@@ -74,7 +74,7 @@ class DataBuilder:
     def __init__(self, teacher, cfg, device, log, progress):
         self.teacher, self.cfg, self.device, self.log, self.progress = teacher, cfg, device, log, progress
         self.cache = _cache_dir(cfg)
-        self.conditioning = getattr(teacher, "conditioning", None)
+        self.conditioning = teacher.conditioning
         self.geometry = self._geometry()
         self._teacher_fp = None
 
@@ -253,7 +253,7 @@ class DataBuilder:
         return base, {"cache": str(path), "cache_hit": rep.built_rows == 0, "prepare_seconds": round(rep.seconds, 2)}
 
     def fashion_mnist(self):
-        from ..datasets import find_fashion_mnist, load_fashion_mnist, read_idx
+        from .fashion_mnist import find_fashion_mnist, load_fashion_mnist, read_idx
 
         c, (h, w) = self.geometry.channels, self.geometry.base
         latent = bool(getattr(self.teacher, "is_latent", False))

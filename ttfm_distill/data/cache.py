@@ -56,7 +56,7 @@ def teacher_fingerprint(teacher) -> str:
     state = teacher.state_dict()
     sums = [(k, list(v.shape), float(v.detach().double().sum())) for k, v in sorted(state.items())
             if torch.is_tensor(v) and v.is_floating_point()]
-    return content_key(type(teacher).__name__, getattr(teacher, "source", teacher.name), teacher.describe(), sums)
+    return content_key(type(teacher).__name__, teacher.source or teacher.name, teacher.describe(), sums)
 
 
 @dataclass

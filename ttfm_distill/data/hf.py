@@ -154,7 +154,7 @@ def check_data_spec(spec: str) -> str:
     reachable (or cached while offline).  Returns a short description."""
     if spec in BUILTIN_SOURCES:
         if spec == "fashion-mnist":
-            from ..datasets import find_fashion_mnist
+            from .fashion_mnist import find_fashion_mnist
 
             find_fashion_mnist()
         return spec

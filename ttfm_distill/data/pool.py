@@ -61,7 +61,7 @@ class _NoiseStream:
 
 def prompt_conditioning(teacher, cfg, n: int, cache_dir: Path | None, progress, log):
     """For a text teacher given ``--prompts``: ``(PromptRows of n random lines, cache-name tag)``, else ``(None, "")``."""
-    if getattr(teacher, "conditioning", None) != "text" or not getattr(cfg, "prompts", None):
+    if teacher.conditioning != "text" or not getattr(cfg, "prompts", None):
         return None, ""
     from .cache import default_cache_dir, teacher_fingerprint
 
@@ -76,7 +76,7 @@ def sampled_conditioning(teacher, seed: int, n: int, log) -> dict | None:
     """``teacher.sample_cond(n)`` drawn from the pool's stream just after its noise (as a one-shot pool draws it)."""
     if not hasattr(teacher, "sample_cond"):
         return None
-    if getattr(teacher, "conditioning", None) == "text":
+    if teacher.conditioning == "text":
         log("data-free pool of a text teacher without --prompts: every sample uses the empty prompt")
     return teacher.sample_cond(n, generator=_NoiseStream(teacher, seed).skip_to(n)) or None
 
@@ -97,7 +97,7 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
     # keyed on the teacher's weights too: a teacher replaced at the same path never reuses an old pool
     key = f"-t{cfg.teacher_fingerprint[:12]}" if getattr(cfg, "teacher_fingerprint", None) else ""
     path = Path(cache) / f"pool-n{n}-euler{cfg.pool_steps}-seed{cfg.seed}{tag}{key}.safetensors"
-    grid = uniform_time_grid(cfg.pool_steps, getattr(teacher, "shift", 1.0)).to(device)
+    grid = uniform_time_grid(cfg.pool_steps, teacher.shift).to(device)
     noise = _NoiseStream(teacher, cfg.seed + 7919)
     drawn = {}  # sample_cond's draw, made only if a chunk has to be generated
 
@@ -125,7 +125,7 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
               "cache": "hit" if rep.built_rows == 0 else ("resumed" if rep.resumed_rows else "built"),
               "seconds": round(rep.seconds, 2),
               "generation_seconds": None if rep.first_build_seconds is None else round(rep.first_build_seconds, 2),
-              "conditioning": getattr(teacher, "conditioning", None)}
+              "conditioning": teacher.conditioning}
     if rep.built_rows:
         what = f" (resumed: {rep.resumed_rows} were done)" if rep.resumed_rows else ""
         log(f"data-free pool: {n} teacher samples (Euler {cfg.pool_steps} steps) in {rep.seconds:.1f}s{what} -> {path}")

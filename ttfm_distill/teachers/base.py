@@ -21,6 +21,14 @@ class Teacher(nn.Module):
     shift: float = 1.0
     #: "image" (sample grids) or "points" (2-D scatter)
     kind: str = "image"
+    #: where the teacher came from (hub id or folder); ``None`` for built-in analytic teachers
+    source: str | None = None
+    #: the diffusers scheduler config the teacher was trained with (``None``: none)
+    scheduler_config: dict | None = None
+    #: the empty prompt's embeddings (one row each) of text teachers with encoders; ``None`` otherwise
+    null_text: dict | None = None
+    # ``codec`` (the VAE of latent teachers) is an ``nn.Module``: a class default would shadow the submodule,
+    # so callers read it with ``getattr(teacher, "codec", None)``
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         raise NotImplementedError

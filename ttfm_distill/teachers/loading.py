@@ -140,10 +140,8 @@ def _denoiser_class(denoiser: Path) -> str:
     class_name = config.get("_class_name")
     if not class_name:
         archs = config.get("architectures")
-        what = f" (a transformers {archs[0]}?)" if isinstance(archs, list) and archs else ""
-        raise UnsupportedTeacher(
-            f"{denoiser / 'config.json'} names no diffusers class{what}: not a denoiser; point --teacher at a "
-            f"diffusers model folder (classes: ttfm-distill inspect --help)")
+        what = f"is a transformers {str(archs[0])[:40]}" if isinstance(archs, list) and archs else "names no diffusers class"
+        raise UnsupportedTeacher(f"{denoiser / 'config.json'} {what}, not a denoiser (classes: ttfm-distill inspect --help)")
     if not isinstance(class_name, str):
         raise TeacherLoadError(f"{denoiser / 'config.json'}: _class_name must be a class name, got {class_name!r:.40}")
     if class_name not in ADAPTERS:
@@ -191,8 +189,8 @@ def _load_folder(root: Path, subfolder: str | None, source: str | None = None, a
             raise TeacherLoadError(f"{denoiser} has no weights (expected diffusion_pytorch_model.safetensors)")
         if not allow_pickle:
             raise TeacherLoadError(
-                f"{denoiser} has only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
-                "convert them to safetensors, or pass --allow-pickle if you trust the file")
+                f"{denoiser} has only pickle weights ({pickles[0][:40]}; they can run code): convert to "
+                "safetensors or pass --allow-pickle")
         import sys
 
         print(f"warning: loading pickle weights {', '.join(pickles)} from {denoiser} (--allow-pickle); "

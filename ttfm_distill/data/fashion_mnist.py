@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from .errors import InputError, TTFMError
+from ..errors import InputError, TTFMError
 
 FASHION_MNIST_DIRS = (
     os.environ.get("TTFM_FASHION_MNIST_DIR", ""),
