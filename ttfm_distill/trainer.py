@@ -210,18 +210,19 @@ class Distillation:
         from .rundir import RunLock, clear_run, sweep_temporaries, sweep_unstarted
 
         if self.main:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                probe = self.out / ".write-test"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as e:
+                raise ConfigError(f"cannot write to output folder {self.out}: {e.strerror}") from None
             warn = lambda msg: self.log(f"[yellow]warning:[/] {msg}")  # noqa: E731
             self.lock = RunLock(self.out, "run", warn).acquire()
             if self.overwrite:
                 clear_run(self.out)
             sweep_temporaries(self.out)
             sweep_unstarted(self.out)
-            try:
-                probe = self.out / ".write-test"
-                probe.write_text("")
-                probe.unlink()
-            except OSError as e:
-                raise ConfigError(f"cannot write to output folder {self.out}: {e.strerror}") from None
         self.accelerator.wait_for_everyone()
 
     def setup_data(self) -> None:
