@@ -269,20 +269,38 @@ def _largest_block(network) -> int:
     return best or sum(p.numel() for p in network.parameters())
 
 
-def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int) -> StudentCounts:
-    from .meta import measure_student
+def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int, autocast_device: str = "cuda") -> StudentCounts:
+    """FLOPs (batch 1), saved activations (fp32 and bf16, with and without checkpointing) and the working set.
+
+    The working set (saved activations plus activation gradients and temporaries, at their peak over a
+    forward and backward) is measured in fp32 at batch 1 and 2: per sample = the difference, the rest is
+    batch-independent.  bf16 scales it by the ratio of bf16 to fp32 saved bytes.
+    """
+    from .meta import measure_student, working_set
 
     teacher, student, _ = build_models(spec, lora_rank)
     x, s, t, cond = example_inputs(teacher, text_tokens)
-    acts = {}
     fp32 = measure_student(student, x, s, t, cond, bf16=False, with_backward=True)
     student.zero_grad(set_to_none=True)
-    bf16 = measure_student(student, x, s, t, cond, bf16=True, with_backward=False)
+    bf16 = measure_student(student, x, s, t, cond, bf16=True, with_backward=False, autocast_device=autocast_device)
+    work = {}
+    for ckpt in (False, True):
+        one = working_set(student, (x, s, t, cond), ckpt)
+        two = working_set(student, example_inputs(teacher, text_tokens, batch=2)[:4], ckpt)
+        per = max(two - one, 0)
+        work[ckpt] = (per, max(one - per, 0))
+    acts = {}
     for key, r in (("fp32", fp32), ("bf16", bf16)):
-        acts[key] = {"plain": r.activations, "checkpointed": r.activations_checkpointed or r.activations,
+        ratio_plain = r.activations / max(fp32.activations, 1)
+        ratio_ckpt = (r.activations_checkpointed or r.activations) / max(fp32.activations_checkpointed
+                                                                        or fp32.activations, 1)
+        acts[key] = {"plain": int(work[False][0] * ratio_plain), "plain_fixed": int(work[False][1] * ratio_plain),
+                     "checkpointed": int(work[True][0] * ratio_ckpt),
+                     "checkpointed_fixed": int(work[True][1] * ratio_ckpt),
+                     "saved": r.activations, "saved_checkpointed": r.activations_checkpointed or r.activations,
                      "weight_copies": r.weight_copies, "weight_copies_checkpointed": r.weight_copies_checkpointed,
-                     "checkpoint_kept": r.checkpoint_kept,
-                     "largest_block_recompute": r.largest_block, "blocks": r.blocks}
+                     "checkpoint_kept": r.checkpoint_kept, "largest_block_recompute": r.largest_block,
+                     "blocks": r.blocks}
     added = sum(p.numel() for n, p in student.named_parameters() if n.startswith(("second_time.", "guidance_embed.")))
     trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
     return StudentCounts(
@@ -295,8 +313,12 @@ def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int) -> Studen
 
 
 def count(spec: TeacherSpec, lora_rank: int = 16, text_tokens: int | None = None,
-          resolution: int | None = None) -> Counts:
-    """Every count the plan needs, from meta-device models."""
+          resolution: int | None = None, autocast_device: str = "cuda") -> Counts:
+    """Every count the plan needs, from meta-device models.
+
+    ``autocast_device``: whose autocast op lists the bf16 activations follow (``cuda``, what the plan is
+    for; ``cpu``, to check the planner against CPU runs, where norms and softmax stay in bf16).
+    """
     from .meta import count_teacher_forward
 
     if resolution is not None:
@@ -311,11 +333,11 @@ def count(spec: TeacherSpec, lora_rank: int = 16, text_tokens: int | None = None
     except Exception as e:  # noqa: BLE001 - e.g. a latent size the config's position table cannot hold
         raise PlanError(f"{spec.class_name} cannot run at {spec.resolution} px ({tuple(teacher.data_shape)} latents): "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"[:200]) from None
-    full = count_student(spec, 0, tokens)
+    full = count_student(spec, 0, tokens, autocast_device)
     lora = None
     if lora_rank:
         try:
-            lora = count_student(spec, lora_rank, tokens)
+            lora = count_student(spec, lora_rank, tokens, autocast_device)
         except Exception as e:  # noqa: BLE001 - peft missing or no target layer
             from ..config import ConfigError
 
@@ -391,11 +413,12 @@ def memory_terms(c: Counts, sc: StudentCounts, parallel: str, precision: str, gp
         "bf16 weight copies": (
             sc.activations["bf16"]["weight_copies_checkpointed" if checkpointing else "weight_copies"]
             if (precision == "bf16" and parallel == "dp") else 0),
+        "batch-independent tensors": sc.activations[precision]["checkpointed_fixed" if checkpointing else "plain_fixed"],
     }
     return {k: int(v) for k, v in terms.items()}
 
 
-FORWARD_ONLY = ("bf16 weight copies",)
+FORWARD_ONLY = ("bf16 weight copies", "batch-independent tensors")
 UPDATE_ONLY = ("gradients", "AdamW step temps")
 
 

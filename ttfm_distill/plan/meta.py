@@ -31,7 +31,11 @@ from torch.overrides import TorchFunctionMode
 
 LOW_PRECISION_OPS = {"linear", "conv1d", "conv2d", "conv3d", "conv_transpose2d", "matmul", "mm", "bmm", "baddbmm",
                      "addmm", "addbmm", "einsum", "scaled_dot_product_attention"}
+#: ops CUDA autocast runs in fp32 (CPU autocast runs these in bf16: ``autocast_device="cpu"``)
 FP32_OPS = {"layer_norm", "group_norm", "softmax", "log_softmax", "rms_norm"}
+AUTOCAST_FP32_OPS = {"cuda": FP32_OPS, "cpu": set()}
+# attention is a bf16 op under autocast; the planner's own kernel (below) stands for it
+LOW_PRECISION_OPS.add("_scaled_dot_product_efficient_attention")
 
 
 def _storage_key(t: torch.Tensor):
@@ -40,15 +44,15 @@ def _storage_key(t: torch.Tensor):
 
 
 class PlanMode(TorchFunctionMode):
-    """Attention through the memory-efficient kernel, and optionally bf16 autocast, for meta tensors."""
+    """bf16 autocast emulated for meta tensors (autocast does not act on them)."""
 
-    def __init__(self, bf16: bool = False):
+    def __init__(self, bf16: bool = False, autocast_device: str = "cuda"):
         super().__init__()
         self.bf16 = bf16
+        self.fp32_ops = AUTOCAST_FP32_OPS[autocast_device]
         self.weight_copies: set = set()
         self._keep: list = []  # held so that no later tensor reuses a copy's storage address
         self._cache: dict = {}
-        self.attention_forward_flops = 0
 
     def _cast(self, a, dtype, track: bool):
         if not (torch.is_tensor(a) and a.is_floating_point()) or a.dtype == dtype:
@@ -75,27 +79,40 @@ class PlanMode(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if self.bf16 and name in LOW_PRECISION_OPS:
             args, kwargs = self._cast_all(args, kwargs, torch.bfloat16, True)
-        elif self.bf16 and name in FP32_OPS:
+        elif self.bf16 and name in self.fp32_ops:
             args, kwargs = self._cast_all(args, kwargs, torch.float32, False)
-        if name == "scaled_dot_product_attention":
-            return self._attention(*args, **kwargs)
         return func(*args, **kwargs)
 
-    def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                   enable_gqa=False):
-        q, k, v = query, key, value
-        if enable_gqa and k.shape[-3] != q.shape[-3]:
-            rep = q.shape[-3] // k.shape[-3]
-            k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, -1e4)
-        if attn_mask is not None:
-            attn_mask = attn_mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        b, h, lq, d = q.shape
-        self.attention_forward_flops += 2 * b * h * lq * k.shape[2] * (d + v.shape[-1])
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        return torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, attn_mask, grad, dropout_p, is_causal, scale=scale)[0]
+
+def _efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                         enable_gqa=False):
+    """``scaled_dot_product_attention`` through the memory-efficient kernel (what a GPU runs; it saves
+    ``q, k, v``, the output and the log-sum-exp, never the attention matrix)."""
+    q, k, v = query, key, value
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, -1e4)
+    if attn_mask is not None:
+        attn_mask = attn_mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, attn_mask, grad, dropout_p, is_causal, scale=scale)[0]
+
+
+@contextlib.contextmanager
+def efficient_attention():
+    """Route ``torch.nn.functional.scaled_dot_product_attention`` (looked up at call time by diffusers) to
+    :func:`_efficient_attention`, also in the recomputation of checkpointed blocks during backward."""
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _efficient_attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 class SavedBytes:
@@ -147,6 +164,81 @@ class CheckpointProbe:
         rec.inner = inner.seen
         self.blocks.append(rec)
         return out
+
+
+class LiveTracker:
+    """Live tensor bytes over a pass (a dispatch mode), the peak of what is not a weight, a weight's
+    gradient or a bf16 weight copy: the working set of activations, their gradients and temporaries."""
+
+    def __init__(self, exclude: set, params=(), copies: set | None = None):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker._record(out)
+                return out
+
+        self.mode = _Mode()
+        self.exclude = exclude
+        self.copies = copies if copies is not None else set()
+        self.live: dict = {}
+        self.cur = 0
+        self.grad_keys: set = set()
+        self.peak = 0
+        self._handles = [p.register_post_accumulate_grad_hook(self._grad) for p in params if p.requires_grad]
+
+    def _grad(self, p):
+        if p.grad is not None:
+            self.grad_keys.add(_storage_key(p.grad)[0])
+
+    def _release(self, key):
+        self.cur -= self.live.pop(key, 0)
+
+    def _record(self, out):
+        import weakref
+
+        from torch.utils._pytree import tree_flatten
+
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = st._cdata
+                if key in self.live or key in self.exclude:
+                    continue
+                self.live[key] = st.nbytes()
+                self.cur += st.nbytes()
+                weakref.finalize(st, self._release, key)
+        other = sum(v for k, v in self.live.items() if k in self.grad_keys or k in self.copies) \
+            if (self.grad_keys or self.copies) else 0
+        self.peak = max(self.peak, self.cur - other)
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+
+
+def working_set(student, inputs, checkpointing: bool) -> int:
+    """Peak working bytes of one fp32 forward + backward of ``student(*inputs)`` on the meta device,
+    with diffusers' own gradient checkpointing (real recomputation) when ``checkpointing``."""
+    network = student.network
+    on = checkpointing and bool(getattr(network, "_supports_gradient_checkpointing", False))
+    if on:
+        network.enable_gradient_checkpointing()
+    tracker = LiveTracker(weight_storages(student), list(student.parameters()))
+    try:
+        with efficient_attention(), tracker.mode:
+            u = student(*inputs)
+            u.float().pow(2).mean().backward()
+            del u
+    finally:
+        tracker.close()
+        if on:
+            network.disable_gradient_checkpointing()
+        student.zero_grad(set_to_none=True)
+    return tracker.peak
 
 
 def weight_storages(*modules) -> set:
@@ -205,7 +297,8 @@ def _eff_counts(counter) -> tuple[float, float]:
     return float(fwd), float(bwd)
 
 
-def measure_student(student, x, s, t, cond, bf16: bool, with_backward: bool, exclude_extra=()) -> PassResult:
+def measure_student(student, x, s, t, cond, bf16: bool, with_backward: bool, exclude_extra=(),
+                    autocast_device: str = "cuda") -> PassResult:
     """Run ``student(x, s, t, cond)`` (batch 1, meta tensors) and measure it."""
     network = student.network
     exclude = weight_storages(student) | set(exclude_extra)
@@ -214,10 +307,10 @@ def measure_student(student, x, s, t, cond, bf16: bool, with_backward: bool, exc
     if supports:
         network.enable_gradient_checkpointing(probe)
     outer = SavedBytes(exclude)
-    mode = PlanMode(bf16=bf16)
+    mode = PlanMode(bf16=bf16, autocast_device=autocast_device)
     res = PassResult()
     try:
-        with flop_counter() as counter, mode:
+        with flop_counter() as counter, mode, efficient_attention():
             with outer.hooks():
                 u = student(x, s, t, cond)
             res.forward_flops = _count(counter)
@@ -258,7 +351,7 @@ def measure_student(student, x, s, t, cond, bf16: bool, with_backward: bool, exc
 
 def count_teacher_forward(teacher, x, t, cond) -> float:
     """Model FLOPs of one no-grad teacher evaluation (batch 1)."""
-    with torch.no_grad(), flop_counter() as counter, PlanMode():
+    with torch.no_grad(), flop_counter() as counter, PlanMode(), efficient_attention():
         teacher.velocity(x, t, cond)
     return _count(counter)
 
