@@ -324,6 +324,51 @@ def inspect(
     _guard(body)
 
 
+@app.command()
+def plan(
+    teacher: str = typer.Option("builtin:fashion16", "--teacher", "-t", help="Diffusers folder, config.json, or a built-in name (sd3.5-medium, sd3.5-large, flux.1-dev, sana-1.6b, pixart-sigma, fashion16, tiny-*)."),
+    gpus: int = typer.Option(1, "--gpus", help="GPUs (data parallel or FSDP over all of them)."),
+    gpu: str = typer.Option("H100", "--gpu", help="H100, H200 or A100 (spec-sheet dense peak)."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory per GPU, e.g. 80GB (default: the GPU's)."),
+    mfu: float = typer.Option(0.35, "--mfu", help="Assumed model FLOPs utilisation for the step time."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Image side in pixels (default: the model's native)."),
+    text_tokens: Optional[int] = typer.Option(None, "--text-tokens", help="Text tokens per sample (default: the pipeline's)."),
+    loss: str = typer.Option("itvm", "--loss", help="Objective whose evaluations are counted."),
+    loss_option: Optional[List[str]] = typer.Option(None, "--loss-option", "-L", help="Objective option KEY=VALUE (repeatable)."),
+    diagonal_fraction: float = typer.Option(0.0, "--diagonal-fraction", help="Share of s == t pairs (the run default is 0)."),
+    lora_rank: int = typer.Option(16, "--lora-rank", help="Rank of the LoRA student planned beside the full one (0: none)."),
+    ema: bool = typer.Option(False, "--ema", help="Count an EMA copy (runs with --ema-decay > 0)."),
+    guidance: bool = typer.Option(False, "--guidance", help="Baked classifier-free guidance (two teacher passes per evaluation)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per-GPU batch to plan for (default: the largest that fits)."),
+    headroom: float = typer.Option(0.10, "--headroom", help="Share of GPU memory kept free (CUDA context, fragmentation)."),
+    subfolder: Optional[str] = typer.Option(None, "--subfolder", help="Denoiser subfolder of a pipeline folder."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the plan as JSON here."),
+):
+    """Will it fit, and how long will it take: parameters, memory per GPU, FLOPs and step time, counted without weights."""
+
+    def body():
+        from .plan import PlanError, count, make_plan, objective_evaluations, parse_memory, resolve_teacher
+        from .plan.report import render
+
+        if not 0 <= diagonal_fraction <= 1:
+            raise PlanError(f"--diagonal-fraction must be in [0, 1], got {diagonal_fraction}")
+        if lora_rank < 0 or (batch_size is not None and batch_size < 1) or (text_tokens is not None and text_tokens < 0):
+            raise PlanError("--lora-rank and --text-tokens must be >= 0 and --batch-size >= 1")
+        memory = parse_memory(gpu_memory) if gpu_memory else None
+        ev = objective_evaluations(loss, _parse_options(loss_option, "--loss-option"), diagonal_fraction, guidance)
+        counts = count(resolve_teacher(teacher, subfolder), lora_rank, text_tokens, resolution)
+        result = make_plan(counts, ev, gpus=gpus, gpu=gpu.upper(), gpu_memory=memory, mfu=mfu, headroom=headroom,
+                           ema=ema, batch_size=batch_size)
+        render(result)
+        if json_out is not None:
+            from .fileio import write_json
+
+            write_json(json_out, result.to_json())
+            typer.echo(f"wrote {json_out}")
+
+    _guard(body)
+
+
 def main() -> None:
     """Entry point: usage errors (unknown flag, non-numeric value) are one line too, exit 2."""
     try:  # typer >= 0.20 vendors click as typer._click

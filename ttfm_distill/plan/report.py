@@ -1,0 +1,119 @@
+"""The plan as rich tables (and as JSON)."""
+
+from __future__ import annotations
+
+from .estimate import GB, GPUS, Plan
+
+TEACHER_SHARDING_NOTE = (
+    "Teacher under FSDP: held whole on every GPU (the trainer shards the student only). Sharding the frozen "
+    "teacher would save {save:.1f} GB per GPU here ({per:.1f} GB left of {whole:.1f} GB at {n} GPUs); see docs/plan.md.")
+
+
+def _b(n: float) -> str:
+    if n >= 1e12:
+        return f"{n / 1e12:.2f}T"
+    if n >= 1e9:
+        return f"{n / 1e9:.3g}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.3g}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.3g}k"
+    return f"{int(n)}"
+
+
+def _gb(n: float) -> str:
+    if n == 0:
+        return "-"
+    return f"{n / GB:.2f}" if n < 10 * GB else f"{n / GB:.1f}"
+
+
+def _flops(n: float) -> str:
+    for unit, f in (("PF", 1e15), ("TF", 1e12), ("GF", 1e9), ("MF", 1e6)):
+        if n >= f:
+            return f"{n / f:.3g} {unit}"
+    return f"{n:.3g} F"
+
+
+def _time(sec: float | None) -> str:
+    if sec is None:
+        return "-"
+    return f"{sec * 1e3:.0f} ms" if sec < 1 else f"{sec:.2f} s"
+
+
+def render(plan: Plan, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=120)
+    c = plan.counts
+    ev = plan.evaluations
+    shape = "x".join(str(d) for d in c.data_shape)
+    console.print(f"[bold]{c.teacher}[/] ({c.class_name}): latents {shape}, {c.image_tokens} image tokens"
+                  + (f" + {c.text_tokens} text tokens" if c.text_tokens else "") + f", {c.resolution} px")
+
+    t = Table(title="Parameters (counted on the meta device)", title_justify="left")
+    for col in ("", "parameters", "note"):
+        t.add_column(col, justify="right" if col == "parameters" else "left")
+    t.add_row("teacher", _b(c.teacher_parameters), f"+ {c.teacher_buffer_bytes / 4 / 1e6:.1f}M in buffers"
+              if c.teacher_buffer_bytes else "")
+    if c.published:
+        pub = c.published["parameters"]
+        whole = c.teacher_parameters + c.teacher_buffer_bytes / 4
+        t.add_row("published", _b(pub), f"{c.published['source']}; counted {100 * (c.teacher_parameters / pub - 1):+.1f}%"
+                  + (f" (with buffers {100 * (whole / pub - 1):+.1f}%)" if c.teacher_buffer_bytes else ""))
+    t.add_row("student (full copy)", _b(c.full.student_parameters), "teacher network + second-time embedding")
+    t.add_row("trained (full)", _b(c.full.trained), "")
+    if c.lora:
+        t.add_row(f"trained (LoRA rank {c.lora_rank})", _b(c.lora.trained), "adapters + second-time embedding")
+    t.add_row("added embeddings", _b(c.full.added_embeddings), "zero-initialised second-time MLP")
+    console.print(t)
+
+    gpu = GPUS[plan.gpu]
+    t = Table(title=f"FLOPs (model FLOPs, forward and backward) and time on {gpu['name']} at MFU {plan.mfu:.2f} "
+                    "(assumed)", title_justify="left")
+    for col in ("", "full", "LoRA"):
+        t.add_column(col, justify="right" if col else "left")
+    lora = c.lora
+    t.add_row("teacher forward", _flops(c.teacher_forward_flops), _flops(c.teacher_forward_flops) if lora else "-")
+    t.add_row("student forward", _flops(c.full.forward_flops), _flops(lora.forward_flops) if lora else "-")
+    t.add_row("student forward + backward", _flops(c.full.train_flops), _flops(lora.train_flops) if lora else "-")
+    t.add_row("evaluations per sample", f"{ev['train']:g} grad + {ev['student_nograd']:g} no-grad + "
+              f"{ev['teacher']:g} teacher", ev["note"][:60])
+    per = {lay.student: lay.flops_per_sample for lay in plan.layouts}
+    t.add_row("per training sample", _flops(per.get("full", 0)), _flops(per["lora"]) if "lora" in per else "-")
+    for prec in ("bf16", "fp32"):
+        rate = gpu[prec] * plan.mfu
+        t.add_row(f"samples/s, {plan.gpus} GPU(s), {prec}", f"{plan.gpus * rate / per['full']:.2f}",
+                  f"{plan.gpus * rate / per['lora']:.2f}" if "lora" in per else "-")
+    console.print(t)
+
+    for prec in ("bf16", "fp32"):
+        shown = [lay for lay in plan.layouts if lay.supported and lay.precision == prec]
+        what = "bf16 autocast, fp32 master weights" if prec == "bf16" else "fp32"
+        t = Table(title=f"Memory per GPU (GB), {what}, on {plan.gpus} x {plan.gpu_memory / GB:.0f} GB with "
+                        f"{100 * plan.headroom:.0f}% headroom; batch = the largest that fits"
+                  + (f" (at most {plan.batch_size})" if plan.batch_size else ""), title_justify="left")
+        t.add_column("term")
+        for lay in shown:
+            t.add_column(f"{lay.student}\n{lay.parallel.upper()}{' ckpt' if lay.checkpointing else ''}", justify="right")
+        for term in shown[0].terms:
+            values = [lay.terms.get(term, 0) for lay in shown]
+            if any(values):
+                t.add_row(term, *(_gb(v) for v in values))
+        t.add_row("activations / sample", *(_gb(lay.activations_per_sample) for lay in shown))
+        t.add_row("largest batch / GPU", *(str(lay.largest_batch) for lay in shown))
+        t.add_row("peak at that batch", *(_gb(lay.peak_bytes) for lay in shown))
+        t.add_row("step (predicted)", *(_time(lay.step_seconds) for lay in shown))
+        t.add_row("samples/s (predicted)", *(f"{lay.samples_per_second:.2f}" if lay.samples_per_second else "-"
+                                             for lay in shown))
+        console.print(t)
+    unsupported = sorted({lay.note for lay in plan.layouts if not lay.supported})
+    for note in unsupported:
+        console.print(f"[dim]not shown: {note}[/]")
+    console.print(f"[bold green]recommendation[/] (cheapest layout that fits, per student): {plan.recommendation}")
+    if plan.gpus > 1:
+        whole = c.teacher_parameters * 4 + c.teacher_buffer_bytes
+        sharded = c.teacher_parameters * 4 / plan.gpus + c.teacher_buffer_bytes
+        console.print(TEACHER_SHARDING_NOTE.format(save=(whole - sharded) / GB, per=sharded / GB, whole=whole / GB,
+                                                   n=plan.gpus))
+    console.print("[dim]assumptions: " + "; ".join(plan.assumptions) + ".[/]")
