@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from .config import ConfigError, RunConfig
-from .student import ADAPTER_FORMAT, StudentConfig, StudentLoadError, TwoTimeFlowMap, damaged, package_versions
+from .student import (ADAPTER_FORMAT, StudentConfig, StudentLoadError, TwoTimeFlowMap, damaged, package_versions,
+                      placed)
 
 ADAPTER_NAME = "default"
 ADAPTER_SUBFOLDER = "adapter"
@@ -211,7 +212,7 @@ class LoraFlowMap(TwoTimeFlowMap):
         except Exception as e:  # noqa: BLE001
             raise damaged(folder, e) from None
         student.teacher_view = BaseWeightsTeacher(teacher, student)
-        return student.to(device=device, dtype=torch_dtype).eval()
+        return placed(student, device, torch_dtype)
 
 
 class AdapterEma(nn.Module):

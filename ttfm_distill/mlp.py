@@ -15,7 +15,8 @@ import torch
 from diffusers import ModelMixin
 from torch import nn
 
-from .student import StudentConfig, damaged, load_tensors, package_versions, save_tensors_plain
+from .student import (StudentConfig, damaged, load_tensors, package_versions, placed, save_tensors_plain,
+                      scheduler_model_output)
 
 WEIGHTS = "model.safetensors"
 
@@ -46,6 +47,10 @@ class MlpFlowMap(ModelMixin):
         h = torch.cat([x, self._features(s), self._features(t - s)], dim=-1)
         return self.net(h)
 
+    def diffusers_flow_map(self, sample, timestep, r_timestep, cond=None, num_train_timesteps: int = 1000):
+        """The model output diffusers' ``FlowMapEulerDiscreteScheduler.step`` expects (see ``TwoTimeFlowMap``)."""
+        return scheduler_model_output(self, sample, timestep, r_timestep, cond, num_train_timesteps)
+
     # ------------------------------------------------------------ format -------
     def student_config(self) -> StudentConfig:
         base = self.ttfm_config or StudentConfig(data_shape=[self.mlp_config["dim"]], kind="points")
@@ -69,7 +74,7 @@ class MlpFlowMap(ModelMixin):
             model.load_state_dict(load_tensors(folder / WEIGHTS), strict=True)
         except Exception as e:  # noqa: BLE001
             raise damaged(folder, e) from None
-        return model.to(device=device, dtype=torch_dtype).eval()
+        return placed(model, device, torch_dtype)
 
     def for_export(self, lora_export: str = "merged", config: StudentConfig | None = None) -> "MlpFlowMap":
         if config is not None:

@@ -55,9 +55,8 @@ class TTFMPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         folder = Path(pretrained_model_name_or_path)
         if folder.is_dir() and not (folder / "model_index.json").exists() and (folder / "ttfm_config.json").exists():
-            raise StudentLoadError(
-                f"{folder} is a student folder of the older layout (no model_index.json); convert it with "
-                f"TTFMPipeline.from_student('{folder}').save_pretrained(NEW_FOLDER), or use TTFMPipeline.from_student")
+            raise StudentLoadError(f"{folder} has the older student layout (no model_index.json); convert it once with "
+                                   "TTFMPipeline.from_student(folder).save_pretrained(new_folder)")
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
@@ -91,6 +90,7 @@ class TTFMPipeline(DiffusionPipeline):
         return self.flow_map.student_config()
 
     # --------------------------------------------------------- conditioning --
+    @torch.no_grad()
     def encode_prompt(self, prompts: list[str], device=None) -> dict:
         """Prompts -> the student's text inputs, through the teacher pipeline's own ``encode_prompt``."""
         config = self.student_config

@@ -224,6 +224,22 @@ def damaged(folder, e: Exception) -> StudentLoadError:
     return StudentLoadError(f"cannot load the student in {folder}: {msg}")
 
 
+def scheduler_model_output(model, sample: torch.Tensor, timestep, r_timestep, cond: dict | None = None,
+                           num_train_timesteps: int = 1000) -> torch.Tensor:
+    """What diffusers' ``FlowMapEulerDiscreteScheduler.step`` expects from an average-velocity ``model``
+    at the scheduler's ``timestep`` -> ``r_timestep`` (both ``sigma * num_train_timesteps``)."""
+    b = sample.shape[0]
+    as_t = lambda ts: t_from_scheduler_timestep(ts, num_train_timesteps).reshape(-1).expand(b).float()  # noqa: E731
+    t_s, t_r = as_t(timestep).to(sample.device), as_t(r_timestep).to(sample.device)
+    return diffusers_from_velocity(model(sample, t_s, t_r, cond))
+
+
+def placed(model: nn.Module, device=None, dtype=None) -> nn.Module:
+    """``model`` on ``device`` (and in ``dtype`` when one is given), in eval mode."""
+    model = model.to(device) if dtype is None else model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
 def load_tensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -319,9 +335,7 @@ class TwoTimeFlowMap(ModelMixin):
         ``timestep`` and ``r_timestep`` are the scheduler's (``sigma * num_train_timesteps``); the result is
         ``u`` in its convention (``x_r = x_t - (sigma_t - sigma_r) * u``), i.e. minus the package's average velocity.
         """
-        b = sample.shape[0]
-        as_t = lambda ts: t_from_scheduler_timestep(ts, num_train_timesteps).reshape(-1).expand(b).float()  # noqa: E731
-        return diffusers_from_velocity(self(sample, as_t(timestep), as_t(r_timestep), cond))
+        return scheduler_model_output(self, sample, timestep, r_timestep, cond, num_train_timesteps)
 
     # ------------------------------------------------------------ format -------
     def student_config(self) -> StudentConfig:
@@ -384,7 +398,7 @@ class TwoTimeFlowMap(ModelMixin):
                 student.guidance_embed.load_state_dict(load_tensors(folder / "guidance_embed.safetensors"), strict=True)
         except Exception as e:  # noqa: BLE001 - safetensors, OSError, shape mismatches: one line each
             raise damaged(folder, e) from None
-        return student.to(device=device, dtype=torch_dtype).eval()
+        return placed(student, device, torch_dtype)
 
     def for_export(self, lora_export: str = "merged", config: StudentConfig | None = None) -> "TwoTimeFlowMap":
         """What an export saves for this student (itself; LoRA students may merge first), with ``config``'s record."""
