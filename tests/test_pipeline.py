@@ -269,3 +269,101 @@ def test_text_student_pipeline_carries_the_teachers_encoders(sd3_export, tmp_pat
     assert pil[0].size == (16, 16) and pil[0].mode == "RGB"
     with pytest.raises(ValueError, match="negative prompt"):
         run(prompt=prompt, negative_prompt="blurry")
+
+
+STANDALONE = """
+import sys
+sys.modules["ttfm_distill"] = None  # whatever is installed, ttfm-distill cannot be imported here
+try:
+    import ttfm_distill  # noqa: F401
+    raise SystemExit("ttfm_distill is importable")
+except ImportError:
+    pass
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+
+folder, out = sys.argv[1], sys.argv[2]
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+kwargs = {"prompt": sys.argv[3]} if len(sys.argv) > 3 else {}
+x = pipe(num_inference_steps=2, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0),
+         output_type="raw", **kwargs).images
+np.save(out, x.numpy())
+print(type(pipe).__name__, type(pipe.flow_map).__module__)
+"""
+
+
+def standalone_sample(folder, tmp_path, *args):
+    env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    r = subprocess.run([sys.executable, "-c", STANDALONE, str(folder), str(tmp_path / "x.npy"), *args],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    name, module = r.stdout.split()[-2:]
+    assert name == "TTFMPipeline" and "ttfm_flow_map" in module  # the module file shipped in the folder
+    return torch.from_numpy(np.load(tmp_path / "x.npy"))
+
+
+@pytest.mark.parametrize("which", ["dit", "sd3"])
+def test_standalone_folder_loads_where_ttfm_distill_cannot_be_imported(which, request, tmp_path):
+    """The folder's own module files: diffusers alone (trust_remote_code) samples what TTFMPipeline samples."""
+    from ttfm_distill.pipeline import TTFMPipeline
+
+    if which == "dit":
+        folder, args = request.getfixturevalue("dit_export"), ()
+    else:
+        folder, args = request.getfixturevalue("sd3_export")[0], ("a big red house",)
+    pipe = TTFMPipeline.from_pretrained(folder)
+    pipe.save_pretrained(tmp_path / "standalone", standalone=True)
+    index = json.loads((tmp_path / "standalone" / "model_index.json").read_text())
+    assert index["_class_name"] == ["ttfm_pipeline", "TTFMPipeline"] and index["flow_map"][0] == "ttfm_flow_map"
+    kw = dict(num_inference_steps=2, num_images_per_prompt=2, output_type="raw")
+    if args:
+        kw["prompt"] = args[0]
+    expected = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.equal(standalone_sample(tmp_path / "standalone", tmp_path, *args), expected)
+    # with ttfm-distill installed, TTFMPipeline reads the standalone folder with its own classes
+    again = TTFMPipeline.from_pretrained(tmp_path / "standalone")
+    assert type(again.flow_map).__module__ == "ttfm_distill.student"
+    assert torch.equal(again(generator=torch.Generator().manual_seed(0), **kw).images, expected)
+
+
+def test_run_export_has_a_hub_model_card(tiny_teacher_dir, tmp_path):
+    import shutil
+
+    from test_faults import tiny_cfg
+
+    from ttfm_distill.trainer import run_distillation
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, teacher)
+    (teacher / "README.md").write_text("---\nlicense: mit\ntags:\n- x\n---\n# a teacher\n")
+    run_distillation(tiny_cfg(teacher, tmp_path / "run", max_steps=2, seed=5), show_progress=False)
+    folder = tmp_path / "run" / "student"
+    card = (folder / "README.md").read_text()
+    header = card.split("---")[1]
+    for line in (f"base_model: {teacher}", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
+                 "- ttfm-distill", "- flow-map", "license: mit"):
+        assert line in header.splitlines(), line
+    fme = json.loads((tmp_path / "run" / "metrics.json").read_text())["flow_map_error"]
+    for n in ("1", "2", "4"):  # the run's own readings, student against teacher at equal NFE
+        assert f"| {n} | {fme['student'][n]:.4f} | {fme['teacher_euler'][n]:.4f} |" in card
+    assert "![samples](samples.png)" in card and (folder / "samples.png").exists()
+    command = next(line for line in card.splitlines() if line.startswith("ttfm-distill run"))
+    assert command.startswith(f"ttfm-distill run --teacher {teacher} --max-steps 2 ")  # the settings that differ
+    assert " --seed 5 " in command and " --set batch_size=8 " in command and "output" not in command
+    assert 'TTFMPipeline.from_pretrained("PATH_OR_HUB_ID")' in card and "hf upload" in card
+
+
+def test_card_for_builtin_text_and_guidance_students():
+    from ttfm_distill.pipeline_card import card_text, run_command
+    from ttfm_distill.student import StudentConfig
+
+    text = card_text(StudentConfig(teacher={"source": "org/model", "conditioning": "text", "class_name": "SD3"},
+                                   guidance_input={"range": [1, 5], "default": 3}))
+    assert "pipeline_tag: text-to-image" in text and 'prompt="a photo of a cat"' in text
+    assert "guidance_scale=3" in text and "license:" not in text  # unknown licence: not guessed
+    assert "license: apache-2.0" in card_text(StudentConfig(teacher={"source": "builtin:fashion16"}))
+    assert "pipeline_tag" not in card_text(StudentConfig(kind="points", teacher={"source": "builtin:ring"}))
+    assert run_command({"teacher": "builtin:fashion16", "max_steps": 50, "lr": 0.5}) == \
+        "ttfm-distill run --max-steps 50 --set lr=0.5"

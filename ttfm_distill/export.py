@@ -80,11 +80,10 @@ def export_student(student, folder: str | Path, config: StudentConfig | None = N
         else:
             saved.ttfm_config = cfg
             pipe = TTFMPipeline.from_student(saved, vae=vae, text_components=text)
-            pipe.save_pretrained(tmp)
-            if standalone:
-                from .standalone import write_standalone
+            pipe.save_pretrained(tmp, standalone=standalone)
+            from .pipeline_card import write_model_card
 
-                write_standalone(tmp)
+            write_model_card(tmp, standalone=standalone)
     return folder
 
 

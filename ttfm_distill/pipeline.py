@@ -18,13 +18,19 @@ package's ``t``) are converted in :mod:`ttfm_distill.convention` only, through
 from __future__ import annotations
 
 import inspect
+import json
+import sys
 import warnings
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, FlowMapEulerDiscreteScheduler, ImagePipelineOutput
+from diffusers import DiffusionPipeline, FlowMapEulerDiscreteScheduler, ImagePipelineOutput, ModelMixin  # noqa: F401
 
-from .student import StudentConfig, StudentLoadError, load_student
+# ModelMixin and the student classes are imported here so that diffusers, resolving a standalone folder's component
+# module to this one (see TTFMPipeline.from_pretrained), finds the component's class and its base class in it
+
+from .mlp import MlpFlowMap  # noqa: F401 - a component class diffusers may look up in this module
+from .student import StudentConfig, StudentLoadError, TwoTimeFlowMap, load_student  # noqa: F401
 from .teachers.pipeline import _encode_kwargs, _text_dict
 
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
@@ -57,7 +63,30 @@ class TTFMPipeline(DiffusionPipeline):
         if folder.is_dir() and not (folder / "model_index.json").exists() and (folder / "ttfm_config.json").exists():
             raise StudentLoadError(f"{folder} has the older student layout (no model_index.json); convert it once with "
                                    "TTFMPipeline.from_student(folder).save_pretrained(new_folder)")
+        index = folder / "model_index.json"
+        spec = json.loads(index.read_text()).get(COMPONENT) if index.exists() else None
+        if spec and spec[0] and (folder / COMPONENT / f"{spec[0]}.py").exists() and COMPONENT not in kwargs:
+            # a standalone folder: read its student with this module's classes, not with the copy shipped in it
+            sys.modules.setdefault(spec[0], sys.modules[cls.__module__])
+            kwargs[COMPONENT] = load_student(folder / COMPONENT, torch_dtype=kwargs.get("torch_dtype"))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """As diffusers', but a standalone folder's ``_class_name`` ``[module, class]`` names this class."""
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        if isinstance(config.get("_class_name"), list):
+            config["_class_name"] = config["_class_name"][1]
+        return out
+
+    def save_pretrained(self, save_directory, standalone: bool = False, **kwargs):
+        """diffusers' ``save_pretrained``; ``standalone``: also write the module files (loadable without ttfm-distill)."""
+        super().save_pretrained(save_directory, **kwargs)
+        if standalone:
+            from .standalone import write_standalone
+
+            write_standalone(save_directory)
 
     @classmethod
     def from_student(cls, student, vae=None, text_components: dict | None = None, device="cpu"):

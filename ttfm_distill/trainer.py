@@ -421,6 +421,7 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     """Export the student, measure it against the teacher, draw ``samples.png``."""
     from .evaluate import compare_with_teacher
     from .export import export_run
+    from .pipeline_card import write_model_card
     from .plots import save_comparison
 
     export_run(student, out / "student", cfg, teacher, objective)
@@ -445,6 +446,7 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
         rows = {k: torch.cat([teacher.decode(c.to(device)).cpu() for c in v.split(64)]) for k, v in rows.items()}
     save_comparison(rows, out / "samples.png", kind=teacher.kind, errors=errors,
                     title=f"{teacher.name}: student ({cfg.loss}, {cfg.max_steps} steps) vs teacher, same noise")
+    write_model_card(out / "student", metrics, cfg.to_dict(), out / "samples.png")  # the export's README.md
     fme = metrics["flow_map_error"]
     for k in fme["student"]:  # one short line each: a narrow or non-terminal console must not cut them
         log(f"flow-map error, {k} step: student {fme['student'][k]:.4f}, teacher Euler {fme['teacher_euler'][k]:.4f}")
