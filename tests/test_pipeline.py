@@ -367,3 +367,50 @@ def test_card_for_builtin_text_and_guidance_students():
     assert "pipeline_tag" not in card_text(StudentConfig(kind="points", teacher={"source": "builtin:ring"}))
     assert run_command({"teacher": "builtin:fashion16", "max_steps": 50, "lr": 0.5}) == \
         "ttfm-distill run --max-steps 50 --set lr=0.5"
+
+
+def test_lora_adapters_in_diffusers_format_sample_like_the_merged_export(sd3_export, tmp_path):
+    """Adapters read by the teacher pipeline's own load_lora_weights + the second time == the merged student."""
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors import safe_open
+
+    from ttfm_distill.config import RunConfig
+    from ttfm_distill.export import export_student, run_record
+    from ttfm_distill.lora import build_lora_student
+    from ttfm_distill.objectives import make_objective
+    from ttfm_distill.pipeline import TTFMPipeline
+    from ttfm_distill.teachers.loading import load_teacher
+
+    source = sd3_export[1].source
+    cfg = RunConfig(teacher=source, lora_rank=4, lora_alpha=8)
+    student, teacher = build_lora_student(load_teacher(source), cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if p.requires_grad:  # every adapter and the second-time embedding off zero
+                p.normal_(0, 0.05, generator=g)
+    record = run_record(cfg, teacher, make_objective(cfg.loss))
+    export_student(student, tmp_path / "merged", record, teacher=teacher, lora_export="merged")
+    export_student(student, tmp_path / "lora", record, teacher=teacher, lora_export="adapters")
+    with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)  # diffusers' key prefixes
+    # diffusers alone reads the adapters onto the teacher's own pipeline class
+    plain = StableDiffusion3Pipeline.from_pretrained(source)
+    plain.load_lora_weights(str(tmp_path / "lora"), weight_name="pytorch_lora_weights.safetensors")
+    import re
+
+    strip = lambda k: re.sub(r"\.(lora_[AB])\.[^.]+\.", r".\1.", k)  # noqa: E731 - drop the adapter's name
+    ours = {strip(k): v for k, v in student.network.state_dict().items() if ".lora_" in k}
+    theirs = {strip(k): v for k, v in plain.transformer.state_dict().items() if ".lora_" in k}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    merged = TTFMPipeline.from_pretrained(tmp_path / "merged")
+    adapted = TTFMPipeline.from_lora(source, tmp_path / "lora")
+    kw = dict(prompt="a red house", num_inference_steps=2, num_images_per_prompt=2, output_type="raw")
+    a = merged(generator=torch.Generator().manual_seed(5), **kw).images
+    b = adapted(generator=torch.Generator().manual_seed(5), **kw).images
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    base = TTFMPipeline.from_pretrained(sd3_export[0])  # a different student: the adapters do act
+    assert not torch.allclose(a, base(generator=torch.Generator().manual_seed(5), **kw).images, atol=1e-3)

@@ -43,16 +43,31 @@ def run_record(cfg, teacher, objective) -> StudentConfig:
 
 
 def teacher_parts(teacher) -> tuple[object | None, dict, str | None]:
-    """``(vae, text components, text pipeline class name)`` of a diffusers teacher (``None``/empty for what it lacks)."""
+    """``(vae, text components, pipeline class name)`` of a diffusers teacher (``None``/empty for what it lacks)."""
     from .pipeline import TEXT_COMPONENTS
 
     codec = getattr(teacher, "codec", None)
+    vae = codec.vae if codec is not None else None
     prompts = getattr(teacher, "prompts", None)
     if prompts is None:
-        return (codec.vae if codec is not None else None), {}, None
+        return vae, {}, _pipeline_class_of(getattr(teacher, "source", None))
     pipe = prompts.pipeline()
     text = {k: v for k, v in pipe.components.items() if k in TEXT_COMPONENTS and v is not None}
-    return (codec.vae if codec is not None else None), text, type(pipe).__name__
+    return vae, text, type(pipe).__name__
+
+
+def _pipeline_class_of(source) -> str | None:
+    """The ``_class_name`` of a local teacher folder's ``model_index.json`` (a diffusers pipeline class), if any."""
+    import json
+
+    index = Path(str(source or "")).expanduser() / "model_index.json"
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
+    import diffusers
+
+    return name if isinstance(name, str) and name != "DiffusionPipeline" and hasattr(diffusers, name) else None
 
 
 def export_student(student, folder: str | Path, config: StudentConfig | None = None, teacher=None,
@@ -68,11 +83,11 @@ def export_student(student, folder: str | Path, config: StudentConfig | None = N
 
     folder = Path(folder)
     saved = student.for_export(lora_export, config)
-    vae, text, text_pipeline = teacher_parts(teacher) if teacher is not None else (None, {}, None)
+    vae, text, pipeline_class = teacher_parts(teacher) if teacher is not None else (None, {}, None)
     with atomic_dir(folder) as tmp:
         cfg = saved.student_config()
-        if text_pipeline:
-            cfg = cfg.replace(text_pipeline=text_pipeline)
+        if pipeline_class:
+            cfg = cfg.replace(teacher_pipeline=pipeline_class)
         if vae is not None:
             cfg = cfg.replace(vae={"subfolder": "vae", "class_name": type(vae).__name__})
         if cfg.student_class == "LoraFlowMap":  # adapters only: the base weights stay the teacher's

@@ -34,6 +34,7 @@ from .student import (ADAPTER_FORMAT, StudentConfig, StudentLoadError, TwoTimeFl
 ADAPTER_NAME = "default"
 ADAPTER_SUBFOLDER = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name
 
 #: module-name suffixes adapted by default, when present: attention projections (UNets and
 #: transformers, joint-attention context projections included) and, for UNets, the resnet convolutions
@@ -174,7 +175,13 @@ class LoraFlowMap(TwoTimeFlowMap):
         save_tensors_plain(folder / "second_time.safetensors", self.second_time.state_dict())
         if self.guidance_embed is not None:
             save_tensors_plain(folder / "guidance_embed.safetensors", self.guidance_embed.state_dict())
-        (config or self.student_config()).replace(package_versions=package_versions()).save(folder)
+        if self.null_text:
+            save_tensors_plain(folder / "null_text.safetensors", self.null_text)
+        config = (config or self.student_config()).replace(package_versions=package_versions())
+        if save_diffusers_lora(folder, config.teacher_pipeline, self.adapter.subfolder, weights, peft_cfg):
+            config = config.replace(lora={**config.lora, "diffusers_weights": DIFFUSERS_WEIGHTS,
+                                          "loaded_by": f"{config.teacher_pipeline}.load_lora_weights"})
+        config.save(folder)
         return folder
 
     @classmethod
@@ -361,6 +368,31 @@ def _merged_network_state(student: LoraFlowMap) -> dict:
             plain = key.replace(".base_layer.", ".")
             state[plain] = merged.get(plain, value).detach().clone()
     return state
+
+
+def save_diffusers_lora(folder: Path, pipeline_class: str | None, component: str, weights: dict,
+                        peft_config: dict) -> bool:
+    """Write the adapters in diffusers' LoRA format (``pytorch_lora_weights.safetensors``, keys prefixed by the
+    denoiser's component name, the LoRA config as metadata) with the teacher pipeline's own ``save_lora_weights``,
+    so that its ``load_lora_weights`` reads them. ``False`` when that pipeline class has no LoRA loader for
+    ``component`` (``UNet2DModel`` pipelines, DiT, ...)."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class or "", None)
+    saver = getattr(cls, "save_lora_weights", None)
+    if saver is None or component not in getattr(cls, "_lora_loadable_modules", ()):
+        return False
+    params = inspect.signature(saver).parameters
+    layers, meta = f"{component}_lora_layers", f"{component}_lora_adapter_metadata"
+    if layers not in params:
+        return False
+    kwargs = {layers: {k: v.detach().contiguous().cpu() for k, v in weights.items()}}
+    if meta in params:
+        kwargs[meta] = json.loads(json.dumps(peft_config, default=list))
+    saver(str(folder), weight_name=DIFFUSERS_WEIGHTS, **kwargs)
+    return True
 
 
 def load_lora_student(folder, base=None, device="cpu"):

@@ -109,10 +109,40 @@ class TTFMPipeline(DiffusionPipeline):
         config = student.student_config()
         if text_components is None and config.conditioning == "text":
             text_components, pipeline_name = _teacher_text_components(config)
-            if text_components and not config.text_pipeline:
-                student.ttfm_config = config.replace(text_pipeline=pipeline_name)
+            if text_components and not config.teacher_pipeline:
+                student.ttfm_config = config.replace(teacher_pipeline=pipeline_name)
         scheduler = flow_map_scheduler(config)
         return cls(flow_map=student, scheduler=scheduler, vae=vae, **(text_components or {}))
+
+    @classmethod
+    def from_lora(cls, teacher, lora_folder, **kwargs):
+        """The teacher's pipeline folder (or hub id) with a LoRA student's adapters, read by diffusers' own
+        ``load_lora_weights``, and the student's second-time embedding from ``lora_folder``."""
+        import diffusers
+
+        from .student import ADAPTERS, FORMAT, load_tensors, scheduler_network_io
+
+        lora_folder = Path(lora_folder)
+        config = StudentConfig.load(lora_folder)
+        weights = (config.lora or {}).get("diffusers_weights")
+        if not weights:
+            raise StudentLoadError(f"{lora_folder} holds no adapters in diffusers' format (its teacher's pipeline has "
+                                   "no LoRA loader); use TTFMPipeline.from_student on the folder")
+        base = diffusers.DiffusionPipeline.from_pretrained(teacher, **kwargs)
+        base.load_lora_weights(str(lora_folder), weight_name=weights)
+        network = getattr(base, config.backbone["subfolder"])
+        adapter = ADAPTERS[config.backbone["class_name"]]
+        null = lora_folder / "null_text.safetensors"
+        student = TwoTimeFlowMap(network, second_time_input=config.second_time_input, adapter=adapter,
+                                 io=scheduler_network_io(adapter, network, config.scheduler_config),
+                                 null_text=load_tensors(null) if null.exists() else None, guidance=config.guidance,
+                                 config=config.replace(student_class="TwoTimeFlowMap", format=FORMAT))
+        student.second_time.load_state_dict(load_tensors(lora_folder / "second_time.safetensors"), strict=True)
+        if student.guidance_embed is not None:
+            student.guidance_embed.load_state_dict(load_tensors(lora_folder / "guidance_embed.safetensors"), strict=True)
+        student.to(network.device).eval()
+        parts = {k: v for k, v in base.components.items() if k in ("vae", *TEXT_COMPONENTS)}
+        return cls(flow_map=student, scheduler=flow_map_scheduler(config), **parts)
 
     @property
     def student_config(self) -> StudentConfig:
@@ -123,13 +153,13 @@ class TTFMPipeline(DiffusionPipeline):
     def encode_prompt(self, prompts: list[str], device=None) -> dict:
         """Prompts -> the student's text inputs, through the teacher pipeline's own ``encode_prompt``."""
         config = self.student_config
-        if self.text_encoder is None or not config.text_pipeline:
+        if self.text_encoder is None or not config.teacher_pipeline:
             raise ValueError("this student folder has no text encoders: export it from a pipeline-folder teacher "
                              "(model_index.json with text_encoder/ and tokenizer/) to sample from prompts")
         if self._prompt_helper is None:
             import diffusers
 
-            pipe_cls = getattr(diffusers, config.text_pipeline)
+            pipe_cls = getattr(diffusers, config.teacher_pipeline)
             names = [n for n in inspect.signature(pipe_cls.__init__).parameters if n != "self"]
             self._prompt_helper = pipe_cls(**{n: (getattr(self, n, None) if n in TEXT_COMPONENTS else None)
                                               for n in names})

@@ -125,8 +125,9 @@ class StudentConfig:
     null_text: str | None = None
     teacher: dict = field(default_factory=dict)
     scheduler_config: dict | None = None
-    #: the teacher's pipeline class (text students): its ``encode_prompt`` turns prompts into embeddings
-    text_pipeline: str | None = None
+    #: the teacher's diffusers pipeline class: its ``encode_prompt`` encodes prompts (text students), its LoRA
+    #: loader reads the adapters of LoRA students
+    teacher_pipeline: str | None = None
     vae: dict | None = None
     loss: dict | None = None
     weights: str | None = None
