@@ -219,7 +219,7 @@ class LoraFlowMap(TwoTimeFlowMap):
         except Exception as e:  # noqa: BLE001
             raise damaged(folder, e) from None
         student.teacher_view = BaseWeightsTeacher(teacher, student)
-        return placed(student, device, torch_dtype)
+        return placed(student, device, torch_dtype or kwargs.get("dtype"))
 
 
 class AdapterEma(nn.Module):

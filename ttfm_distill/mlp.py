@@ -74,7 +74,7 @@ class MlpFlowMap(ModelMixin):
             model.load_state_dict(load_tensors(folder / WEIGHTS), strict=True)
         except Exception as e:  # noqa: BLE001
             raise damaged(folder, e) from None
-        return placed(model, device, torch_dtype)
+        return placed(model, device, torch_dtype or kwargs.get("dtype"))
 
     def for_export(self, lora_export: str = "merged", config: StudentConfig | None = None) -> "MlpFlowMap":
         if config is not None:

@@ -68,7 +68,7 @@ class TTFMPipeline(DiffusionPipeline):
         if spec and spec[0] and (folder / COMPONENT / f"{spec[0]}.py").exists() and COMPONENT not in kwargs:
             # a standalone folder: read its student with this module's classes, not with the copy shipped in it
             sys.modules.setdefault(spec[0], sys.modules[cls.__module__])
-            kwargs[COMPONENT] = load_student(folder / COMPONENT, torch_dtype=kwargs.get("torch_dtype"))
+            kwargs[COMPONENT] = load_student(folder / COMPONENT, torch_dtype=kwargs.get("dtype") or kwargs.get("torch_dtype"))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod

@@ -399,7 +399,7 @@ class TwoTimeFlowMap(ModelMixin):
                 student.guidance_embed.load_state_dict(load_tensors(folder / "guidance_embed.safetensors"), strict=True)
         except Exception as e:  # noqa: BLE001 - safetensors, OSError, shape mismatches: one line each
             raise damaged(folder, e) from None
-        return placed(student, device, torch_dtype)
+        return placed(student, device, torch_dtype or kwargs.get("dtype"))
 
     def for_export(self, lora_export: str = "merged", config: StudentConfig | None = None) -> "TwoTimeFlowMap":
         """What an export saves for this student (itself; LoRA students may merge first), with ``config``'s record."""
