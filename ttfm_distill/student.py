@@ -43,7 +43,7 @@ def sinusoidal_embedding(value: torch.Tensor, spec: ProjectionSpec, max_period: 
     half = spec.num_channels // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=value.device)
     exponent = exponent / (half - spec.downscale_freq_shift)
-    args = float(getattr(spec, "scale", 1.0)) * value.float()[:, None] * torch.exp(exponent)[None, :]
+    args = float(spec.scale) * value.float()[:, None] * torch.exp(exponent)[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
     if spec.flip_sin_to_cos:
         emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
