@@ -174,6 +174,10 @@ def test_class_labels_and_guidance_scale(dit_export, tmp_path):
         run(class_labels=10)
     with pytest.warns(UserWarning, match="outside the trained range"):
         run(class_labels=1, guidance_scale=9.0)
+    r = subprocess.run([sys.executable, "-m", "ttfm_distill", "sample", "--model", str(dit_export), "--num", "1",
+                        "--guidance-scale", "9", "--output", str(tmp_path / "w.png")], capture_output=True, text=True,
+                       env=ENV)
+    assert r.returncode == 0 and r.stderr.startswith("warning: guidance scale 9.0 is outside the trained range")
     with pytest.raises(ValueError, match="prompt is only for text-conditioned"):
         run(prompt="a cat")
 
@@ -428,3 +432,39 @@ def test_bfloat16_pipeline_samples_close_to_float32(unet_export):
         half = pipe(generator=torch.Generator().manual_seed(0), **kw).images
         assert half.dtype == torch.float32 and torch.isfinite(half).all()
         assert 0 < (half - full).abs().max() < 0.1 * full.abs().max()  # rounded, not a different sample
+
+
+@pytest.mark.parametrize("key", sorted(__import__("tiny_models").TINY_CONFIGS))
+def test_every_family_exports_a_pipeline_that_samples_like_our_sampler(key, tmp_path):
+    from test_families import cond_for, save_family
+    from tiny_models import SAMPLE_SIZE
+
+    from ttfm_distill.config import RunConfig
+    from ttfm_distill.export import export_student, run_record
+    from ttfm_distill.objectives import make_objective
+    from ttfm_distill.objectives.base import flow_map
+    from ttfm_distill.pipeline import TTFMPipeline
+    from ttfm_distill.sampling import sample_flow_map, uniform_time_grid
+    from ttfm_distill.teachers.loading import load_teacher
+    from ttfm_distill.trainer import build_student
+
+    save_family(key, tmp_path / "teacher")
+    cfg = RunConfig(teacher=str(tmp_path / "teacher"), sample_size=SAMPLE_SIZE.get(key))
+    teacher = load_teacher(cfg.teacher, sample_size=cfg.sample_size)
+    student = trained_like(build_student(teacher, cfg)).eval()
+    export_student(student, tmp_path / "student", run_record(cfg, teacher, make_objective(cfg.loss)), teacher=teacher)
+    pipe = TTFMPipeline.from_pretrained(tmp_path / "student")
+    labels = (cond_for(teacher, 1) or {}).get("class_labels")  # class-conditional families: one class
+    kw = dict(num_inference_steps=3, num_images_per_prompt=2, output_type="latent",
+              class_labels=None if labels is None else int(labels[0]))
+    x = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    n = 2
+    x0 = torch.randn((n, *teacher.data_shape), generator=torch.Generator().manual_seed(0))
+    cond = None if labels is None else {"class_labels": labels.expand(n)}
+    with torch.no_grad():
+        ours = sample_flow_map(lambda y, s, t: flow_map(student, y, s, t, cond), x0, uniform_time_grid(3, teacher.shift))
+    assert x.shape == ours.shape == (n, *teacher.data_shape)
+    torch.testing.assert_close(x, ours, atol=1e-4, rtol=1e-4)
+    pipe.save_pretrained(tmp_path / "again")  # and the round trip is exact
+    y = TTFMPipeline.from_pretrained(tmp_path / "again")(generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.equal(x, y)

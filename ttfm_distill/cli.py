@@ -167,7 +167,7 @@ def sample(
     save_raw: Optional[Path] = typer.Option(None, "--save-raw", help="Also save the raw samples (.safetensors or .npy)."),
     batch_size: int = typer.Option(256, "--batch-size"),
     class_label: Optional[int] = typer.Option(None, "--class-label", help="Class of every sample (class-conditional students; default: random)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt (text students; needs the teacher's pipeline folder for its text encoders)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt (text students; encoded by the teacher's text encoders saved in the export)."),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Guidance scale, for students distilled with a guidance_range."),
 ):
     """Generate with the distilled student in any number of steps."""
