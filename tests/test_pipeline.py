@@ -371,6 +371,8 @@ def test_card_for_builtin_text_and_guidance_students():
     assert "pipeline_tag" not in card_text(StudentConfig(kind="points", teacher={"source": "builtin:ring"}))
     assert run_command({"teacher": "builtin:fashion16", "max_steps": 50, "lr": 0.5}) == \
         "ttfm-distill run --max-steps 50 --set lr=0.5"
+    assert run_command({"teacher": "my dir", "guidance_range": [1, 5]}) == \
+        "ttfm-distill run --teacher 'my dir' --set 'guidance_range=[1,5]'"  # quoted for the shell
 
 
 def test_lora_adapters_in_diffusers_format_sample_like_the_merged_export(sd3_export, tmp_path):
@@ -416,6 +418,8 @@ def test_lora_adapters_in_diffusers_format_sample_like_the_merged_export(sd3_exp
     a = merged(generator=torch.Generator().manual_seed(5), **kw).images
     b = adapted(generator=torch.Generator().manual_seed(5), **kw).images
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unmerged LoRA adapters"):  # not silently saved as a broken full student
+        adapted.save_pretrained(tmp_path / "refused")
     base = TTFMPipeline.from_pretrained(sd3_export[0])  # a different student: the adapters do act
     assert not torch.allclose(a, base(generator=torch.Generator().manual_seed(5), **kw).images, atol=1e-3)
 

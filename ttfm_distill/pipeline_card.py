@@ -9,6 +9,7 @@ grid, and the command that made it.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def run_command(run_config: dict | None) -> str:
         if key == "output" or value == defaults.get(key):
             continue
         text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-        parts.append(f"{flags[key]} {text}" if key in flags else f"--set {key}={text}")
+        parts.append(f"{flags[key]} {shlex.quote(text)}" if key in flags else f"--set {shlex.quote(f'{key}={text}')}")
     return " ".join(parts)
 
 

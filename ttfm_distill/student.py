@@ -358,6 +358,9 @@ class TwoTimeFlowMap(ModelMixin):
 
     def save_pretrained(self, save_directory: str | Path, config: StudentConfig | None = None) -> Path:
         """Write the backbone (diffusers ``save_pretrained``), the added embeddings and ``ttfm_config.json``."""
+        if any(".lora_" in name for name, _ in self.network.named_parameters()):
+            raise ValueError("this student's network carries unmerged LoRA adapters; save the merged student "
+                             "(lora_export=merged) or its adapter folder (lora_export=adapters) instead")
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         cfg = (config or self.student_config()).replace(package_versions=package_versions())
