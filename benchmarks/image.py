@@ -164,7 +164,7 @@ def main():
     print("teacher rows done", flush=True)
     for name in names:
         student, meta = load_student(Path(run_config(name, args, workdir).output) / "student")
-        results[name] = ev.run(student_flow_map_sampler(student, float(meta.get("shift", 1.0)), name), eval_steps)
+        results[name] = ev.run(student_flow_map_sampler(student, float(meta.shift), name), eval_steps)
         print(name, {n: round(r["fd_test_images"], 3) for n, r in results[name].items() if r}, flush=True)
     floors = ev.floors()
     eval_seconds = time.perf_counter() - t0

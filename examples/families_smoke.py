@@ -129,7 +129,7 @@ def main() -> None:
                 from safetensors.torch import load_file
 
                 shape = list(load_file(out / name / "s.safetensors")["samples"].shape)
-        info = json.loads((out / name / "run" / "student" / "ttfm_config.json").read_text())["teacher"] if ok else {}
+        info = json.loads((out / name / "run" / "student" / "flow_map" / "ttfm_config.json").read_text())["teacher"] if ok else {}
         summary[name] = {"ok": ok, "identity_error_at_init": err, "sample_shape": shape,
                          "prediction_type": info.get("prediction_type"), "shift": info.get("shift"),
                          "seconds": round(time.time() - start, 1), **({} if ok else {"error": r.stderr.strip()[-300:]})}

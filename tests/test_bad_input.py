@@ -146,28 +146,28 @@ def test_output_folder_problems(tiny_teacher_dir, tmp_path):
 
 
 def test_different_run_in_same_folder_is_refused(student_run, tiny_teacher_dir):
-    before = (student_run / "student" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    before = (student_run / "student" / "flow_map" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     one_line_error(cli("run", "--teacher", tiny_teacher_dir, "--output", student_run, "--max-steps", 4, "--lr", "1e-3",
                        *TINY), 2, "different run", "lr")
-    assert (student_run / "student" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    assert (student_run / "student" / "flow_map" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
 
 
 def test_sample_on_damaged_students(student_run, tmp_path):
     bad = tmp_path / "s"
     shutil.copytree(student_run / "student", bad)
-    (bad / "second_time.safetensors").write_bytes(b"\x01" * 40)
+    (bad / "flow_map" / "second_time.safetensors").write_bytes(b"\x01" * 40)
     one_line_error(cli("sample", "--model", bad, "--num", 2, "--output", tmp_path / "x.png"), 2)
     assert not (tmp_path / "x.png").exists()
     shutil.rmtree(bad)
     shutil.copytree(student_run / "student", bad)
-    (bad / "ttfm_config.json").write_text("{")
+    (bad / "flow_map" / "ttfm_config.json").write_text("{")
     one_line_error(cli("sample", "--model", bad, "--num", 2), 2, "not valid JSON")
     shutil.rmtree(bad)
     shutil.copytree(student_run / "student", bad)
-    w = load_file(bad / "second_time.safetensors")
+    w = load_file(bad / "flow_map" / "second_time.safetensors")
     from safetensors.torch import save_file
 
-    save_file({k: torch.zeros(3) for k in w}, str(bad / "second_time.safetensors"))  # wrong shapes
+    save_file({k: torch.zeros(3) for k in w}, str(bad / "flow_map" / "second_time.safetensors"))  # wrong shapes
     one_line_error(cli("sample", "--model", bad, "--num", 2), 2)
 
 

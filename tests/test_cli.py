@@ -30,8 +30,9 @@ def finished_run(tiny_teacher_dir, tmp_path_factory):
 
 def test_run_writes_everything_promised(finished_run):
     cwd, out, r = finished_run
-    for name in ("config.json", "metrics.json", "samples.png", "student/ttfm_config.json",
-                 "student/unet/diffusion_pytorch_model.safetensors", "student/second_time.safetensors"):
+    for name in ("config.json", "metrics.json", "samples.png", "student/model_index.json",
+                 "student/scheduler/scheduler_config.json", "student/flow_map/ttfm_config.json",
+                 "student/flow_map/unet/diffusion_pytorch_model.safetensors", "student/flow_map/second_time.safetensors"):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     fme = metrics["flow_map_error"]
@@ -42,7 +43,7 @@ def test_run_writes_everything_promised(finished_run):
     assert fme["teacher_euler"]["4"] < fme["teacher_euler"]["1"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["max_steps"] == 12 and cfg["loss"] == "itvm"
-    meta = json.loads((out / "student" / "ttfm_config.json").read_text())
+    meta = json.loads((out / "student" / "flow_map" / "ttfm_config.json").read_text())
     assert meta["teacher"]["class_name"] == "UNet2DModel" and meta["loss"]["name"] == "itvm"
     assert Image.open(out / "samples.png").size[0] > 100
 

@@ -37,6 +37,7 @@ def cond_for(teacher, n):
 def test_family_loads_starts_as_teacher_and_round_trips(key, tmp_path):
     from ttfm_distill.config import RunConfig
     from ttfm_distill.export import export_student, load_student
+    from ttfm_distill.student import StudentConfig
     from ttfm_distill.teachers.loading import load_teacher
     from ttfm_distill.trainer import build_student
 
@@ -63,11 +64,11 @@ def test_family_loads_starts_as_teacher_and_round_trips(key, tmp_path):
         u2 = student(x, s, t, cond)
     assert (u2 - v).abs().max() > 1e-4
 
-    meta = {"teacher": teacher.describe(), "data_shape": list(teacher.data_shape), "sigma0": 1.0, "shift": teacher.shift,
-            "scheduler_config": teacher.scheduler_config, "kind": "image"}
+    meta = StudentConfig(teacher=teacher.describe(), data_shape=list(teacher.data_shape), sigma0=1.0,
+                         shift=teacher.shift, scheduler_config=teacher.scheduler_config, kind="image")
     export_student(student, tmp_path / "student", meta)
     reloaded, config = load_student(tmp_path / "student")
-    assert config["backbone"]["class_name"] == class_name(key)
+    assert config.backbone["class_name"] == class_name(key)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x, s, t, cond), u2, rtol=0, atol=1e-6)
 
@@ -147,7 +148,7 @@ def test_family_runs_and_samples(key, tmp_path):
     result = run_distillation(cfg, show_progress=False)
     assert (result.output / "samples.png").exists()
     student, meta = load_student(result.output)
-    x = generate(student, meta, steps=2, num=3, seed=0)
+    x = generate(student, steps=2, num=3, seed=0)
     assert x.shape == (3, 4, 8, 8) and torch.isfinite(x).all()
 
 
@@ -191,6 +192,7 @@ def test_student_samples_with_diffusers_flow_map_scheduler(tmp_path):
     from ttfm_distill.config import RunConfig
     from ttfm_distill.export import export_student, load_student
     from ttfm_distill.generate import generate
+    from ttfm_distill.student import StudentConfig
     from ttfm_distill.teachers.loading import load_teacher
     from ttfm_distill.trainer import build_student
 
@@ -201,15 +203,15 @@ def test_student_samples_with_diffusers_flow_map_scheduler(tmp_path):
     student = build_student(teacher, RunConfig())
     with torch.no_grad():
         student.second_time.linear_2.weight.normal_(0, 0.05)
-    meta = {"teacher": teacher.describe(), "data_shape": list(teacher.data_shape), "sigma0": 1.0, "shift": 3.0,
-            "scheduler_config": teacher.scheduler_config}
+    meta = StudentConfig(teacher=teacher.describe(), data_shape=list(teacher.data_shape), sigma0=1.0, shift=3.0,
+                         scheduler_config=teacher.scheduler_config)
     export_student(student, tmp_path / "student", meta)
     student, meta = load_student(tmp_path / "student")
-    ours = generate(student, meta, steps=3, num=2, seed=5)
+    ours = generate(student, steps=3, num=2, seed=5)
 
     sched = FlowMapEulerDiscreteScheduler(shift=3.0)
     sched.set_timesteps(3)
-    x = torch.randn((2, *meta["data_shape"]), generator=torch.Generator().manual_seed(5))
+    x = torch.randn((2, *meta.data_shape), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         for i, ts in enumerate(sched.timesteps):
             r = sched.timesteps[i + 1] if i + 1 < len(sched.timesteps) else 0.0
@@ -281,7 +283,7 @@ def test_guidance_range_is_a_student_input(tmp_path):
 
     run_distillation(cfg, show_progress=False)
     reloaded, meta = load_student(tmp_path / "run")
-    assert meta["guidance_input"]["range"] == [1.0, 5.0] and reloaded.guidance_embed is not None
+    assert meta.guidance_input["range"] == [1.0, 5.0] and reloaded.guidance_embed is not None
     r = subprocess.run([sys.executable, "-m", "ttfm_distill", "sample", "--model", str(tmp_path / "run"), "--steps", "2",
                         "--num", "2", "--guidance-scale", "2.5", "--class-label", "4"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -145,7 +145,7 @@ def test_accelerate_fsdp2_export_reloads_as_the_gathered_weights(run):
     exported = student.state_dict()
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
     assert max_diff(exported, reference.state_dict()) < 1e-6  # and the data-parallel run's, to float rounding
-    assert config["weights"] == "raw"  # the trained (sharded) student, not the unsharded EMA, was exported
+    assert config.weights == "raw"  # the trained (sharded) student, not the unsharded EMA, was exported
 
 
 def test_accelerate_fsdp2_bf16_keeps_times_and_time_embedders_fp32(run):
@@ -155,5 +155,5 @@ def test_accelerate_fsdp2_bf16_keeps_times_and_time_embedders_fp32(run):
         # s reaches the student unrounded, the embedders run on fp32 weights, the rest in bf16
         assert r["bf16_dtypes"] == {"s": "torch.float32", "time": "torch.float32", "second": "torch.float32",
                                     "conv": "torch.bfloat16"}
-    weights = load_file(out / "bf16" / "student" / "second_time.safetensors")
+    weights = load_file(out / "bf16" / "student" / "flow_map" / "second_time.safetensors")
     assert all(v.dtype == torch.float32 for v in weights.values())

@@ -66,7 +66,7 @@ def test_lora_run_through_the_cli_exports_a_merged_student(tiny_teacher_dir, tmp
     r = cli("run", "--teacher", tiny_teacher_dir, "--output", out, "--max-steps", 6, "--set", "lora_rank=4",
             "--set", "lora_alpha=8", "--set", "checkpoint_every=3", *TINY)
     assert r.returncode == 0, r.stderr
-    meta = json.loads((out / "student" / "ttfm_config.json").read_text())
+    meta = json.loads((out / "student" / "flow_map" / "ttfm_config.json").read_text())
     assert meta["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], "export": "merged"}
     # checkpoints hold the trained tensors only, not a second copy of the base
     ckpt = load_file(out / "checkpoints" / "step-00000006" / "student.safetensors")
@@ -92,7 +92,7 @@ def test_adapter_export_holds_the_ema_and_reloads(tiny_teacher_dir, tmp_path):
     assert (folder / "adapter" / "adapter_model.safetensors").exists()
     assert json.loads((folder / "adapter" / "adapter_config.json").read_text())["r"] == 4
     loaded, teacher, config = load_lora_student(folder)
-    assert config["lora"]["export"] == "adapters"
+    assert config.lora["export"] == "adapters"
     ckpt = tmp_path / "a" / "checkpoints" / "step-00000004"
     raw, ema_state = load_file(ckpt / "student.safetensors"), load_file(ckpt / "ema.safetensors")
     assert raw.keys() == ema_state.keys()  # the EMA covers exactly the trained tensors

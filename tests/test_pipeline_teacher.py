@@ -54,9 +54,9 @@ def test_pipeline_run_exports_vae_and_samples_images_from_a_prompt(sd3_dir, tmp_
                     pool_steps=2, eval_samples=2, reference_steps=2, guidance_scale=2.0)
     result = run_distillation(cfg, show_progress=False)
     folder = result.output / "student"
-    assert (folder / "vae" / "config.json").exists() and (folder / "null_text.safetensors").exists()
+    assert (folder / "vae" / "config.json").exists() and (folder / "flow_map" / "null_text.safetensors").exists()
     student, meta = load_student(folder)
-    assert meta["teacher"]["guidance_scale"] == 2.0 and student.null_text is not None
+    assert meta.teacher["guidance_scale"] == 2.0 and student.null_text is not None
     r = subprocess.run([sys.executable, "-m", "ttfm_distill", "sample", "--model", str(result.output), "--steps", "2",
                         "--num", "2", "--prompt", "a big red house", "--output", str(tmp_path / "s.png")],
                        capture_output=True, text=True)

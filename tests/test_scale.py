@@ -70,7 +70,7 @@ def test_bf16_run_end_to_end_with_fp32_time_embeddings(tiny_teacher_dir, tmp_pat
                                     mixed_precision="bf16"), show_progress=False)
     assert seen == {"conv": torch.bfloat16, "time": torch.float32, "second": torch.float32}
     assert all(v >= 0 for v in res.metrics["flow_map_error"]["student"].values())
-    weights = load_file(tmp_path / "bf16" / "student" / "second_time.safetensors")
+    weights = load_file(tmp_path / "bf16" / "student" / "flow_map" / "second_time.safetensors")
     assert all(v.dtype == torch.float32 for v in weights.values())  # master weights stay fp32
     assert any(v.abs().sum() > 0 for k, v in weights.items() if k.startswith("linear_2"))  # it trained
 

@@ -5,6 +5,7 @@ import torch
 
 from ttfm_distill.config import RunConfig
 from ttfm_distill.export import StudentLoadError, export_student, load_student
+from ttfm_distill.student import StudentConfig
 from ttfm_distill.objectives.base import flow_map
 from ttfm_distill.student import TwoTimeFlowMap
 from ttfm_distill.teachers.loading import load_teacher
@@ -53,27 +54,27 @@ def test_export_round_trip_is_strict_and_identical(tiny_teacher_dir, tmp_path):
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    export_student(student, tmp_path / "student", {"data_shape": [1, 8, 8], "kind": "image", "shift": 1.0})
+    export_student(student, tmp_path / "student", StudentConfig(data_shape=[1, 8, 8], kind="image", shift=1.0))
     loaded, cfg = load_student(tmp_path / "student")
     x, s, t = pairs()
     assert torch.equal(loaded(x, s, t), student.eval()(x, s, t))
-    assert cfg["time_convention"] and cfg["parametrisation"].startswith("average_velocity")
-    assert cfg["backbone"]["class_name"] == "UNet2DModel"
-    assert set(cfg["package_versions"]) >= {"torch", "diffusers"}
+    assert cfg.time_convention and cfg.parametrisation.startswith("average_velocity")
+    assert cfg.backbone["class_name"] == "UNet2DModel"
+    assert set(cfg.package_versions) >= {"torch", "diffusers"}
     # strict: a missing tensor is an error, not a silent partial load
     from safetensors.torch import load_file, save_file
 
-    sd = load_file(tmp_path / "student" / "second_time.safetensors")
+    sd = load_file(tmp_path / "student" / "flow_map" / "second_time.safetensors")
     sd.pop("linear_2.bias")
-    save_file(sd, tmp_path / "student" / "second_time.safetensors")
+    save_file(sd, tmp_path / "student" / "flow_map" / "second_time.safetensors")
     with pytest.raises(StudentLoadError, match="linear_2.bias"):
         load_student(tmp_path / "student")
 
 
 def test_truncated_weights_give_a_clear_error(tiny_teacher_dir, tmp_path):
     student = build_student(load_teacher(str(tiny_teacher_dir)), RunConfig())
-    export_student(student, tmp_path / "s", {"data_shape": [1, 8, 8]})
-    w = tmp_path / "s" / "unet" / "diffusion_pytorch_model.safetensors"
+    export_student(student, tmp_path / "s", StudentConfig(data_shape=[1, 8, 8]))
+    w = tmp_path / "s" / "flow_map" / "unet" / "diffusion_pytorch_model.safetensors"
     w.write_bytes(w.read_bytes()[:1000])
     with pytest.raises(StudentLoadError, match="cannot load"):
         load_student(tmp_path / "s")
@@ -86,8 +87,8 @@ def test_export_replaces_atomically_and_ema_copy_is_independent(tiny_teacher_dir
         student.second_time.linear_2.bias.fill_(1.0)
     x, s, t = pairs()
     assert not torch.equal(ema(x, s, t), student(x, s, t))
-    export_student(ema, tmp_path / "out", {"data_shape": [1, 8, 8]})
-    export_student(student, tmp_path / "out", {"data_shape": [1, 8, 8]})  # replaces the old export whole
+    export_student(ema, tmp_path / "out", StudentConfig(data_shape=[1, 8, 8]))
+    export_student(student, tmp_path / "out", StudentConfig(data_shape=[1, 8, 8]))  # replaces the old export whole
     loaded, _ = load_student(tmp_path / "out")
     assert torch.equal(loaded(x, s, t), student(x, s, t))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left
@@ -97,7 +98,7 @@ def test_mlp_student_round_trip(tmp_path):
     from ttfm_distill.mlp import MlpFlowMap
 
     m = MlpFlowMap(dim=2, width=16, depth=2)
-    export_student(m, tmp_path / "m", {"data_shape": [2], "kind": "points"})
+    export_student(m, tmp_path / "m", StudentConfig(data_shape=[2], kind="points"))
     loaded, _ = load_student(tmp_path / "m")
     x, s = torch.randn(4, 2), torch.rand(4)
     assert torch.equal(loaded(x, s, s + 0.1), m(x, s, s + 0.1))

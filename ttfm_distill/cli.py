@@ -184,7 +184,7 @@ def sample(
     save_raw: Optional[Path] = typer.Option(None, "--save-raw", help="Also save the raw samples (.safetensors or .npy)."),
     batch_size: int = typer.Option(256, "--batch-size"),
     class_label: Optional[int] = typer.Option(None, "--class-label", help="Class of every sample (class-conditional students; default: random)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt (text students; needs the teacher's pipeline folder for its text encoders)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt (text students; encoded by the teacher's text encoders saved in the export)."),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Guidance scale, for students distilled with a guidance_range."),
 ):
     """Generate with the distilled student in any number of steps."""
@@ -198,44 +198,42 @@ def sample(
             _fail(f"--batch-size must be >= 1, got {batch_size}")
         if save_raw is not None and save_raw.suffix not in (".safetensors", ".npy"):
             _fail(f"--save-raw must end in .safetensors or .npy, got {save_raw.name}")
+        import warnings
+
         import torch
 
-        from .export import load_student, resolve_student_folder
-        from .generate import generate
+        from .export import resolve_student_folder
+        from .generate import load_pipeline, save_samples
 
         folder = resolve_student_folder(model or DEFAULT_OUTPUT)
-        student, meta = load_student(folder)
-        cond = None
-        if prompt is not None:
-            if meta.get("teacher", {}).get("conditioning") != "text":
-                _fail("--prompt is only for text-conditioned students")
-            from .teachers.loading import prompt_encoder_for
-
-            row = prompt_encoder_for(meta["teacher"])([prompt])
-            cond = {k: v.expand(num, *v.shape[1:]) for k, v in row.items()}
-        if guidance_scale is not None:
-            spec = meta.get("guidance_input")
-            if not spec:
-                baked = meta.get("teacher", {}).get("guidance_scale", 1.0)
-                _fail(f"this student has guidance {baked} baked in and takes no --guidance-scale; "
-                      "distil with --set guidance_range=[lo,hi] for a choosable scale")
-            lo, hi = spec["range"]
-            if not lo <= guidance_scale <= hi:
-                typer.echo(f"warning: --guidance-scale {guidance_scale} is outside the trained range [{lo}, {hi}]", err=True)
-            cond = {**(cond or {}), "cfg_scale": torch.full((num,), float(guidance_scale))}
-        x = generate(student, meta, steps=steps, num=num, seed=seed, batch_size=batch_size, cond=cond,
-                     class_label=class_label)
-        from .export import load_codec
-
-        codec = load_codec(folder)
-        if codec is not None:  # latent student: decode with the teacher's VAE saved beside it
-            x = torch.cat([codec.decode(c) for c in x.split(batch_size)])
         target = output or (folder.parent if folder.name == "student" else folder) / f"samples-{steps}step.png"
         if target.suffix.lower() != ".png":
             _fail(f"--output must be a .png file, got {target.name}")
-        from .generate import save_samples
+        import math
 
-        save_samples(x, meta, target, save_raw)
+        from .errors import InputError
+        from .preflight import check_fits
+        from .rundir import writer_lock
+
+        pipe = load_pipeline(folder)
+        shape = pipe.student_config.data_shape
+        check_fits(4.0 * math.prod(shape) * num * 3, f"--num {num}", "lower --num (or sample in several calls)")
+        check_fits(4.0 * math.prod(shape) * min(num, batch_size) * 16, f"--batch-size {batch_size}",
+                   "lower --batch-size")
+        if steps > 1000:
+            typer.echo(f"warning: --steps {steps} makes {steps} network calls per batch; the student is trained "
+                       "for 1-8 jumps, and this will take a while", err=True)
+        with writer_lock(target.parent, "sample"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                x = pipe(prompt=prompt, num_inference_steps=steps, num_images_per_prompt=num, batch_size=batch_size,
+                         generator=torch.Generator().manual_seed(seed), class_labels=class_label,
+                         guidance_scale=guidance_scale, output_type="raw").images
+            except ValueError as e:  # the pipeline's own refusals (diffusers' convention): bad input, one line
+                raise InputError(str(e)) from None
+            for w in caught:
+                typer.echo(f"warning: {w.message}", err=True)
+            save_samples(x, pipe.student_config.kind, target, save_raw)
         typer.echo(f"wrote {target}" + (f" and {save_raw}" if save_raw else ""))
 
     _guard(body)

@@ -402,11 +402,11 @@ def _eval_progress(console, enabled: bool):
                     console=console or Console(stderr=True), disable=not enabled, transient=False)
 
 
-def teacher_spec_of(config: dict) -> tuple[str, str | None]:
+def teacher_spec_of(config) -> tuple[str, str | None]:
     """``(spec, subfolder)`` for :func:`~ttfm_distill.teachers.loading.load_teacher` from a student's config."""
     from .export import StudentLoadError
 
-    info = config.get("teacher") or {}
+    info = config.teacher or {}
     if info.get("source"):
         return str(info["source"]), (info.get("subfolder") or None)
     name = info.get("name")
@@ -423,14 +423,14 @@ def load_student_and_teacher(model: str, teacher: str | None = None, allow_pickl
     folder = resolve_student_folder(model)
     student, config = load_student(folder)
     spec, subfolder = (teacher, None) if teacher else teacher_spec_of(config)
-    info = config.get("teacher") or {}
-    guidance = config.get("guidance_input")
+    info = config.teacher or {}
+    guidance = config.guidance
     t = load_teacher(spec, subfolder, allow_pickle=allow_pickle,
-                     sample_size=config.get("sample_size") if teacher is None else None,
+                     sample_size=config.sample_size if teacher is None else None,
                      guidance_scale=float(guidance["default"] if guidance else info.get("guidance_scale", 1.0)),
                      negative_prompt=info.get("negative_prompt", ""))
-    if list(t.data_shape) != list(config.get("data_shape", t.data_shape)):
-        raise StudentLoadError(f"the student makes {config['data_shape']} samples but teacher {spec} makes "
+    if list(t.data_shape) != list(config.data_shape or t.data_shape):
+        raise StudentLoadError(f"the student makes {config.data_shape} samples but teacher {spec} makes "
                                f"{list(t.data_shape)}; pass the teacher it was distilled from with --teacher")
     return folder, student, config, t
 

@@ -1,4 +1,4 @@
-"""Sampling from an exported student, and saving what it made."""
+"""Sampling from a student through :class:`~ttfm_distill.pipeline.TTFMPipeline`, and saving what it made."""
 
 from __future__ import annotations
 
@@ -6,51 +6,44 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import student_sampler
-from .sampling import sample_flow_map, uniform_time_grid
 
+def load_pipeline(path: str | Path, device="cpu"):
+    """The pipeline of an export folder, a run folder holding ``student/``, or an older student folder."""
+    from .export import resolve_student_folder
+    from .pipeline import TTFMPipeline
 
-def sample_cond_for(meta: dict, num: int, generator: torch.Generator, class_label: int | None = None) -> dict | None:
-    """Conditioning for ``num`` samples of an exported student: class labels (given or random) for
-    class-conditional students; ``None`` (the empty prompt) for the others."""
-    teacher = meta.get("teacher", {})
-    if teacher.get("conditioning") != "class":
-        if class_label is not None:
-            raise ValueError("--class-label is only for class-conditional students; this one is "
-                             f"{teacher.get('conditioning') or 'unconditional'}")
-        return None
-    n_classes = int(teacher.get("num_classes", 0))
-    if class_label is not None:
-        if not 0 <= class_label < n_classes:
-            raise ValueError(f"--class-label must be in [0, {n_classes}), got {class_label}")
-        return {"class_labels": torch.full((num,), int(class_label), dtype=torch.long)}
-    return {"class_labels": torch.randint(0, n_classes, (num,), generator=generator)}
+    folder = resolve_student_folder(path)
+    if (folder / "model_index.json").exists():
+        import diffusers
+
+        diffusers.utils.logging.disable_progress_bar()
+        pipe = TTFMPipeline.from_pretrained(folder)
+    else:
+        pipe = TTFMPipeline.from_student(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
 
 
 @torch.no_grad()
-def generate(student, meta: dict, steps: int, num: int, seed: int = 0, batch_size: int = 256, device="cpu",
-             cond: dict | None = None, class_label: int | None = None) -> torch.Tensor:
-    """``num`` samples in ``steps`` jumps on the uniform (teacher-shifted) grid; ``(num, *data_shape)``.
+def generate(student, steps: int, num: int, seed: int = 0, batch_size: int = 256, device="cpu",
+             class_label: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
+    """``num`` samples of ``student`` (a model) in ``steps`` jumps on the teacher-shifted grid, in data space
+    (latents for latent students); ``(num, *data_shape)``. The same draws as the pipeline's from ``seed``."""
+    from .pipeline import TTFMPipeline
 
-    ``cond``: batch-first conditioning for all ``num`` samples (default: see :func:`sample_cond_for`).
-    """
-    from .evaluate import split_cond
-
-    g = torch.Generator().manual_seed(seed)
-    shape = tuple(meta["data_shape"])
-    x0 = float(meta.get("sigma0", 1.0)) * torch.randn((num, *shape), generator=g)
-    cond = {**(sample_cond_for(meta, num, g, class_label) or {}), **(cond or {})} or None
-    grid = uniform_time_grid(steps, float(meta.get("shift", 1.0))).to(device)
-    conds = split_cond(cond, batch_size, num, device)
-    return torch.cat([sample_flow_map(student_sampler(student, c), x.to(device), grid).cpu()
-                      for x, c in zip(x0.split(batch_size), conds)])
+    pipe = TTFMPipeline.from_student(student)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)(num_inference_steps=steps, num_images_per_prompt=num, batch_size=batch_size,
+                           generator=torch.Generator().manual_seed(seed), class_labels=class_label,
+                           guidance_scale=guidance_scale, output_type="latent").images.cpu()
 
 
-def save_samples(x: torch.Tensor, meta: dict, png: Path, raw: Path | None = None) -> None:
+def save_samples(x: torch.Tensor, kind: str, png: Path, raw: Path | None = None) -> None:
+    """A PNG grid (or a scatter of 2-D points) of ``x``; ``raw``: the tensors too (.safetensors or .npy)."""
     from .fileio import atomic_path, save_tensors
     from .plots import save_comparison, save_image_grid
 
-    if meta.get("kind") == "points":
+    if kind == "points":
         save_comparison({f"{len(x)} samples": x}, png, kind="points")
     else:
         save_image_grid(x, png)

@@ -10,11 +10,11 @@ the adapters disabled and without the second-time addition
 embedding are trained; the EMA (:class:`AdapterEma`) and the checkpoints hold
 only those tensors.
 
-Export (``lora_export``): ``merged`` writes a plain student folder (adapters
-folded into the base weights; :func:`ttfm_distill.export.load_student` reads
-it); ``adapters`` writes the adapter weights (peft's state-dict keys, the
-config in ``adapter_config.json``), the
-second-time embedding and ``ttfm_config.json``; :func:`load_lora_student`
+Export (``lora_export``): ``merged`` saves a plain :class:`TwoTimeFlowMap`
+(adapters folded into the base weights, :meth:`LoraFlowMap.merged`);
+``adapters`` is :meth:`LoraFlowMap.save_pretrained`: the adapter weights
+(peft's state-dict keys, the config in ``adapter_config.json``), the
+second-time embedding and ``ttfm_config.json``; :meth:`LoraFlowMap.from_pretrained`
 reads it back onto the teacher named there.
 """
 
@@ -28,12 +28,13 @@ import torch
 from torch import nn
 
 from .config import ConfigError, RunConfig
-from .student import TwoTimeFlowMap
+from .student import (ADAPTER_FORMAT, StudentConfig, StudentLoadError, TwoTimeFlowMap, damaged, package_versions,
+                      placed)
 
-ADAPTER_FORMAT = "ttfm-distill-lora-adapters"
 ADAPTER_NAME = "default"
 ADAPTER_SUBFOLDER = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name
 
 #: module-name suffixes adapted by default, when present: attention projections (UNets and
 #: transformers, joint-attention context projections included) and, for UNets, the resnet convolutions
@@ -125,8 +126,100 @@ class LoraFlowMap(TwoTimeFlowMap):
         finally:
             self.load_trainable_state_dict(saved)
 
-    def export_to(self, folder, meta: dict, mode: str = "merged", **export_kwargs) -> Path:
-        return export_lora_student(self, self.trainable_state_dict(), folder, meta, mode, **export_kwargs)
+    # ------------------------------------------------------------ format -------
+    def lora_record(self) -> dict:
+        peft_cfg = self.network.peft_config[ADAPTER_NAME]
+        return {"rank": int(peft_cfg.r), "alpha": float(peft_cfg.lora_alpha),
+                "targets": list(getattr(self, "lora_targets", [])), "export": "adapters"}
+
+    def merged(self) -> TwoTimeFlowMap:
+        """A plain two-time student with every adapter folded into its base layer (a new network)."""
+        network = type(self.network).from_config(self.network.config)
+        network.load_state_dict(_merged_network_state(self), strict=True)
+        plain = TwoTimeFlowMap(network.to(next(self.parameters()).device), second_time_input=self.second_time_input,
+                               adapter=self.adapter, io=self.io, null_text=self.null_text, guidance=self.guidance,
+                               config=self.ttfm_config)
+        plain.second_time.load_state_dict(self.second_time.state_dict(), strict=True)
+        if self.guidance_embed is not None:
+            plain.guidance_embed.load_state_dict(self.guidance_embed.state_dict(), strict=True)
+        record = {**self.lora_record(), "export": "merged"}
+        plain.ttfm_config = plain.student_config().replace(lora=record)
+        return plain.eval()
+
+    def for_export(self, lora_export: str = "merged", config: StudentConfig | None = None):
+        if config is not None:
+            self.ttfm_config = config
+        if lora_export == "merged":
+            return self.merged()
+        if lora_export != "adapters":
+            raise ConfigError(f"lora_export must be 'merged' or 'adapters', got {lora_export!r}")
+        return self
+
+    def student_config(self) -> StudentConfig:
+        base = super().student_config()
+        return base.replace(student_class="LoraFlowMap", format=ADAPTER_FORMAT, lora=self.lora_record())
+
+    def save_pretrained(self, save_directory, config: StudentConfig | None = None) -> Path:
+        """The adapters (peft's keys and ``adapter_config.json``), the added embeddings and ``ttfm_config.json``;
+        the base weights are the teacher's, named in the config."""
+        from peft import get_peft_model_state_dict
+
+        from .student import save_tensors_plain
+
+        folder = Path(save_directory)
+        (folder / ADAPTER_SUBFOLDER).mkdir(parents=True, exist_ok=True)
+        weights = get_peft_model_state_dict(self.network, adapter_name=ADAPTER_NAME)
+        save_tensors_plain(folder / ADAPTER_SUBFOLDER / ADAPTER_WEIGHTS, weights)
+        peft_cfg = self.network.peft_config[ADAPTER_NAME].to_dict()
+        (folder / ADAPTER_SUBFOLDER / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2, default=list))
+        save_tensors_plain(folder / "second_time.safetensors", self.second_time.state_dict())
+        if self.guidance_embed is not None:
+            save_tensors_plain(folder / "guidance_embed.safetensors", self.guidance_embed.state_dict())
+        if self.null_text:
+            save_tensors_plain(folder / "null_text.safetensors", self.null_text)
+        config = (config or self.student_config()).replace(package_versions=package_versions())
+        if save_diffusers_lora(folder, config.teacher_pipeline, self.adapter.subfolder, weights, peft_cfg):
+            config = config.replace(lora={**config.lora, "diffusers_weights": DIFFUSERS_WEIGHTS,
+                                          "loaded_by": f"{config.teacher_pipeline}.load_lora_weights"})
+        config.save(folder)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, device="cpu", torch_dtype=None, base=None,
+                        **kwargs) -> "LoraFlowMap":
+        """Read an ``adapters`` export onto ``base`` (a teacher; default: the one its config names).
+
+        The teacher view (adapters off) is ``BaseWeightsTeacher(base, student)``.
+        """
+        from peft import set_peft_model_state_dict
+
+        from .student import load_tensors
+        from .teachers.loading import load_teacher
+
+        folder = Path(pretrained_model_name_or_path)
+        config = StudentConfig.load(folder)
+        if config.format != ADAPTER_FORMAT:
+            raise StudentLoadError(f"{folder} is not a LoRA adapter export (format {config.format!r})")
+        require_peft()
+        teacher = base if base is not None else load_teacher(config.teacher["source"], config.teacher.get("subfolder"))
+        lora = config.lora
+        torch.manual_seed(0)
+        student = cls(teacher.network, **_student_kwargs(teacher, config.second_time_input), guidance=config.guidance,
+                      config=config)
+        student.lora_targets = add_lora(teacher.network, lora["rank"], lora["alpha"], lora["targets"],
+                                        student.adapter.time_embedders(teacher.network))
+        try:
+            weights = load_tensors(folder / ADAPTER_SUBFOLDER / ADAPTER_WEIGHTS)
+            result = set_peft_model_state_dict(teacher.network, weights, adapter_name=ADAPTER_NAME)
+            if getattr(result, "unexpected_keys", None):
+                raise StudentLoadError(f"{folder}: adapter weights do not fit the base ({result.unexpected_keys[:3]})")
+            student.second_time.load_state_dict(load_tensors(folder / "second_time.safetensors"), strict=True)
+            if student.guidance_embed is not None:
+                student.guidance_embed.load_state_dict(load_tensors(folder / "guidance_embed.safetensors"), strict=True)
+        except Exception as e:  # noqa: BLE001
+            raise damaged(folder, e) from None
+        student.teacher_view = BaseWeightsTeacher(teacher, student)
+        return placed(student, device, torch_dtype or kwargs.get("dtype"))
 
 
 class AdapterEma(nn.Module):
@@ -161,8 +254,29 @@ class AdapterEma(nn.Module):
             for name, value in state.items():
                 self.shadow[name].copy_(value)
 
-    def export_to(self, folder, meta: dict, mode: str = "merged", **export_kwargs) -> Path:
-        return export_lora_student(self.student, self.shadow, folder, meta, mode, **export_kwargs)
+    def for_export(self, lora_export: str = "merged", config: StudentConfig | None = None):
+        """The student with the EMA tensors: merged (a new plain student), or an adapter view that saves them."""
+        self.student.for_export(lora_export if lora_export != "merged" else "adapters", config)  # checks the mode
+        if lora_export == "merged":
+            with self.student.values_swapped_in(self.shadow):
+                return self.student.merged()
+        return _EmaAdapters(self)
+
+
+class _EmaAdapters:
+    """Saves a LoRA student's adapters with the EMA values swapped in."""
+
+    def __init__(self, ema: AdapterEma):
+        self.ema = ema
+        self.ttfm_config = ema.student.ttfm_config
+
+    def student_config(self) -> StudentConfig:
+        return self.ema.student.student_config()
+
+    def save_pretrained(self, save_directory, config: StudentConfig | None = None) -> Path:
+        self.ema.student.ttfm_config = self.ttfm_config
+        with self.ema.student.values_swapped_in(self.ema.shadow):
+            return self.ema.student.save_pretrained(save_directory, config)
 
 
 class BaseWeightsTeacher:
@@ -256,71 +370,32 @@ def _merged_network_state(student: LoraFlowMap) -> dict:
     return state
 
 
-def export_lora_student(student: LoraFlowMap, values: dict, folder, meta: dict, mode: str = "merged",
-                        **export_kwargs) -> Path:
-    """Write ``student`` with the trained tensors ``values`` (current or EMA) to ``folder``."""
-    from .export import export_student
-    from .fileio import atomic_dir, save_tensors
+def save_diffusers_lora(folder: Path, pipeline_class: str | None, component: str, weights: dict,
+                        peft_config: dict) -> bool:
+    """Write the adapters in diffusers' LoRA format (``pytorch_lora_weights.safetensors``, keys prefixed by the
+    denoiser's component name, the LoRA config as metadata) with the teacher pipeline's own ``save_lora_weights``,
+    so that its ``load_lora_weights`` reads them. ``False`` when that pipeline class has no LoRA loader for
+    ``component`` (``UNet2DModel`` pipelines, DiT, ...)."""
+    import inspect
 
-    lora_meta = {"rank": int(student.network.peft_config[ADAPTER_NAME].r),
-                 "alpha": float(student.network.peft_config[ADAPTER_NAME].lora_alpha),
-                 "targets": list(getattr(student, "lora_targets", [])), "export": mode}
-    with student.values_swapped_in(values):
-        if mode == "merged":
-            network = type(student.network).from_config(student.network.config)
-            network.load_state_dict(_merged_network_state(student), strict=True)
-            plain = TwoTimeFlowMap(network.to(next(student.parameters()).device), second_time_input=student.second_time_input,
-                                   adapter=student.adapter, io=student.io, null_text=student.null_text)
-            plain.second_time.load_state_dict(student.second_time.state_dict(), strict=True)
-            return export_student(plain.eval(), folder, {**meta, "lora": lora_meta}, **export_kwargs)
-        if mode != "adapters":
-            raise ConfigError(f"lora_export must be 'merged' or 'adapters', got {mode!r}")
-        folder = Path(folder)
-        config = {"format": ADAPTER_FORMAT, "format_version": 1, **meta, "lora": lora_meta,
-                  "backbone": {"class_name": type(student.network).__name__, "subfolder": student.adapter.subfolder},
-                  "second_time": {"recipe": "additive_zero_init", "input": student.second_time_input}}
-        from peft import get_peft_model_state_dict
+    import diffusers
 
-        with atomic_dir(folder) as tmp:
-            (tmp / ADAPTER_SUBFOLDER).mkdir()
-            weights = get_peft_model_state_dict(student.network, adapter_name=ADAPTER_NAME)
-            save_tensors(tmp / ADAPTER_SUBFOLDER / ADAPTER_WEIGHTS, {k: v.detach() for k, v in weights.items()})
-            peft_cfg = student.network.peft_config[ADAPTER_NAME].to_dict()
-            (tmp / ADAPTER_SUBFOLDER / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2, default=list))
-            save_tensors(tmp / "second_time.safetensors", student.second_time.state_dict())
-            (tmp / "ttfm_config.json").write_text(json.dumps(config, indent=2))
-        return folder
+    cls = getattr(diffusers, pipeline_class or "", None)
+    saver = getattr(cls, "save_lora_weights", None)
+    if saver is None or component not in getattr(cls, "_lora_loadable_modules", ()):
+        return False
+    params = inspect.signature(saver).parameters
+    layers, meta = f"{component}_lora_layers", f"{component}_lora_adapter_metadata"
+    if layers not in params:
+        return False
+    kwargs = {layers: {k: v.detach().contiguous().cpu() for k, v in weights.items()}}
+    if meta in params:
+        kwargs[meta] = json.loads(json.dumps(peft_config, default=list))
+    saver(str(folder), weight_name=DIFFUSERS_WEIGHTS, **kwargs)
+    return True
 
 
 def load_lora_student(folder, base=None, device="cpu"):
-    """Read an ``adapters`` export: ``(student, teacher_view, config)``.
-
-    ``base``: a teacher (from :func:`ttfm_distill.teachers.loading.load_teacher`); by default the
-    teacher recorded in ``ttfm_config.json`` is loaded.
-    """
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from .export import StudentLoadError
-    from .teachers.loading import load_teacher
-
-    folder = Path(folder)
-    try:
-        config = json.loads((folder / "ttfm_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise StudentLoadError(f"{folder} holds no readable ttfm_config.json ({type(e).__name__})") from None
-    if config.get("format") != ADAPTER_FORMAT:
-        raise StudentLoadError(f"{folder} is not a LoRA adapter export (format {config.get('format')!r})")
-    teacher = base if base is not None else load_teacher(config["teacher"]["source"], config["teacher"].get("subfolder"))
-    lora = config["lora"]
-    torch.manual_seed(0)
-    student = LoraFlowMap(teacher.network, **_student_kwargs(teacher, config["second_time"]["input"]))
-    student.lora_targets = add_lora(teacher.network, lora["rank"], lora["alpha"], lora["targets"],
-                                    student.adapter.time_embedders(teacher.network))
-    weights = load_file(folder / ADAPTER_SUBFOLDER / ADAPTER_WEIGHTS)
-    result = set_peft_model_state_dict(teacher.network, weights, adapter_name=ADAPTER_NAME)
-    if getattr(result, "unexpected_keys", None):
-        raise StudentLoadError(f"{folder}: adapter weights do not fit the base ({result.unexpected_keys[:3]})")
-    student.second_time.load_state_dict(load_file(folder / "second_time.safetensors"), strict=True)
-    student = student.to(device).eval()
-    return student, BaseWeightsTeacher(teacher, student), config
+    """Read an ``adapters`` export: ``(student, teacher_view, config)`` (see :meth:`LoraFlowMap.from_pretrained`)."""
+    student = LoraFlowMap.from_pretrained(folder, device=device, base=base)
+    return student, student.teacher_view, student.ttfm_config

@@ -9,17 +9,29 @@ weights rather than from the teacher.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
+from diffusers import ModelMixin
 from torch import nn
 
+from .student import (StudentConfig, damaged, load_tensors, package_versions, placed, save_tensors_plain,
+                      scheduler_model_output)
 
-class MlpFlowMap(nn.Module):
-    """``forward(x (B, D), s (B,), t (B,), cond=None) -> u (B, D)``."""
+WEIGHTS = "model.safetensors"
 
-    def __init__(self, dim: int = 2, width: int = 256, depth: int = 4, time_features: int = 16):
+
+class MlpFlowMap(ModelMixin):
+    """``forward(x (B, D), s (B,), t (B,), cond=None) -> u (B, D)``.
+
+    Saved as ``model.safetensors`` + ``ttfm_config.json`` (``backbone.config``: the sizes).
+    """
+
+    def __init__(self, dim: int = 2, width: int = 256, depth: int = 4, time_features: int = 16,
+                 config: StudentConfig | None = None):
         super().__init__()
-        self.config = {"dim": dim, "width": width, "depth": depth, "time_features": time_features}
+        self.mlp_config = {"dim": dim, "width": width, "depth": depth, "time_features": time_features}
+        self.ttfm_config = config
         self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(100.0), time_features // 2)), persistent=False)
         layers: list[nn.Module] = [nn.Linear(dim + 2 * time_features, width), nn.SiLU()]
         for _ in range(depth - 1):
@@ -34,3 +46,37 @@ class MlpFlowMap(nn.Module):
     def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         h = torch.cat([x, self._features(s), self._features(t - s)], dim=-1)
         return self.net(h)
+
+    def diffusers_flow_map(self, sample, timestep, r_timestep, cond=None, num_train_timesteps: int = 1000):
+        """The model output diffusers' ``FlowMapEulerDiscreteScheduler.step`` expects (see ``TwoTimeFlowMap``)."""
+        return scheduler_model_output(self, sample, timestep, r_timestep, cond, num_train_timesteps)
+
+    # ------------------------------------------------------------ format -------
+    def student_config(self) -> StudentConfig:
+        base = self.ttfm_config or StudentConfig(data_shape=[self.mlp_config["dim"]], kind="points")
+        return base.replace(student_class="MlpFlowMap", backbone={"class_name": "MlpFlowMap", "config": self.mlp_config},
+                            second_time={"input": "delta", "recipe": "fourier features of s and t - s"},
+                            package_versions=package_versions())
+
+    def save_pretrained(self, save_directory, config: StudentConfig | None = None) -> Path:
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_tensors_plain(folder / WEIGHTS, self.state_dict())
+        (config or self.student_config()).save(folder)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, device="cpu", torch_dtype=None, **kwargs) -> "MlpFlowMap":
+        folder = Path(pretrained_model_name_or_path)
+        config = StudentConfig.load(folder)
+        try:
+            model = cls(**config.backbone["config"], config=config)
+            model.load_state_dict(load_tensors(folder / WEIGHTS), strict=True)
+        except Exception as e:  # noqa: BLE001
+            raise damaged(folder, e) from None
+        return placed(model, device, torch_dtype or kwargs.get("dtype"))
+
+    def for_export(self, lora_export: str = "merged", config: StudentConfig | None = None) -> "MlpFlowMap":
+        if config is not None:
+            self.ttfm_config = config
+        return self

@@ -1,25 +1,35 @@
-"""The two-timed student: the teacher's own network with a second time input.
+"""The two-timed student: the teacher's own network with a second time input, and its saved format.
 
 ``TwoTimeFlowMap`` wraps a diffusers denoiser without editing it: a forward
 hook on the family's timestep embedder adds the output of an extra,
 zero-initialised embedding of the second time (``t - s`` by default, in the
 network's own timestep units) to the conditioning vector ``temb``.  With the
 last layer of that embedding at zero, ``u(x, s, t) == v_teacher(x, s)`` for
-every ``(s, t)`` at step 0 (docs/teachers.md, "How the second time is added").
+every ``(s, t)`` at step 0 (docs/pipeline.md, "the second time").
 
-Parametrisation (docs/method.md, "The student"):
-``phi(x, s, t) = x + (t - s) * u(x, s, t)``.
+Parametrisation: ``phi(x, s, t) = x + (t - s) * u(x, s, t)`` ("average velocity").
+
+Every student class owns its format: ``save_pretrained(folder)`` writes it and
+``from_pretrained(folder)`` reads it back strictly; what the folder's
+``ttfm_config.json`` holds is the typed :class:`StudentConfig`.
+:func:`load_student` reads any student folder in one call, whatever the kind.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from diffusers import ModelMixin
 from torch import nn
 
-from .convention import NetworkIO, diffusers_from_velocity, t_from_scheduler_timestep
-from .teachers.families import FamilyAdapter, ProjectionSpec, adapter_for
+from .errors import TTFMError
+from .convention import TIME_CONVENTION, NetworkIO, diffusers_from_velocity, t_from_scheduler_timestep
+from .teachers.families import ADAPTERS, FamilyAdapter, ProjectionSpec, adapter_for
 
 SECOND_TIME_INPUTS = ("delta", "t")
 #: a guidance scale ``w`` enters its embedding as ``100 * w`` (the projection's frequencies suit 0..1000)
@@ -34,7 +44,7 @@ def sinusoidal_embedding(value: torch.Tensor, spec: ProjectionSpec, max_period: 
     half = spec.num_channels // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=value.device)
     exponent = exponent / (half - spec.downscale_freq_shift)
-    args = float(getattr(spec, "scale", 1.0)) * value.float()[:, None] * torch.exp(exponent)[None, :]
+    args = float(spec.scale) * value.float()[:, None] * torch.exp(exponent)[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
     if spec.flip_sin_to_cos:
         emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
@@ -67,7 +77,199 @@ def disable_label_dropout(network: nn.Module, adapter: FamilyAdapter) -> None:
         table.dropout_prob = 0.0
 
 
-class TwoTimeFlowMap(nn.Module):
+
+FORMAT = "ttfm-distill-student"
+#: 1: the folder was the whole export (``ttfm_config.json`` beside ``unet/``); 2: the same files form the
+#: ``flow_map/`` component of a diffusers pipeline folder, and ``student_class`` names the class to build
+FORMAT_VERSION = 2
+ADAPTER_FORMAT = "ttfm-distill-lora-adapters"
+CONFIG_NAME = "ttfm_config.json"
+PARAMETRISATION = "average_velocity: phi(x, s, t) = x + (t - s) * u(x, s, t)"
+
+
+class StudentLoadError(TTFMError, ValueError):
+    """Not an exported student, or a damaged one; the message says which."""
+
+
+def package_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("ttfm-distill", "torch", "diffusers", "accelerate", "safetensors"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+@dataclass
+class StudentConfig:
+    """What a student folder's ``ttfm_config.json`` holds.
+
+    ``student_class`` picks the class that reads the folder (``TwoTimeFlowMap``,
+    ``MlpFlowMap``, ``LoraFlowMap``).  ``data_shape``/``sigma0``/``shift`` define the
+    sampler (noise ``sigma0 * N(0, I)`` of ``data_shape``, the teacher-shifted grid);
+    ``second_time``, ``guidance_input`` and ``backbone`` define the network; ``teacher``,
+    ``loss``, ``weights``, ``training`` and ``lora`` record where it came from.
+    """
+
+    student_class: str = "TwoTimeFlowMap"
+    data_shape: list = field(default_factory=list)
+    kind: str = "image"
+    sigma0: float = 1.0
+    shift: float = 1.0
+    sample_size: int | None = None
+    backbone: dict = field(default_factory=dict)
+    second_time: dict = field(default_factory=lambda: {"input": "delta"})
+    guidance_input: dict | None = None
+    null_text: str | None = None
+    teacher: dict = field(default_factory=dict)
+    scheduler_config: dict | None = None
+    #: the teacher's diffusers pipeline class: its ``encode_prompt`` encodes prompts (text students), its LoRA
+    #: loader reads the adapters of LoRA students
+    teacher_pipeline: str | None = None
+    vae: dict | None = None
+    loss: dict | None = None
+    weights: str | None = None
+    training: dict | None = None
+    lora: dict | None = None
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    time_convention: str = TIME_CONVENTION
+    parametrisation: str = PARAMETRISATION
+    package_versions: dict = field(default_factory=package_versions)
+
+    @property
+    def second_time_input(self) -> str:
+        return self.second_time.get("input", "delta")
+
+    @property
+    def conditioning(self) -> str | None:
+        return self.teacher.get("conditioning")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.teacher.get("num_classes", 0) or 0)
+
+    @property
+    def guidance(self) -> dict | None:
+        """``{"range": [lo, hi], "default": w}`` for students that take the guidance scale as an input."""
+        g = self.guidance_input
+        return {"range": [float(v) for v in g["range"]], "default": float(g["default"])} if g else None
+
+    def replace(self, **changes) -> "StudentConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder, CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "ttfm_config.json") -> "StudentConfig":
+        if not isinstance(data, dict) or data.get("format") not in (FORMAT, ADAPTER_FORMAT):
+            got = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise StudentLoadError(f"{where} is not a ttfm-distill student (format {got!r})")
+        version = int(data.get("format_version", 1))
+        if version > FORMAT_VERSION:
+            raise StudentLoadError(f"{where} was written by a newer ttfm-distill (format {version}); upgrade it")
+        data = dict(data)
+        if "student_class" not in data:  # format 1 names no class: the format and the backbone decide
+            backbone = (data.get("backbone") or {}).get("class_name")
+            data["student_class"] = ("LoraFlowMap" if data["format"] == ADAPTER_FORMAT
+                                     else "MlpFlowMap" if backbone == "MlpFlowMap" else "TwoTimeFlowMap")
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in data.items() if k in names}
+        return cls(**known)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "StudentConfig":
+        path = Path(folder) / CONFIG_NAME
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise StudentLoadError(f"{path} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise StudentLoadError(f"{path} cannot be read ({e.strerror or e})") from None
+        return cls.from_dict(data, str(path))
+
+
+#: the class that reads each ``student_class`` (module, name): one table instead of checks for attributes
+STUDENT_CLASSES = {"TwoTimeFlowMap": ("ttfm_distill.student", "TwoTimeFlowMap"),
+                   "MlpFlowMap": ("ttfm_distill.mlp", "MlpFlowMap"),
+                   "LoraFlowMap": ("ttfm_distill.lora", "LoraFlowMap")}
+
+
+def student_class(name: str):
+    import importlib
+
+    if name not in STUDENT_CLASSES:
+        raise StudentLoadError(f"unknown student class {name!r}; this version reads {', '.join(STUDENT_CLASSES)}")
+    module, attr = STUDENT_CLASSES[name]
+    return getattr(importlib.import_module(module), attr)
+
+
+def load_student(folder: str | Path, device="cpu", torch_dtype=None, **kwargs):
+    """Any student folder (a ``flow_map/`` component, a format-1 export, a LoRA adapter folder), one call."""
+    config = StudentConfig.load(folder)
+    return student_class(config.student_class).from_pretrained(folder, device=device, torch_dtype=torch_dtype,
+                                                                 **kwargs)
+
+
+def damaged(folder, e: Exception) -> StudentLoadError:
+    """One line for a student whose files do not load (truncated weights, missing tensors, wrong shapes)."""
+    if isinstance(e, StudentLoadError):
+        return e
+    msg = " ".join(line.strip() for line in str(e).strip().splitlines())[:300] or type(e).__name__
+    return StudentLoadError(f"cannot load the student in {folder}: {msg}")
+
+
+def scheduler_model_output(model, sample: torch.Tensor, timestep, r_timestep, cond: dict | None = None,
+                           num_train_timesteps: int = 1000) -> torch.Tensor:
+    """What diffusers' ``FlowMapEulerDiscreteScheduler.step`` expects from an average-velocity ``model``
+    at the scheduler's ``timestep`` -> ``r_timestep`` (both ``sigma * num_train_timesteps``)."""
+    b = sample.shape[0]
+    as_t = lambda ts: t_from_scheduler_timestep(ts, num_train_timesteps).reshape(-1).expand(b).float()  # noqa: E731
+    t_s, t_r = as_t(timestep).to(sample.device), as_t(r_timestep).to(sample.device)
+    return diffusers_from_velocity(model(sample, t_s, t_r, cond))
+
+
+def placed(model: nn.Module, device=None, dtype=None) -> nn.Module:
+    """``model`` on ``device`` (and in ``dtype`` when one is given), in eval mode."""
+    model = model.to(device) if dtype is None else model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def load_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise StudentLoadError(f"{path.parent} has no {path.name}")
+    return load_file(path)
+
+
+def save_tensors_plain(path: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def scheduler_network_io(adapter: FamilyAdapter, network: nn.Module, scheduler_config: dict | None):
+    """How to read ``network`` given its teacher's scheduler: flow, or diffusion through the probability-flow ODE."""
+    from .convention import DiffusionIO
+
+    cfg = scheduler_config or adapter.default_scheduler
+    name = (cfg or {}).get("_class_name", "")
+    if not cfg or "Flow" in name:
+        return NetworkIO(adapter.units(network))
+    import diffusers
+
+    scheduler = getattr(diffusers, name).from_config(cfg)
+    return DiffusionIO(scheduler.alphas_cumprod, cfg.get("prediction_type", "epsilon"))
+
+class TwoTimeFlowMap(ModelMixin):
     """``phi(x, s, t)`` built on a diffusers denoiser.
 
     ``forward(x, s, t, cond)`` returns the average velocity ``u(x, s, t)``
@@ -76,7 +278,8 @@ class TwoTimeFlowMap(nn.Module):
     """
 
     def __init__(self, network: nn.Module, second_time_input: str = "delta", adapter: FamilyAdapter | None = None,
-                 io=None, null_text: dict | None = None, guidance: dict | None = None):
+                 io=None, null_text: dict | None = None, guidance: dict | None = None,
+                 config: StudentConfig | None = None):
         super().__init__()
         if second_time_input not in SECOND_TIME_INPUTS:
             raise ValueError(f"second_time_input must be one of {SECOND_TIME_INPUTS}")
@@ -94,6 +297,8 @@ class TwoTimeFlowMap(nn.Module):
         self.guidance_embed = (SecondTimeEmbedding(self.adapter.projection(network), self.adapter.embed_dim(network))
                                if guidance else None)
         self._pending: torch.Tensor | None = None
+        #: what ``save_pretrained`` writes to ``ttfm_config.json`` (the exporter fills in the run's record)
+        self.ttfm_config = config
         disable_label_dropout(network, self.adapter)
         for embedder in self.adapter.time_embedders(network):
             embedder.register_forward_hook(self._add_second_time)
@@ -116,7 +321,8 @@ class TwoTimeFlowMap(nn.Module):
             w = (cond or {}).get("cfg_scale")
             w = torch.full_like(s, float(self.guidance["default"])) if w is None else w.to(s.device, torch.float32)
             self._pending = self._pending + self.guidance_embed(GUIDANCE_EMBED_SCALE * w)
-        cond = self.adapter.complete_cond(self.network, cond, x.shape[0], x.device, x.dtype, null_text=self.null_text)
+        null = {k: v.to(x.device, x.dtype) for k, v in self.null_text.items()} if self.null_text else None
+        cond = self.adapter.complete_cond(self.network, cond, x.shape[0], x.device, x.dtype, null_text=null)
         x_in, timestep = self.io.network_input(x, s)
         try:
             out = self.adapter.call(self.network, x_in, timestep, cond)
@@ -131,9 +337,76 @@ class TwoTimeFlowMap(nn.Module):
         ``timestep`` and ``r_timestep`` are the scheduler's (``sigma * num_train_timesteps``); the result is
         ``u`` in its convention (``x_r = x_t - (sigma_t - sigma_r) * u``), i.e. minus the package's average velocity.
         """
-        b = sample.shape[0]
-        as_t = lambda ts: t_from_scheduler_timestep(ts, num_train_timesteps).reshape(-1).expand(b).float()  # noqa: E731
-        return diffusers_from_velocity(self(sample, as_t(timestep), as_t(r_timestep), cond))
+        return scheduler_model_output(self, sample, timestep, r_timestep, cond, num_train_timesteps)
 
-    def trainable_parameters(self):
-        return [p for p in self.parameters() if p.requires_grad]
+    # ------------------------------------------------------------ format -------
+    def student_config(self) -> StudentConfig:
+        """The config describing this student now (network facts from the student, the record from ``ttfm_config``)."""
+        base = self.ttfm_config or StudentConfig(data_shape=list(self.adapter.data_shape(self.network)))
+        return base.replace(
+            student_class="TwoTimeFlowMap",
+            backbone={"class_name": type(self.network).__name__, "subfolder": self.adapter.subfolder},
+            second_time={"recipe": "additive_zero_init", "input": self.second_time_input,
+                         "injected_at": "output of the family's timestep embedder (temb)",
+                         "units": {"scale": self.units.scale, "reversed": self.units.reversed},
+                         "network_io": self.io.describe(), "projection": vars(self.second_time.spec)},
+            guidance_input=({**self.guidance, "key": "cfg_scale",
+                             "weights": "guidance_embed.safetensors (additive, zero-initialised)"}
+                            if self.guidance else None),
+            null_text=("null_text.safetensors: the empty prompt's embeddings, used when no prompt is given"
+                       if self.null_text else None),
+            format=FORMAT, format_version=FORMAT_VERSION, package_versions=package_versions())
+
+    def save_pretrained(self, save_directory: str | Path, config: StudentConfig | None = None) -> Path:
+        """Write the backbone (diffusers ``save_pretrained``), the added embeddings and ``ttfm_config.json``."""
+        if any(".lora_" in name for name, _ in self.network.named_parameters()):
+            raise ValueError("this student's network carries unmerged LoRA adapters; save the merged student "
+                             "(lora_export=merged) or its adapter folder (lora_export=adapters) instead")
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = (config or self.student_config()).replace(package_versions=package_versions())
+        self.network.save_pretrained(folder / self.adapter.subfolder, safe_serialization=True)
+        save_tensors_plain(folder / "second_time.safetensors", self.second_time.state_dict())
+        if self.guidance_embed is not None:
+            save_tensors_plain(folder / "guidance_embed.safetensors", self.guidance_embed.state_dict())
+        if self.null_text:
+            save_tensors_plain(folder / "null_text.safetensors", self.null_text)
+        cfg.save(folder)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, device="cpu", torch_dtype=None,
+                        **kwargs) -> "TwoTimeFlowMap":
+        """Rebuild a saved student strictly: every tensor must be there, with its shape."""
+        import diffusers
+
+        folder = Path(pretrained_model_name_or_path)
+        if kwargs.get("subfolder"):
+            folder = folder / kwargs["subfolder"]
+        config = StudentConfig.load(folder)
+        name = config.backbone.get("class_name")
+        if name not in ADAPTERS:
+            raise StudentLoadError(f"{folder}: backbone class {name} is not supported by this version")
+        try:
+            sub = folder / config.backbone["subfolder"]
+            net_cls = getattr(diffusers, name)
+            network = net_cls.from_config(net_cls.load_config(sub))
+            network.load_state_dict(load_tensors(sub / "diffusion_pytorch_model.safetensors"), strict=True)
+            adapter = ADAPTERS[name]
+            io = scheduler_network_io(adapter, network, config.scheduler_config)
+            null = folder / "null_text.safetensors"
+            student = cls(network, second_time_input=config.second_time_input, adapter=adapter, io=io,
+                          null_text=load_tensors(null) if null.exists() else None, guidance=config.guidance,
+                          config=config)
+            student.second_time.load_state_dict(load_tensors(folder / "second_time.safetensors"), strict=True)
+            if student.guidance_embed is not None:
+                student.guidance_embed.load_state_dict(load_tensors(folder / "guidance_embed.safetensors"), strict=True)
+        except Exception as e:  # noqa: BLE001 - safetensors, OSError, shape mismatches: one line each
+            raise damaged(folder, e) from None
+        return placed(student, device, torch_dtype or kwargs.get("dtype"))
+
+    def for_export(self, lora_export: str = "merged", config: StudentConfig | None = None) -> "TwoTimeFlowMap":
+        """What an export saves for this student (itself; LoRA students may merge first), with ``config``'s record."""
+        if config is not None:
+            self.ttfm_config = config
+        return self

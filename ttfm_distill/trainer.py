@@ -449,28 +449,11 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
                distributed: dict | None = None, data_report: dict | None = None) -> dict:
     """Export the student, measure it against the teacher, draw ``samples.png``."""
     from .evaluate import compare_with_teacher
-    from .export import export_student
+    from .export import export_run
+    from .pipeline_card import write_model_card
     from .plots import save_comparison
 
-    meta = {
-        "teacher": teacher.describe(),
-        "kind": teacher.kind,
-        "data_shape": list(teacher.data_shape),
-        "sample_size": cfg.sample_size,
-        "sigma0": teacher.sigma0,
-        "shift": float(teacher.shift),
-        "scheduler_config": teacher.scheduler_config,
-        "loss": objective.config(),
-        "weights": cfg.export_weights if cfg.ema_decay > 0 else "raw",
-        "training": {"steps": cfg.max_steps, "seed": cfg.seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                     "ema_decay": cfg.ema_decay, "time_sampling": cfg.time_sampling,
-                     "diagonal_fraction": cfg.diagonal_fraction, "data": cfg.data},
-    }
-    codec = getattr(teacher, "codec", None)
-    if hasattr(student, "export_to"):  # a LoRA student or its EMA: merged or adapters
-        student.export_to(out / "student", meta, cfg.lora_export, codec=codec)
-    else:
-        export_student(student, out / "student", meta, codec=codec)
+    export_run(student, out / "student", cfg, teacher, objective)
     log(f"exported student -> {out / 'student'}")
     n = cfg.eval_samples if teacher.kind == "image" else max(cfg.eval_samples, 4096)
     metrics, samples = compare_with_teacher(student, teacher, steps=(1, 2, 4), n=n,
@@ -492,6 +475,7 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
         rows = {k: torch.cat([teacher.decode(c.to(device)).cpu() for c in v.split(64)]) for k, v in rows.items()}
     save_comparison(rows, out / "samples.png", kind=teacher.kind, errors=errors,
                     title=f"{teacher.name}: student ({cfg.loss}, {cfg.max_steps} steps) vs teacher, same noise")
+    write_model_card(out / "student", metrics, cfg.to_dict(), out / "samples.png")  # the export's README.md
     fme = metrics["flow_map_error"]
     for k in fme["student"]:  # one short line each: a narrow or non-terminal console must not cut them
         log(f"flow-map error, {k} step: student {fme['student'][k]:.4f}, teacher Euler {fme['teacher_euler'][k]:.4f}")
