@@ -282,3 +282,17 @@ def test_lsd_runs_with_no_other_option(tmp_path, tiny_teacher_dir):
             *TINY)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "r" / "config.json").read_text())["diagonal_fraction"] == 0.75
+
+
+def test_an_unsupported_time_embedding_is_refused_before_the_pool(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+    teacher = tmp_path / "fourier"
+    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4,
+                time_embedding_type="fourier").save_pretrained(teacher / "unet")
+    FlowMatchEulerDiscreteScheduler().save_pretrained(teacher / "scheduler")
+    out = tmp_path / "run"
+    one_line_error(cli("run", "--teacher", teacher, "--output", out, "--max-steps", 2, *TINY), 2, "fourier",
+                   "positional")
+    assert not out.exists()

@@ -22,6 +22,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import TTFMError
 from .known_models import FAMILY_DEFAULT_LATENT, FAMILY_TEXT_TOKENS, KNOWN_MODELS, KnownModel, known_model
 
 GB = 1e9
@@ -45,7 +46,7 @@ ASSUMPTIONS = [
 ]
 
 
-class PlanError(ValueError):
+class PlanError(TTFMError, ValueError):
     """Bad input to the planner; the message names the problem and the fix (one line, with ``error: `` at most
     200 characters)."""
 

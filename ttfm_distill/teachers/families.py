@@ -167,9 +167,11 @@ class UNet2DAdapter(FamilyAdapter):
 
     def projection(self, network):
         if network.config.time_embedding_type != "positional":
+            # 'fourier' UNets are score-SDE (variance-exploding) models fed sigma, and 'learned' ones index a
+            # table by integer timestep: neither takes the continuous second time a flow map needs
             raise UnsupportedTeacher(
                 f"UNet2DModel with time_embedding_type={network.config.time_embedding_type!r} is not supported "
-                "(only 'positional')")
+                "(only 'positional'); refused before any work")
         return super().projection(network)
 
     def conditioning(self, network):
