@@ -346,9 +346,10 @@ def test_run_export_has_a_hub_model_card(tiny_teacher_dir, tmp_path):
     folder = tmp_path / "run" / "student"
     card = (folder / "README.md").read_text()
     header = card.split("---")[1]
-    for line in (f"base_model: {teacher}", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
+    for line in ("library_name: diffusers", "pipeline_tag: unconditional-image-generation",
                  "- ttfm-distill", "- flow-map", "license: mit"):
         assert line in header.splitlines(), line
+    assert "base_model" not in header and f"`{teacher}`" in card  # a local teacher: named in the text only
     fme = json.loads((tmp_path / "run" / "metrics.json").read_text())["flow_map_error"]
     for n in ("1", "2", "4"):  # the run's own readings, student against teacher at equal NFE
         assert f"| {n} | {fme['student'][n]:.4f} | {fme['teacher_euler'][n]:.4f} |" in card
@@ -365,6 +366,7 @@ def test_card_for_builtin_text_and_guidance_students():
 
     text = card_text(StudentConfig(teacher={"source": "org/model", "conditioning": "text", "class_name": "SD3"},
                                    guidance_input={"range": [1, 5], "default": 3}))
+    assert "base_model: org/model" in text.split("---")[1].splitlines()
     assert "pipeline_tag: text-to-image" in text and 'prompt="a photo of a cat"' in text
     assert "guidance_scale=3" in text and "license:" not in text  # unknown licence: not guessed
     assert "license: apache-2.0" in card_text(StudentConfig(teacher={"source": "builtin:fashion16"}))
