@@ -426,15 +426,15 @@ def test_lora_adapters_in_diffusers_format_sample_like_the_merged_export(sd3_exp
     assert not torch.allclose(a, base(generator=torch.Generator().manual_seed(5), **kw).images, atol=1e-3)
 
 
-def test_bfloat16_pipeline_samples_close_to_float32(unet_export):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_pipeline_samples_close_to_float32(unet_export, dtype):
     from ttfm_distill.pipeline import TTFMPipeline
 
     folder, _ = unet_export
     kw = dict(num_inference_steps=2, num_images_per_prompt=4, output_type="raw")
     full = TTFMPipeline.from_pretrained(folder)(generator=torch.Generator().manual_seed(0), **kw).images
-    for pipe in (TTFMPipeline.from_pretrained(folder, dtype=torch.bfloat16),
-                 TTFMPipeline.from_pretrained(folder).to(torch.bfloat16)):
-        assert pipe.flow_map.dtype == torch.bfloat16
+    for pipe in (TTFMPipeline.from_pretrained(folder, dtype=dtype), TTFMPipeline.from_pretrained(folder).to(dtype)):
+        assert pipe.flow_map.dtype == dtype
         half = pipe(generator=torch.Generator().manual_seed(0), **kw).images
         assert half.dtype == torch.float32 and torch.isfinite(half).all()
         assert 0 < (half - full).abs().max() < 0.1 * full.abs().max()  # rounded, not a different sample
