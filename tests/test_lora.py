@@ -103,6 +103,18 @@ def test_adapter_export_holds_the_ema_and_reloads(tiny_teacher_dir, tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(x, s, t), expected.eval()(x, s, t), rtol=1e-6, atol=1e-6)
         assert torch.equal(teacher.velocity(x, t), load_teacher(str(tiny_teacher_dir)).velocity(x, t))
+    # the CLI samples the adapter folder (on the teacher it names) like a pipeline built from it
+    import numpy as np
+
+    from ttfm_distill.pipeline import TTFMPipeline
+
+    r = cli("sample", "--model", folder, "--steps", 2, "--num", 3, "--seed", 1, "--output", tmp_path / "a.png",
+            "--save-raw", tmp_path / "a.npy")
+    assert r.returncode == 0, r.stderr
+    pipe = TTFMPipeline.from_student(folder)
+    x = pipe(num_inference_steps=2, num_images_per_prompt=3, generator=torch.Generator().manual_seed(1),
+             output_type="raw").images
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "a.npy")), x)
 
 
 def test_lora_resume_is_bit_exact(tiny_teacher_dir, tmp_path):

@@ -95,7 +95,6 @@ class TTFMPipeline(DiffusionPipeline):
         Folders bring their ``vae/``; text students whose folder has no text encoders take them from the
         teacher's pipeline folder when it still exists locally.
         """
-        folder = None
         if isinstance(student, (str, Path)):
             folder = Path(student)
             student = load_student(folder, device=device)

@@ -1,6 +1,6 @@
 """The model card (``README.md``) of an exported pipeline folder, in the Hub's format.
 
-A YAML header (``base_model``, ``library_name: diffusers``, ``pipeline_tag``,
+A YAML header (``base_model`` for teachers from the Hub, ``library_name: diffusers``, ``pipeline_tag``,
 ``tags``, ``license`` when the teacher's card states one), then how to load it,
 the run's evaluation (student against the teacher at equal NFE), the sample
 grid, and the command that made it.
@@ -63,6 +63,12 @@ def run_command(run_config: dict | None) -> str:
     return " ".join(parts)
 
 
+def _is_hub_id(source: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", source)) and not Path(source).expanduser().exists()
+
+
 def _yaml_value(value: str) -> str:
     return json.dumps(value) if any(c in value for c in ":#{}[],&*!|>'\"%@`") or value != value.strip() else value
 
@@ -72,7 +78,10 @@ def card_text(config: StudentConfig, metrics: dict | None = None, run_config: di
     teacher = config.teacher or {}
     source = str(teacher.get("source") or teacher.get("name") or "unknown")
     conditioning = teacher.get("conditioning")
-    header = ["---", f"base_model: {_yaml_value(source)}", "library_name: diffusers"]
+    header = ["---"]
+    if _is_hub_id(source):  # the Hub accepts only model ids here; a local teacher is named in the text
+        header.append(f"base_model: {source}")
+    header.append("library_name: diffusers")
     if config.kind != "points":
         header.append(f"pipeline_tag: {PIPELINE_TAGS.get(conditioning, 'unconditional-image-generation')}")
     header.append("tags:")
