@@ -91,3 +91,32 @@ def make_pair_batch(n=512, seed=0, diag=0.25, mode="uniform"):
     s, t = s.double(), t.double()
     x = torch.randn(n, 2, generator=g, dtype=torch.float64) * 1.3
     return TrainBatch(x, s, t, None, g)
+
+
+# ---------------------------------------------------------------- layers -------------------------------------------
+# Two layers: unit tests of the maths and modules, and integration tests that go through the real entry point
+# (a subprocess of the CLI), the whole trainer, or several processes.  `pytest -m "not slow"` (or "not integration")
+# is the quick check; CI runs both.  A test is an integration test when it, or a fixture it uses, starts one of those.
+_INTEGRATION_MARKS = ("cli(", "subprocess", "Popen", "run_distillation(", "torch.distributed.run", "families_run(")
+
+
+def _starts_integration(fn) -> bool:
+    import inspect
+
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+    return any(mark in source for mark in _INTEGRATION_MARKS)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fns = [getattr(item, "function", None)]
+        for defs in getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}).values():
+            fns.extend(d.func for d in defs)
+        if any(fn is not None and _starts_integration(fn) for fn in fns):
+            item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.slow)  # so `-m "not slow"` is the quick check too
+        else:
+            item.add_marker(pytest.mark.unit)

@@ -474,3 +474,19 @@ def test_every_family_exports_a_pipeline_that_samples_like_our_sampler(key, tmp_
     pipe.save_pretrained(tmp_path / "again")  # and the round trip is exact
     y = TTFMPipeline.from_pretrained(tmp_path / "again")(generator=torch.Generator().manual_seed(0), **kw).images
     assert torch.equal(x, y)
+
+
+def test_run_with_standalone_writes_a_folder_diffusers_loads_alone(tiny_teacher_dir, tmp_path):
+    from test_cli import TINY, cli
+
+    out = tmp_path / "run"
+    r = cli("run", "--teacher", tiny_teacher_dir, "--output", out, "--max-steps", 2, "--set", "standalone=true", *TINY)
+    assert r.returncode == 0, r.stderr
+    index = json.loads((out / "student" / "model_index.json").read_text())
+    assert index["_class_name"] == ["ttfm_pipeline", "TTFMPipeline"]
+    from ttfm_distill.pipeline import TTFMPipeline
+
+    pipe = TTFMPipeline.from_pretrained(out / "student")
+    expected = pipe(num_inference_steps=2, num_images_per_prompt=2, output_type="raw",
+                    generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(standalone_sample(out / "student", tmp_path), expected)

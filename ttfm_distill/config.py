@@ -93,6 +93,8 @@ class RunConfig:
     lora_targets: str | list = ""
     #: "merged" (a plain student folder) or "adapters" (adapter safetensors + config)
     lora_export: str = "merged"
+    #: also write the module files that let diffusers load the export without ttfm-distill (trust_remote_code)
+    standalone: bool = False
     #: filled in by the run, not a setting: a key of the teacher's weights, so a replaced teacher never resumes
     teacher_fingerprint: str | None = None
 
@@ -253,7 +255,7 @@ def load_config_file(path: str | Path) -> dict:
 # fields that may change between a run and its resumption
 RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_samples",
                      "reference_steps", "output", "allow_pickle", "data_cache", "gradient_checkpointing", "compile",
-                     "lora_export",
+                     "lora_export", "standalone",
                      # checked on its own once the teacher is loaded (preflight.check_teacher_unchanged)
                      "teacher_fingerprint"}
 

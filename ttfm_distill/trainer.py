@@ -453,7 +453,7 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     from .pipeline_card import write_model_card
     from .plots import save_comparison
 
-    export_run(student, out / "student", cfg, teacher, objective)
+    export_run(student, out / "student", cfg, teacher, objective, standalone=cfg.standalone)
     log(f"exported student -> {out / 'student'}")
     n = cfg.eval_samples if teacher.kind == "image" else max(cfg.eval_samples, 4096)
     metrics, samples = compare_with_teacher(student, teacher, steps=(1, 2, 4), n=n,

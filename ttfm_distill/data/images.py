@@ -61,15 +61,15 @@ def array_to_pil(arr: np.ndarray, value_range: str = "auto"):
     elif arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4) and arr.shape[0] in (1, 3, 4):
         arr = np.moveaxis(arr, 0, -1)
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"holds arrays of shape {tuple(arr.shape)}, which cannot be made into 1-, 3- or 4-channel "
-                         "images; expected (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4")
+        raise ValueError(f"holds arrays of shape {tuple(arr.shape)}, not 1-, 3- or 4-channel images "
+                         "((H, W), (H, W, C) or (C, H, W))")
     if value_range == "auto":
         value_range = "0-255" if np.issubdtype(arr.dtype, np.integer) else "0-1"
     lo, hi = VALUE_RANGES[value_range]
     a = arr.astype(np.float32)
     if a.size and (a.min() < lo - 1e-3 * (hi - lo) or a.max() > hi + 1e-3 * (hi - lo)):
-        raise ValueError(f"holds values in [{a.min():.3g}, {a.max():.3g}], outside the range {value_range}; "
-                         "declare the range with --set data_range=0-255, 0-1 or -1-1")
+        raise ValueError(f"holds values in [{a.min():.3g}, {a.max():.3g}], outside {value_range}; "
+                         "set data_range=0-255, 0-1 or -1-1")
     u8 = np.clip(np.rint((a - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
     return Image.fromarray(u8[..., 0] if u8.shape[-1] == 1 else u8, mode=MODES[u8.shape[-1]])
 
