@@ -457,6 +457,9 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     if data_report:
         metrics["data"] = data_report
     metrics["settings"] = {"eval_samples": n, "reference": f"rk4 {cfg.reference_steps} steps", "seed": cfg.seed + 1}
+    from .evaluate import quality_warnings  # one plain line each: worse than the teacher, samples out of range
+
+    metrics["warnings"] = quality_warnings(metrics)
     write_json(out / "metrics.json", metrics)
     rows, errors = _comparison_rows(samples, teacher, metrics, cfg, device)
     if getattr(teacher, "is_latent", False):  # the grid shows images: decode the latents with the teacher's VAE
@@ -466,6 +469,8 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     fme = metrics["flow_map_error"]
     for k in fme["student"]:  # one short line each: a narrow or non-terminal console must not cut them
         log(f"flow-map error, {k} step: student {fme['student'][k]:.4f}, teacher Euler {fme['teacher_euler'][k]:.4f}")
+    for line in metrics["warnings"]:
+        log(f"[yellow]warning:[/] {line}")
     return metrics
 
 
