@@ -75,7 +75,7 @@ ROWS: dict[str, dict] = {
     **{f"lfmd_adaptive_lr{lr}": {"args": [*_LFMD, "--lr", lr, "--max-steps", "600", *_keep(300)],
                                  "what": f"LFMD adaptive, lr {lr}, 600 steps (lr sweep)", "sweep": "lfmd_adaptive",
                                  "lr": float(lr)}
-       for lr in ("0.0001", "0.0003", "0.001", "0.003")},
+       for lr in ("0.0001", "0.0003", "0.001", "0.003", "0.01")},
     # "SWEEP": the lr is the sweep's best at the time the row starts (recorded in the run's config.json)
     "lfmd_adaptive": {"args": [*_LFMD, "--lr", "SWEEP", "--max-steps", "10000", "--ema-decay", "0.999", *_keep(1000)],
                       "what": "LFMD adaptive at the sweep's best lr, 10k steps; raw and EMA 0.999",
@@ -97,6 +97,12 @@ ROWS: dict[str, dict] = {
                    "what": "batch 64 at the same samples (750 steps)", "ab": "itvm_default"},
     "ab_terminal": {"args": ["-L", "intermediate=terminal", "--max-steps", "1500", *_keep(150)],
                     "what": "r = t - tau", "ab": "itvm_default"},
+    # the export EMA with a warm-up (decay min(0.999, (1+k)/(10+k))): training is unchanged (the target is the
+    # current weights), so its raw checkpoints must equal itvm_default's; scored with --weights ema
+    "ab_ema_warmup": {"args": ["--ema-decay", "0.999", "--set", "ema_warmup=true", "--max-steps", "1500", *_keep(150)],
+                      "what": "export EMA 0.999 with warm-up (EMA weights)", "ab": "itvm_default", "ab_weights": "ema"},
+    "ab_cosine": {"args": ["--set", "lr_schedule=cosine", "--max-steps", "1500", *_keep(150)],
+                  "what": "cosine lr decay to 0 over the budget (default constant)", "ab": "itvm_default"},
     "ab_diag0.25": {"args": ["--set", "diagonal_fraction=0.25", "--max-steps", "1500", *_keep(150)],
                     "what": "initial-velocity term on 25% diagonal pairs", "ab": "itvm_default"},
 }
@@ -166,6 +172,30 @@ def busy_elsewhere(run: Path, seconds: float = 180.0) -> bool:
     return time.time() - newest < seconds
 
 
+def seed_pool(name: str, cmd: list[str], runs_dir: Path) -> None:
+    """A new row folder gets the data-free pool another row already built (same file name: same teacher, size,
+    steps and seed), with the config the CLI resolves (``--dry-run``), as a run interrupted after its pool
+    would leave it; the CLI then resumes it and finds the pool in its cache."""
+    import shutil
+
+    run = runs_dir / name
+    if run.exists():
+        return
+    dry = subprocess.run([*cmd[:-1], "--dry-run"], env=one_thread_env(), cwd=str(REPO), capture_output=True, text=True)
+    if dry.returncode != 0:
+        return
+    cfg = json.loads(dry.stdout)
+    pool = f"pool-n{cfg['pool_size']}-euler{cfg['pool_steps']}-seed{cfg['seed']}.safetensors"
+    donors = [p for p in sorted(runs_dir.glob(f"*/cache/{pool}"))
+              if (run_config(p.parent.parent) or {}).get("teacher") == cfg["teacher"] and cfg["data"] == "teacher"]
+    if not donors:
+        return
+    (run / "cache").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(cfg, indent=2))
+    shutil.copy(donors[0], run / "cache" / pool)  # the copy's mtime marks the start of training
+    print(f"{name}: pool copied from {donors[0]}", flush=True)
+
+
 def train(names: list[str], runs_dir: Path) -> None:
     for name in names:
         run = runs_dir / name
@@ -176,6 +206,7 @@ def train(names: list[str], runs_dir: Path) -> None:
             print(f"{name}: {run} is being written by another process; not touching it", flush=True)
             continue
         cmd = cli_command(name, runs_dir)
+        seed_pool(name, cmd, runs_dir)
         print(f"{name}: {' '.join(cmd)}", flush=True)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.time()
@@ -387,6 +418,31 @@ def sweeps(points: dict) -> dict:
     return out
 
 
+def ab_table(points: dict) -> dict:
+    """Each A/B row's last point against its baseline's raw point at the same step (same seed and samples)."""
+    out = {}
+    for name, spec in ROWS.items():
+        base = spec.get("ab")
+        mine = series(points.get(name, []), spec.get("ab_weights", "raw"))
+        if not base or not mine:
+            continue
+        last = mine[-1]
+        same = [p for p in series(points.get(base, []), "raw") if p["samples"] == last["samples"]]
+        entry = {"what": spec["what"], "weights": spec.get("ab_weights", "raw"), "step": last["step"],
+                 "samples": last["samples"],
+                 "train_seconds": last["train_seconds"],
+                 "fd": {str(n): fd(last, n) for n in STUDENT_STEPS},
+                 "flow_map_error": {str(n): fd(last, n, "flow_map_error") for n in STUDENT_STEPS}}
+        if same:
+            b = same[0]
+            entry["baseline"] = {"row": base, "step": b["step"], "train_seconds": b["train_seconds"],
+                                 "fd": {str(n): fd(b, n) for n in STUDENT_STEPS},
+                                 "flow_map_error": {str(n): fd(b, n, "flow_map_error") for n in STUDENT_STEPS}}
+            entry["fd_ratio_to_baseline"] = {str(n): round(fd(last, n) / fd(b, n), 3) for n in STUDENT_STEPS}
+        out[name] = entry
+    return out
+
+
 def cpu_seconds(runs_dir: Path, name: str, metrics: dict | None) -> dict | None:
     """The CPU seconds ``train`` measured, or for a row trained by hand its training wall seconds (one thread)."""
     try:
@@ -438,7 +494,8 @@ def report(args, runs_dir: Path) -> None:
                            for p in series(pts, w)] for w in ("raw", "ema") if series(pts, w)},
         })
         rows[name] = entry
-    out = {"teacher": teacher, "rows": rows, "sweeps": sweeps(points), "goals": goals(points, teacher),
+    out = {"teacher": teacher, "rows": rows, "sweeps": sweeps(points), "ab": ab_table(points),
+           "goals": goals(points, teacher),
            "not_run": [n for n, r in rows.items() if r.get("status") == "not run"],
            "settings": {"num": teacher["settings"]["num"], "seed": teacher["settings"]["seed"],
                         "reference": teacher["settings"]["reference"], "student_steps": list(STUDENT_STEPS),
@@ -471,6 +528,32 @@ def print_table(out: dict) -> None:
                 print(f"| {name}{'' if tag == 'last' else ' (best FD2)'} | {w} | {p['step']} | {p['samples']} | "
                       f"{p['train_seconds']} | " + " | ".join(f"{f[n]:.2f}" for n in ("1", "2", "4", "8")) + " | "
                       + " | ".join(f"{m[n]:.4f}" for n in ("1", "2", "4")) + " |")
+    for name, r in out["rows"].items():  # the whole curve of the long rows
+        if "points" not in r or ROWS[name].get("sweep") or ROWS[name].get("ab"):
+            continue
+        print(f"\n{name}: FD to test images at 1/2/4/8 steps (raw | ema), flow-map error at 1 step (raw | ema)\n")
+        print("| step | samples | train s | raw 1 | raw 2 | raw 4 | raw 8 | ema 1 | ema 2 | ema 4 | ema 8 | FME1 raw | FME1 ema |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        by_step = {}
+        for w, pts in r["points"].items():
+            for p in pts:
+                by_step.setdefault(p["step"], {})[w] = p
+        for step, ws in sorted(by_step.items()):
+            any_p = next(iter(ws.values()))
+            cells = []
+            for w in ("raw", "ema"):
+                f = ws[w]["fd_test_images"] if w in ws else {}
+                cells += [f"{f[n]:.2f}" if f.get(n) is not None else "-" for n in ("1", "2", "4", "8")]
+            fme = [f"{ws[w]['flow_map_error']['1']:.4f}" if w in ws else "-" for w in ("raw", "ema")]
+            print(f"| {step} | {any_p['samples']} | {any_p['train_seconds']} | " + " | ".join(cells + fme) + " |")
+    if out["ab"]:
+        print("\nA/Bs at the same samples and seed: FD to test images at 1/2/4/8 steps (baseline in brackets)\n")
+        print("| A/B | step | FD 1 | FD 2 | FD 4 | FD 8 | train s |")
+        print("|---|---|---|---|---|---|---|")
+        for name, a in out["ab"].items():
+            b = a.get("baseline", {}).get("fd", {})
+            cells = [f"{a['fd'][n]:.2f}" + (f" ({b[n]:.2f})" if n in b else "") for n in ("1", "2", "4", "8")]
+            print(f"| {name}: {a['what']} | {a['step']} | " + " | ".join(cells) + f" | {a['train_seconds']} |")
     print("\ntime to quality (FD2 <= Euler16 = %.2f):" % e["16"] if "16" in e else "")
     for key, g in out["goals"].items():
         if "/" in key:

@@ -177,3 +177,52 @@ def test_a_short_run_beats_the_teachers_one_step_euler_and_the_untrained_student
     # measured on one thread (16 s): trained 2.59, teacher Euler 17.44 (every sample off the grid)
     assert kl_student < 0.3 * kl_euler
     assert kl_student < 0.3 * kl_untrained
+
+
+# ------------------------------------------------------------- EMA warm-up --
+def test_ema_warmup_schedule():
+    from ttfm_distill.trainer import ema_decay_at
+
+    assert ema_decay_at(0, 0.999, True) == 0.1 and ema_decay_at(90, 0.999, True) == 0.91
+    assert ema_decay_at(100_000, 0.999, True) == 0.999 and ema_decay_at(0, 0.999, False) == 0.999
+
+
+def test_ema_warmup_makes_a_short_runs_ema_follow_the_weights(tmp_path):
+    """Same run (the training itself is unchanged), EMA 0.999 with and without warm-up: after 20 steps the plain
+    EMA is still about the initial weights, the warmed-up one is near the raw weights."""
+    from safetensors.torch import load_file
+
+    from ttfm_distill.config import RunConfig
+    from ttfm_distill.trainer import run_distillation
+
+    dist = {}
+    for warm in (False, True):
+        out = tmp_path / str(warm)
+        cfg = RunConfig(teacher="builtin:gaussian-mixture", output=str(out), max_steps=20, batch_size=64, lr=1e-3,
+                        mlp_width=32, mlp_depth=2, ema_decay=0.999, ema_warmup=warm, eval_samples=16,
+                        reference_steps=2)
+        run_distillation(cfg, show_progress=False)
+        ckpt = out / "checkpoints" / "step-00000020"
+        raw, ema = load_file(ckpt / "student.safetensors"), load_file(ckpt / "ema.safetensors")
+        dist[warm] = sum((raw[k] - ema[k]).pow(2).sum() for k in raw).sqrt().item()
+        dist.setdefault("raw", []).append(raw)
+    assert all(torch.equal(dist["raw"][0][k], dist["raw"][1][k]) for k in dist["raw"][0])  # training unchanged
+    assert dist[True] < 0.5 * dist[False]
+
+
+# ------------------------------------------------------------ lr schedule --
+def test_lr_schedule_cosine_and_the_unchanged_default():
+    from ttfm_distill.config import ConfigError, RunConfig
+    from ttfm_distill.trainer import lr_factor
+
+    plain = RunConfig(max_steps=1000, warmup_steps=50).validate()
+    assert [lr_factor(k, plain) for k in (0, 24, 49, 500, 999)] == [1 / 50, 25 / 50, 1.0, 1.0, 1.0]  # as before
+    cos = RunConfig(max_steps=1000, warmup_steps=50, lr_schedule="cosine", lr_final_fraction=0.1).validate()
+    f = [lr_factor(k, cos) for k in range(1000)]
+    assert f[:50] == [lr_factor(k, plain) for k in range(50)]  # the same warm-up
+    assert all(a >= b for a, b in zip(f[49:], f[50:]))  # then only down
+    assert abs(f[999] - 0.1) < 1e-9 and abs(f[524] - 0.55) < 0.01  # half-way: the middle of [0.1, 1]
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        RunConfig(lr_schedule="linear").validate()
+    with pytest.raises(ConfigError, match="lr_final_fraction"):
+        RunConfig(lr_final_fraction=2.0).validate()

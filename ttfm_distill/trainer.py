@@ -82,6 +82,24 @@ def build_student(teacher, cfg: RunConfig):
     return MlpFlowMap(dim=teacher.data_shape[0], width=cfg.mlp_width, depth=cfg.mlp_depth)
 
 
+def lr_factor(k: int, cfg: RunConfig) -> float:
+    """The learning-rate multiplier at step ``k``: linear warm-up, then constant or a cosine to the final fraction."""
+    import math
+
+    warm = max(1, cfg.warmup_steps)
+    factor = min(1.0, (k + 1) / warm)
+    if cfg.lr_schedule == "cosine" and k + 1 > warm:
+        progress = min(1.0, (k + 1 - warm) / max(1, cfg.max_steps - warm))
+        low = float(cfg.lr_final_fraction)
+        factor = low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """The EMA decay used after step ``step`` (0-based): ``decay``, or with warm-up ``min(decay, (1+k)/(10+k))``."""
+    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
+
+
 @torch.no_grad()
 def ema_update(ema, model, decay: float) -> None:
     if hasattr(ema, "update"):  # a LoRA student's EMA covers its trained tensors only
@@ -263,8 +281,7 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
         ema = student.make_ema() if hasattr(student, "make_ema") else copy.deepcopy(student).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    warm = max(1, cfg.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(k, cfg))
 
     start_step, history = 0, []
     if main:
@@ -339,7 +356,7 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
-                    ema_update(ema, student, cfg.ema_decay)
+                    ema_update(ema, student, ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup))
                 lv = loss.item()
                 if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
                     history.append({"step": step, "loss": lv, **step_metrics})

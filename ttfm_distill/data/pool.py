@@ -119,7 +119,7 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
               "seconds": round(rep.seconds, 2),
               "generation_seconds": None if rep.first_build_seconds is None else round(rep.first_build_seconds, 2),
               "conditioning": getattr(teacher, "conditioning", None)}
-    if teacher.kind == "image" and not getattr(teacher, "is_latent", False):  # pixel data live in [-1, 1]
+    if getattr(teacher, "kind", None) == "image" and not getattr(teacher, "is_latent", False):  # pixels: [-1, 1]
         from ..evaluate import out_of_range
 
         report["out_of_range"] = out_of_range(tensors["samples"])
