@@ -286,11 +286,16 @@ def eval_(
                                       reference_steps=reference_steps, batch_size=batch_size,
                                       inception=detector, show_progress=not quiet)
             report = {"model": str(folder), **report}
+            from .evaluate import quality_warnings, run_data_report
+
+            report["warnings"] = quality_warnings({**report, "data": run_data_report(folder)})
             write_json(target, report)
             save_metric_curves(report["results"], report["floors"], png,
                                title=f"{folder}: student vs teacher {report['teacher']}")
         for line in summary_lines(report):
             typer.echo(line)
+        for line in report["warnings"]:
+            typer.echo(f"warning: {line}")
         typer.echo(f"wrote {target} and {png}")
 
     _guard(body)

@@ -42,8 +42,14 @@ class RunConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 50
+    #: after the warm-up: "constant", or "cosine" (down to lr_final_fraction * lr at max_steps; docs/quality.md)
+    lr_schedule: str = "constant"
+    lr_final_fraction: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.0
+    #: EMA warm-up: the decay at step k is min(ema_decay, (1 + k) / (10 + k)), so the EMA of a short run is not
+    #: still mostly the initial weights (docs/quality.md)
+    ema_warmup: bool = False
     seed: int = 0
     time_sampling: str = "mixed"
     #: fraction of pairs with s == t; None: the objective's own default (ITVM 0, LSD 0.75, others 0.25)
@@ -132,6 +138,8 @@ class RunConfig:
             raise ConfigError(f"compile must be true, false or a torch.compile backend name, got {self.compile!r}")
         if int(self.lora_rank) < 0 or self.lora_alpha < 0:
             raise ConfigError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}")
+        if not 0 <= self.lr_final_fraction <= 1:
+            raise ConfigError(f"lr_final_fraction must be in [0, 1], got {self.lr_final_fraction}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ConfigError("weight_decay, grad_clip and warmup_steps must be >= 0")
         choices = {
@@ -140,6 +148,7 @@ class RunConfig:
             "mixed_precision": ("no", "fp16", "bf16"),
             "export_weights": ("ema", "raw"),
             "nan_policy": ("stop", "skip"),
+            "lr_schedule": ("constant", "cosine"),
             "data_crop": ("center", "random"),
             "data_channels": ("convert", "strict"),
             "data_range": ("auto", "0-255", "0-1", "-1-1"),

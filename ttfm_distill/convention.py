@@ -165,11 +165,24 @@ class DiffusionIO(NetworkIO):
     is interpolated in log-SNR, so the network sees fractional timesteps.
     Times beyond the schedule's ends (``t_min``, ``t_max``) are read at the
     nearest end: the network was never trained outside it.
+
+    ``clip_sample``: the scheduler's ``clip_sample_range`` when its
+    ``clip_sample`` is on (else ``None``).  The data estimate inside the
+    velocity is then clamped to ``[-clip_sample, clip_sample]``, as diffusers'
+    DDPM/DDIM schedulers clamp their predicted original sample; the noise
+    estimate is left as the network made it, so an Euler step on the linear
+    path is exactly a clipped DDIM step.  Teacher and student read their
+    output through the same clamp, so the student still equals the teacher at
+    initialisation.
     """
 
-    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
+                 clip_sample: float | None = None):
         if prediction_type not in DIFFUSION_PREDICTIONS:
             raise InputError(f"prediction_type must be one of {DIFFUSION_PREDICTIONS}, got {prediction_type!r}")
+        if clip_sample is not None and not float(clip_sample) > 0:
+            raise InputError(f"clip_sample must be a positive range or None, got {clip_sample!r}")
+        self.clip_sample = None if clip_sample is None else float(clip_sample)
         acp = torch.as_tensor(alphas_cumprod, dtype=torch.float64).clamp(1e-10, 1 - 1e-10)
         self.prediction_type = prediction_type
         self.log_snr = torch.log(acp) - torch.log1p(-acp)  # decreasing in k
@@ -211,11 +224,13 @@ class DiffusionIO(NetworkIO):
         a, s = broadcast_time(alpha.to(x.dtype), x), broadcast_time(sigma.to(x.dtype), x)
         x_diff = x * (a + s)
         data_hat, eps_hat = denoiser_estimates(x_diff, out, a, s, self.prediction_type)
+        if self.clip_sample is not None:
+            data_hat = data_hat.clamp(-self.clip_sample, self.clip_sample)
         return data_hat - eps_hat
 
     def describe(self) -> dict:
         return {"prediction_type": self.prediction_type, "timesteps": len(self.log_snr),
-                "t_min": round(self.t_min, 5), "t_max": round(self.t_max, 5)}
+                "t_min": round(self.t_min, 5), "t_max": round(self.t_max, 5), "clip_sample": self.clip_sample}
 
 
 def denoiser_estimates(x: torch.Tensor, out: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,

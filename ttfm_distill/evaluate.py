@@ -81,7 +81,10 @@ METRIC_DESCRIPTIONS = {
     "fid_teacher_fine": "FID to the teacher's fine-solve samples",
     "ms_per_sample": "sampling wall time per sample (milliseconds), in batches of --batch-size",
     "samples_per_second": "samples per second, same timing",
+    "out_of_range": "fraction of samples with a pixel beyond +-1.5 (pixel image teachers, whose data lie in [-1, 1])",
 }
+#: a pixel sample is out of range when some |value| exceeds this (data in [-1, 1]; a little overshoot is normal)
+PIXEL_RANGE = 1.5
 #: defaults by teacher kind: samples per sampler, and samples per network call
 DEFAULT_NUM = {"image": 512, "points": 65536}
 DEFAULT_BATCH = {"image": 256, "points": 8192}
@@ -156,12 +159,15 @@ class Evaluation:
     with ``teacher.decode``), 2-D analytic teachers by histogram KL, and with
     ``inception`` (a TorchScript file) by FID.  What cannot be computed is
     listed, with the reason, in :attr:`not_computed`.  ``on_step(label)`` is
-    called after each unit of work (for a progress bar).
+    called after each unit of work (for a progress bar).  ``reference``: the
+    fine solve of these same noises (``self.reference`` of an earlier
+    Evaluation with the same teacher, ``num``, ``seed`` and steps), to skip
+    recomputing it.
     """
 
     def __init__(self, teacher, num: int | None = None, seed: int = 0, reference_steps: int = 32,
                  batch_size: int | None = None, inception=None, device="cpu", on_step=None,
-                 keep: int = 0):
+                 keep: int = 0, reference: torch.Tensor | None = None):
         self.kind = teacher.kind
         batch_size = int(batch_size or DEFAULT_BATCH.get(self.kind, 256))
         if reference_steps < 1 or batch_size < 1:
@@ -189,7 +195,13 @@ class Evaluation:
             self.info["conditioning"] = {k: f"{tuple(v.shape)} from teacher.sample_cond, seed {seed}"
                                          for k, v in self.cond.items()}
         shift = float(teacher.shift)
-        self.reference = self._chunked(lambda x, c: fine_reference(_bound(teacher, c), x, reference_steps, shift))
+        if reference is not None:  # the same fine solve, saved by an earlier Evaluation of these noises
+            if tuple(reference.shape) != tuple(self.x0.shape):
+                raise EvalError(f"a saved reference of shape {tuple(reference.shape)} does not fit {self.num} noises "
+                                f"of shape {tuple(self.x0.shape[1:])}")
+            self.reference = reference.cpu()
+        else:
+            self.reference = self._chunked(lambda x, c: fine_reference(_bound(teacher, c), x, reference_steps, shift))
         self.on_step(f"reference: RK4 {reference_steps} steps")
         self._setup_scorers()
         if keep and self.kind == "image":
@@ -216,6 +228,9 @@ class Evaluation:
         self.ref_pixels = None
         images = self.kind == "image"
         shape = tuple(getattr(self.teacher, "image_shape", self.teacher.data_shape)) if images else None
+        self.pixel_teacher = images and not getattr(self.teacher, "is_latent", False)
+        if not self.pixel_teacher:
+            self.not_computed["out_of_range"] = "only for pixel image teachers (data in [-1, 1])"
         if self.kind == "points" and hasattr(self.teacher, "bin_masses"):
             self.kl_teacher = self.teacher
         else:
@@ -284,6 +299,8 @@ class Evaluation:
         out = {}
         if against_reference:
             out["flow_map_error"] = flow_map_error(x, self.reference)
+        if self.pixel_teacher:
+            out["out_of_range"] = out_of_range(x)["fraction"]
         if self.kl_teacher is not None:
             out["kl"] = histogram_kl(x, self.kl_teacher)
         if self.kind == "image" and (self.classifier is not None or self.inception is not None):
@@ -456,3 +473,102 @@ def summary_lines(report: dict) -> list[str]:
             cells.append(f"{n}: " + " / ".join(trio))
         lines.append(f"{key} ({' / '.join(res)}) at NFE " + "; ".join(cells))
     return lines
+
+
+# --------------------------------------------------------------------------
+# Plain warnings: a student worse than the teacher's own sampler, samples out of range.
+# --------------------------------------------------------------------------
+
+def out_of_range(x: torch.Tensor, bound: float = PIXEL_RANGE) -> dict:
+    """Rows of ``x`` (pixel samples, data in [-1, 1]) with a non-finite value or some ``|value| > bound``."""
+    flat = x.detach().reshape(x.shape[0], -1).float()
+    bad = (~torch.isfinite(flat)).any(1) | (flat.abs() > bound).any(1)
+    finite = flat[torch.isfinite(flat)]
+    return {"rows": int(bad.sum()), "fraction": float(bad.float().mean()) if len(flat) else 0.0,
+            "max_abs": float(finite.abs().max()) if finite.numel() else float("nan"), "bound": bound}
+
+
+def _headline(rows: dict) -> str | None:
+    keys = ("fd_test_images", "kl", "fid_test_images", "flow_map_error")
+    return next((k for k in keys if any(r and r.get(k) is not None for r in rows.values())), None)
+
+
+def worse_than_teacher(student: dict, teachers: dict[str, dict], key: str | None = None) -> str | None:
+    """One line when the student (``{nfe: metrics}``) is worse than the teacher's best sampler at the same NFE.
+
+    ``teachers``: ``{name: {nfe: metrics or None}}`` (lower is better for every metric compared).
+    ``None`` when the student is at least as good at every NFE both were measured at.
+    """
+    key = key or _headline(student)
+    if key is None:
+        return None
+    worse = []
+    for n, row in sorted(student.items(), key=lambda kv: int(kv[0])):
+        mine = None if row is None else row.get(key)
+        if row is not None and row.get("nonfinite_samples"):
+            mine = float("inf")
+        rivals = [(r[key], name) for name, rows in teachers.items()
+                  for r in [rows.get(str(n))] if r is not None and r.get(key) is not None]
+        if mine is None or not rivals:
+            continue
+        best, name = min(rivals)
+        if mine > best:
+            worse.append((int(n), mine, best, name))
+    if not worse:
+        return None
+    pretty = lambda name: name.replace("teacher_", "")  # noqa: E731
+    detail = "; ".join(f"{n}: {mine:.4g} vs {pretty(name)} {best:.4g}" for n, mine, best, name in worse)
+    steps = ", ".join(str(n) for n, *_ in worse)
+    return (f"the student is WORSE than the teacher's own sampler at the same NFE at {steps} step(s) "
+            f"({key}, lower is better: {detail})")
+
+
+def quality_warnings(report: dict) -> list[str]:
+    """The plain warnings of an ``eval`` report (or of a run's ``metrics.json``), one line each.
+
+    * the student worse than the teacher's own Euler/Heun at the same NFE (headline metric);
+    * flow-map errors above 1 (further from the teacher's solve than the solve is from zero, so a
+      ratio to the teacher's error says little);
+    * samples out of range (pixel teachers: data in [-1, 1]), the student's or the data-free pool's.
+    """
+    lines = []
+    if "results" in report:  # eval
+        res = report["results"]
+        student = res.get("student", {})
+        teachers = {k: v for k, v in res.items() if k.startswith("teacher")}
+    else:  # a run's metrics.json: flow-map errors of the student and the teacher's Euler
+        fme = report.get("flow_map_error", {})
+        student = {n: {"flow_map_error": v} for n, v in fme.get("student", {}).items()}
+        teachers = {"teacher_euler": {n: {"flow_map_error": v} for n, v in fme.get("teacher_euler", {}).items()}}
+    line = worse_than_teacher(student, teachers)
+    if line:
+        lines.append(line)
+    big = {n: r["flow_map_error"] for n, r in student.items() if r and (r.get("flow_map_error") or 0) > 1}
+    if big:
+        lines.append("flow-map error above 1 at " + ", ".join(f"{n} step(s) ({v:.3g})" for n, v in big.items())
+                     + ": the samples are further from the teacher's fine solve than it is from zero; "
+                     "compare FD or the pictures, not the ratio of errors")
+    bad = {n: r["out_of_range"] for n, r in student.items() if r and (r.get("out_of_range") or 0) > 0}
+    if bad:
+        lines.append(f"student samples out of range (a pixel beyond +-{PIXEL_RANGE}) at "
+                     + ", ".join(f"{n} step(s): {100 * v:.1f}%" for n, v in bad.items()))
+    pool = (report.get("data") or {}).get("out_of_range") or {}
+    if pool.get("rows"):
+        lines.append(f"data-free pool samples out of range: {pool['rows']} of {report['data'].get('samples')} "
+                     f"({100 * pool['fraction']:.1f}%, max |x| {pool['max_abs']:.3g}, bound +-{pool['bound']}): the "
+                     "teacher's own ODE solve leaves the data range, and the student is trained on it; check the "
+                     "scheduler (clip_sample, timestep spacing) or use --data with real images")
+    return lines
+
+
+def run_data_report(folder: Path) -> dict | None:
+    """The ``data`` block of the ``metrics.json`` of the run that exported the student in ``folder`` (if any)."""
+    import json
+
+    folder = Path(folder)
+    for candidate in (folder.parent / "metrics.json", folder / "metrics.json"):
+        try:
+            return json.loads(candidate.read_text()).get("data")
+        except (OSError, ValueError):
+            continue
+    return None

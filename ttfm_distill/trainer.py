@@ -70,6 +70,24 @@ def build_student(teacher, cfg: RunConfig):
     return MlpFlowMap(dim=teacher.data_shape[0], width=cfg.mlp_width, depth=cfg.mlp_depth)
 
 
+def lr_factor(k: int, cfg: RunConfig) -> float:
+    """The learning-rate multiplier at step ``k``: linear warm-up, then constant or a cosine to the final fraction."""
+    import math
+
+    warm = max(1, cfg.warmup_steps)
+    factor = min(1.0, (k + 1) / warm)
+    if cfg.lr_schedule == "cosine" and k + 1 > warm:
+        progress = min(1.0, (k + 1 - warm) / max(1, cfg.max_steps - warm))
+        low = float(cfg.lr_final_fraction)
+        factor = low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """The EMA decay used after step ``step`` (0-based): ``decay``, or with warm-up ``min(decay, (1+k)/(10+k))``."""
+    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
+
+
 @torch.no_grad()
 def ema_update(ema, model, decay: float) -> None:
     if hasattr(ema, "update"):  # a LoRA student's EMA covers its trained tensors only
@@ -266,8 +284,7 @@ class Distillation:
         cfg = self.cfg
         self.optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
-        warm = max(1, cfg.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: min(1.0, (k + 1) / warm))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(k, cfg))
 
     def resume(self) -> None:
         """Load the newest readable checkpoint (a damaged one is reported and skipped), then prepare for Accelerate."""
@@ -346,7 +363,7 @@ class Distillation:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            ema_update(self.ema, self.student, cfg.ema_decay)
+            ema_update(self.ema, self.student, ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup))
         lv = loss.item()
         if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
             self.history.append({"step": step, "loss": lv, **step_metrics})
@@ -469,6 +486,9 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     if data_report:
         metrics["data"] = data_report
     metrics["settings"] = {"eval_samples": n, "reference": f"rk4 {cfg.reference_steps} steps", "seed": cfg.seed + 1}
+    from .evaluate import quality_warnings  # one plain line each: worse than the teacher, samples out of range
+
+    metrics["warnings"] = quality_warnings(metrics)
     write_json(out / "metrics.json", metrics)
     rows, errors = _comparison_rows(samples, teacher, metrics, cfg, device)
     if teacher.is_latent:  # the grid shows images: decode the latents with the teacher's VAE
@@ -479,6 +499,8 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     fme = metrics["flow_map_error"]
     for k in fme["student"]:  # one short line each: a narrow or non-terminal console must not cut them
         log(f"flow-map error, {k} step: student {fme['student'][k]:.4f}, teacher Euler {fme['teacher_euler'][k]:.4f}")
+    for line in metrics["warnings"]:
+        log(f"[yellow]warning:[/] {line}")
     return metrics
 
 

@@ -126,6 +126,14 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
               "seconds": round(rep.seconds, 2),
               "generation_seconds": None if rep.first_build_seconds is None else round(rep.first_build_seconds, 2),
               "conditioning": teacher.conditioning}
+    if teacher.kind == "image" and not teacher.is_latent:  # pixels: [-1, 1]
+        from ..evaluate import out_of_range
+
+        report["out_of_range"] = out_of_range(tensors["samples"])
+        if report["out_of_range"]["rows"]:
+            o = report["out_of_range"]
+            log(f"warning: {o['rows']} of {n} pool samples are out of range (a pixel beyond +-{o['bound']}, "
+                f"max |x| {o['max_abs']:.3g}): the teacher's own ODE solve leaves the data range")
     if rep.built_rows:
         what = f" (resumed: {rep.resumed_rows} were done)" if rep.resumed_rows else ""
         log(f"data-free pool: {n} teacher samples (Euler {cfg.pool_steps} steps) in {rep.seconds:.1f}s{what} -> {path}")

@@ -28,7 +28,17 @@ def network_io(adapter: FamilyAdapter, network: nn.Module, scheduler_config: dic
     cfg = scheduler_config or adapter.default_scheduler
     if scheduler_kind(cfg) == "flow":
         return NetworkIO(adapter.units(network))
-    return DiffusionIO(_alphas_cumprod(cfg), cfg.get("prediction_type", "epsilon"))
+    # the teacher's own scheduler decides the clip (diffusers' defaults included); a family default never clips
+    clip = _clip_range(cfg) if scheduler_config else None
+    return DiffusionIO(_alphas_cumprod(cfg), cfg.get("prediction_type", "epsilon"), clip_sample=clip)
+
+
+def _clip_range(cfg: dict) -> float | None:
+    """The scheduler's ``clip_sample_range`` if its ``clip_sample`` is on (as diffusers builds it), else ``None``."""
+    import diffusers
+
+    built = getattr(diffusers, str(cfg.get("_class_name"))).from_config(cfg).config
+    return float(built.get("clip_sample_range", 1.0)) if built.get("clip_sample", False) else None
 
 
 def scheduler_kind(cfg: dict | None) -> str:

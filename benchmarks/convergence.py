@@ -1,0 +1,641 @@
+"""Convergence benchmark: few-step quality of the student along its training, on the embedded teacher.
+
+    python benchmarks/convergence.py train --rows lfmd_adaptive_lr0.0003   # train rows through the CLI
+    python benchmarks/convergence.py score --rows itvm_default --follow     # score checkpoints as they land
+    python benchmarks/convergence.py report                                 # JSON, table, figures
+    python benchmarks/convergence.py all --rows ...                         # the three in turn
+
+Every row is a real ``ttfm-distill run`` (a subprocess of the CLI, one thread,
+``OMP_NUM_THREADS=1``) in ``--runs-dir/ROW`` with checkpoints kept at least
+every tenth of its budget.  A row folder that already holds the run (for
+example one started by hand with the row's command) is adopted: ``train``
+resumes it only when it is unfinished and not being written by another
+process; ``score`` only reads it.
+
+``score`` loads each checkpoint's raw weights (``student.safetensors``) and,
+where the run kept one, its EMA (``ema.safetensors``), and scores them as
+``ttfm-distill eval`` does (``evaluate.Evaluation``): FD to the real test
+images and to the teacher's fine solve in the shipped classifier's features,
+and the flow-map error against the teacher's RK4 solve, for the student at
+1/2/4/8 steps, all from one fixed set of ``--num`` noises (seed ``--seed``).
+The teacher's Euler (1/2/4/8/16/50) and Heun (2/4/8/16 NFE) are scored once on
+the same noises.  One JSON file per ``(row, checkpoint, weights)`` lands in
+``benchmarks/results/convergence/points/ROW/``; a point already there is not
+scored again, so ``score`` is resumable and may run beside the training
+(``--follow`` waits for new checkpoints until every named row has finished).
+
+Training seconds of a point: the checkpoint folder's modification time minus
+that of the run's data-free pool file (written just before the first step),
+i.e. wall time on one thread, under whatever else shared the machine.
+``train`` also records each row's CPU seconds (user + system of the
+subprocess) in ``ROW/convergence-cpu.json``.
+
+``report`` gathers the points into ``benchmarks/results/convergence.json``,
+prints the table and draws ``convergence.png`` (FD to test images against
+training samples), ``convergence-seconds.png`` (against training seconds),
+``convergence-fme.png`` (flow-map error) and ``convergence-fd-teacher.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+POINTS = RESULTS / "convergence" / "points"
+TEACHER = "builtin:fashion16"
+STUDENT_STEPS = (1, 2, 4, 8)
+EULER_STEPS = (1, 2, 4, 8, 16, 50)
+HEUN_STEPS = (2, 4, 8, 16)
+
+_LFMD = ["--loss", "lfmd", "-L", "derivative=fd", "-L", "adaptive_p=1", "--set", "diagonal_fraction=0.25"]
+
+
+def _keep(every: int) -> list[str]:
+    return ["--set", f"checkpoint_every={every}", "--set", "keep_checkpoints=100"]
+
+
+#: name -> the row's ``ttfm-distill run`` arguments (besides --output and -q), what it tests, and its group
+ROWS: dict[str, dict] = {
+    # the tool's defaults (ITVM, r = s + tau, current weights as target), with an export EMA kept beside the raw
+    # weights: one run gives both curves (the eval-EMA A/B at no training cost)
+    "itvm_default": {"args": ["--max-steps", "10000", "--ema-decay", "0.999", *_keep(500)],
+                     "what": "default ITVM, 10k steps; raw weights and an export EMA 0.999"},
+    # the strongest rival on the image benchmark and the 2-D ring: LFMD (finite differences) with MeanFlow's
+    # adaptive weighting, which stopped its divergence on the 2-D teachers; its own lr from a 600-step sweep
+    **{f"lfmd_adaptive_lr{lr}": {"args": [*_LFMD, "--lr", lr, "--max-steps", "600", *_keep(300)],
+                                 "what": f"LFMD adaptive, lr {lr}, 600 steps (lr sweep)", "sweep": "lfmd_adaptive",
+                                 "lr": float(lr)}
+       for lr in ("0.0001", "0.0003", "0.001", "0.003", "0.01")},
+    # "SWEEP": the lr is the sweep's best at the time the row starts (recorded in the run's config.json)
+    "lfmd_adaptive": {"args": [*_LFMD, "--lr", "SWEEP", "--max-steps", "10000", "--ema-decay", "0.999", *_keep(1000)],
+                      "what": "LFMD adaptive at the sweep's best lr, 10k steps; raw and EMA 0.999",
+                      "lr_from_sweep": "lfmd_adaptive"},
+    # A/Bs against itvm_default at 1500 steps (same seed, so the same data, noise and time draws where the
+    # recipe does not change them); the baseline is itvm_default's raw checkpoints at 500/1000/1500
+    "ab_tau0.05": {"args": ["-L", "tau=0.05", "--max-steps", "1500", *_keep(150)], "what": "tau 0.05 (default 0.1)",
+                   "ab": "itvm_default"},
+    "ab_tau0.2": {"args": ["-L", "tau=0.2", "--max-steps", "1500", *_keep(150)], "what": "tau 0.2 (default 0.1)",
+                  "ab": "itvm_default"},
+    "ab_levels2": {"args": ["--set", "dyadic_levels=2", "--max-steps", "1500", *_keep(150)],
+                   "what": "dyadic half of the pairs only on the 1/2/4-step grids (dyadic_levels 2, default 4)",
+                   "ab": "itvm_default"},
+    "ab_lr4e-4": {"args": ["--lr", "0.0004", "--max-steps", "1500", *_keep(150)], "what": "lr 4e-4 (default 2e-4)",
+                  "ab": "itvm_default"},
+    "ab_lr1e-4": {"args": ["--lr", "0.0001", "--max-steps", "1500", *_keep(150)], "what": "lr 1e-4 (default 2e-4)",
+                  "ab": "itvm_default"},
+    "ab_batch64": {"args": ["--batch-size", "64", "--max-steps", "750", *_keep(75)],
+                   "what": "batch 64 at the same samples (750 steps)", "ab": "itvm_default"},
+    "ab_terminal": {"args": ["-L", "intermediate=terminal", "--max-steps", "1500", *_keep(150)],
+                    "what": "r = t - tau", "ab": "itvm_default"},
+    # the export EMA with a warm-up (decay min(0.999, (1+k)/(10+k))): training is unchanged (the target is the
+    # current weights), so its raw checkpoints must equal itvm_default's; scored with --weights ema
+    "ab_ema_warmup": {"args": ["--ema-decay", "0.999", "--set", "ema_warmup=true", "--max-steps", "1500", *_keep(150)],
+                      "what": "export EMA 0.999 with warm-up (EMA weights)", "ab": "itvm_default", "ab_weights": "ema"},
+    "ab_cosine": {"args": ["--set", "lr_schedule=cosine", "--max-steps", "1500", *_keep(150)],
+                  "what": "cosine lr decay to 0 over the budget (default constant)", "ab": "itvm_default"},
+    "ab_diag0.25": {"args": ["--set", "diagonal_fraction=0.25", "--max-steps", "1500", *_keep(150)],
+                    "what": "initial-velocity term on 25% diagonal pairs", "ab": "itvm_default"},
+}
+
+
+def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
+    """The row's CLI arguments; an lr of ``SWEEP`` becomes the one its run used, or the sweep's best so far."""
+    args = list(ROWS[name]["args"])
+    if "SWEEP" in args:
+        cfg = run_config(runs_dir / name) if runs_dir is not None else None
+        if cfg is not None:
+            lr = cfg["lr"]
+        else:
+            lr = sweeps(load_points()).get(ROWS[name]["lr_from_sweep"], {}).get("best_lr")
+            if lr is None:
+                raise SystemExit(f"{name}: its lr comes from the {ROWS[name]['lr_from_sweep']} sweep, which has no "
+                                 "scored runs yet; train and score the sweep rows first")
+        args[args.index("SWEEP")] = str(lr)
+    return args
+
+
+def cli_command(name: str, runs_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "ttfm_distill", "run", "--output", str(runs_dir / name), *row_args(name, runs_dir),
+            "-q"]
+
+
+def one_thread_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+# ------------------------------------------------------------------ runs --
+def run_config(run: Path) -> dict | None:
+    try:
+        return json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def finished(run: Path) -> bool:
+    return (run / "metrics.json").exists() and (run / "student" / "ttfm_config.json").exists()
+
+
+def checkpoints(run: Path) -> list[tuple[int, Path]]:
+    root = run / "checkpoints"
+    if not root.exists():
+        return []
+    out = []
+    for p in sorted(root.glob("step-*")):
+        if (p / "trainer_state.json").exists() and (p / "student.safetensors").exists():
+            out.append((int(p.name.split("-")[1]), p))
+    return out
+
+
+def training_start(run: Path) -> float | None:
+    """The pool file's mtime: written just before the first training step."""
+    pools = sorted((run / "cache").glob("pool-*.safetensors"))
+    return pools[0].stat().st_mtime if pools else None
+
+
+def busy_elsewhere(run: Path, seconds: float = 180.0) -> bool:
+    """An unfinished run whose folder changed recently: another process is probably training it."""
+    if finished(run) or not run.exists():
+        return False
+    newest = max((p.stat().st_mtime for p in [run, *run.rglob("*")]), default=0.0)
+    return time.time() - newest < seconds
+
+
+def seed_pool(name: str, cmd: list[str], runs_dir: Path) -> None:
+    """A new row folder gets the data-free pool another row already built (same file name: same teacher, size,
+    steps and seed), with the config the CLI resolves (``--dry-run``), as a run interrupted after its pool
+    would leave it; the CLI then resumes it and finds the pool in its cache."""
+    import shutil
+
+    run = runs_dir / name
+    if run.exists():
+        return
+    dry = subprocess.run([*cmd[:-1], "--dry-run"], env=one_thread_env(), cwd=str(REPO), capture_output=True, text=True)
+    if dry.returncode != 0:
+        return
+    cfg = json.loads(dry.stdout)
+    pool = f"pool-n{cfg['pool_size']}-euler{cfg['pool_steps']}-seed{cfg['seed']}.safetensors"
+    donors = [p for p in sorted(runs_dir.glob(f"*/cache/{pool}"))
+              if (run_config(p.parent.parent) or {}).get("teacher") == cfg["teacher"] and cfg["data"] == "teacher"]
+    if not donors:
+        return
+    (run / "cache").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(cfg, indent=2))
+    shutil.copy(donors[0], run / "cache" / pool)  # the copy's mtime marks the start of training
+    print(f"{name}: pool copied from {donors[0]}", flush=True)
+
+
+def train(names: list[str], runs_dir: Path) -> None:
+    for name in names:
+        run = runs_dir / name
+        if finished(run):
+            print(f"{name}: finished already ({run})", flush=True)
+            continue
+        if busy_elsewhere(run):
+            print(f"{name}: {run} is being written by another process; not touching it", flush=True)
+            continue
+        cmd = cli_command(name, runs_dir)
+        seed_pool(name, cmd, runs_dir)
+        print(f"{name}: {' '.join(cmd)}", flush=True)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.time()
+        rc = subprocess.call(cmd, env=one_thread_env(), cwd=str(REPO))
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        record = {"command": "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 ttfm-distill run --output RUNS/" + name + " "
+                  + " ".join(cmd[6:]), "returncode": rc,
+                  "cpu_seconds": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 1),
+                  "wall_seconds": round(time.time() - t0, 1), "threads": 1,
+                  "note": "the whole CLI process: pool, training, export and the run's own metrics"}
+        if run.exists():
+            old = {}
+            try:
+                old = json.loads((run / "convergence-cpu.json").read_text())
+            except (OSError, ValueError):
+                pass
+            if old:  # a resumed row: add up the pieces
+                record["cpu_seconds"] = round(record["cpu_seconds"] + old.get("cpu_seconds", 0), 1)
+                record["wall_seconds"] = round(record["wall_seconds"] + old.get("wall_seconds", 0), 1)
+                record["pieces"] = old.get("pieces", 1) + 1
+            (run / "convergence-cpu.json").write_text(json.dumps(record, indent=1))
+        print(f"{name}: exit {rc}, {record['cpu_seconds']} CPU s", flush=True)
+
+
+# --------------------------------------------------------------- scoring --
+class Scorer:
+    """One :class:`Evaluation` (shared noises, RK4 reference, classifier) for every point."""
+
+    def __init__(self, args, runs_dir: Path):
+        from ttfm_distill.evaluate import Evaluation
+        from ttfm_distill.teachers.loading import load_teacher
+
+        self.args, self.runs_dir = args, runs_dir
+        self.teacher = load_teacher(TEACHER)
+        cache = runs_dir / "_eval-cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        ref_path = cache / f"reference-n{args.num}-seed{args.seed}-rk4-{args.reference_steps}.pt"
+        reference = torch.load(ref_path, weights_only=True) if ref_path.exists() else None
+        t0 = time.perf_counter()
+        self.ev = Evaluation(self.teacher, num=args.num, seed=args.seed, reference_steps=args.reference_steps,
+                             batch_size=256, reference=reference)
+        if reference is None:
+            torch.save(self.ev.reference, ref_path)
+            print(f"reference (RK4 {args.reference_steps} steps, {args.num} noises) in "
+                  f"{time.perf_counter() - t0:.0f}s -> {ref_path}", flush=True)
+        self.score_teacher()
+
+    def score_teacher(self) -> None:
+        from ttfm_distill.evaluate import teacher_euler_sampler, teacher_heun_sampler
+        from ttfm_distill.fileio import write_json
+
+        path = RESULTS / "convergence" / "teacher.json"
+        if path.exists() and json.loads(path.read_text()).get("settings", {}).get("num") == self.args.num:
+            return
+        t0 = time.perf_counter()
+        report = {"teacher": TEACHER,
+                  "results": {"teacher_euler": self.ev.run(teacher_euler_sampler(self.teacher), EULER_STEPS),
+                              "teacher_heun": self.ev.run(teacher_heun_sampler(self.teacher), HEUN_STEPS)},
+                  "floors": self.ev.floors(), "settings": self.ev.settings(), "not_computed": self.ev.not_computed,
+                  **self.ev.info}
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        write_json(path, report)
+        print(f"teacher scored in {report['seconds']}s -> {path}", flush=True)
+
+    def student(self, cfg: dict, ckpt: Path, weights: str):
+        from safetensors.torch import load_file
+
+        from ttfm_distill.config import RunConfig
+        from ttfm_distill.trainer import build_student
+
+        student = build_student(self.teacher, RunConfig.from_dict(cfg))
+        student.load_state_dict(load_file(ckpt / ("ema.safetensors" if weights == "ema" else "student.safetensors")),
+                                strict=True)
+        return student.eval()
+
+    def score_point(self, name: str, run: Path, step: int, ckpt: Path, weights: str) -> bool:
+        from ttfm_distill.evaluate import student_flow_map_sampler
+        from ttfm_distill.fileio import write_json
+
+        path = POINTS / name / f"step-{step:08d}-{weights}.json"
+        if path.exists():
+            return False
+        cfg = run_config(run)
+        start = training_start(run)
+        t0 = time.perf_counter()
+        results = self.ev.run(student_flow_map_sampler(self.student(cfg, ckpt, weights), 1.0), STUDENT_STEPS)
+        point = {"row": name, "step": step, "weights": weights, "samples": step * int(cfg["batch_size"]),
+                 "train_seconds": None if start is None else round(ckpt.stat().st_mtime - start, 1),
+                 "results": results, "score_seconds": round(time.perf_counter() - t0, 1),
+                 "checkpoint": str(ckpt), "settings": self.ev.settings()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, point)
+        fd = {n: round(r["fd_test_images"], 2) for n, r in results.items() if r and "fd_test_images" in r}
+        print(f"{name} step {step} {weights}: FD {fd} ({point['score_seconds']}s)", flush=True)
+        return True
+
+    def pass_over(self, names: list[str]) -> bool:
+        """Score every new point of ``names`` once; whether anything was scored."""
+        did = False
+        for name in names:
+            run = self.runs_dir / name
+            cfg = run_config(run)
+            if cfg is None:
+                continue
+            for step, ckpt in checkpoints(run):
+                for weights in self.args.weights.split(","):
+                    if weights == "ema" and not (ckpt / "ema.safetensors").exists():
+                        continue
+                    last = step == int(cfg["max_steps"])
+                    if self.args.only_final and not last:
+                        continue
+                    if self.args.stride and step % self.args.stride and not last:
+                        continue
+                    did |= self.score_point(name, run, step, ckpt, weights)
+        return did
+
+
+def score(args, names: list[str], runs_dir: Path) -> None:
+    torch.set_num_threads(1)
+    scorer = Scorer(args, runs_dir)
+    while True:
+        did = scorer.pass_over(names)
+        if not args.follow:
+            return
+        if not did and all(finished(runs_dir / n) for n in names if (runs_dir / n).exists()) \
+                and all((runs_dir / n).exists() for n in names):
+            if not scorer.pass_over(names):
+                return
+        if not did:
+            time.sleep(20)
+
+
+# ---------------------------------------------------------------- report --
+def load_points() -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for f in sorted(POINTS.glob("*/*.json")):
+        p = json.loads(f.read_text())
+        rows.setdefault(p["row"], []).append(p)
+    return rows
+
+
+def fd(point: dict, n, key: str = "fd_test_images"):
+    r = point["results"].get(str(n))
+    return None if r is None else r.get(key)
+
+
+def series(points: list[dict], weights: str) -> list[dict]:
+    return sorted((p for p in points if p["weights"] == weights), key=lambda p: p["step"])
+
+
+def goals(points: dict, teacher: dict) -> dict:
+    """The issue's goals, on FD to the test images, per row and weights."""
+    e = {n: teacher["results"]["teacher_euler"][str(n)]["fd_test_images"] for n in EULER_STEPS}
+    out = {"teacher_euler_fd": e,
+           "rules": {"long": "within 3600 s of training: FD1 <= 1.5 x Euler50, FD2 <= 1.1 x Euler50, FD4 <= Euler50",
+                     "default": "within 480 s of training (the 10-minute run less its pool, export and evaluation): "
+                                "FD2 <= Euler16, FD1 <= Euler8",
+                     "time_to_quality": "first point with FD2 <= Euler16 (training seconds; checkpoint resolution)"}}
+    for name, pts in points.items():
+        for weights in ("raw", "ema"):
+            s = series(pts, weights)
+            if not s:
+                continue
+
+            def last_within(limit):
+                ok = [p for p in s if p["train_seconds"] is not None and p["train_seconds"] <= limit]
+                return ok[-1] if ok else None
+
+            entry = {}
+            p = last_within(3600)
+            if p:
+                entry["long"] = {"step": p["step"], "train_seconds": p["train_seconds"],
+                                 "fd": {n: fd(p, n) for n in (1, 2, 4)},
+                                 "ratio_to_euler50": {n: round(fd(p, n) / e[50], 3) for n in (1, 2, 4)},
+                                 "met": fd(p, 1) <= 1.5 * e[50] and fd(p, 2) <= 1.1 * e[50] and fd(p, 4) <= e[50]}
+            p = last_within(480)
+            if p:
+                entry["default"] = {"step": p["step"], "train_seconds": p["train_seconds"],
+                                    "fd": {n: fd(p, n) for n in (1, 2)},
+                                    "met": fd(p, 2) <= e[16] and fd(p, 1) <= e[8]}
+            hit = next((p for p in s if fd(p, 2) is not None and fd(p, 2) <= e[16]), None)
+            entry["time_to_quality"] = ({"step": hit["step"], "train_seconds": hit["train_seconds"],
+                                         "samples": hit["samples"], "fd_2": fd(hit, 2)} if hit else
+                                        f"not reached within its budget (last point: step {s[-1]['step']}, "
+                                        f"{s[-1]['train_seconds']} s, FD2 {fd(s[-1], 2):.2f})")
+            out[f"{name}/{weights}"] = entry
+    return out
+
+
+def sweeps(points: dict) -> dict:
+    out = {}
+    for name, spec in ROWS.items():
+        group = spec.get("sweep")
+        if not group:
+            continue
+        final = [p for p in points.get(name, []) if p["weights"] == "raw"]
+        final = max(final, key=lambda p: p["step"]) if final else None
+        entry = out.setdefault(group, {"rule": "the lr with the lowest mean FD (test images) over 1/2/4 steps "
+                                               "at the end of the sweep budget", "runs": {}})
+        entry["runs"][str(spec["lr"])] = ({"step": final["step"], "fd": {n: fd(final, n) for n in STUDENT_STEPS},
+                                           "flow_map_error": {n: fd(final, n, "flow_map_error") for n in STUDENT_STEPS}}
+                                          if final else "not run")
+    for group, entry in out.items():
+        done = {lr: r for lr, r in entry["runs"].items() if isinstance(r, dict) and None not in r["fd"].values()}
+        if done:
+            entry["best_lr"] = float(min(done, key=lambda lr: sum(done[lr]["fd"][n] for n in (1, 2, 4))))
+        used = [n for n, s in ROWS.items() if s.get("lr_from_sweep") == group]
+        entry["used_by"] = used
+    return out
+
+
+def ab_table(points: dict) -> dict:
+    """Each A/B row's last point against its baseline's raw point at the same step (same seed and samples)."""
+    out = {}
+    for name, spec in ROWS.items():
+        base = spec.get("ab")
+        mine = series(points.get(name, []), spec.get("ab_weights", "raw"))
+        if not base or not mine:
+            continue
+        last = mine[-1]
+        same = [p for p in series(points.get(base, []), "raw") if p["samples"] == last["samples"]]
+        entry = {"what": spec["what"], "weights": spec.get("ab_weights", "raw"), "step": last["step"],
+                 "samples": last["samples"],
+                 "train_seconds": last["train_seconds"],
+                 "fd": {str(n): fd(last, n) for n in STUDENT_STEPS},
+                 "flow_map_error": {str(n): fd(last, n, "flow_map_error") for n in STUDENT_STEPS}}
+        if same:
+            b = same[0]
+            entry["baseline"] = {"row": base, "step": b["step"], "train_seconds": b["train_seconds"],
+                                 "fd": {str(n): fd(b, n) for n in STUDENT_STEPS},
+                                 "flow_map_error": {str(n): fd(b, n, "flow_map_error") for n in STUDENT_STEPS}}
+            entry["fd_ratio_to_baseline"] = {str(n): round(fd(last, n) / fd(b, n), 3) for n in STUDENT_STEPS}
+        out[name] = entry
+    return out
+
+
+def cpu_seconds(runs_dir: Path, name: str, metrics: dict | None) -> dict | None:
+    """The CPU seconds ``train`` measured, or for a row trained by hand its training wall seconds (one thread)."""
+    try:
+        return json.loads((runs_dir / name / "convergence-cpu.json").read_text())
+    except (OSError, ValueError):
+        pass
+    if metrics is None:
+        return None
+    return {"cpu_seconds": metrics["training"]["seconds"], "threads": 1,
+            "note": "not measured by train (the row was started by hand): its training wall seconds on one thread, "
+                    "an upper bound of its training CPU seconds; pool, export and metrics not included"}
+
+
+def report(args, runs_dir: Path) -> None:
+    from ttfm_distill.fileio import write_json
+
+    teacher = json.loads((RESULTS / "convergence" / "teacher.json").read_text())
+    points = load_points()
+    rows = {}
+    for name, spec in ROWS.items():
+        run = runs_dir / name
+        pts = points.get(name, [])
+        cfg = run_config(run)
+        try:
+            shown = row_args(name, runs_dir)
+        except SystemExit:
+            shown = spec["args"]
+        entry = {"what": spec["what"], "command": "ttfm-distill run --output RUNS/" + name + " "
+                 + " ".join(shown) + " -q (OMP_NUM_THREADS=1)"}
+        if not pts:
+            entry["status"] = ("not run" if cfg is None else
+                               "trained, not scored" if finished(run) else "training, not scored yet")
+            rows[name] = entry
+            continue
+        metrics = None
+        try:
+            metrics = json.loads((run / "metrics.json").read_text())
+        except (OSError, ValueError):
+            pass
+        entry.update({
+            "status": "finished" if finished(run) else "partial (training or scoring still going)",
+            "budget_steps": None if cfg is None else cfg["max_steps"],
+            "batch_size": None if cfg is None else cfg["batch_size"],
+            "train_seconds_total": None if metrics is None else metrics["training"]["seconds"],
+            "cpu": cpu_seconds(runs_dir, name, metrics),
+            "points": {w: [{"step": p["step"], "samples": p["samples"], "train_seconds": p["train_seconds"],
+                            **{key: {str(n): fd(p, n, key) for n in STUDENT_STEPS}
+                               for key in ("fd_test_images", "fd_teacher_fine", "flow_map_error")}}
+                           for p in series(pts, w)] for w in ("raw", "ema") if series(pts, w)},
+        })
+        rows[name] = entry
+    out = {"teacher": teacher, "rows": rows, "sweeps": sweeps(points), "ab": ab_table(points),
+           "goals": goals(points, teacher),
+           "not_run": [n for n, r in rows.items() if r.get("status") == "not run"],
+           "settings": {"num": teacher["settings"]["num"], "seed": teacher["settings"]["seed"],
+                        "reference": teacher["settings"]["reference"], "student_steps": list(STUDENT_STEPS),
+                        "threads": "1 per process; at most two processes on the 2-core machine",
+                        "train_seconds": "checkpoint folder mtime minus the pool file's mtime (wall, one thread)",
+                        "command": "python benchmarks/convergence.py report --runs-dir " + str(args.runs_dir)}}
+    write_json(RESULTS / "convergence.json", out)
+    print_table(out)
+    plot(out)
+
+
+def print_table(out: dict) -> None:
+    e = out["goals"]["teacher_euler_fd"]
+    print("\nteacher Euler FD (test images): " + ", ".join(f"{n}: {v:.2f}" for n, v in e.items()))
+    fl = out["teacher"]["floors"]
+    print("floors: " + ", ".join(f"{k} {v.get('fd_test_images', float('nan')):.2f}" for k, v in fl.items()
+                                 if isinstance(v, dict) and "fd_test_images" in v))
+    print("\n| row | weights | step | samples | train s | FD 1 | FD 2 | FD 4 | FD 8 | FME 1 | FME 2 | FME 4 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in out["rows"].items():
+        if "points" not in r:
+            print(f"| {name} | {r['status']} |" + " |" * 10)
+            continue
+        for w, pts in r["points"].items():
+            best = min(pts, key=lambda p: p["fd_test_images"]["2"] if p["fd_test_images"]["2"] is not None else 1e9)
+            for tag, p in (("last", pts[-1]), ("best FD2", best)):
+                if tag == "best FD2" and p is pts[-1]:
+                    continue
+                f, m = p["fd_test_images"], p["flow_map_error"]
+                print(f"| {name}{'' if tag == 'last' else ' (best FD2)'} | {w} | {p['step']} | {p['samples']} | "
+                      f"{p['train_seconds']} | " + " | ".join(f"{f[n]:.2f}" for n in ("1", "2", "4", "8")) + " | "
+                      + " | ".join(f"{m[n]:.4f}" for n in ("1", "2", "4")) + " |")
+    for name, r in out["rows"].items():  # the whole curve of the long rows
+        if "points" not in r or ROWS[name].get("sweep") or ROWS[name].get("ab"):
+            continue
+        print(f"\n{name}: FD to test images at 1/2/4/8 steps (raw | ema), flow-map error at 1 step (raw | ema)\n")
+        print("| step | samples | train s | raw 1 | raw 2 | raw 4 | raw 8 | ema 1 | ema 2 | ema 4 | ema 8 | FME1 raw | FME1 ema |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        by_step = {}
+        for w, pts in r["points"].items():
+            for p in pts:
+                by_step.setdefault(p["step"], {})[w] = p
+        for step, ws in sorted(by_step.items()):
+            any_p = next(iter(ws.values()))
+            cells = []
+            for w in ("raw", "ema"):
+                f = ws[w]["fd_test_images"] if w in ws else {}
+                cells += [f"{f[n]:.2f}" if f.get(n) is not None else "-" for n in ("1", "2", "4", "8")]
+            fme = [f"{ws[w]['flow_map_error']['1']:.4f}" if w in ws else "-" for w in ("raw", "ema")]
+            print(f"| {step} | {any_p['samples']} | {any_p['train_seconds']} | " + " | ".join(cells + fme) + " |")
+    if out["ab"]:
+        print("\nA/Bs at the same samples and seed: FD to test images at 1/2/4/8 steps (baseline in brackets)\n")
+        print("| A/B | step | FD 1 | FD 2 | FD 4 | FD 8 | train s |")
+        print("|---|---|---|---|---|---|---|")
+        for name, a in out["ab"].items():
+            b = a.get("baseline", {}).get("fd", {})
+            cells = [f"{a['fd'][n]:.2f}" + (f" ({b[n]:.2f})" if n in b else "") for n in ("1", "2", "4", "8")]
+            print(f"| {name}: {a['what']} | {a['step']} | " + " | ".join(cells) + f" | {a['train_seconds']} |")
+    print("\ntime to quality (FD2 <= Euler16 = %.2f):" % e["16"] if "16" in e else "")
+    for key, g in out["goals"].items():
+        if "/" in key:
+            print(f"  {key}: {g['time_to_quality']}")
+    cpu = {n: r["cpu"]["cpu_seconds"] for n, r in out["rows"].items() if r.get("cpu")}
+    print("CPU seconds per trained row:", cpu)
+    print("not run:", out["not_run"])
+
+
+def plot(out: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ttfm_distill.plots import _save_figure
+
+    e = out["teacher"]["results"]["teacher_euler"]
+    shown = [n for n, r in out["rows"].items() if "points" in r and not ROWS[n].get("sweep")]
+    for key, xkey, fname, label in (
+            ("fd_test_images", "samples", "convergence.png", "FD to real test images"),
+            ("fd_test_images", "train_seconds", "convergence-seconds.png", "FD to real test images"),
+            ("flow_map_error", "samples", "convergence-fme.png", "flow-map error vs RK4"),
+            ("fd_teacher_fine", "samples", "convergence-fd-teacher.png", "FD to the teacher's fine solve")):
+        fig, axes = plt.subplots(1, len(STUDENT_STEPS), figsize=(4.0 * len(STUDENT_STEPS), 3.6), squeeze=False)
+        for ax, n in zip(axes[0], STUDENT_STEPS):
+            for i, name in enumerate(shown):
+                for w, pts in out["rows"][name]["points"].items():
+                    xy = [(p[xkey], p[key][str(n)]) for p in pts if p[xkey] is not None and p[key][str(n)] is not None]
+                    if xy:
+                        ax.plot(*zip(*xy), marker="o", ms=2.5, lw=1.2, color=f"C{i % 10}",
+                                ls="-" if w == "raw" else "--", label=f"{name} ({w})")
+            for j, m in enumerate((n, 8, 16, 50)):
+                if str(m) in e and e[str(m)] and e[str(m)].get(key) is not None:
+                    ax.axhline(e[str(m)][key], color="k", alpha=0.25 + 0.15 * j, ls=":", lw=1)
+                    ax.text(ax.get_xlim()[0] if False else 1.0, e[str(m)][key], f" Euler {m}", fontsize=6,
+                            transform=ax.get_yaxis_transform(), ha="right", va="bottom")
+            ax.set_xscale("log"), ax.set_yscale("log")
+            ax.set_xlabel("training samples" if xkey == "samples" else "training seconds (1 thread)")
+            ax.set_title(f"student, {n} step{'s' if n > 1 else ''}", fontsize=9)
+            ax.grid(alpha=0.3, which="both")
+        axes[0][0].set_ylabel(label)
+        axes[0][-1].legend(fontsize=6, loc="upper right")
+        _save_figure(fig, RESULTS / fname, f"{TEACHER}: {label} along training "
+                     f"({out['settings']['num']} samples, dotted: teacher Euler)", fontsize=9, dpi=100)
+    print("wrote", ", ".join(str(RESULTS / f) for f in ("convergence.json", "convergence.png",
+                                                          "convergence-seconds.png", "convergence-fme.png",
+                                                          "convergence-fd-teacher.png")))
+
+
+def main():
+    global RESULTS, POINTS
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=("train", "score", "report", "all"))
+    p.add_argument("--rows", default="", help="comma-separated row names (default: every row with a run folder)")
+    p.add_argument("--runs-dir", default=str(REPO / "runs" / "convergence"),
+                   help="where the row folders live (default: runs/convergence, ignored by git)")
+    p.add_argument("--num", type=int, default=1024, help="noises (samples per sampler)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference-steps", type=int, default=32)
+    p.add_argument("--weights", default="raw,ema", help="which weights of each checkpoint: raw, ema or both")
+    p.add_argument("--only-final", action="store_true", help="score only each row's last checkpoint")
+    p.add_argument("--stride", type=int, default=0, help="score only checkpoints at multiples of this step (and the last)")
+    p.add_argument("--follow", action="store_true", help="keep scoring new checkpoints until the rows finish")
+    p.add_argument("--results-dir", default=str(RESULTS), help="where results and figures go (default: benchmarks/results)")
+    args = p.parse_args()
+    RESULTS = Path(args.results_dir)
+    POINTS = RESULTS / "convergence" / "points"
+    runs_dir = Path(args.runs_dir)
+    names = [n for n in args.rows.split(",") if n]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        p.error(f"unknown row(s) {unknown}; rows: {', '.join(ROWS)}")
+    if not names and args.command != "train":
+        names = [n for n in ROWS if (runs_dir / n).exists()]
+    if args.command in ("train", "all"):
+        train(names, runs_dir)
+    if args.command in ("score", "all"):
+        score(args, names, runs_dir)
+    if args.command in ("report", "all"):
+        report(args, runs_dir)
+
+
+if __name__ == "__main__":
+    main()
