@@ -103,11 +103,12 @@ def test_run_metrics_and_pool_warnings():
 
 def test_pool_reports_samples_out_of_range(tmp_path):
     from ttfm_distill.data.pool import build_pool
+    from ttfm_distill.teachers.base import Teacher
 
-    class Exploding:  # a pixel teacher whose ODE leaves [-1, 1] for half of the noises
-        kind, name, data_shape, shift, is_latent = "image", "exploding", (1, 4, 4), 1.0, False
+    class Exploding(Teacher):  # a pixel teacher whose ODE leaves [-1, 1] for half of the noises
+        kind, name, data_shape, shift = "image", "exploding", (1, 4, 4), 1.0
 
-        def sample_noise(self, n, generator=None):
+        def sample_noise(self, n, generator=None, device=None):
             return torch.randn(n, *self.data_shape, generator=generator)
 
         def velocity(self, x, t, cond=None):
