@@ -26,7 +26,6 @@ import torch
 
 from ttfm_distill.config import RunConfig
 from ttfm_distill.data import build_data
-from ttfm_distill.trainer import split_sample
 
 
 def rate(fn, seconds: float, min_calls: int = 3) -> float:
@@ -144,7 +143,7 @@ def main():
                 source = build_data(teacher, cfg, tmp / "run", "cpu", log)
                 row["cached_build_seconds"] = round(time.perf_counter() - start, 2)
             g = torch.Generator().manual_seed(0)
-            x, _ = split_sample(source.sample(batch, g))
+            x, _ = source.sample(batch, g)
             assert tuple(x.shape) == (batch, *teacher.data_shape), (name, x.shape)
             row["rows"] = len(source) if hasattr(source, "__len__") else None
             if hasattr(source, "queue"):  # streamed: empty the prefetch queue first, then measure decoding

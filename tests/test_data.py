@@ -22,7 +22,6 @@ from ttfm_distill.config import RunConfig
 from ttfm_distill.data import DataError, build_data
 from ttfm_distill.data.pool import POOL_CHUNK, build_pool
 from ttfm_distill.teachers.base import Teacher
-from ttfm_distill.trainer import split_sample
 
 
 # ------------------------------------------------------------------ fakes --
@@ -81,7 +80,7 @@ def build(teacher, cfg, out=None):
 
 
 def draw(source, n=16, seed=0):
-    return split_sample(source.sample(n, torch.Generator().manual_seed(seed)))
+    return source.sample(n, torch.Generator().manual_seed(seed))
 
 
 def png_bytes(arr):
@@ -158,8 +157,8 @@ def test_image_folder_shapes_range_labels_and_cache(tmp_path, image_folder, monk
 
 def test_image_folder_for_unconditioned_greyscale_teacher(tmp_path, image_folder):
     source = build(FakeTeacher((1, 8, 8)), config(tmp_path, data=str(image_folder)))
-    x = source.sample(5, torch.Generator().manual_seed(0))
-    assert torch.is_tensor(x) and x.shape == (5, 1, 8, 8)  # no conditioning: plain x1
+    x, cond = source.sample(5, torch.Generator().manual_seed(0))
+    assert torch.is_tensor(x) and x.shape == (5, 1, 8, 8) and cond is None  # no conditioning
 
 
 def test_parquet_latent_teacher_encodes_once(tmp_path, parquet_file):
@@ -195,7 +194,7 @@ def test_text_teacher_caption_column_and_prompt_cache(tmp_path, parquet_file):
     source = build(teacher, cfg)
     assert teacher.prompt_calls == 1  # 3 unique prompts, one batch
     g = torch.Generator().manual_seed(3)
-    x, cond = split_sample(source.sample(16, g))
+    x, cond = source.sample(16, g)
     idx = torch.randint(0, 8, (16,), generator=torch.Generator().manual_seed(3))  # the rows drawn
     expect = torch.stack([prompt_vector(f"a photo of thing {i % 3}") for i in idx.tolist()])
     assert torch.equal(cond["prompt_embeds"], expect)
@@ -233,10 +232,10 @@ def test_random_crop_windows(tmp_path, image_folder):
     cfg = config(tmp_path, data=str(image_folder), data_resolution=12, data_crop="random")
     source = build(FakeTeacher((3, 8, 8)), cfg)
     assert tuple(source.base.shape[-2:]) == (12, 12)
-    a, b = source.sample(32, torch.Generator().manual_seed(0)), source.sample(32, torch.Generator().manual_seed(0))
+    (a, _), (b, _) = source.sample(32, torch.Generator().manual_seed(0)), source.sample(32, torch.Generator().manual_seed(0))
     assert a.shape == (32, 3, 8, 8) and torch.equal(a, b)  # random, but from the step's generator
     center = build(FakeTeacher((3, 8, 8)), config(tmp_path, data=str(image_folder), data_resolution=12))
-    c = center.sample(32, torch.Generator().manual_seed(0))
+    c, _ = center.sample(32, torch.Generator().manual_seed(0))
     assert not torch.equal(a, c)
 
 

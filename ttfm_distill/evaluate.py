@@ -18,14 +18,8 @@ from typing import Callable
 import torch
 
 from .metrics import flow_map_error, frechet_distance, gaussian_stats, histogram_kl
-from .objectives.base import flow_map
-from .sampling import euler, fine_reference, heun, sample_flow_map, uniform_time_grid
+from .sampling import euler, fine_reference, heun, sample_flow_map, student_sampler, uniform_time_grid  # noqa: F401
 from .errors import TTFMError
-
-
-@torch.no_grad()
-def student_sampler(student, cond=None):
-    return lambda x, s, t: flow_map(student, x, s, t, cond)
 
 
 def split_cond(cond: dict | None, batch_size: int, n: int, device) -> list[dict | None]:

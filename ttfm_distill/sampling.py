@@ -10,11 +10,29 @@ from typing import Callable
 
 import torch
 
-from .convention import shift_time
+from .convention import broadcast_time, shift_time
 from .errors import InputError
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 FlowMapFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def flow_map(model, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+    """``phi(x, s, t) = x + (t - s) * u(x, s, t)`` for any average-velocity model.
+
+    Call through this (not a method) so a DDP-wrapped student goes through its wrapper.
+    """
+    return x + broadcast_time(t - s, x) * model(x, s, t, cond)
+
+
+def student_sampler(student, cond: dict | None = None) -> FlowMapFn:
+    """The flow map ``(x, s, t) -> phi(x, s, t)`` of a student, for :func:`sample_flow_map` (no gradients)."""
+
+    @torch.no_grad()
+    def phi(x, s, t):
+        return flow_map(student, x, s, t, cond)
+
+    return phi
 
 
 def uniform_time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:

@@ -34,18 +34,6 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(key % (2**63 - 1))
 
 
-# ---------------------------------------------------------------- data ------
-# A data source has ``sample(n, generator)`` returning either clean samples ``x1``
-# ``(n, *teacher.data_shape)`` in the teacher's data space (latents for latent
-# teachers), or a pair ``(x1, cond)`` where ``cond`` is a dict of batch-first
-# conditioning tensors (``class_labels``, prompt embeddings, ...) or ``None``.
-def split_sample(drawn) -> tuple[torch.Tensor, dict | None]:
-    if isinstance(drawn, tuple):
-        x1, cond = drawn
-        return x1, cond
-    return drawn, None
-
-
 def cond_to(cond: dict | None, device) -> dict | None:
     if not cond:
         return None
@@ -331,7 +319,7 @@ class Distillation:
         """The batch of ``step`` on this rank: every draw from the generator of (seed, rank, step)."""
         cfg = self.cfg
         g = step_generator(cfg.seed, self.accelerator.process_index, step)
-        x1, cond = split_sample(self.data.sample(cfg.batch_size, g))
+        x1, cond = self.data.sample(cfg.batch_size, g)  # a data.sources.DataSource
         x0 = self.teacher.sample_noise(cfg.batch_size, generator=g)
         s, t = sample_time_pairs(cfg.batch_size, cfg.time_sampling, cfg.diagonal_fraction, cfg.dyadic_levels,
                                  generator=g)

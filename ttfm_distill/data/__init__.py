@@ -41,8 +41,8 @@ class ExactData:
         self.teacher = teacher
         self.report = {"source": "teacher (exact distribution)"}
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return self.teacher.sample_data(n, generator=generator)
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, None]:
+        return self.teacher.sample_data(n, generator=generator), None
 
 
 def build_data(teacher, cfg, out: Path, device, log, console=None, show_progress: bool = False):
@@ -326,7 +326,7 @@ class DataBuilder:
                 cond["class_labels"] = labels
             if prompts is not None:
                 cond.update(memo.rows(prompts))
-            return (x, cond) if cond else x
+            return x, (cond or None)
 
         self.log(f"streaming {name} (shuffle buffer {STREAM_SHUFFLE_BUFFER}); images are decoded as they are read")
         return StreamingSource(rows, finish, report={"source": name, "kind": opened.kind, "streaming": True,

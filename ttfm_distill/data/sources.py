@@ -1,4 +1,4 @@
-"""Data sources the trainer draws from: ``sample(n, generator) -> x1`` or ``(x1, cond)``.
+"""Data sources the trainer draws from: every one is a :class:`DataSource`, ``sample(n, generator) -> (x1, cond)``.
 
 Random indices and crop offsets come from the step's generator, so a resumed
 run draws exactly the batches of an uninterrupted one (streamed sets excepted:
@@ -13,8 +13,23 @@ import threading
 import numpy as np
 import torch
 
+from typing import Protocol
+
 from .errors import DataError
 from .images import to_unit_range
+
+
+class DataSource(Protocol):
+    """What the trainer draws clean samples from.
+
+    ``sample(n, generator)`` returns ``(x1, cond)``: ``x1`` ``(n, *teacher.data_shape)`` in the teacher's
+    data space (latents for latent teachers), ``cond`` a dict of batch-first conditioning tensors
+    (``class_labels``, prompt embeddings, ...) or ``None``.  ``report`` goes into ``metrics.json``.
+    """
+
+    report: dict
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, dict | None]: ...
 
 
 def crop_batch(x: torch.Tensor, size: tuple[int, int], mode: str, generator: torch.Generator | None) -> torch.Tensor:
@@ -57,7 +72,7 @@ class TensorSource:
         cond = {k: v[idx] for k, v in self.cond.items()} if self.cond else {}
         if self.prompts is not None:
             cond.update(self.prompts.rows(idx))
-        return (x, cond) if cond else x
+        return x, (cond or None)
 
 
 class _End:
@@ -68,7 +83,7 @@ class StreamingSource:
     """A streamed dataset read by a background thread into a bounded queue of prepared rows.
 
     ``rows``: a callable ``epoch -> iterator of (uint8 (C, Hb, Wb), label or None, prompt or None)``.
-    ``finish``: ``(uint8 batch, labels, prompts, generator) -> x1 or (x1, cond)`` (encodes latents, prompts).
+    ``finish``: ``(uint8 batch, labels, prompts, generator) -> (x1, cond or None)`` (encodes latents, prompts).
     """
 
     def __init__(self, rows, finish, prefetch: int = 1024, report=None, name: str = "data"):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..convention import broadcast_time
+from ..sampling import flow_map  # noqa: F401 - the objectives' phi; it lives with the samplers
 
 
 @dataclass
@@ -46,14 +47,6 @@ class ObjectiveOutput:
     loss: torch.Tensor
     per_sample: torch.Tensor
     metrics: dict = field(default_factory=dict)
-
-
-def flow_map(model, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
-    """``phi(x, s, t) = x + (t - s) * u(x, s, t)`` for any average-velocity model.
-
-    Call through this (not a method) so a DDP-wrapped student goes through its wrapper.
-    """
-    return x + broadcast_time(t - s, x) * model(x, s, t, cond)
 
 
 def repeat_cond(cond: dict | None, k: int) -> dict | None:
@@ -165,3 +158,51 @@ class Objective:
 
     def config(self) -> dict:
         return {"name": self.name, **{f.name: getattr(self.options, f.name) for f in fields(self.Options)}}
+
+
+# ---------------------------------------------------------------- shared pieces --------------------------------------
+def split_rows(off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the off-diagonal and diagonal rows."""
+    return off.nonzero().squeeze(1), (~off).nonzero().squeeze(1)
+
+
+def scatter_rows(n: int, idx_a: torch.Tensor, a: torch.Tensor, idx_b: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A ``(n,)`` tensor with ``a`` at rows ``idx_a`` and ``b`` at rows ``idx_b`` (differentiable)."""
+    out = torch.zeros(n, dtype=a.dtype, device=a.device)
+    return out.index_copy(0, idx_a, a).index_copy(0, idx_b, b.to(a.dtype))
+
+
+def mean_or_zero(v: torch.Tensor) -> float:
+    return v.mean().item() if v.numel() else 0.0
+
+
+def time_derivative_jvp(student, x, s, t, cond=None):
+    """``(phi(x, s, t), d/dt phi(x, s, t))`` by forward-mode AD."""
+    return torch.func.jvp(lambda tt: flow_map(student, x, s, tt, cond), (t,), (torch.ones_like(t),))
+
+
+def fd_window(s: torch.Tensor, t: torch.Tensor, h: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)``: the finite-difference window around ``t`` kept inside ``[s, 1]`` (backwards at s == t == 1)."""
+    hi = torch.clamp(t + h, max=1.0)
+    lo = torch.maximum(t - h, s)
+    lo = torch.where(hi - lo <= 0, hi - h, lo)
+    return lo, hi
+
+
+def fd_from_window(x, s, t, lo, hi, u_hi, u_lo):
+    """``(phi(x, s, t), d/dt phi(x, s, t))`` from the student's average velocities at ``hi`` and ``lo``.
+
+    ``phi`` at ``t`` is interpolated between the two (second-order accurate); the one finite difference
+    every objective uses.
+    """
+    p_hi = x + broadcast_time(hi - s, x) * u_hi
+    p_lo = x + broadcast_time(lo - s, x) * u_lo
+    w = broadcast_time((t - lo) / (hi - lo), x)
+    return p_lo + w * (p_hi - p_lo), (p_hi - p_lo) / broadcast_time(hi - lo, x)
+
+
+def time_derivative_fd(student, x, s, t, cond=None, h: float = 1e-3):
+    """``(phi(x, s, t), d/dt phi(x, s, t))`` by a finite difference inside ``[s, 1]`` (one student call)."""
+    lo, hi = fd_window(s, t, h)
+    u_hi, u_lo = student(torch.cat([x, x]), torch.cat([s, s]), torch.cat([hi, lo]), repeat_cond(cond, 2)).chunk(2)
+    return fd_from_window(x, s, t, lo, hi, u_hi, u_lo)

@@ -19,29 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..convention import broadcast_time
 from .base import (Objective, ObjectiveOutput, TrainBatch, adaptive_weight, check_adaptive_options,
-                   check_derivative_options, flow_map, masked_mean, per_sample_mse, repeat_cond)
-
-
-def time_derivative_jvp(student, x, s, t, cond=None):
-    """``(phi(x, s, t), d/dt phi(x, s, t))`` by forward-mode AD."""
-    return torch.func.jvp(lambda tt: flow_map(student, x, s, tt, cond), (t,), (torch.ones_like(t),))
-
-
-def time_derivative_fd(student, x, s, t, cond=None, h: float = 1e-3):
-    """``(phi(x, s, t), d/dt phi(x, s, t))`` by a finite difference inside ``[s, 1]``.
-
-    ``phi`` at ``t`` is interpolated from the two evaluations (second-order accurate).
-    """
-    hi = torch.clamp(t + h, max=1.0)
-    lo = torch.maximum(t - h, s)
-    lo = torch.where(hi - lo <= 0, hi - h, lo)  # s == t == 1: step backwards
-    both = flow_map(student, torch.cat([x, x]), torch.cat([s, s]), torch.cat([hi, lo]), repeat_cond(cond, 2))
-    p_hi, p_lo = both.chunk(2)
-    span = broadcast_time(hi - lo, x)
-    w = broadcast_time((t - lo) / (hi - lo), x)
-    return p_lo + w * (p_hi - p_lo), (p_hi - p_lo) / span
+                   check_derivative_options, masked_mean, per_sample_mse)
+from .base import time_derivative_fd, time_derivative_jvp  # noqa: F401 - shared with LSD and MeanFlow
 
 
 class LfmdObjective(Objective):

@@ -34,27 +34,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..convention import broadcast_time
 from .base import (Objective, ObjectiveOutput, TrainBatch, adaptive_weight, cat_conds, check_adaptive_options,
                    check_derivative_options, per_sample_mse, select_cond)
-from .lfmd import time_derivative_jvp
+from .base import fd_from_window, fd_window, mean_or_zero, scatter_rows, split_rows, time_derivative_jvp
 
 TARGET_MODELS = ("student", "ema")
-
-
-def split_rows(off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the off-diagonal and diagonal rows."""
-    return off.nonzero().squeeze(1), (~off).nonzero().squeeze(1)
-
-
-def scatter_rows(n: int, idx_a: torch.Tensor, a: torch.Tensor, idx_b: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """A ``(n,)`` tensor with ``a`` at rows ``idx_a`` and ``b`` at rows ``idx_b`` (differentiable)."""
-    out = torch.zeros(n, dtype=a.dtype, device=a.device)
-    return out.index_copy(0, idx_a, a).index_copy(0, idx_b, b.to(a.dtype))
-
-
-def _mean_or_zero(v: torch.Tensor) -> float:
-    return v.mean().item() if v.numel() else 0.0
 
 
 class LsdObjective(Objective):
@@ -88,17 +72,13 @@ class LsdObjective(Objective):
         h = self.options.fd_step
         x_o, s_o, t_o = x[oi], s[oi], t[oi]
         x_d, s_d = x[di], s[di]
-        hi = torch.clamp(t_o + h, max=1.0)
-        lo = torch.maximum(t_o - h, s_o)  # t > s on these rows, so hi > lo
+        lo, hi = fd_window(s_o, t_o, h)  # t > s on these rows, so hi > lo
         c_o, c_d = select_cond(cond, oi), select_cond(cond, di)
         u_all = student(torch.cat([x_o, x_o, x_d]), torch.cat([s_o, s_o, s_d]), torch.cat([hi, lo, s_d]),
                         cat_conds(c_o, c_o, c_d))
         n_o = x_o.shape[0]
         u_hi, u_lo, u_d = u_all[:n_o], u_all[n_o:2 * n_o], u_all[2 * n_o:]
-        p_hi = x_o + broadcast_time(hi - s_o, x_o) * u_hi
-        p_lo = x_o + broadcast_time(lo - s_o, x_o) * u_lo
-        dphi = (p_hi - p_lo) / broadcast_time(hi - lo, x_o)
-        phi = p_lo + broadcast_time((t_o - lo) / (hi - lo), x_o) * (p_hi - p_lo)
+        phi, dphi = fd_from_window(x_o, s_o, t_o, lo, hi, u_hi, u_lo)
         return phi, dphi, u_d
 
     def __call__(self, student, teacher, batch: TrainBatch, ema=None) -> ObjectiveOutput:
@@ -123,5 +103,5 @@ class LsdObjective(Objective):
         w_i = adaptive_weight(initial, o.adaptive_p, o.adaptive_c)
         per_sample = scatter_rows(x.shape[0], oi, w_l * lagrangian, di, o.lambda_diagonal * w_i * initial)
         return ObjectiveOutput(per_sample.mean(), per_sample.detach(), {
-            "lagrangian": _mean_or_zero(lagrangian.detach()), "initial": _mean_or_zero(initial.detach()),
+            "lagrangian": mean_or_zero(lagrangian.detach()), "initial": mean_or_zero(initial.detach()),
         })

@@ -62,7 +62,7 @@ from ..convention import broadcast_time
 from .base import (Objective, ObjectiveOutput, TrainBatch, adaptive_weight, check_adaptive_options,
                    check_derivative_options, per_sample_mse)
 from .base import cat_conds, select_cond
-from .lsd import _mean_or_zero, split_rows
+from .base import mean_or_zero, split_rows
 
 
 def total_derivative_jvp(model, x, s, t, v, cond=None):
@@ -127,5 +127,5 @@ class MeanFlowObjective(Objective):
         per_sample = weight * residual
         r = residual.detach()
         return ObjectiveOutput(per_sample.mean(), per_sample.detach(), {
-            "average_velocity": _mean_or_zero(r[off]), "initial": _mean_or_zero(r[~off]),
+            "average_velocity": mean_or_zero(r[off]), "initial": mean_or_zero(r[~off]),
         })
