@@ -128,8 +128,11 @@ def build_network(spec: TeacherSpec, device="meta"):
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def build_models(spec: TeacherSpec, lora_rank: int = 0, device="meta", seed: int = 0):
-    """``(teacher, student, objective_teacher)`` as the trainer builds them (``build_student`` / ``build_lora_student``)."""
+def build_models(spec: TeacherSpec, lora_rank: int = 0, device="meta", seed: int = 0, teacher=None):
+    """``(teacher, student, objective_teacher)`` as the trainer builds them (``build_student`` / ``build_lora_student``).
+
+    ``teacher``: reuse one built before (a LoRA student puts its adapters into that teacher's network).
+    """
     import torch
 
     from ..config import RunConfig
@@ -137,12 +140,12 @@ def build_models(spec: TeacherSpec, lora_rank: int = 0, device="meta", seed: int
     from ..trainer import build_student
 
     torch.manual_seed(seed)
-    network = build_network(spec, device)
     latent = spec.resolution // spec.vae_factor
     with torch.device(device):
-        teacher = DiffusersFlowTeacher(network, source=spec.name,
-                                       scheduler_config={"_class_name": "FlowMatchEulerDiscreteScheduler"},
-                                       sample_size=latent)
+        if teacher is None:
+            teacher = DiffusersFlowTeacher(build_network(spec, device), source=spec.name,
+                                           scheduler_config={"_class_name": "FlowMatchEulerDiscreteScheduler"},
+                                           sample_size=latent)
         cfg = RunConfig(lora_rank=lora_rank, seed=seed)
         if lora_rank:
             from ..lora import build_lora_student
@@ -274,7 +277,8 @@ def _largest_block(network) -> int:
     return best or sum(p.numel() for p in network.parameters())
 
 
-def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int, autocast_device: str = "cuda") -> StudentCounts:
+def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int, autocast_device: str = "cuda",
+                  teacher=None) -> StudentCounts:
     """FLOPs (batch 1), saved activations (fp32 and bf16, with and without checkpointing) and the working set.
 
     The working set (saved activations plus activation gradients and temporaries, at their peak over a
@@ -283,7 +287,7 @@ def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int, autocast_
     """
     from .meta import measure_student, working_set
 
-    teacher, student, _ = build_models(spec, lora_rank)
+    teacher, student, _ = build_models(spec, lora_rank, teacher=teacher)
     x, s, t, cond = example_inputs(teacher, text_tokens)
     checkpoint_note = ""
     fp32 = measure_student(student, x, s, t, cond, bf16=False, with_backward=True)
@@ -347,18 +351,22 @@ def count(spec: TeacherSpec, lora_rank: int = 16, text_tokens: int | None = None
                             f"patch {patch}); try {max(step, resolution // step * step)}")
         spec = TeacherSpec(**{**asdict_shallow(spec), "resolution": resolution})
     tokens = spec.text_tokens if text_tokens is None else int(text_tokens)
-    teacher, _, _ = build_models(spec, 0)
+    from .. import trainer  # noqa: F401 - imported before the clock of the first build, not inside it
+
+    teacher = build_models(spec, 0)[0]  # the full student is a deepcopy, so this teacher stays plain
+    teacher_parameters = sum(p.numel() for p in teacher.network.parameters())
+    teacher_buffers = _buffer_bytes(teacher.network)  # before a LoRA student adds adapters to this network
     x, s, t, cond = example_inputs(teacher, tokens)
     try:
         t_flops = count_teacher_forward(teacher, x, t, cond)
     except Exception as e:  # noqa: BLE001 - e.g. a latent size the config's position table cannot hold
         raise PlanError(f"{spec.class_name} cannot run at {spec.resolution} px ({tuple(teacher.data_shape)} latents): "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    full = count_student(spec, 0, tokens, autocast_device)
+    full = count_student(spec, 0, tokens, autocast_device, teacher=teacher)
     lora = None
     if lora_rank:
         try:
-            lora = count_student(spec, lora_rank, tokens, autocast_device)
+            lora = count_student(spec, lora_rank, tokens, autocast_device, teacher=teacher)
         except Exception as e:  # noqa: BLE001 - peft missing or no target layer
             from ..config import ConfigError
 
@@ -372,8 +380,7 @@ def count(spec: TeacherSpec, lora_rank: int = 16, text_tokens: int | None = None
         teacher=spec.name, class_name=spec.class_name, data_shape=list(teacher.data_shape),
         image_tokens=teacher.adapter.image_tokens(teacher.network, tuple(teacher.data_shape)),
         text_tokens=tokens if teacher.adapter.text_inputs(teacher.network) else 0, resolution=spec.resolution,
-        teacher_parameters=sum(p.numel() for p in teacher.network.parameters()),
-        teacher_buffer_bytes=_buffer_bytes(teacher.network), teacher_forward_flops=t_flops,
+        teacher_parameters=teacher_parameters, teacher_buffer_bytes=teacher_buffers, teacher_forward_flops=t_flops,
         full=full, lora=lora, lora_rank=lora_rank, published=published)
 
 

@@ -167,10 +167,11 @@ class CheckpointProbe:
 
 
 class LiveTracker:
-    """Live tensor bytes over a pass (a dispatch mode), the peak of what is not a weight, a weight's
-    gradient or a bf16 weight copy: the working set of activations, their gradients and temporaries."""
+    """Live tensor bytes over a pass (a dispatch mode): the peak of what is neither a pre-existing tensor
+    (``exclude``: weights) nor a weight's gradient (``params``' ``.grad``): the working set of activations,
+    their gradients and temporaries."""
 
-    def __init__(self, exclude: set, params=(), copies: set | None = None):
+    def __init__(self, exclude: set, params=()):
         from torch.utils._python_dispatch import TorchDispatchMode
 
         tracker = self
@@ -183,19 +184,27 @@ class LiveTracker:
 
         self.mode = _Mode()
         self.exclude = exclude
-        self.copies = copies if copies is not None else set()
         self.live: dict = {}
         self.cur = 0
         self.grad_keys: set = set()
+        self.grad_bytes = 0
         self.peak = 0
         self._handles = [p.register_post_accumulate_grad_hook(self._grad) for p in params if p.requires_grad]
 
     def _grad(self, p):
-        if p.grad is not None:
-            self.grad_keys.add(_storage_key(p.grad)[0])
+        if p.grad is None:
+            return
+        key = _storage_key(p.grad)[0]
+        if key in self.live and key not in self.grad_keys:
+            self.grad_keys.add(key)
+            self.grad_bytes += self.live[key]
 
     def _release(self, key):
-        self.cur -= self.live.pop(key, 0)
+        n = self.live.pop(key, 0)
+        self.cur -= n
+        if key in self.grad_keys:
+            self.grad_keys.discard(key)
+            self.grad_bytes -= n
 
     def _record(self, out):
         import weakref
@@ -211,9 +220,7 @@ class LiveTracker:
                 self.live[key] = st.nbytes()
                 self.cur += st.nbytes()
                 weakref.finalize(st, self._release, key)
-        other = sum(v for k, v in self.live.items() if k in self.grad_keys or k in self.copies) \
-            if (self.grad_keys or self.copies) else 0
-        self.peak = max(self.peak, self.cur - other)
+        self.peak = max(self.peak, self.cur - self.grad_bytes)
 
     def close(self):
         for h in self._handles:
