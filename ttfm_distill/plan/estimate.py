@@ -77,7 +77,7 @@ def resolve_teacher(spec: str, subfolder: str | None = None) -> TeacherSpec:
         names = ", ".join(n for n in KNOWN_MODELS if not n.startswith("tiny-"))
         raise PlanError(f"unknown teacher {spec!r}: give a diffusers folder, a config.json or a built-in name "
                         f"({names}, tiny-*)")
-    vae_factor = 8
+    vae_factor = 1  # no VAE config next to it: sizes are in latent cells (--resolution counts cells too)
     if path.is_dir():
         root = path
         if subfolder:
@@ -88,8 +88,6 @@ def resolve_teacher(spec: str, subfolder: str | None = None) -> TeacherSpec:
         if vae.exists():
             blocks = _read_json(vae).get("block_out_channels") or [0]
             vae_factor = 2 ** (len(blocks) - 1)
-        elif path == root:
-            vae_factor = 1
         path = path / "config.json"
     cfg = _read_json(path)
     class_name = cfg.get("_class_name")
