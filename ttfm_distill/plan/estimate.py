@@ -562,7 +562,7 @@ def recommend(plan: Plan) -> str:
         mine = sorted((lay for lay in fits if lay.student == kind), key=_cost_key)
         if mine:
             best = mine[0]
-            lines.append(f"{kind}: {best.label} (batch {best.batch}/GPU, {best.samples_per_second:.1f} samples/s "
+            lines.append(f"{kind}: {best.label} (batch {best.batch}/GPU, {best.samples_per_second:.3g} samples/s "
                          f"on {plan.gpus} GPU(s), predicted)")
         elif any(lay.student == kind for lay in plan.layouts):
             more = ""
@@ -570,7 +570,7 @@ def recommend(plan: Plan) -> str:
                 n = plan.full_fsdp_min_gpus
                 more = (f" (FSDP bf16 + checkpointing fits from {n} GPUs)" if n else
                         " (not on any number of these GPUs while the teacher is held whole)")
-            lines.append(f"{kind}: does not fit {plan.gpus} x {plan.gpu_memory / GB:.0f} GB at batch {need}/GPU{more}")
+            lines.append(f"{kind}: does not fit {plan.gpus} x {plan.gpu_memory / GB:.3g} GB at batch {need}/GPU{more}")
     return "; ".join(lines) if lines else "nothing fits"
 
 
