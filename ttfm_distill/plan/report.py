@@ -5,8 +5,9 @@ from __future__ import annotations
 from .estimate import GB, GPUS, Plan
 
 TEACHER_SHARDING_NOTE = (
-    "Teacher under FSDP: held whole on every GPU (the trainer shards the student only). Sharding the frozen "
-    "teacher would save {save:.1f} GB per GPU here ({per:.1f} GB left of {whole:.1f} GB at {n} GPUs); see docs/plan.md.")
+    "Teacher under FSDP: held whole on every GPU (the trainer shards the student only; scale.shard_frozen exists "
+    "but the trainer does not call it yet). Sharding the frozen teacher would save {save:.1f} GB per GPU here "
+    "({per:.1f} GB left of {whole:.1f} GB at {n} GPUs); see docs/plan.md.")
 
 
 def _b(n: float) -> str:
