@@ -307,12 +307,17 @@ def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int, autocast_
             continue
         per = max(two - one, 0)
         work[ckpt] = (per, max(one - per, 0))
+    one = working_set(student, (x, s, t, cond), False, bf16=True, autocast_device=autocast_device)
+    two = working_set(student, example_inputs(teacher, text_tokens, batch=2)[:4], False, bf16=True,
+                      autocast_device=autocast_device)
+    bf16_plain = (max(two - one, 0), max(one - max(two - one, 0), 0))
     acts = {}
     for key, r in (("fp32", fp32), ("bf16", bf16)):
         ratio_plain = r.activations / max(fp32.activations, 1)
         ratio_ckpt = (r.activations_checkpointed or r.activations) / max(fp32.activations_checkpointed
                                                                         or fp32.activations, 1)
-        acts[key] = {"plain": int(work[False][0] * ratio_plain), "plain_fixed": int(work[False][1] * ratio_plain),
+        plain = work[False] if key == "fp32" else bf16_plain  # measured; checkpointed bf16 is scaled
+        acts[key] = {"plain": int(plain[0]), "plain_fixed": int(plain[1]),
                      "checkpointed": int(work[True][0] * ratio_ckpt),
                      "checkpointed_fixed": int(work[True][1] * ratio_ckpt),
                      "saved": r.activations, "saved_checkpointed": r.activations_checkpointed or r.activations,
