@@ -288,3 +288,30 @@ def shard_fp32_modules(accelerator, student, optimizer) -> int:
             group["params"] = [swap.get(id(p), p) for p in group["params"]]
         made += 1
     return made
+
+
+# ------------------------------------------------- a frozen module, sharded ----
+def shard_frozen(module: nn.Module, mesh=None) -> int:
+    """Shard a frozen module (the teacher's network, an EMA) with FSDP2, so each process holds 1/N of it.
+
+    One unit per block of the module's top-level ``ModuleList``s, then the root; under ``no_grad`` a
+    forward gathers one block at a time and frees it after.  Each call of the module is then a collective:
+    every process must evaluate it the same number of times, in the same order (the objectives do, since
+    every rank draws the same number of diagonal pairs).  Parameters keep their dtype (no mixed-precision
+    policy), so fp32 time embedders stay fp32.  Returns the number of units made.
+
+    Not used by the trainer yet: ``ttfm-distill plan`` counts the teacher whole (docs/plan.md).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if any(p.requires_grad for p in module.parameters()):
+        raise ValueError("shard_frozen: the module has trainable parameters; freeze it (requires_grad_(False))")
+    kwargs = {"mesh": mesh} if mesh is not None else {}
+    units = 0
+    for child in module.children():
+        if isinstance(child, nn.ModuleList):
+            for block in child:
+                fully_shard(block, **kwargs)
+                units += 1
+    fully_shard(module, **kwargs)
+    return units + 1

@@ -78,7 +78,7 @@ def resolve_teacher(spec: str, subfolder: str | None = None) -> TeacherSpec:
         names = ", ".join(n for n in KNOWN_MODELS if not n.startswith("tiny-"))
         raise PlanError(f"unknown teacher {spec!r}: give a diffusers folder, a config.json or a built-in name "
                         f"({names}, tiny-*)")
-    vae_factor = 8
+    vae_factor = 1  # no VAE config next to it: sizes are in latent cells (--resolution counts cells too)
     if path.is_dir():
         root = path
         if subfolder:
@@ -89,8 +89,6 @@ def resolve_teacher(spec: str, subfolder: str | None = None) -> TeacherSpec:
         if vae.exists():
             blocks = _read_json(vae).get("block_out_channels") or [0]
             vae_factor = 2 ** (len(blocks) - 1)
-        elif path == root:
-            vae_factor = 1
         path = path / "config.json"
     cfg = _read_json(path)
     class_name = cfg.get("_class_name")
@@ -129,8 +127,11 @@ def build_network(spec: TeacherSpec, device="meta"):
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def build_models(spec: TeacherSpec, lora_rank: int = 0, device="meta", seed: int = 0):
-    """``(teacher, student, objective_teacher)`` as the trainer builds them (``build_student`` / ``build_lora_student``)."""
+def build_models(spec: TeacherSpec, lora_rank: int = 0, device="meta", seed: int = 0, teacher=None):
+    """``(teacher, student, objective_teacher)`` as the trainer builds them (``build_student`` / ``build_lora_student``).
+
+    ``teacher``: reuse one built before (a LoRA student puts its adapters into that teacher's network).
+    """
     import torch
 
     from ..config import RunConfig
@@ -138,12 +139,12 @@ def build_models(spec: TeacherSpec, lora_rank: int = 0, device="meta", seed: int
     from ..trainer import build_student
 
     torch.manual_seed(seed)
-    network = build_network(spec, device)
     latent = spec.resolution // spec.vae_factor
     with torch.device(device):
-        teacher = DiffusersFlowTeacher(network, source=spec.name,
-                                       scheduler_config={"_class_name": "FlowMatchEulerDiscreteScheduler"},
-                                       sample_size=latent)
+        if teacher is None:
+            teacher = DiffusersFlowTeacher(build_network(spec, device), source=spec.name,
+                                           scheduler_config={"_class_name": "FlowMatchEulerDiscreteScheduler"},
+                                           sample_size=latent)
         cfg = RunConfig(lora_rank=lora_rank, seed=seed)
         if lora_rank:
             from ..lora import build_lora_student
@@ -275,7 +276,8 @@ def _largest_block(network) -> int:
     return best or sum(p.numel() for p in network.parameters())
 
 
-def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int, autocast_device: str = "cuda") -> StudentCounts:
+def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int, autocast_device: str = "cuda",
+                  teacher=None) -> StudentCounts:
     """FLOPs (batch 1), saved activations (fp32 and bf16, with and without checkpointing) and the working set.
 
     The working set (saved activations plus activation gradients and temporaries, at their peak over a
@@ -284,7 +286,7 @@ def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int, autocast_
     """
     from .meta import measure_student, working_set
 
-    teacher, student, _ = build_models(spec, lora_rank)
+    teacher, student, _ = build_models(spec, lora_rank, teacher=teacher)
     x, s, t, cond = example_inputs(teacher, text_tokens)
     checkpoint_note = ""
     fp32 = measure_student(student, x, s, t, cond, bf16=False, with_backward=True)
@@ -306,12 +308,17 @@ def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int, autocast_
             continue
         per = max(two - one, 0)
         work[ckpt] = (per, max(one - per, 0))
+    one = working_set(student, (x, s, t, cond), False, bf16=True, autocast_device=autocast_device)
+    two = working_set(student, example_inputs(teacher, text_tokens, batch=2)[:4], False, bf16=True,
+                      autocast_device=autocast_device)
+    bf16_plain = (max(two - one, 0), max(one - max(two - one, 0), 0))
     acts = {}
     for key, r in (("fp32", fp32), ("bf16", bf16)):
         ratio_plain = r.activations / max(fp32.activations, 1)
         ratio_ckpt = (r.activations_checkpointed or r.activations) / max(fp32.activations_checkpointed
                                                                         or fp32.activations, 1)
-        acts[key] = {"plain": int(work[False][0] * ratio_plain), "plain_fixed": int(work[False][1] * ratio_plain),
+        plain = work[False] if key == "fp32" else bf16_plain  # measured; checkpointed bf16 is scaled
+        acts[key] = {"plain": int(plain[0]), "plain_fixed": int(plain[1]),
                      "checkpointed": int(work[True][0] * ratio_ckpt),
                      "checkpointed_fixed": int(work[True][1] * ratio_ckpt),
                      "saved": r.activations, "saved_checkpointed": r.activations_checkpointed or r.activations,
@@ -348,18 +355,22 @@ def count(spec: TeacherSpec, lora_rank: int = 16, text_tokens: int | None = None
                             f"patch {patch}); try {max(step, resolution // step * step)}")
         spec = TeacherSpec(**{**asdict_shallow(spec), "resolution": resolution})
     tokens = spec.text_tokens if text_tokens is None else int(text_tokens)
-    teacher, _, _ = build_models(spec, 0)
+    from .. import trainer  # noqa: F401 - imported before the clock of the first build, not inside it
+
+    teacher = build_models(spec, 0)[0]  # the full student is a deepcopy, so this teacher stays plain
+    teacher_parameters = sum(p.numel() for p in teacher.network.parameters())
+    teacher_buffers = _buffer_bytes(teacher.network)  # before a LoRA student adds adapters to this network
     x, s, t, cond = example_inputs(teacher, tokens)
     try:
         t_flops = count_teacher_forward(teacher, x, t, cond)
     except Exception as e:  # noqa: BLE001 - e.g. a latent size the config's position table cannot hold
         raise PlanError(f"{spec.class_name} cannot run at {spec.resolution} px ({tuple(teacher.data_shape)} latents): "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    full = count_student(spec, 0, tokens, autocast_device)
+    full = count_student(spec, 0, tokens, autocast_device, teacher=teacher)
     lora = None
     if lora_rank:
         try:
-            lora = count_student(spec, lora_rank, tokens, autocast_device)
+            lora = count_student(spec, lora_rank, tokens, autocast_device, teacher=teacher)
         except Exception as e:  # noqa: BLE001 - peft missing or no target layer
             from ..config import ConfigError
 
@@ -373,8 +384,7 @@ def count(spec: TeacherSpec, lora_rank: int = 16, text_tokens: int | None = None
         teacher=spec.name, class_name=spec.class_name, data_shape=list(teacher.data_shape),
         image_tokens=teacher.adapter.image_tokens(teacher.network, tuple(teacher.data_shape)),
         text_tokens=tokens if teacher.adapter.text_inputs(teacher.network) else 0, resolution=spec.resolution,
-        teacher_parameters=sum(p.numel() for p in teacher.network.parameters()),
-        teacher_buffer_bytes=_buffer_bytes(teacher.network), teacher_forward_flops=t_flops,
+        teacher_parameters=teacher_parameters, teacher_buffer_bytes=teacher_buffers, teacher_forward_flops=t_flops,
         full=full, lora=lora, lora_rank=lora_rank, published=published)
 
 
@@ -558,7 +568,7 @@ def recommend(plan: Plan) -> str:
         mine = sorted((lay for lay in fits if lay.student == kind), key=_cost_key)
         if mine:
             best = mine[0]
-            lines.append(f"{kind}: {best.label} (batch {best.batch}/GPU, {best.samples_per_second:.1f} samples/s "
+            lines.append(f"{kind}: {best.label} (batch {best.batch}/GPU, {best.samples_per_second:.3g} samples/s "
                          f"on {plan.gpus} GPU(s), predicted)")
         elif any(lay.student == kind for lay in plan.layouts):
             more = ""
@@ -566,7 +576,7 @@ def recommend(plan: Plan) -> str:
                 n = plan.full_fsdp_min_gpus
                 more = (f" (FSDP bf16 + checkpointing fits from {n} GPUs)" if n else
                         " (not on any number of these GPUs while the teacher is held whole)")
-            lines.append(f"{kind}: does not fit {plan.gpus} x {plan.gpu_memory / GB:.0f} GB at batch {need}/GPU{more}")
+            lines.append(f"{kind}: does not fit {plan.gpus} x {plan.gpu_memory / GB:.3g} GB at batch {need}/GPU{more}")
     return "; ".join(lines) if lines else "nothing fits"
 
 

@@ -51,6 +51,7 @@ class PlanMode(TorchFunctionMode):
         self.bf16 = bf16
         self.fp32_ops = AUTOCAST_FP32_OPS[autocast_device]
         self.weight_copies: set = set()
+        self.copy_order: list = []
         self._keep: list = []  # held so that no later tensor reuses a copy's storage address
         self._cache: dict = {}
 
@@ -65,6 +66,7 @@ class PlanMode(TorchFunctionMode):
                 self._cache[id(a)] = out
             if track:
                 self.weight_copies.add(_storage_key(out)[0])
+                self.copy_order.append(_storage_key(out)[0])
                 self._keep.append(out)
             return out
         return a.to(dtype)
@@ -167,10 +169,11 @@ class CheckpointProbe:
 
 
 class LiveTracker:
-    """Live tensor bytes over a pass (a dispatch mode), the peak of what is not a weight, a weight's
-    gradient or a bf16 weight copy: the working set of activations, their gradients and temporaries."""
+    """Live tensor bytes over a pass (a dispatch mode): the peak of what is neither a pre-existing tensor
+    (``exclude``: weights) nor a weight's gradient (``params``' ``.grad``): the working set of activations,
+    their gradients and temporaries."""
 
-    def __init__(self, exclude: set, params=(), copies: set | None = None):
+    def __init__(self, exclude: set, params=(), plan_mode=None):
         from torch.utils._python_dispatch import TorchDispatchMode
 
         tracker = self
@@ -183,19 +186,38 @@ class LiveTracker:
 
         self.mode = _Mode()
         self.exclude = exclude
-        self.copies = copies if copies is not None else set()
         self.live: dict = {}
         self.cur = 0
         self.grad_keys: set = set()
+        self.grad_bytes = 0
+        self.plan_mode = plan_mode  # its bf16 weight copies are a term of their own, not working set
+        self._copies_seen = 0
         self.peak = 0
         self._handles = [p.register_post_accumulate_grad_hook(self._grad) for p in params if p.requires_grad]
 
     def _grad(self, p):
-        if p.grad is not None:
-            self.grad_keys.add(_storage_key(p.grad)[0])
+        if p.grad is None:
+            return
+        key = _storage_key(p.grad)[0]
+        if key in self.live and key not in self.grad_keys:
+            self.grad_keys.add(key)
+            self.grad_bytes += self.live[key]
 
     def _release(self, key):
-        self.cur -= self.live.pop(key, 0)
+        n = self.live.pop(key, 0)
+        self.cur -= n
+        if key in self.grad_keys:
+            self.grad_keys.discard(key)
+            self.grad_bytes -= n
+
+    def _take_copies(self):
+        order = self.plan_mode.copy_order
+        while self._copies_seen < len(order):
+            key = order[self._copies_seen]
+            self._copies_seen += 1
+            if key in self.live and key not in self.grad_keys:
+                self.grad_keys.add(key)  # held apart like a gradient
+                self.grad_bytes += self.live[key]
 
     def _record(self, out):
         import weakref
@@ -211,25 +233,27 @@ class LiveTracker:
                 self.live[key] = st.nbytes()
                 self.cur += st.nbytes()
                 weakref.finalize(st, self._release, key)
-        other = sum(v for k, v in self.live.items() if k in self.grad_keys or k in self.copies) \
-            if (self.grad_keys or self.copies) else 0
-        self.peak = max(self.peak, self.cur - other)
+        if self.plan_mode is not None:
+            self._take_copies()
+        self.peak = max(self.peak, self.cur - self.grad_bytes)
 
     def close(self):
         for h in self._handles:
             h.remove()
 
 
-def working_set(student, inputs, checkpointing: bool) -> int:
-    """Peak working bytes of one fp32 forward + backward of ``student(*inputs)`` on the meta device,
-    with diffusers' own gradient checkpointing (real recomputation) when ``checkpointing``."""
+def working_set(student, inputs, checkpointing: bool, bf16: bool = False, autocast_device: str = "cuda") -> int:
+    """Peak working bytes of one forward + backward of ``student(*inputs)`` on the meta device, with
+    diffusers' own gradient checkpointing (real recomputation) when ``checkpointing``; ``bf16``: autocast
+    emulated (not with checkpointing: the recomputation in backward runs outside the emulation)."""
     network = student.network
     on = checkpointing and bool(getattr(network, "_supports_gradient_checkpointing", False))
     if on:
         network.enable_gradient_checkpointing()
-    tracker = LiveTracker(weight_storages(student), list(student.parameters()))
+    plan_mode = PlanMode(bf16=bf16, autocast_device=autocast_device)
+    tracker = LiveTracker(weight_storages(student), list(student.parameters()), plan_mode=plan_mode if bf16 else None)
     try:
-        with efficient_attention(), tracker.mode:
+        with efficient_attention(), plan_mode, tracker.mode:
             u = student(*inputs)
             u.float().pow(2).mean().backward()
             del u

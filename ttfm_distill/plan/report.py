@@ -5,8 +5,9 @@ from __future__ import annotations
 from .estimate import GB, GPUS, Plan
 
 TEACHER_SHARDING_NOTE = (
-    "Teacher under FSDP: held whole on every GPU (the trainer shards the student only). Sharding the frozen "
-    "teacher would save {save:.1f} GB per GPU here ({per:.1f} GB left of {whole:.1f} GB at {n} GPUs); see docs/plan.md.")
+    "Teacher under FSDP: held whole on every GPU (the trainer shards the student only; scale.shard_frozen exists "
+    "but the trainer does not call it yet). Sharding the frozen teacher would save {save:.1f} GB per GPU here "
+    "({per:.1f} GB left of {whole:.1f} GB at {n} GPUs); see docs/plan.md.")
 
 
 def _b(n: float) -> str:
@@ -37,7 +38,15 @@ def _flops(n: float) -> str:
 def _time(sec: float | None) -> str:
     if sec is None:
         return "-"
+    if sec < 1e-3:
+        return f"{sec * 1e6:.3g} us"
     return f"{sec * 1e3:.0f} ms" if sec < 1 else f"{sec:.2f} s"
+
+
+def _rate(v: float | None) -> str:
+    if not v:
+        return "-"
+    return f"{v:.2f}" if v < 1000 else f"{v:.3g}"
 
 
 def render(plan: Plan, console=None) -> None:
@@ -77,20 +86,23 @@ def render(plan: Plan, console=None) -> None:
     t.add_row("teacher forward", _flops(c.teacher_forward_flops), _flops(c.teacher_forward_flops) if lora else "-")
     t.add_row("student forward", _flops(c.full.forward_flops), _flops(lora.forward_flops) if lora else "-")
     t.add_row("student forward + backward", _flops(c.full.train_flops), _flops(lora.train_flops) if lora else "-")
-    t.add_row("evaluations per sample", f"{ev['train']:g} grad + {ev['student_nograd']:g} no-grad + "
-              f"{ev['teacher']:g} teacher", ev["note"][:60])
+    evals = f"{ev['train']:g} grad + {ev['student_nograd']:g} no-grad + {ev['teacher']:g} teacher"
+    t.add_row("evaluations per sample", evals, evals)
     per = {lay.student: lay.flops_per_sample for lay in plan.layouts}
     t.add_row("per training sample", _flops(per.get("full", 0)), _flops(per["lora"]) if "lora" in per else "-")
     for prec in ("bf16", "fp32"):
         rate = gpu[prec] * plan.mfu
-        t.add_row(f"samples/s, {plan.gpus} GPU(s), {prec}", f"{plan.gpus * rate / per['full']:.2f}",
-                  f"{plan.gpus * rate / per['lora']:.2f}" if "lora" in per else "-")
+        t.add_row(f"samples/s, {plan.gpus} GPU(s), {prec}", _rate(plan.gpus * rate / per["full"]),
+                  _rate(plan.gpus * rate / per["lora"]) if "lora" in per else "-")
     console.print(t)
+    console.print(f"[dim]evaluations per sample: {ev['note']}[/]")
 
     for prec in ("bf16", "fp32"):
         shown = [lay for lay in plan.layouts if lay.supported and lay.precision == prec]
         what = "bf16 autocast, fp32 master weights" if prec == "bf16" else "fp32"
-        t = Table(title=f"Memory per GPU (GB), {what}, on {plan.gpus} x {plan.gpu_memory / GB:.0f} GB with "
+        scale_, unit = (GB, "GB") if max(lay.peak_bytes for lay in shown) >= GB else (1e6, "MB")
+        mem = lambda n: "-" if n == 0 else (f"{n / scale_:.2f}" if n < 10 * scale_ else f"{n / scale_:.1f}")  # noqa: E731
+        t = Table(title=f"Memory per GPU ({unit}), {what}, on {plan.gpus} x {plan.gpu_memory / GB:.3g} GB with "
                         f"{100 * plan.headroom:.0f}% headroom; batch = the largest that fits"
                   + (f" (at most {plan.batch_size})" if plan.batch_size else ""), title_justify="left")
         t.add_column("term")
@@ -99,13 +111,12 @@ def render(plan: Plan, console=None) -> None:
         for term in shown[0].terms:
             values = [lay.terms.get(term, 0) for lay in shown]
             if any(values):
-                t.add_row(term, *(_gb(v) for v in values))
-        t.add_row("activations / sample", *(_gb(lay.activations_per_sample) for lay in shown))
+                t.add_row(term, *(mem(v) for v in values))
+        t.add_row("activations / sample", *(mem(lay.activations_per_sample) for lay in shown))
         t.add_row("largest batch / GPU", *(str(lay.largest_batch) for lay in shown))
-        t.add_row("peak at that batch", *(_gb(lay.peak_bytes) for lay in shown))
+        t.add_row("peak at that batch", *(mem(lay.peak_bytes) for lay in shown))
         t.add_row("step (predicted)", *(_time(lay.step_seconds) for lay in shown))
-        t.add_row("samples/s (predicted)", *(f"{lay.samples_per_second:.2f}" if lay.samples_per_second else "-"
-                                             for lay in shown))
+        t.add_row("samples/s (predicted)", *(_rate(lay.samples_per_second) for lay in shown))
         console.print(t)
     unsupported = sorted({lay.note for lay in plan.layouts if not lay.supported})
     for note in unsupported:
