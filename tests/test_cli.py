@@ -93,7 +93,7 @@ def test_analytic_teacher_run(tmp_path):
             "--set", "eval_samples=256", "--set", "reference_steps=8", "-q")
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "g" / "metrics.json").read_text())
-    assert "kl" in m and m["kl"]["reference"] < m["kl"]["teacher euler 1"]
+    assert "kl" in m and m["kl"]["reference"] < m["kl"]["teacher_euler"]["1"]
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -157,8 +157,7 @@ def test_eval_cli_prints_and_saves_the_warnings(tmp_path):
 def test_a_short_run_beats_the_teachers_one_step_euler_and_the_untrained_student(tmp_path):
     """On the exact 8-Gaussian ring: 1-step KL after a short ITVM run vs the teacher's 1 Euler step and step 0."""
     from ttfm_distill.config import RunConfig
-    from ttfm_distill.evaluate import compare_with_teacher
-    from ttfm_distill.metrics import histogram_kl
+    from ttfm_distill.report import run_report
     from ttfm_distill.teachers.analytic import get_analytic_teacher
     from ttfm_distill.trainer import build_student, run_distillation
 
@@ -170,9 +169,9 @@ def test_a_short_run_beats_the_teachers_one_step_euler_and_the_untrained_student
     metrics = run_distillation(cfg, show_progress=False).metrics
     teacher = get_analytic_teacher("gaussian-mixture")
     untrained = build_student(teacher, cfg).eval()
-    _, samples = compare_with_teacher(untrained, teacher, steps=(1,), n=4096, reference_steps=16, seed=cfg.seed + 1)
-    kl_untrained = histogram_kl(samples["student 1"], teacher)
-    kl_student, kl_euler = metrics["kl"]["student 1"], metrics["kl"]["teacher euler 1"]
+    before, _, _ = run_report(untrained, teacher, 4096, cfg.seed + 1, 16, "cpu")  # the run's own report, at step 0
+    kl_untrained = before["kl"]["student"]["1"]
+    kl_student, kl_euler = metrics["kl"]["student"]["1"], metrics["kl"]["teacher_euler"]["1"]
     print(f"1-step KL: trained {kl_student:.3f}, teacher Euler {kl_euler:.3f}, untrained {kl_untrained:.3f}; "
           f"{time.perf_counter() - start:.1f}s")
     # measured on one thread (16 s): trained 2.59, teacher Euler 17.44 (every sample off the grid)

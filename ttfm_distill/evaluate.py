@@ -1,6 +1,6 @@
 """Measuring a student against its teacher (docs/method.md, Metrics).
 
-* :func:`compare_with_teacher`: the flow-map error after training (``metrics.json``).
+* the run report at the end of training (``metrics.json``) is built on :class:`Evaluation` in ``report.py``.
 * :func:`evaluate_student` / :class:`Evaluation`: ``ttfm-distill eval``: the
   student's N jumps and the teacher's Euler and Heun samplers at the same
   number of network evaluations (NFE), from the same noise, scored by the
@@ -28,37 +28,6 @@ def split_cond(cond: dict | None, batch_size: int, n: int, device) -> list[dict 
     if not cond:
         return [None for _ in starts]
     return [{k: v[i:i + batch_size].to(device) for k, v in cond.items()} for i in starts]
-
-
-@torch.no_grad()
-def compare_with_teacher(student, teacher, steps=(1, 2, 4), n: int = 128, reference_steps: int = 32,
-                         seed: int = 1234, batch_size: int = 128, device="cpu") -> tuple[dict, dict]:
-    """Student N-step and teacher Euler N-step samples from the same noise against the fine solution.
-
-    Returns ``(metrics, samples)``: ``metrics = {"flow_map_error": {"student": {"N": e},
-    "teacher_euler": {"N": e}}}``; ``samples`` maps a label to ``(n, *shape)`` tensors
-    (``"reference"``, ``"student N"``, ``"teacher euler N"``).
-    """
-    g = torch.Generator().manual_seed(seed)
-    x0 = teacher.sample_noise(n, generator=g).to(device)
-    cond = teacher.sample_cond(n, generator=g) if hasattr(teacher, "sample_cond") else None
-    shift = float(teacher.shift)
-    chunks = list(zip(x0.split(batch_size), split_cond(cond, batch_size, len(x0), device)))
-    velocity = (lambda c: (lambda x, t: teacher.velocity(x, t, c)))
-    ref = torch.cat([fine_reference(velocity(c), x, reference_steps, shift) for x, c in chunks])
-    metrics = {"flow_map_error": {"student": {}, "teacher_euler": {}}}
-    samples = {"reference": ref.cpu()}
-    if cond:
-        samples["cond"] = {k: v.cpu() for k, v in cond.items()}
-    for n_steps in steps:
-        grid = uniform_time_grid(n_steps, shift).to(device)
-        xs = torch.cat([sample_flow_map(student_sampler(student, c), x, grid) for x, c in chunks])
-        xe = torch.cat([euler(velocity(c), x, grid) for x, c in chunks])
-        metrics["flow_map_error"]["student"][str(n_steps)] = flow_map_error(xs, ref)
-        metrics["flow_map_error"]["teacher_euler"][str(n_steps)] = flow_map_error(xe, ref)
-        samples[f"student {n_steps}"] = xs.cpu()
-        samples[f"teacher euler {n_steps}"] = xe.cpu()
-    return metrics, samples
 
 
 # --------------------------------------------------------------------------
@@ -318,8 +287,11 @@ class Evaluation:
                 out["fid_teacher_fine"] = frechet_distance(*stats, *self.ref_fid_stats)
         return out
 
-    def run(self, sampler: Sampler, steps) -> dict:
-        """``{str(nfe): metrics or None}`` for ``sampler`` at each NFE in ``steps``, timed."""
+    def run(self, sampler: Sampler, steps, collect: dict | None = None) -> dict:
+        """``{str(nfe): metrics or None}`` for ``sampler`` at each NFE in ``steps``, timed.
+
+        ``collect``: a dict that receives each NFE's samples (``{nfe: (num, *data_shape)}``, CPU), for figures.
+        """
         results = {}
         warm = next((n for n in steps if sampler.accepts(n)), None)
         if warm is not None:  # one small untimed call first: lazy initialisation is not sampling time
@@ -335,6 +307,8 @@ class Evaluation:
             seconds = time.perf_counter() - start
             if self.keep and self.kind == "image":
                 self.kept[(sampler.name, n)] = self._pixels(x[: self.keep])
+            if collect is not None:
+                collect[n] = x
             row = {"nfe": n, **self.score(x)}
             row["ms_per_sample"] = 1000.0 * seconds / self.num
             row["samples_per_second"] = self.num / seconds
@@ -530,10 +504,19 @@ def quality_warnings(report: dict) -> list[str]:
         res = report["results"]
         student = res.get("student", {})
         teachers = {k: v for k, v in res.items() if k.startswith("teacher")}
-    else:  # a run's metrics.json: flow-map errors of the student and the teacher's Euler
-        fme = report.get("flow_map_error", {})
-        student = {n: {"flow_map_error": v} for n, v in fme.get("student", {}).items()}
-        teachers = {"teacher_euler": {n: {"flow_map_error": v} for n, v in fme.get("teacher_euler", {}).items()}}
+    else:  # a run's metrics.json: {measure: {"student": {N: v}, "teacher_euler": {N: v}}}
+        tables = {m: report[m] for m in ("flow_map_error", "fd_test_images", "fd_teacher_fine")
+                  if isinstance(report.get(m), dict)}
+
+        def rows(who):
+            out = {}
+            for m, table in tables.items():
+                for n, v in table.get(who, {}).items():
+                    out.setdefault(n, {})[m] = v
+            return out
+
+        student = rows("student")
+        teachers = {"teacher_euler": rows("teacher_euler")}
     line = worse_than_teacher(student, teachers)
     if line:
         lines.append(line)

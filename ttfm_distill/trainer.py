@@ -204,6 +204,11 @@ class Distillation:
                                negative_prompt=cfg.negative_prompt, guided=cfg.guidance_range is not None)
         if hasattr(teacher, "network"):  # an unsupported time embedding is refused here, before any data work
             teacher.adapter.projection(teacher.network)
+            if cfg.gradient_checkpointing and len(teacher.adapter.time_embedders(teacher.network)) > 1:
+                # DiT embeds the time inside every block: a checkpointed block recomputes it in backward, after
+                # the student's second time is gone
+                raise ConfigError(f"gradient_checkpointing is not supported for {type(teacher.network).__name__} "
+                                  "students yet (time embedded inside each block); leave it off")
         teacher.to(self.device)
         check_teacher(teacher, self.device)
         cfg.teacher_fingerprint = teacher_fingerprint(teacher)
@@ -453,20 +458,16 @@ def _distributed_report(accelerator, student, first_batch: float) -> dict | None
 def finish_run(cfg, out, student, teacher, objective, seconds, history, device, log, skipped=0,
                distributed: dict | None = None, data_report: dict | None = None) -> dict:
     """Export the student, measure it against the teacher, draw ``samples.png``."""
-    from .evaluate import compare_with_teacher
     from .export import export_run
+    from .report import run_report
     from .pipeline_card import write_model_card
     from .plots import save_comparison
 
     export_run(student, out / "student", cfg, teacher, objective, standalone=cfg.standalone)
     log(f"exported student -> {out / 'student'}")
     n = cfg.eval_samples if teacher.kind == "image" else max(cfg.eval_samples, 4096)
-    metrics, samples = compare_with_teacher(student, teacher, steps=(1, 2, 4), n=n,
-                                            reference_steps=cfg.reference_steps, seed=cfg.seed + 1, device=device)
-    if teacher.kind == "points" and hasattr(teacher, "sample_data"):
-        from .metrics import histogram_kl
-
-        metrics["kl"] = {k: histogram_kl(v, teacher) for k, v in samples.items() if torch.is_tensor(v)}
+    # the evaluation's noises come from seed + 1, apart from the training draws of (seed, rank, step)
+    metrics, rows, errors = run_report(student, teacher, n, cfg.seed + 1, cfg.reference_steps, device)
     metrics["training"] = {"steps": cfg.max_steps, "seconds": round(seconds, 1), "skipped_steps": skipped,
                            "final_loss": history[-1]["loss"] if history else None}
     if distributed is not None:
@@ -478,7 +479,6 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
 
     metrics["warnings"] = quality_warnings(metrics)
     write_json(out / "metrics.json", metrics)
-    rows, errors = _comparison_rows(samples, teacher, metrics, cfg, device)
     if teacher.is_latent:  # the grid shows images: decode the latents with the teacher's VAE
         rows = {k: torch.cat([teacher.decode(c.to(device)).cpu() for c in v.split(64)]) for k, v in rows.items()}
     save_comparison(rows, out / "samples.png", kind=teacher.kind, errors=errors,
@@ -490,28 +490,6 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     for line in metrics["warnings"]:
         log(f"[yellow]warning:[/] {line}")
     return metrics
-
-
-def _comparison_rows(samples, teacher, metrics, cfg, device):
-    from .sampling import euler, uniform_time_grid
-
-    k = 10 if teacher.kind == "image" else None
-    pick = (lambda x: x[:k]) if k else (lambda x: x)
-    rows, errors = {}, {}
-    fme = metrics["flow_map_error"]
-    for n in ("1", "2", "4"):
-        rows[f"student {n}"] = pick(samples[f"student {n}"])
-        errors[f"student {n}"] = fme["student"][n]
-    for n in ("1", "2", "4"):
-        rows[f"teacher Euler {n}"] = pick(samples[f"teacher euler {n}"])
-        errors[f"teacher Euler {n}"] = fme["teacher_euler"][n]
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    x0 = teacher.sample_noise(samples["reference"].shape[0], generator=g)
-    x0 = pick(x0).to(device)
-    cond = {k: pick(v).to(device) for k, v in samples["cond"].items()} if "cond" in samples else None
-    grid = uniform_time_grid(50, teacher.shift).to(device)
-    rows["teacher Euler 50"] = euler(lambda x, t: teacher.velocity(x, t, cond), x0, grid).cpu()
-    return rows, errors
 
 
 def _progress(console, enabled: bool):
