@@ -296,3 +296,16 @@ def test_an_unsupported_time_embedding_is_refused_before_the_pool(tmp_path):
     one_line_error(cli("run", "--teacher", teacher, "--output", out, "--max-steps", 2, *TINY), 2, "fourier",
                    "positional")
     assert not out.exists()
+
+
+def test_a_teacher_config_claiming_a_huge_sample_size_is_refused_before_allocating(tmp_path, tiny_teacher_dir):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, teacher)
+    config = teacher / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "sample_size": 1000000}))
+    t0 = time.time()
+    one_line_error(cli("run", "--teacher", teacher, "--output", tmp_path / "r", *TINY), 2, "sample_size",
+                   "1x1000000x1000000")
+    assert time.time() - t0 < 60 and not (tmp_path / "r").exists()

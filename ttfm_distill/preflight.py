@@ -137,6 +137,9 @@ def check_fits(nbytes: float, what: str, fix: str, device="cpu") -> None:
 def check_memory(cfg: RunConfig, teacher, device) -> None:
     """Refuse batch, pool or evaluation sizes whose tensors alone cannot fit (before anything is allocated)."""
     per_sample = 4.0 * math.prod(int(d) for d in teacher.data_shape)
+    shape = "x".join(str(int(d)) for d in teacher.data_shape)
+    check_fits(per_sample * TRAIN_COPIES, f"one sample of shape {shape} (the teacher's sample_size)",
+               "pass a smaller --sample-size or fix the teacher config", device)
     check_fits(per_sample * cfg.batch_size * TRAIN_COPIES, f"batch_size {cfg.batch_size}",
                "lower --batch-size (or use grad_accum_steps)", device)
     if cfg.data == "teacher":

@@ -210,10 +210,10 @@ class Distillation:
                 raise ConfigError(f"gradient_checkpointing is not supported for {type(teacher.network).__name__} "
                                   "students yet (time embedded inside each block); leave it off")
         teacher.to(self.device)
+        check_memory(cfg, teacher, self.device)  # before the first tensor of the teacher's data shape is made
         check_teacher(teacher, self.device)
         cfg.teacher_fingerprint = teacher_fingerprint(teacher)
         check_teacher_unchanged(self.folder, cfg.teacher_fingerprint)
-        check_memory(cfg, teacher, self.device)
         self.teacher = teacher
 
     def claim_output(self) -> None:
