@@ -145,7 +145,7 @@ def test_image_folder_shapes_range_labels_and_cache(tmp_path, image_folder, monk
     assert (means[labels == 0] > 0.5).all() and (means[labels == 1] < -0.5).all()
     assert source.report["cache_hit"] is False and source.report["label_column"] == "label"
 
-    import ttfm_distill.data as data_mod
+    import ttfm_distill.data.build as data_mod
 
     def no_decoding(*a, **k):
         raise AssertionError("the second run decoded an image")
