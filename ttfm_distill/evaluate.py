@@ -46,8 +46,7 @@ METRIC_DESCRIPTIONS = {
     "samples_per_second": "samples per second, same timing",
     "out_of_range": "fraction of samples with a pixel beyond +-1.5 (pixel image teachers, whose data lie in [-1, 1])",
 }
-#: a pixel sample is out of range when some |value| exceeds this (data in [-1, 1]; a little overshoot is normal)
-PIXEL_RANGE = 1.5
+from .metrics import PIXEL_RANGE, out_of_range  # noqa: E402,F401 - re-exported (the pool reports it too)
 #: defaults by teacher kind: samples per sampler, and samples per network call
 DEFAULT_NUM = {"image": 512, "points": 65536}
 DEFAULT_BATCH = {"image": 256, "points": 8192}
@@ -446,15 +445,6 @@ def summary_lines(report: dict) -> list[str]:
 # --------------------------------------------------------------------------
 # Plain warnings: a student worse than the teacher's own sampler, samples out of range.
 # --------------------------------------------------------------------------
-
-def out_of_range(x: torch.Tensor, bound: float = PIXEL_RANGE) -> dict:
-    """Rows of ``x`` (pixel samples, data in [-1, 1]) with a non-finite value or some ``|value| > bound``."""
-    flat = x.detach().reshape(x.shape[0], -1).float()
-    bad = (~torch.isfinite(flat)).any(1) | (flat.abs() > bound).any(1)
-    finite = flat[torch.isfinite(flat)]
-    return {"rows": int(bad.sum()), "fraction": float(bad.float().mean()) if len(flat) else 0.0,
-            "max_abs": float(finite.abs().max()) if finite.numel() else float("nan"), "bound": bound}
-
 
 def _headline(rows: dict) -> str | None:
     keys = ("fd_test_images", "kl", "fid_test_images", "flow_map_error")

@@ -27,7 +27,7 @@ from .student import (CONFIG_NAME, PARAMETRISATION, StudentConfig, StudentLoadEr
                       student_class)
 from .student import load_student as _load_student_folder
 
-COMPONENT = "flow_map"
+from .layout import COMPONENT, resolve_student_folder, student_folder  # noqa: F401 - re-exported
 
 
 def run_record(cfg, teacher, objective) -> StudentConfig:
@@ -106,28 +106,6 @@ def export_run(student, folder: str | Path, cfg, teacher, objective, standalone:
     """What ``ttfm-distill run`` exports at the end: the pipeline folder of ``student`` with the run's record."""
     return export_student(student, folder, run_record(cfg, teacher, objective), teacher=teacher,
                           lora_export=cfg.lora_export, standalone=standalone)
-
-
-def resolve_student_folder(path: str | Path) -> Path:
-    """Accept an export folder or a run folder holding ``student/``."""
-    from .fileio import recover_dir
-
-    path = Path(path)
-    recover_dir(path)
-    recover_dir(path / "student")
-    for cand in (path, path / "student"):
-        if (cand / "model_index.json").exists() or (cand / CONFIG_NAME).exists():
-            return cand
-    if not path.exists():
-        raise StudentLoadError(f"{path} does not exist; pass a run folder or an exported student folder")
-    raise StudentLoadError(f"{path} is not an exported student (no model_index.json or ttfm_config.json); "
-                           "pass the folder 'ttfm-distill run' wrote")
-
-
-def student_folder(path: str | Path) -> Path:
-    """The folder holding the student's own files: ``flow_map/`` of a pipeline export, else the folder itself."""
-    folder = resolve_student_folder(path)
-    return folder / COMPONENT if (folder / "model_index.json").exists() else folder
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu"):

@@ -175,3 +175,16 @@ def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def frechet_distance_from_features(f1: torch.Tensor, f2: torch.Tensor) -> float:
     """:func:`frechet_distance` between Gaussian fits of ``f1`` ``(N1, F)`` and ``f2`` ``(N2, F)``."""
     return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+
+
+#: a pixel sample is out of range when some |value| exceeds this (data in [-1, 1]; a little overshoot is normal)
+PIXEL_RANGE = 1.5
+
+
+def out_of_range(x: torch.Tensor, bound: float = PIXEL_RANGE) -> dict:
+    """Rows of ``x`` (pixel samples, data in [-1, 1]) with a non-finite value or some ``|value| > bound``."""
+    flat = x.detach().reshape(x.shape[0], -1).float()
+    bad = (~torch.isfinite(flat)).any(1) | (flat.abs() > bound).any(1)
+    finite = flat[torch.isfinite(flat)]
+    return {"rows": int(bad.sum()), "fraction": float(bad.float().mean()) if len(flat) else 0.0,
+            "max_abs": float(finite.abs().max()) if finite.numel() else float("nan"), "bound": bound}

@@ -140,7 +140,7 @@ def card_text(config: StudentConfig, metrics: dict | None = None, run_config: di
 def write_model_card(folder: str | Path, metrics: dict | None = None, run_config: dict | None = None,
                      samples: str | Path | None = None, standalone: bool | None = None) -> Path | None:
     """Write ``folder/README.md`` (and copy the sample grid beside it) for the pipeline export in ``folder``."""
-    from .export import student_folder
+    from .layout import student_folder
     from .fileio import atomic_path
 
     folder = Path(folder)

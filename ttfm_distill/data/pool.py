@@ -127,7 +127,7 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
               "generation_seconds": None if rep.first_build_seconds is None else round(rep.first_build_seconds, 2),
               "conditioning": teacher.conditioning}
     if teacher.kind == "image" and not teacher.is_latent:  # pixels: [-1, 1]
-        from ..evaluate import out_of_range
+        from ..metrics import out_of_range
 
         report["out_of_range"] = out_of_range(tensors["samples"])
         if report["out_of_range"]["rows"]:
