@@ -490,3 +490,16 @@ def test_run_with_standalone_writes_a_folder_diffusers_loads_alone(tiny_teacher_
     expected = pipe(num_inference_steps=2, num_images_per_prompt=2, output_type="raw",
                     generator=torch.Generator().manual_seed(0)).images
     assert torch.equal(standalone_sample(out / "student", tmp_path), expected)
+
+
+def test_model_card_command_leaves_out_what_the_run_filled_in():
+    """The card's command: the objective's own diagonal default and the teacher fingerprint are not settings."""
+    from ttfm_distill.config import RunConfig
+    from ttfm_distill.pipeline_card import run_command
+    from ttfm_distill.preflight import resolve_settings
+
+    cfg, _ = resolve_settings(RunConfig(loss="lsd", max_steps=300))
+    cfg.teacher_fingerprint = "0123456789abcdef"
+    assert run_command(cfg.to_dict()) == "ttfm-distill run --max-steps 300 --loss lsd"
+    cfg.diagonal_fraction = 0.5
+    assert run_command(cfg.to_dict()) == "ttfm-distill run --max-steps 300 --loss lsd --set diagonal_fraction=0.5"

@@ -53,10 +53,17 @@ def run_command(run_config: dict | None) -> str:
     from .config import RunConfig
 
     defaults = RunConfig().to_dict()
+    try:  # a setting the run filled in from its objective's own default is not part of the command
+        from .objectives import make_objective_from
+
+        objective = make_objective_from(run_config.get("loss", "itvm"), run_config.get("loss_options") or {})
+        defaults["diagonal_fraction"] = float(objective.default_diagonal_fraction)
+    except Exception:  # noqa: BLE001 - an unknown objective (an older run): show every setting
+        pass
     flags = {"teacher": "--teacher", "max_steps": "--max-steps", "loss": "--loss", "seed": "--seed"}
     parts = ["ttfm-distill run"]
     for key, value in run_config.items():
-        if key == "output" or value == defaults.get(key):
+        if key in ("output", "teacher_fingerprint") or value == defaults.get(key):  # the fingerprint: not a setting
             continue
         text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
         parts.append(f"{flags[key]} {shlex.quote(text)}" if key in flags else f"--set {shlex.quote(f'{key}={text}')}")
