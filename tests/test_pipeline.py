@@ -500,6 +500,6 @@ def test_model_card_command_leaves_out_what_the_run_filled_in():
 
     cfg, _ = resolve_settings(RunConfig(loss="lsd", max_steps=300))
     cfg.teacher_fingerprint = "0123456789abcdef"
-    assert run_command(cfg.to_dict()) == "ttfm-distill run --max-steps 300 --loss lsd"
+    assert run_command(cfg.to_dict()) == "ttfm-distill run --loss lsd --max-steps 300"
     cfg.diagonal_fraction = 0.5
-    assert run_command(cfg.to_dict()) == "ttfm-distill run --max-steps 300 --loss lsd --set diagonal_fraction=0.5"
+    assert run_command(cfg.to_dict()) == "ttfm-distill run --loss lsd --max-steps 300 --set diagonal_fraction=0.5"
