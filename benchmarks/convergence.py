@@ -56,6 +56,7 @@ TEACHER = "builtin:fashion16"
 STUDENT_STEPS = (1, 2, 4, 8)
 EULER_STEPS = (1, 2, 4, 8, 16, 50)
 HEUN_STEPS = (2, 4, 8, 16)
+DEFAULT_SAMPLES = 1200 * 32  # the default `ttfm-distill run`: 1200 steps at batch 32
 
 _LFMD = ["--loss", "lfmd", "-L", "derivative=fd", "-L", "adaptive_p=1", "--set", "diagonal_fraction=0.25"]
 
@@ -68,8 +69,9 @@ def _keep(every: int) -> list[str]:
 ROWS: dict[str, dict] = {
     # the tool's defaults (ITVM, r = s + tau, current weights as target), with an export EMA kept beside the raw
     # weights: one run gives both curves (the eval-EMA A/B at no training cost)
-    "itvm_default": {"args": ["--max-steps", "10000", "--ema-decay", "0.999", *_keep(500)],
-                     "what": "default ITVM, 10k steps; raw weights and an export EMA 0.999"},
+    # (ema_warmup=false pins what ran: the row started before warm-up existed, when the export was the raw weights)
+    "itvm_default": {"args": ["--max-steps", "10000", "--ema-decay", "0.999", "--set", "ema_warmup=false", *_keep(500)],
+                     "what": "ITVM at the previous defaults, 10k steps; raw weights and an export EMA 0.999 (no warm-up)"},
     # the strongest rival on the image benchmark and the 2-D ring: LFMD (finite differences) with MeanFlow's
     # adaptive weighting, which stopped its divergence on the 2-D teachers; its own lr from a 600-step sweep
     **{f"lfmd_adaptive_lr{lr}": {"args": [*_LFMD, "--lr", lr, "--max-steps", "600", *_keep(300)],
@@ -77,7 +79,8 @@ ROWS: dict[str, dict] = {
                                  "lr": float(lr)}
        for lr in ("0.0001", "0.0003", "0.001", "0.003", "0.01")},
     # "SWEEP": the lr is the sweep's best at the time the row starts (recorded in the run's config.json)
-    "lfmd_adaptive": {"args": [*_LFMD, "--lr", "SWEEP", "--max-steps", "10000", "--ema-decay", "0.999", *_keep(1000)],
+    "lfmd_adaptive": {"args": [*_LFMD, "--lr", "SWEEP", "--max-steps", "10000", "--ema-decay", "0.999", "--set",
+                               "ema_warmup=false", *_keep(1000)],
                       "what": "LFMD adaptive at the sweep's best lr, 10k steps; raw and EMA 0.999",
                       "lr_from_sweep": "lfmd_adaptive"},
     # A/Bs against itvm_default at 1500 steps (same seed, so the same data, noise and time draws where the
@@ -100,9 +103,15 @@ ROWS: dict[str, dict] = {
     # the export EMA with a warm-up (decay min(0.999, (1+k)/(10+k))): training is unchanged (the target is the
     # current weights), so its raw checkpoints must equal itvm_default's; scored with --weights ema
     "ab_ema_warmup": {"args": ["--ema-decay", "0.999", "--set", "ema_warmup=true", "--max-steps", "1500", *_keep(150)],
-                      "what": "export EMA 0.999 with warm-up (EMA weights)", "ab": "itvm_default", "ab_weights": "ema"},
+                      "what": "export EMA 0.999 with warm-up (EMA weights)", "ab": "itvm_default", "ab_weights": "ema",
+                      "same_raw_as": "itvm_default"},
     "ab_cosine": {"args": ["--set", "lr_schedule=cosine", "--max-steps", "1500", *_keep(150)],
                   "what": "cosine lr decay to 0 over the budget (default constant)", "ab": "itvm_default"},
+    # the candidate default: export EMA with warm-up and a cosine lr, at the default run's 1200 steps
+    "recipe_default": {"args": ["--ema-decay", "0.999", "--set", "ema_warmup=true", "--set", "lr_schedule=cosine",
+                                "--max-steps", "1200", *_keep(120)],
+                       "what": "cosine lr + export EMA 0.999 with warm-up, 1200 steps (the default run's budget)",
+                       "ab": "itvm_default", "ab_weights": "ema"},
     "ab_diag0.25": {"args": ["--set", "diagonal_fraction=0.25", "--max-steps", "1500", *_keep(150)],
                     "what": "initial-velocity term on 25% diagonal pairs", "ab": "itvm_default"},
 }
@@ -144,7 +153,15 @@ def run_config(run: Path) -> dict | None:
 
 
 def finished(run: Path) -> bool:
-    return (run / "metrics.json").exists() and (run / "student" / "ttfm_config.json").exists()
+    """The run wrote its metrics, or at least its last checkpoint (training is over; only the export may be missing)."""
+    if (run / "metrics.json").exists() and (run / "student" / "ttfm_config.json").exists():
+        return True
+    return trained(run)
+
+
+def trained(run: Path) -> bool:
+    cfg = run_config(run)
+    return cfg is not None and any(step == int(cfg["max_steps"]) for step, _ in checkpoints(run))
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -362,8 +379,8 @@ def goals(points: dict, teacher: dict) -> dict:
     e = {n: teacher["results"]["teacher_euler"][str(n)]["fd_test_images"] for n in EULER_STEPS}
     out = {"teacher_euler_fd": e,
            "rules": {"long": "within 3600 s of training: FD1 <= 1.5 x Euler50, FD2 <= 1.1 x Euler50, FD4 <= Euler50",
-                     "default": "within 480 s of training (the 10-minute run less its pool, export and evaluation): "
-                                "FD2 <= Euler16, FD1 <= Euler8",
+                     "default": "at the default run's budget (1200 steps x 32 = 38,400 samples; the last point at or "
+                                "below it): FD2 <= Euler16, FD1 <= Euler8",
                      "time_to_quality": "first point with FD2 <= Euler16 (training seconds; checkpoint resolution)"}}
     for name, pts in points.items():
         for weights in ("raw", "ema"):
@@ -382,7 +399,8 @@ def goals(points: dict, teacher: dict) -> dict:
                                  "fd": {n: fd(p, n) for n in (1, 2, 4)},
                                  "ratio_to_euler50": {n: round(fd(p, n) / e[50], 3) for n in (1, 2, 4)},
                                  "met": fd(p, 1) <= 1.5 * e[50] and fd(p, 2) <= 1.1 * e[50] and fd(p, 4) <= e[50]}
-            p = last_within(480)
+            ok = [p for p in s if p["samples"] <= DEFAULT_SAMPLES]
+            p = ok[-1] if ok else None
             if p:
                 entry["default"] = {"step": p["step"], "train_seconds": p["train_seconds"],
                                     "fd": {n: fd(p, n) for n in (1, 2)},
@@ -418,8 +436,45 @@ def sweeps(points: dict) -> dict:
     return out
 
 
+def baseline_raw(points: dict, base: str) -> dict[int, dict]:
+    """Raw points of ``base`` by samples, with those of rows whose raw weights are the same run's
+    (``same_raw_as``: only the export EMA differs, so training is identical)."""
+    out = {p["samples"]: p for p in series(points.get(base, []), "raw")}
+    for name, spec in ROWS.items():
+        if spec.get("same_raw_as") == base:
+            for p in series(points.get(name, []), "raw"):
+                out.setdefault(p["samples"], p)
+    return out
+
+
+def determinism(points: dict) -> dict:
+    """Rows that should repeat ``base``'s raw weights: their FD at a shared checkpoint, side by side."""
+    out = {}
+    for name, spec in ROWS.items():
+        base = spec.get("same_raw_as")
+        if not base:
+            continue
+        theirs = {p["samples"]: p for p in series(points.get(base, []), "raw")}
+        for p in series(points.get(name, []), "raw"):
+            if p["samples"] in theirs:
+                out[f"{name} vs {base} at step {p['step']}"] = {
+                    "fd": [fd(p, 2), fd(theirs[p["samples"]], 2)],
+                    "equal": all(fd(p, n) == fd(theirs[p["samples"]], n) for n in STUDENT_STEPS)}
+    return out
+
+
+def _mean_late(pts: list[dict], budget_samples: int) -> dict:
+    """Mean FD over the points in the second half of the budget (the raw iterate is noisy at a constant lr)."""
+    late = [p for p in pts if p["samples"] >= budget_samples / 2 and p["samples"] <= budget_samples]
+    if not late:
+        return {}
+    return {"steps": [p["step"] for p in late],
+            "fd": {str(n): round(sum(fd(p, n) for p in late) / len(late), 2) for n in STUDENT_STEPS}}
+
+
 def ab_table(points: dict) -> dict:
-    """Each A/B row's last point against its baseline's raw point at the same step (same seed and samples)."""
+    """Each A/B row's last point against its baseline's raw point at the same samples (same seed), and the
+    mean over the second half of the budget for both."""
     out = {}
     for name, spec in ROWS.items():
         base = spec.get("ab")
@@ -427,7 +482,8 @@ def ab_table(points: dict) -> dict:
         if not base or not mine:
             continue
         last = mine[-1]
-        same = [p for p in series(points.get(base, []), "raw") if p["samples"] == last["samples"]]
+        pool = baseline_raw(points, base)
+        same = [pool[last["samples"]]] if last["samples"] in pool else []
         entry = {"what": spec["what"], "weights": spec.get("ab_weights", "raw"), "step": last["step"],
                  "samples": last["samples"],
                  "train_seconds": last["train_seconds"],
@@ -439,6 +495,8 @@ def ab_table(points: dict) -> dict:
                                  "fd": {str(n): fd(b, n) for n in STUDENT_STEPS},
                                  "flow_map_error": {str(n): fd(b, n, "flow_map_error") for n in STUDENT_STEPS}}
             entry["fd_ratio_to_baseline"] = {str(n): round(fd(last, n) / fd(b, n), 3) for n in STUDENT_STEPS}
+        entry["late_mean"] = _mean_late(mine, last["samples"])
+        entry["baseline_late_mean"] = _mean_late(sorted(pool.values(), key=lambda p: p["samples"]), last["samples"])
         out[name] = entry
     return out
 
@@ -449,9 +507,15 @@ def cpu_seconds(runs_dir: Path, name: str, metrics: dict | None) -> dict | None:
         return json.loads((runs_dir / name / "convergence-cpu.json").read_text())
     except (OSError, ValueError):
         pass
-    if metrics is None:
-        return None
-    return {"cpu_seconds": metrics["training"]["seconds"], "threads": 1,
+    if metrics is not None:
+        seconds = metrics["training"]["seconds"]
+    else:
+        ckpts = checkpoints(runs_dir / name)
+        start = training_start(runs_dir / name)
+        if not ckpts or start is None:
+            return None
+        seconds = round(ckpts[-1][1].stat().st_mtime - start, 1)
+    return {"cpu_seconds": seconds, "threads": 1,
             "note": "not measured by train (the row was started by hand): its training wall seconds on one thread, "
                     "an upper bound of its training CPU seconds; pool, export and metrics not included"}
 
@@ -483,7 +547,9 @@ def report(args, runs_dir: Path) -> None:
         except (OSError, ValueError):
             pass
         entry.update({
-            "status": "finished" if finished(run) else "partial (training or scoring still going)",
+            "status": ("finished" if (run / "metrics.json").exists() else
+                       "trained (last checkpoint written; no export or metrics.json)" if trained(run) else
+                       "partial (training or scoring still going)"),
             "budget_steps": None if cfg is None else cfg["max_steps"],
             "batch_size": None if cfg is None else cfg["batch_size"],
             "train_seconds_total": None if metrics is None else metrics["training"]["seconds"],
@@ -495,6 +561,7 @@ def report(args, runs_dir: Path) -> None:
         })
         rows[name] = entry
     out = {"teacher": teacher, "rows": rows, "sweeps": sweeps(points), "ab": ab_table(points),
+           "determinism": determinism(points),
            "goals": goals(points, teacher),
            "not_run": [n for n, r in rows.items() if r.get("status") == "not run"],
            "settings": {"num": teacher["settings"]["num"], "seed": teacher["settings"]["seed"],
@@ -548,12 +615,18 @@ def print_table(out: dict) -> None:
             print(f"| {step} | {any_p['samples']} | {any_p['train_seconds']} | " + " | ".join(cells + fme) + " |")
     if out["ab"]:
         print("\nA/Bs at the same samples and seed: FD to test images at 1/2/4/8 steps (baseline in brackets)\n")
-        print("| A/B | step | FD 1 | FD 2 | FD 4 | FD 8 | train s |")
-        print("|---|---|---|---|---|---|---|")
+        print("| A/B | weights | step | FD 1 | FD 2 | FD 4 | FD 8 | late mean FD 1/2/4/8 (baseline) | train s |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for name, a in out["ab"].items():
             b = a.get("baseline", {}).get("fd", {})
             cells = [f"{a['fd'][n]:.2f}" + (f" ({b[n]:.2f})" if n in b else "") for n in ("1", "2", "4", "8")]
-            print(f"| {name}: {a['what']} | {a['step']} | " + " | ".join(cells) + f" | {a['train_seconds']} |")
+            lm, bm = a["late_mean"].get("fd", {}), a["baseline_late_mean"].get("fd", {})
+            late = "/".join(f"{lm[n]:.1f}" for n in ("1", "2", "4", "8")) + " (" + "/".join(
+                f"{bm[n]:.1f}" for n in ("1", "2", "4", "8")) + ")" if lm and bm else "-"
+            print(f"| {name}: {a['what']} | {a['weights']} | {a['step']} | " + " | ".join(cells)
+                  + f" | {late} | {a['train_seconds']} |")
+    if out.get("determinism"):
+        print("\ndeterminism:", json.dumps(out["determinism"]))
     print("\ntime to quality (FD2 <= Euler16 = %.2f):" % e["16"] if "16" in e else "")
     for key, g in out["goals"].items():
         if "/" in key:
@@ -586,7 +659,7 @@ def plot(out: dict) -> None:
                     if xy:
                         ax.plot(*zip(*xy), marker="o", ms=2.5, lw=1.2, color=f"C{i % 10}",
                                 ls="-" if w == "raw" else "--", label=f"{name} ({w})")
-            for j, m in enumerate((n, 8, 16, 50)):
+            for j, m in enumerate(sorted({n, 8, 16, 50})):
                 if str(m) in e and e[str(m)] and e[str(m)].get(key) is not None:
                     ax.axhline(e[str(m)][key], color="k", alpha=0.25 + 0.15 * j, ls=":", lw=1)
                     ax.text(ax.get_xlim()[0] if False else 1.0, e[str(m)][key], f" Euler {m}", fontsize=6,
