@@ -28,7 +28,7 @@ Training seconds of a point: the checkpoint folder's modification time minus
 that of the run's data-free pool file (written just before the first step),
 i.e. wall time on one thread, under whatever else shared the machine.
 ``train`` also records each row's CPU seconds (user + system of the
-subprocess) in ``ROW/convergence-cpu.json``.
+subprocess) in ``RUNS/ROW.cpu.json`` (beside the run folder: a run folder holds only what a run writes).
 
 ``report`` gathers the points into ``benchmarks/results/convergence.json``,
 prints the table and draws ``convergence.png`` (FD to test images against
@@ -237,14 +237,14 @@ def train(names: list[str], runs_dir: Path) -> None:
         if run.exists():
             old = {}
             try:
-                old = json.loads((run / "convergence-cpu.json").read_text())
+                old = json.loads((runs_dir / f"{name}.cpu.json").read_text())
             except (OSError, ValueError):
                 pass
             if old:  # a resumed row: add up the pieces
                 record["cpu_seconds"] = round(record["cpu_seconds"] + old.get("cpu_seconds", 0), 1)
                 record["wall_seconds"] = round(record["wall_seconds"] + old.get("wall_seconds", 0), 1)
                 record["pieces"] = old.get("pieces", 1) + 1
-            (run / "convergence-cpu.json").write_text(json.dumps(record, indent=1))
+            (runs_dir / f"{name}.cpu.json").write_text(json.dumps(record, indent=1))
         print(f"{name}: exit {rc}, {record['cpu_seconds']} CPU s", flush=True)
 
 
@@ -504,7 +504,7 @@ def ab_table(points: dict) -> dict:
 def cpu_seconds(runs_dir: Path, name: str, metrics: dict | None) -> dict | None:
     """The CPU seconds ``train`` measured, or for a row trained by hand its training wall seconds (one thread)."""
     try:
-        return json.loads((runs_dir / name / "convergence-cpu.json").read_text())
+        return json.loads((runs_dir / f"{name}.cpu.json").read_text())
     except (OSError, ValueError):
         pass
     if metrics is not None:
