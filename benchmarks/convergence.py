@@ -178,7 +178,8 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 def training_start(run: Path) -> float | None:
     """The pool file's mtime: written just before the first training step."""
     pools = sorted((run / "cache").glob("pool-*.safetensors"))
-    return pools[0].stat().st_mtime if pools else None
+    # the oldest: a run resumed by newer code may have written a second, re-keyed pool file on the way
+    return min(p.stat().st_mtime for p in pools) if pools else None
 
 
 def busy_elsewhere(run: Path, seconds: float = 180.0) -> bool:
