@@ -14,6 +14,16 @@ from tiny_models import build
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_like_the_subprocesses():
+    """The CLI subprocesses run on one thread (ENV); the in-process side must too, or a convolution's summation
+    order (and so the last bit of a sample) differs and the byte-for-byte comparisons fail."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def cli_sample(folder, tmp_path, *args):
     raw = tmp_path / "cli.npy"
     r = subprocess.run([sys.executable, "-m", "ttfm_distill", "sample", "--model", str(folder), "--output",

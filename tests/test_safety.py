@@ -132,13 +132,21 @@ def test_sigterm_exits_143_with_a_checkpoint_and_sigint_130(tmp_path, tiny_teach
         p = subprocess.Popen([sys.executable, "-m", "ttfm_distill", "run", "--teacher", str(tiny_teacher_dir),
                               "--output", str(out), "--max-steps", "100000", "--set", "checkpoint_every=100000",
                               *TINY], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        deadline = time.time() + 120
-        while not (out / "config.json").exists() and time.time() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.5)
-        p.send_signal(sig)
-        _, err = p.communicate(timeout=120)
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                             # a shell without job control starts background jobs with SIGINT ignored, and
+                             # Python keeps an ignored SIGINT ignored: give the child the default disposition
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.time() + 120
+            while not (out / "config.json").exists() and time.time() < deadline:
+                time.sleep(0.2)
+            time.sleep(1.5)
+            p.send_signal(sig)
+            _, err = p.communicate(timeout=120)
+        finally:
+            if p.poll() is None:  # never leave a 100000-step run behind
+                p.kill()
+                p.wait()
         assert p.returncode == code, err
         assert err.strip().splitlines()[-1].startswith("error: interrupted") and "Traceback" not in err
         assert list((out / "checkpoints").glob("step-*"))
