@@ -513,3 +513,30 @@ def test_model_card_command_leaves_out_what_the_run_filled_in():
     assert run_command(cfg.to_dict()) == "ttfm-distill run --loss lsd --max-steps 300"
     cfg.diagonal_fraction = 0.5
     assert run_command(cfg.to_dict()) == "ttfm-distill run --loss lsd --max-steps 300 --set diagonal_fraction=0.5"
+
+
+def test_a_reloaded_student_reads_its_network_as_the_teacher_does_clip_included(tmp_path):
+    """A diffusion teacher with clip_sample: the exported student reloads with the same clamp as its teacher."""
+    from diffusers import DDPMScheduler
+
+    from conftest import tiny_unet
+    from ttfm_distill.config import RunConfig
+    from ttfm_distill.export import export_student, load_student, run_record
+    from ttfm_distill.objectives import make_objective
+    from ttfm_distill.teachers.loading import load_teacher
+    from ttfm_distill.trainer import build_student
+
+    torch.manual_seed(0)
+    tiny_unet().save_pretrained(tmp_path / "t" / "unet")
+    DDPMScheduler(clip_sample=True, clip_sample_range=1.5).save_pretrained(tmp_path / "t" / "scheduler")
+    teacher = load_teacher(str(tmp_path / "t"))
+    assert teacher.io.clip_sample == 1.5
+    cfg = RunConfig(teacher=str(tmp_path / "t"))
+    student = trained_like(build_student(teacher, cfg)).eval()
+    export_student(student, tmp_path / "s", run_record(cfg, teacher, make_objective(cfg.loss)), teacher=teacher)
+    again, _ = load_student(tmp_path / "s")
+    assert again.io.clip_sample == 1.5
+    x = 3.0 * torch.randn(4, 1, 8, 8)  # far out, so the clamp acts
+    s, t = torch.full((4,), 0.2), torch.full((4,), 0.7)
+    with torch.no_grad():
+        assert torch.allclose(again(x, s, t), student(x, s, t), atol=1e-5)

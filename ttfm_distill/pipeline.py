@@ -119,7 +119,8 @@ class TTFMPipeline(DiffusionPipeline):
         ``load_lora_weights``, and the student's second-time embedding from ``lora_folder``."""
         import diffusers
 
-        from .student import ADAPTERS, FORMAT, load_tensors, scheduler_network_io
+        from .convention import network_io
+        from .student import ADAPTERS, FORMAT, load_tensors
 
         lora_folder = Path(lora_folder)
         config = StudentConfig.load(lora_folder)
@@ -133,7 +134,7 @@ class TTFMPipeline(DiffusionPipeline):
         adapter = ADAPTERS[config.backbone["class_name"]]
         null = lora_folder / "null_text.safetensors"
         student = TwoTimeFlowMap(network, second_time_input=config.second_time_input, adapter=adapter,
-                                 io=scheduler_network_io(adapter, network, config.scheduler_config),
+                                 io=network_io(adapter, network, config.scheduler_config),
                                  null_text=load_tensors(null) if null.exists() else None, guidance=config.guidance,
                                  config=config.replace(student_class="TwoTimeFlowMap", format=FORMAT))
         student.second_time.load_state_dict(load_tensors(lora_folder / "second_time.safetensors"), strict=True)

@@ -28,7 +28,7 @@ from diffusers import ModelMixin
 from torch import nn
 
 from .errors import TTFMError
-from .convention import TIME_CONVENTION, NetworkIO, diffusers_from_velocity, t_from_scheduler_timestep
+from .convention import TIME_CONVENTION, NetworkIO, network_io, diffusers_from_velocity, t_from_scheduler_timestep
 from .teachers.families import ADAPTERS, FamilyAdapter, ProjectionSpec, adapter_for
 
 SECOND_TIME_INPUTS = ("delta", "t")
@@ -256,19 +256,6 @@ def save_tensors_plain(path: Path, tensors: dict) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
 
 
-def scheduler_network_io(adapter: FamilyAdapter, network: nn.Module, scheduler_config: dict | None):
-    """How to read ``network`` given its teacher's scheduler: flow, or diffusion through the probability-flow ODE."""
-    from .convention import DiffusionIO
-
-    cfg = scheduler_config or adapter.default_scheduler
-    name = (cfg or {}).get("_class_name", "")
-    if not cfg or "Flow" in name:
-        return NetworkIO(adapter.units(network))
-    import diffusers
-
-    scheduler = getattr(diffusers, name).from_config(cfg)
-    return DiffusionIO(scheduler.alphas_cumprod, cfg.get("prediction_type", "epsilon"))
-
 class TwoTimeFlowMap(ModelMixin):
     """``phi(x, s, t)`` built on a diffusers denoiser.
 
@@ -393,7 +380,7 @@ class TwoTimeFlowMap(ModelMixin):
             network = net_cls.from_config(net_cls.load_config(sub))
             network.load_state_dict(load_tensors(sub / "diffusion_pytorch_model.safetensors"), strict=True)
             adapter = ADAPTERS[name]
-            io = scheduler_network_io(adapter, network, config.scheduler_config)
+            io = network_io(adapter, network, config.scheduler_config)
             null = folder / "null_text.safetensors"
             student = cls(network, second_time_input=config.second_time_input, adapter=adapter, io=io,
                           null_text=load_tensors(null) if null.exists() else None, guidance=config.guidance,
