@@ -51,12 +51,19 @@ def teacher_fingerprint(teacher) -> str:
     """What a latent or prompt cache depends on: the teacher's description and weights.
 
     The weights enter as per-tensor float64 sums, so a re-trained teacher at the
-    same path gets new cache entries.
+    same path gets new cache entries.  The teacher is frozen, so the key is computed
+    once per teacher object (a pass over every weight) and kept on it: the run's
+    resume check, the pool and the data caches all ask for it.
     """
+    cached = getattr(teacher, "_ttfm_fingerprint", None)
+    if cached is not None:
+        return cached
     state = teacher.state_dict()
     sums = [(k, list(v.shape), float(v.detach().double().sum())) for k, v in sorted(state.items())
             if torch.is_tensor(v) and v.is_floating_point()]
-    return content_key(type(teacher).__name__, teacher.source or teacher.name, teacher.describe(), sums)
+    key = content_key(type(teacher).__name__, teacher.source or teacher.name, teacher.describe(), sums)
+    teacher._ttfm_fingerprint = key
+    return key
 
 
 @dataclass
