@@ -26,12 +26,10 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-class _Terminated(KeyboardInterrupt):
-    signum = 15
-
-
 def _raise_terminated(signum, frame):
-    raise _Terminated
+    from .errors import Terminated
+
+    raise Terminated
 
 
 def _guard(fn):

@@ -40,6 +40,12 @@ class Interrupted(RunError):
         self.exit_code = 128 + int(signum)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt wherever it lands (the CLI, and the trainer's checkpoint-on-interrupt)."""
+
+    signum = 15
+
+
 class OutputInUse(RunError):
     """Another live process holds the run folder's lock."""
 

@@ -21,7 +21,7 @@ from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .convention import interpolate
 from .data import build_data
-from .errors import ConfigError, Interrupted, NonFiniteLoss, RunError  # noqa: F401 - re-exported
+from .errors import ConfigError, Interrupted, NonFiniteLoss, RunError, Terminated  # noqa: F401 - re-exported
 from .fileio import write_json
 from .objectives import TrainBatch
 from .preflight import check_objective_fits  # noqa: F401 - re-exported
@@ -99,12 +99,6 @@ class RunResult:
     metrics: dict
     resumed_from: int
     is_main: bool = True
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the run can save a checkpoint (a ``KeyboardInterrupt`` carrying the signal)."""
-
-    signum = signal.SIGTERM
 
 
 class _SigtermAsInterrupt:
