@@ -79,6 +79,18 @@ def check_output(out: Path, overwrite: bool) -> dict | None:
     return saved
 
 
+def _remove(p: Path, ignore_errors: bool = False) -> None:
+    """Delete a file, a link or a whole folder (a link to a folder is removed, never followed)."""
+    try:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+    except OSError:
+        if not ignore_errors:
+            raise
+
+
 def clear_run(out: Path) -> None:
     """Delete what a run wrote in ``out`` (after :func:`check_output`), keeping the folder and its lock.
 
@@ -87,12 +99,8 @@ def clear_run(out: Path) -> None:
     """
     (out / "config.json").unlink(missing_ok=True)
     for p in sorted(out.iterdir()):
-        if p.name == LOCK_NAME or not is_run_entry(p.name):
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+        if p.name != LOCK_NAME and is_run_entry(p.name):
+            _remove(p)
 
 
 def sweep_unstarted(out: Path) -> None:
@@ -100,11 +108,8 @@ def sweep_unstarted(out: Path) -> None:
     if (out / "config.json").exists():
         return
     for name in ("checkpoints", "student", "metrics.json", "samples.png"):
-        p = out / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+        if (out / name).exists() or (out / name).is_symlink():
+            _remove(out / name)
 
 
 def sweep_temporaries(out: Path) -> list[str]:
@@ -124,10 +129,7 @@ def sweep_temporaries(out: Path) -> list[str]:
         for p in folder.iterdir():
             if p.name == LOCK_NAME or not any(fnmatch.fnmatchcase(p.name, t) for t in TEMPORARY_PATTERNS):
                 continue
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+            _remove(p, ignore_errors=True)  # a temporary that will not go is swept again next time
             removed.append(str(p.relative_to(out)))
     return removed
 

@@ -132,7 +132,7 @@ def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: boo
 class Distillation:
     """One distillation run, as named steps (each a method, called in this order by :meth:`run`):
 
-    ``setup_accelerator`` -> ``preflight`` (settings, output folder: no writes) -> ``setup_teacher``
+    ``preflight`` (settings, output folder: no writes) -> ``setup_accelerator`` -> ``setup_teacher``
     (load, finite check, fingerprint, memory) -> ``claim_output`` (lock, ``--overwrite``, sweep
     temporaries) -> ``setup_data`` -> ``write_config`` -> ``setup_student`` -> ``setup_optimizer``
     -> ``resume`` -> ``train`` (``train_step`` per step) -> ``finish`` (last checkpoint, export,
@@ -148,8 +148,8 @@ class Distillation:
 
     def run(self) -> RunResult:
         try:
-            self.setup_accelerator()
             self.preflight()
+            self.setup_accelerator()
             self.setup_teacher()
             self.claim_output()
             self.setup_data()
@@ -167,8 +167,7 @@ class Distillation:
     def setup_accelerator(self) -> None:
         from . import scale
 
-        cfg = self.cfg
-        cfg.validate()
+        cfg = self.cfg  # validated by preflight
         on_cpu = not torch.cuda.is_available()
         scale.check_mixed_precision(cfg.mixed_precision, "cpu" if on_cpu else "cuda")
         self.accelerator = scale.make_accelerator(cfg.mixed_precision, cfg.compile, cpu=on_cpu)
