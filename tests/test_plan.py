@@ -11,8 +11,7 @@ from test_cli import cli
 from ttfm_distill.config import RunConfig
 from ttfm_distill.objectives import TrainBatch, make_objective
 from ttfm_distill.plan import count, make_plan, objective_evaluations, parse_memory, resolve_teacher
-from ttfm_distill.plan.estimate import (GB, PlanError, build_models, example_inputs, largest_batch, memory_terms,
-                                        peak_bytes, FORWARD_ONLY, UPDATE_ONLY)
+from ttfm_distill.plan.estimate import (GB, PlanError, build_models, example_inputs, largest_batch, peak_bytes, FORWARD_ONLY, UPDATE_ONLY)
 from ttfm_distill.plan.known_models import PUBLIC, TINY, TINY_NAMES, known_model
 from ttfm_distill.plan.meta import LiveTracker, flop_counter
 

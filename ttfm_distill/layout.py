@@ -8,10 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .student import CONFIG_NAME, StudentLoadError
-
-#: the pipeline component that holds the two-time student
-COMPONENT = "flow_map"
+from .student import COMPONENT, CONFIG_NAME, StudentLoadError
 
 
 def resolve_student_folder(path: str | Path) -> Path:

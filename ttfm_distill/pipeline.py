@@ -30,12 +30,11 @@ from diffusers import DiffusionPipeline, FlowMapEulerDiscreteScheduler, ImagePip
 # module to this one (see TTFMPipeline.from_pretrained), finds the component's class and its base class in it
 
 from .mlp import MlpFlowMap  # noqa: F401 - a component class diffusers may look up in this module
-from .student import StudentConfig, StudentLoadError, TwoTimeFlowMap, load_student  # noqa: F401
+from .student import COMPONENT, StudentConfig, StudentLoadError, TwoTimeFlowMap, load_student  # noqa: F401
 from .teachers.pipeline import _encode_kwargs, _text_dict
 
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent", "raw")
-COMPONENT = "flow_map"
 
 
 class TTFMPipeline(DiffusionPipeline):

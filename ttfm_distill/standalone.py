@@ -19,7 +19,6 @@ from pathlib import Path
 #: file (without .py) at the folder's top that defines the pipeline, and the component's module file
 MODULE = "ttfm_pipeline"
 COMPONENT_MODULE = "ttfm_flow_map"
-COMPONENT = "flow_map"
 #: the modules bundled, in dependency order (paths under ttfm_distill/)
 BUNDLED = ("errors.py", "convention.py", "teachers/families.py", "teachers/pipeline.py", "student.py", "mlp.py", "pipeline.py")
 PACKAGE = Path(__file__).resolve().parent
@@ -65,6 +64,8 @@ def bundle_source() -> str:
 
 def write_standalone(folder: str | Path) -> None:
     """Add the module files to a pipeline export in ``folder`` and point ``model_index.json`` at them."""
+    from .student import COMPONENT
+
     folder = Path(folder)
     source = bundle_source()
     (folder / f"{MODULE}.py").write_text(source)

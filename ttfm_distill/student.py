@@ -84,6 +84,8 @@ FORMAT = "ttfm-distill-student"
 FORMAT_VERSION = 2
 ADAPTER_FORMAT = "ttfm-distill-lora-adapters"
 CONFIG_NAME = "ttfm_config.json"
+#: the pipeline component (sub-folder of an export) that holds the two-time student
+COMPONENT = "flow_map"
 PARAMETRISATION = "average_velocity: phi(x, s, t) = x + (t - s) * u(x, s, t)"
 
 

@@ -314,7 +314,6 @@ def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int, autocast_
     bf16_plain = (max(two - one, 0), max(one - max(two - one, 0), 0))
     acts = {}
     for key, r in (("fp32", fp32), ("bf16", bf16)):
-        ratio_plain = r.activations / max(fp32.activations, 1)
         ratio_ckpt = (r.activations_checkpointed or r.activations) / max(fp32.activations_checkpointed
                                                                         or fp32.activations, 1)
         plain = work[False] if key == "fp32" else bf16_plain  # measured; checkpointed bf16 is scaled
