@@ -77,6 +77,13 @@ class RunConfig:
     data_cache: str | None = None
     pool_size: int = 2048
     pool_steps: int = 16
+    #: the teacher solver of the data-free pool: "euler" (pool_steps evaluations a sample) or "heun" (twice that)
+    pool_solver: str = "euler"
+    #: fraction of each batch supervised by the pool's own teacher trajectories: a pair (s, t) on the pool's
+    #: time grid whose target is the stored solve, (x_t - x_s) / (t - s), at no teacher cost (docs/quality.md)
+    trajectory_fraction: float = 0.0
+    #: weight of those rows' loss against the objective's rows
+    trajectory_weight: float = 1.0
     mlp_width: int = 256
     mlp_depth: int = 4
     mixed_precision: str = "no"
@@ -140,6 +147,12 @@ class RunConfig:
             raise ConfigError(f"compile must be true, false or a torch.compile backend name, got {self.compile!r}")
         if int(self.lora_rank) < 0 or self.lora_alpha < 0:
             raise ConfigError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}")
+        if not 0 <= self.trajectory_fraction < 1 or not self.trajectory_weight >= 0:
+            raise ConfigError(f"trajectory_fraction must be in [0, 1) and trajectory_weight >= 0, got "
+                              f"{self.trajectory_fraction} and {self.trajectory_weight}")
+        if self.trajectory_fraction > 0 and self.data != "teacher":
+            raise ConfigError("trajectory_fraction needs the data-free pool (data=teacher): real data has no "
+                              "teacher trajectories; set trajectory_fraction=0 or drop --data")
         if not 0 <= self.lr_final_fraction <= 1:
             raise ConfigError(f"lr_final_fraction must be in [0, 1], got {self.lr_final_fraction}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
@@ -151,6 +164,7 @@ class RunConfig:
             "export_weights": ("ema", "raw"),
             "nan_policy": ("stop", "skip"),
             "lr_schedule": ("constant", "cosine"),
+            "pool_solver": ("euler", "heun"),
             "data_crop": ("center", "random"),
             "data_channels": ("convert", "strict"),
             "data_range": ("auto", "0-255", "0-1", "-1-1"),

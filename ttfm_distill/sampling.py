@@ -95,6 +95,25 @@ def rk4(velocity: VelocityFn, x0: torch.Tensor, grid: torch.Tensor) -> torch.Ten
     return x
 
 
+#: the solvers a data-free pool can be built with (``pool_solver``)
+POOL_SOLVERS = ("euler", "heun")
+
+
+def solve_trajectory(velocity: VelocityFn, x0: torch.Tensor, grid: torch.Tensor, solver: str = "euler") -> torch.Tensor:
+    """Every state of an Euler or Heun solve: ``(B, len(grid), *x0.shape[1:])``, ``[:, 0]`` is ``x0``.
+
+    Step for step the same arithmetic as :func:`euler` / :func:`heun` on ``grid``, so ``[:, -1]``
+    equals their result exactly.
+    """
+    if solver not in POOL_SOLVERS:
+        raise InputError(f"solver must be one of {', '.join(POOL_SOLVERS)}, got {solver!r}")
+    step = euler if solver == "euler" else heun
+    states = [x0]
+    for k in range(len(grid) - 1):
+        states.append(step(velocity, states[-1], grid[k:k + 2]))
+    return torch.stack(states, 1)
+
+
 def heun_for_nfe(velocity: VelocityFn, x0: torch.Tensor, nfe: int, shift: float = 1.0) -> torch.Tensor:
     """Heun with at most ``nfe`` evaluations (``nfe // 2`` steps; Euler when ``nfe == 1``)."""
     if nfe < 2:

@@ -24,7 +24,7 @@ from .data import build_data
 from .errors import ConfigError, Interrupted, NonFiniteLoss, RunError, Terminated  # noqa: F401 - re-exported
 from .fileio import write_json
 from .objectives import TrainBatch
-from .preflight import check_objective_fits  # noqa: F401 - re-exported
+from .preflight import check_objective_fits, trajectory_rows  # noqa: F401 - re-exported
 from .objectives.timesampling import sample_time_pairs
 
 
@@ -237,6 +237,9 @@ class Distillation:
             self.accelerator.wait_for_everyone()
             if data is None:
                 data = build_data(teacher, cfg, out, device, self.log)
+        if cfg.trajectory_fraction > 0 and getattr(data, "trajectories", None) is None:
+            raise ConfigError("trajectory_fraction needs a data-free pool of teacher solves; this teacher's data is "
+                              "exact (analytic) or real, so set trajectory_fraction=0")
         self.data = data
 
     def write_config(self) -> None:
@@ -317,17 +320,33 @@ class Distillation:
         """The batch of ``step`` on this rank: every draw from the generator of (seed, rank, step)."""
         cfg = self.cfg
         g = step_generator(cfg.seed, self.accelerator.process_index, step)
-        x1, cond = self.data.sample(cfg.batch_size, g)  # a data.sources.DataSource
-        x0 = self.teacher.sample_noise(cfg.batch_size, generator=g)
-        s, t = sample_time_pairs(cfg.batch_size, cfg.time_sampling, cfg.diagonal_fraction, cfg.dyadic_levels,
-                                 generator=g)
+        m = trajectory_rows(cfg)
+        n = cfg.batch_size - m
+        x1, cond = self.data.sample(n, g)  # a data.sources.DataSource
+        x0 = self.teacher.sample_noise(n, generator=g)
+        s, t = sample_time_pairs(n, cfg.time_sampling, cfg.diagonal_fraction, cfg.dyadic_levels, generator=g)
         if cfg.guidance_range is not None:  # one guidance scale per sample, seen by teacher and student
             lo, hi = cfg.guidance_range
-            cond = {**(cond or {}), "cfg_scale": lo + (hi - lo) * torch.rand(cfg.batch_size, generator=g)}
+            cond = {**(cond or {}), "cfg_scale": lo + (hi - lo) * torch.rand(n, generator=g)}
         if step == self.start_step:
             self.first_batch = x1.double().sum().item()
         return TrainBatch(interpolate(x0, x1, s).to(self.device), s.to(self.device), t.to(self.device),
-                          cond_to(cond, self.device), g)
+                          cond_to(cond, self.device), g, self.trajectory_batch(m, g) if m else None)
+
+    def trajectory_batch(self, m: int, g: torch.Generator):
+        """``m`` rows on the pool's stored solves: grid pairs drawn like the objective's pairs (no diagonal)."""
+        from .objectives.timesampling import grid_pairs
+        from .objectives.trajectory import TrajectoryRows
+
+        cfg = self.cfg
+        rows = torch.randint(0, self.data.trajectories.shape[0], (m,), generator=g)
+        su, tu = sample_time_pairs(m, cfg.time_sampling, 0.0, cfg.dyadic_levels, generator=g)
+        i, j = grid_pairs(su, tu, self.data.trajectories.shape[1] - 1)
+        x_s, x_t, s, t, cond = self.data.trajectory_rows(rows, i, j)
+        if cfg.guidance_range is not None:  # the pool was solved at the default scale: so are its targets
+            cond = {**(cond or {}), "cfg_scale": torch.full((m,), cfg.default_guidance())}
+        d = self.device
+        return TrajectoryRows(x_s.to(d), x_t.to(d), s.to(d), t.to(d), cond_to(cond, d))
 
     def train_step(self, step: int) -> float | None:
         """One optimiser step; returns the loss, or ``None`` for a non-finite step skipped by ``nan_policy``."""

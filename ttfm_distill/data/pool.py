@@ -25,14 +25,30 @@ POOL_CHUNK = 256
 
 
 class TeacherPool(TensorSource):
-    """Pool rows ``samples (N, *data_shape)`` with optional per-row conditioning ``cond`` (dict of ``(N, ...)``)."""
+    """Pool rows ``samples (N, *data_shape)`` with optional per-row conditioning ``cond`` (dict of ``(N, ...)``).
 
-    def __init__(self, samples: torch.Tensor, cond: dict | None = None, prompts=None, report=None):
+    ``trajectories`` (optional): every state of each row's solve, ``(N, K + 1, *data_shape)``, at the
+    times ``times`` ``(K + 1,)`` (``[:, 0]`` the noise, ``[:, -1]`` the sample).
+    """
+
+    def __init__(self, samples: torch.Tensor, cond: dict | None = None, prompts=None, report=None,
+                 trajectories: torch.Tensor | None = None, times: torch.Tensor | None = None):
         super().__init__(samples, samples.shape[1:], "center", cond, prompts, report)
+        self.trajectories, self.times = trajectories, times
 
     @property
     def samples(self) -> torch.Tensor:
         return self.base
+
+    def trajectory_rows(self, rows: torch.Tensor, i: torch.Tensor, j: torch.Tensor):
+        """``(x_s, x_t, s, t, cond)`` of pool ``rows`` at grid indices ``i < j`` (each ``(m,)``)."""
+        if self.trajectories is None:
+            raise DataError("this pool keeps no trajectories (built with trajectory_fraction=0)")
+        x_s, x_t = self.trajectories[rows, i], self.trajectories[rows, j]
+        cond = {k: v[rows] for k, v in self.cond.items()} if self.cond else {}
+        if self.prompts is not None:
+            cond.update(self.prompts.rows(rows))
+        return x_s, x_t, self.times[i], self.times[j], (cond or None)
 
 
 class _NoiseStream:
@@ -83,12 +99,14 @@ def sampled_conditioning(teacher, seed: int, n: int, log) -> dict | None:
 
 def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir: Path | None = None,
                velocity=None) -> TeacherPool:
-    """The cached, resumable data-free pool of ``cfg.pool_size`` Euler(``cfg.pool_steps``) teacher samples.
+    """The cached, resumable data-free pool of ``cfg.pool_size`` teacher samples (``cfg.pool_solver``, ``cfg.pool_steps``).
+
+    With ``cfg.trajectory_fraction > 0`` every state of each solve is kept too (a pool file of its own).
 
     ``velocity(x, t, cond)``: the field to integrate (default ``teacher.velocity``).
     ``cache_dir``: where prompt embeddings are cached (text teachers with ``--prompts``).
     """
-    from ..sampling import euler, uniform_time_grid
+    from ..sampling import solve_trajectory, uniform_time_grid
     from .cache import build_chunked
 
     velocity = velocity or teacher.velocity
@@ -96,7 +114,9 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
     prompt_rows, tag = prompt_conditioning(teacher, cfg, n, cache_dir, progress, log)
     # keyed on the teacher's weights too: a teacher replaced at the same path never reuses an old pool
     key = f"-t{cfg.teacher_fingerprint[:12]}" if getattr(cfg, "teacher_fingerprint", None) else ""
-    path = Path(cache) / f"pool-n{n}-euler{cfg.pool_steps}-seed{cfg.seed}{tag}{key}.safetensors"
+    solver = getattr(cfg, "pool_solver", "euler")
+    keep = getattr(cfg, "trajectory_fraction", 0.0) > 0
+    path = Path(cache) / f"pool-n{n}-{solver}{cfg.pool_steps}{'-traj' if keep else ''}-seed{cfg.seed}{tag}{key}.safetensors"
     grid = uniform_time_grid(cfg.pool_steps, teacher.shift).to(device)
     noise = _NoiseStream(teacher, cfg.seed + 7919)
     drawn = {}  # sample_cond's draw, made only if a chunk has to be generated
@@ -109,7 +129,10 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
         if prompt_rows is not None:
             chunk.update({k: v.to(device) for k, v in prompt_rows.rows(torch.arange(start, stop)).items()})
         field = (lambda x, t: velocity(x, t, chunk)) if chunk else velocity
-        out = {"samples": euler(field, noise.rows(start, stop).to(device), grid).float()}
+        states = solve_trajectory(field, noise.rows(start, stop).to(device), grid, solver).float()
+        out = {"samples": states[:, -1].contiguous()}
+        if keep:
+            out["trajectories"] = states
         if not bool(torch.isfinite(out["samples"]).all()):  # never cached: a fixed teacher must run again
             bad = int((~torch.isfinite(out["samples"].flatten(1))).any(1).sum())
             raise DataError(f"the teacher's ODE gave NaN/Inf in {bad} pool samples (rows {start}-{stop}, not cached); "
@@ -119,9 +142,9 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
 
     tensors, rep = build_chunked(path, n, POOL_CHUNK, make, progress=progress, log=log,
                                  description="data-free pool (teacher ODE)",
-                                 metadata={"teacher": str(teacher.name), "solver": f"euler{cfg.pool_steps}"})
+                                 metadata={"teacher": str(teacher.name), "solver": f"{solver}{cfg.pool_steps}"})
     stored = {k.removeprefix("cond."): v for k, v in tensors.items() if k.startswith("cond.")}
-    report = {"source": "teacher", "samples": n, "solver": f"euler {cfg.pool_steps} steps", "path": str(path),
+    report = {"source": "teacher", "samples": n, "solver": f"{solver} {cfg.pool_steps} steps", "path": str(path),
               "cache": "hit" if rep.built_rows == 0 else ("resumed" if rep.resumed_rows else "built"),
               "seconds": round(rep.seconds, 2),
               "generation_seconds": None if rep.first_build_seconds is None else round(rep.first_build_seconds, 2),
@@ -136,8 +159,11 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
                 f"max |x| {o['max_abs']:.3g}): the teacher's own ODE solve leaves the data range")
     if rep.built_rows:
         what = f" (resumed: {rep.resumed_rows} were done)" if rep.resumed_rows else ""
-        log(f"data-free pool: {n} teacher samples (Euler {cfg.pool_steps} steps) in {rep.seconds:.1f}s{what} -> {path}")
+        log(f"data-free pool: {n} teacher samples ({solver} {cfg.pool_steps} steps) in {rep.seconds:.1f}s{what} -> {path}")
     else:
         took = f", generated in {rep.first_build_seconds:.1f}s" if rep.first_build_seconds is not None else ""
         log(f"data-free pool: {n} teacher samples from the cache{took} ({path})")
-    return TeacherPool(tensors["samples"], stored or None, prompt_rows, report)
+    if keep:
+        report["trajectories"] = {"states": cfg.pool_steps + 1, "bytes": tensors["trajectories"].nbytes}
+    return TeacherPool(tensors["samples"], stored or None, prompt_rows, report,
+                       tensors.get("trajectories"), grid.cpu() if keep else None)

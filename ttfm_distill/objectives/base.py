@@ -25,19 +25,23 @@ class TrainBatch:
     t: torch.Tensor
     cond: dict | None = None
     generator: torch.Generator | None = None
+    #: extra rows supervised by stored teacher solves (objectives/trajectory.py), or ``None``
+    trajectory: object | None = None
 
     def split(self, n: int) -> list["TrainBatch"]:
         """``n`` equal consecutive slices (gradient accumulation); they share the generator."""
         if n == 1:
             return [self]
+        trajectories = self.trajectory.split(n) if self.trajectory is not None else [None] * n
         size = self.x_s.shape[0] // n
         if size * n != self.x_s.shape[0]:
             raise ValueError(f"a batch of {self.x_s.shape[0]} does not split into {n} equal micro-batches")
         pieces = lambda v: v.split(size) if torch.is_tensor(v) else [v] * n  # noqa: E731
         conds = ([dict(zip(self.cond, vals)) for vals in zip(*(pieces(v) for v in self.cond.values()))]
                  if self.cond else [self.cond] * n)
-        return [TrainBatch(x, s, t, c, self.generator)
-                for x, s, t, c in zip(self.x_s.split(size), self.s.split(size), self.t.split(size), conds)]
+        return [TrainBatch(x, s, t, c, self.generator, tr)
+                for x, s, t, c, tr in zip(self.x_s.split(size), self.s.split(size), self.t.split(size), conds,
+                                          trajectories)]
 
 
 @dataclass

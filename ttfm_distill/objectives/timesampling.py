@@ -36,3 +36,14 @@ def sample_time_pairs(n: int, mode: str = "uniform", diagonal_fraction: float = 
         s[:n_diag] = torch.rand(n_diag, generator=generator)
         t[:n_diag] = s[:n_diag]
     return s.to(device), t.to(device)
+
+
+def grid_pairs(s: torch.Tensor, t: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(i, j)``, ``0 <= i < j <= steps``, of the grid points nearest to the pairs ``s <= t``.
+
+    ``s`` and ``t`` are fractions of a ``steps``-step grid (before any shift); a pair that rounds to one
+    point becomes the step from it (or, at the end, the last step).
+    """
+    i = torch.round(s * steps).long().clamp(0, steps - 1)
+    j = torch.maximum(torch.round(t * steps).long(), i + 1).clamp(max=steps)
+    return i, j

@@ -1,0 +1,175 @@
+"""Trajectory supervision (trajectory_fraction) and the pool's solver (pool_solver)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_data import FakeTeacher
+from test_faults import tiny_cfg
+from ttfm_distill.config import ConfigError, RunConfig
+from ttfm_distill.data.pool import build_pool
+from ttfm_distill.objectives import TrainBatch, make_objective
+from ttfm_distill.objectives.timesampling import grid_pairs, sample_time_pairs
+from ttfm_distill.objectives.trajectory import TrajectoryRows, TrajectorySupervised, trajectory_loss
+from ttfm_distill.preflight import resolve_settings, trajectory_rows
+from ttfm_distill.sampling import euler, heun, solve_trajectory, uniform_time_grid
+from ttfm_distill.trainer import Distillation, run_distillation
+
+
+def _field(x, t):
+    return torch.sin(3 * x) - t.view(-1, *[1] * (x.dim() - 1)) * x
+
+
+@pytest.mark.parametrize("solver, whole", [("euler", euler), ("heun", heun)])
+def test_solve_trajectory_keeps_every_state_and_ends_where_the_solver_ends(solver, whole):
+    x0 = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    grid = uniform_time_grid(6, shift=3.0)
+    states = solve_trajectory(_field, x0, grid, solver)
+    assert states.shape == (5, 7, 2, 3)
+    assert torch.equal(states[:, 0], x0) and torch.equal(states[:, -1], whole(_field, x0, grid))
+    assert torch.equal(states[:, 3], whole(_field, x0, grid[:4]))  # an intermediate state is the solve so far
+
+
+def test_grid_pairs_are_ordered_on_the_grid_and_keep_dyadic_pairs_exact():
+    g = torch.Generator().manual_seed(1)
+    s, t = sample_time_pairs(4000, "mixed", 0.0, 4, generator=g)
+    i, j = grid_pairs(s, t, 16)
+    assert bool((i >= 0).all() and (i < j).all() and (j <= 16).all())
+    dyadic = torch.isclose(s * 16, torch.round(s * 16)) & torch.isclose(t * 16, torch.round(t * 16))
+    assert dyadic.sum() > 1000 and torch.equal(i[dyadic], torch.round(s[dyadic] * 16).long())
+    assert torch.equal(j[dyadic], torch.round(t[dyadic] * 16).long())
+    i, j = grid_pairs(torch.tensor([0.5, 0.999]), torch.tensor([0.5, 1.0]), 4)  # collapsed pairs: the next step
+    assert i.tolist() == [2, 3] and j.tolist() == [3, 4]
+
+
+class _Constant(torch.nn.Module):
+    """u(x, s, t) = c * (t - s + 1): a student whose loss is known in closed form."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.tensor(float(c)))
+
+    def forward(self, x, s, t, cond=None):
+        return self.c * (t - s + 1).view(-1, 1) * torch.ones_like(x)
+
+
+class _Inner:
+    name, options, needs_ema, teacher_off_diagonal, default_diagonal_fraction = "inner", None, False, True, 0.0
+
+    def __call__(self, student, teacher, batch, ema=None):
+        from ttfm_distill.objectives.base import ObjectiveOutput
+
+        per = torch.full((batch.x_s.shape[0],), 2.0) * student.c
+        return ObjectiveOutput(per.mean(), per.detach(), {"terminal": 2.0})
+
+    def config(self):
+        return {"name": "inner"}
+
+
+def test_trajectory_loss_and_its_weight_in_the_batch_mean():
+    x_s = torch.zeros(3, 2)
+    x_t = torch.tensor([[1.0, 1.0], [2.0, 2.0], [0.5, 0.5]])
+    s, t = torch.tensor([0.0, 0.0, 0.5]), torch.tensor([1.0, 0.5, 1.0])
+    rows = TrajectoryRows(x_s, x_t, s, t)
+    torch.testing.assert_close(rows.target(), torch.tensor([[1.0, 1.0], [4.0, 4.0], [1.0, 1.0]]))
+    student = _Constant(1.0)  # u = 2, 1.5, 1.5 on those rows
+    torch.testing.assert_close(trajectory_loss(student, rows), torch.tensor([1.0, 6.25, 0.25]))
+    batch = TrainBatch(torch.zeros(5, 2), torch.zeros(5), torch.ones(5), trajectory=rows)
+    out = TrajectorySupervised(_Inner(), weight=0.5)(student, None, batch)
+    # 5 objective rows at 2.0, 3 trajectory rows at 0.5 * (1 + 6.25 + 0.25): the mean over 8 rows
+    assert out.loss.item() == pytest.approx((5 * 2.0 + 0.5 * 7.5) / 8)
+    assert out.per_sample.shape == (8,) and out.metrics["trajectory"] == pytest.approx(2.5)
+    plain = TrajectorySupervised(_Inner())(student, None, TrainBatch(torch.zeros(5, 2), torch.zeros(5), torch.ones(5)))
+    assert plain.loss.item() == pytest.approx(2.0) and "trajectory" not in plain.metrics
+
+
+def test_trajectory_rows_split_with_their_micro_batches():
+    rows = TrajectoryRows(torch.arange(4.0).view(4, 1), torch.arange(4.0).view(4, 1) + 1, torch.zeros(4),
+                          torch.ones(4), {"class_labels": torch.arange(4)})
+    batch = TrainBatch(torch.zeros(8, 1), torch.zeros(8), torch.ones(8), {"class_labels": torch.arange(8)},
+                       trajectory=rows)
+    a, b = batch.split(2)
+    assert a.trajectory.x_s.view(-1).tolist() == [0, 1] and b.trajectory.cond["class_labels"].tolist() == [2, 3]
+    with pytest.raises(ValueError, match="equal micro-batches"):
+        TrajectoryRows(torch.zeros(3, 1), torch.zeros(3, 1), torch.zeros(3), torch.ones(3)).split(2)
+
+
+def test_pool_keeps_trajectories_in_a_file_of_its_own_with_the_same_samples(tmp_path):
+    cfg = RunConfig(pool_size=40, pool_steps=4, seed=2)
+    plain = build_pool(FakeTeacher((1, 4, 4)), cfg, tmp_path, "cpu", lambda m: None)
+    traj_cfg = RunConfig(pool_size=40, pool_steps=4, seed=2, trajectory_fraction=0.25)
+    kept = build_pool(FakeTeacher((1, 4, 4)), traj_cfg, tmp_path, "cpu", lambda m: None)
+    assert plain.trajectories is None and kept.trajectories.shape == (40, 5, 1, 4, 4)
+    assert torch.equal(kept.samples, plain.samples) and torch.equal(kept.trajectories[:, -1], kept.samples)
+    torch.testing.assert_close(kept.times, uniform_time_grid(4))
+    assert len(list(tmp_path.glob("pool-*.safetensors"))) == 2 and kept.report["trajectories"]["states"] == 5
+    # each stored state is one Euler step of the teacher from the one before
+    v = FakeTeacher((1, 4, 4)).velocity(kept.trajectories[:, 1], torch.full((40,), 0.25))
+    torch.testing.assert_close(kept.trajectories[:, 2], kept.trajectories[:, 1] + 0.25 * v)
+    heun_cfg = RunConfig(pool_size=40, pool_steps=4, seed=2, pool_solver="heun")
+    h = build_pool(FakeTeacher((1, 4, 4)), heun_cfg, tmp_path, "cpu", lambda m: None)
+    assert "heun" in h.report["solver"] and not torch.allclose(h.samples, plain.samples)
+
+
+def test_trajectory_settings_are_checked():
+    assert trajectory_rows(RunConfig(batch_size=32, trajectory_fraction=0.25)) == 8
+    assert trajectory_rows(RunConfig(batch_size=32, trajectory_fraction=0.01)) == 1  # at least one row
+    assert trajectory_rows(RunConfig(batch_size=32, trajectory_fraction=0.3, grad_accum_steps=4)) == 8
+    assert trajectory_rows(RunConfig()) == 0
+    with pytest.raises(ConfigError, match="leaves no rows"):
+        resolve_settings(RunConfig(batch_size=4, trajectory_fraction=0.9))
+    with pytest.raises(ConfigError, match="needs the data-free pool"):
+        RunConfig(trajectory_fraction=0.25, data="/some/images").validate()
+    with pytest.raises(ConfigError, match="trajectory_fraction must be in"):
+        RunConfig(trajectory_fraction=1.0).validate()
+    with pytest.raises(ConfigError, match="pool_solver"):
+        RunConfig(pool_solver="rk4").validate()
+    cfg, objective = resolve_settings(RunConfig(trajectory_fraction=0.25, trajectory_weight=2.0))
+    assert isinstance(objective, TrajectorySupervised) and objective.weight == 2.0 and objective.name == "itvm"
+
+
+def test_batches_carry_rows_of_the_stored_solves(tiny_teacher_dir, tmp_path):
+    cfg = tiny_cfg(tiny_teacher_dir, tmp_path / "r", batch_size=8, trajectory_fraction=0.25, max_steps=2)
+    run = Distillation(cfg, show_progress=False)
+    run.preflight()
+    run.setup_accelerator()
+    run.setup_teacher()
+    run.claim_output()
+    run.setup_data()
+    run.start_step = 0
+    batch = run.make_batch(0)
+    rows = batch.trajectory
+    assert batch.x_s.shape[0] == 6 and len(rows) == 2
+    times = run.data.times
+    for k in range(2):  # each row is a pair of states of one stored solve at grid times
+        i, j = int((times - rows.s[k]).abs().argmin()), int((times - rows.t[k]).abs().argmin())
+        assert i < j and times[i] == rows.s[k] and times[j] == rows.t[k]
+        match = [(torch.equal(tr[i], rows.x_s[k]) and torch.equal(tr[j], rows.x_t[k])) for tr in run.data.trajectories]
+        assert any(match)
+    assert not torch.equal(run.make_batch(1).trajectory.x_s, rows.x_s)  # a new draw each step
+
+
+def test_a_run_with_trajectories_trains_logs_and_resumes_bit_for_bit(tiny_teacher_dir, tmp_path):
+    kw = dict(trajectory_fraction=0.25, batch_size=8)
+    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "a", max_steps=8, **kw), show_progress=False)
+    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "b", max_steps=4, **kw), show_progress=False)
+    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "b", max_steps=8, **kw), show_progress=False)
+    a = load_file(tmp_path / "a" / "checkpoints" / "step-00000008" / "student.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "step-00000008" / "student.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "c", max_steps=8, batch_size=8), show_progress=False)
+    c = load_file(tmp_path / "c" / "checkpoints" / "step-00000008" / "student.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the trajectory rows change the update
+    import json
+
+    history = json.loads((tmp_path / "a" / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())["history"]
+    assert len(history) == 8 and all(h["trajectory"] > 0 for h in history)
+
+
+def test_an_analytic_teacher_has_no_pool_to_supervise_from(tmp_path):
+    cfg = RunConfig(teacher="builtin:checkerboard", output=str(tmp_path / "x"), trajectory_fraction=0.25,
+                    max_steps=2)
+    with pytest.raises(ConfigError, match="needs a data-free pool"):
+        run_distillation(cfg, show_progress=False)
+    assert not (tmp_path / "x" / "config.json").exists()
+    make_objective("itvm")  # the registry is untouched by the wrapper
