@@ -114,6 +114,19 @@ ROWS: dict[str, dict] = {
                        "ab": "itvm_default", "ab_weights": "ema"},
     "ab_diag0.25": {"args": ["--set", "diagonal_fraction=0.25", "--max-steps", "1500", *_keep(150)],
                     "what": "initial-velocity term on 25% diagonal pairs", "ab": "itvm_default"},
+    # trajectory supervision and the pool's solver, against the current defaults (export EMA with warm-up):
+    # EMA weights against ab_ema_warmup's EMA weights at the same step
+    **{name: {"args": [*extra, "--max-steps", "1500", *_keep(150)], "what": what, "ab": "ab_ema_warmup",
+              "ab_weights": "ema", "ab_base_weights": "ema"}
+       for name, extra, what in [
+           ("ab_traj0.25", ["--set", "trajectory_fraction=0.25"],
+            "25% of each batch on the pool's stored Euler-16 solves (trajectory_fraction 0.25)"),
+           ("ab_traj0.25_heun", ["--set", "trajectory_fraction=0.25", "--set", "pool_solver=heun"],
+            "25% of each batch on stored Heun-16 solves (the pool itself Heun-16)"),
+           ("ab_heun_pool", ["--set", "pool_solver=heun"], "a Heun-16 pool (32 NFE a sample), no trajectory rows"),
+           ("ab_traj0.5_heun", ["--set", "trajectory_fraction=0.5", "--set", "pool_solver=heun"],
+            "50% of each batch on stored Heun-16 solves"),
+       ]},
 }
 
 
@@ -437,12 +450,12 @@ def sweeps(points: dict) -> dict:
     return out
 
 
-def baseline_raw(points: dict, base: str) -> dict[int, dict]:
-    """Raw points of ``base`` by samples, with those of rows whose raw weights are the same run's
-    (``same_raw_as``: only the export EMA differs, so training is identical)."""
-    out = {p["samples"]: p for p in series(points.get(base, []), "raw")}
+def baseline_raw(points: dict, base: str, weights: str = "raw") -> dict[int, dict]:
+    """Points of ``base`` by samples (its raw weights, or ``weights``); raw points add those of rows whose raw
+    weights are the same run's (``same_raw_as``: only the export EMA differs, so training is identical)."""
+    out = {p["samples"]: p for p in series(points.get(base, []), weights)}
     for name, spec in ROWS.items():
-        if spec.get("same_raw_as") == base:
+        if weights == "raw" and spec.get("same_raw_as") == base:
             for p in series(points.get(name, []), "raw"):
                 out.setdefault(p["samples"], p)
     return out
@@ -483,7 +496,7 @@ def ab_table(points: dict) -> dict:
         if not base or not mine:
             continue
         last = mine[-1]
-        pool = baseline_raw(points, base)
+        pool = baseline_raw(points, base, spec.get("ab_base_weights", "raw"))
         same = [pool[last["samples"]]] if last["samples"] in pool else []
         entry = {"what": spec["what"], "weights": spec.get("ab_weights", "raw"), "step": last["step"],
                  "samples": last["samples"],
@@ -492,7 +505,8 @@ def ab_table(points: dict) -> dict:
                  "flow_map_error": {str(n): fd(last, n, "flow_map_error") for n in STUDENT_STEPS}}
         if same:
             b = same[0]
-            entry["baseline"] = {"row": base, "step": b["step"], "train_seconds": b["train_seconds"],
+            entry["baseline"] = {"row": base, "weights": spec.get("ab_base_weights", "raw"), "step": b["step"],
+                                 "train_seconds": b["train_seconds"],
                                  "fd": {str(n): fd(b, n) for n in STUDENT_STEPS},
                                  "flow_map_error": {str(n): fd(b, n, "flow_map_error") for n in STUDENT_STEPS}}
             entry["fd_ratio_to_baseline"] = {str(n): round(fd(last, n) / fd(b, n), 3) for n in STUDENT_STEPS}
