@@ -126,6 +126,9 @@ ROWS: dict[str, dict] = {
            ("ab_heun_pool", ["--set", "pool_solver=heun"], "a Heun-16 pool (32 NFE a sample), no trajectory rows"),
            ("ab_traj0.5_heun", ["--set", "trajectory_fraction=0.5", "--set", "pool_solver=heun"],
             "50% of each batch on stored Heun-16 solves"),
+           ("ab_traj_sampler_heun", ["--set", "trajectory_fraction=0.25", "--set", "pool_solver=heun", "--set",
+                                     "trajectory_time_sampling=dyadic", "--set", "trajectory_dyadic_levels=1"],
+            "25% of each batch on stored Heun-16 solves, only on the 1- and 2-step jumps"),
        ]},
 }
 

@@ -122,6 +122,8 @@ def test_trajectory_settings_are_checked():
         RunConfig(trajectory_fraction=0.25, data="/some/images").validate()
     with pytest.raises(ConfigError, match="trajectory_fraction must be in"):
         RunConfig(trajectory_fraction=1.0).validate()
+    with pytest.raises(ConfigError, match="trajectory_time_sampling"):
+        RunConfig(trajectory_time_sampling="sampler").validate()
     with pytest.raises(ConfigError, match="pool_solver"):
         RunConfig(pool_solver="rk4").validate()
     cfg, objective = resolve_settings(RunConfig(trajectory_fraction=0.25, trajectory_weight=2.0))
@@ -147,6 +149,13 @@ def test_batches_carry_rows_of_the_stored_solves(tiny_teacher_dir, tmp_path):
         match = [(torch.equal(tr[i], rows.x_s[k]) and torch.equal(tr[j], rows.x_t[k])) for tr in run.data.trajectories]
         assert any(match)
     assert not torch.equal(run.make_batch(1).trajectory.x_s, rows.x_s)  # a new draw each step
+    # on the 1- and 2-step samplers' jumps only: (0, 1), (0, 1/2), (1/2, 1)
+    run.cfg.trajectory_time_sampling, run.cfg.trajectory_dyadic_levels = "dyadic", 1
+    pairs = set()
+    for step in range(30):
+        b = run.make_batch(step).trajectory
+        pairs |= {(round(float(s), 4), round(float(t), 4)) for s, t in zip(b.s, b.t)}
+    assert pairs == {(0.0, 1.0), (0.0, 0.5), (0.5, 1.0)}
 
 
 def test_a_run_with_trajectories_trains_logs_and_resumes_bit_for_bit(tiny_teacher_dir, tmp_path):

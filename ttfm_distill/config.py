@@ -84,6 +84,10 @@ class RunConfig:
     trajectory_fraction: float = 0.0
     #: weight of those rows' loss against the objective's rows
     trajectory_weight: float = 1.0
+    #: how those rows' pairs are drawn (as time_sampling / dyadic_levels; unset: the run's own), e.g. "dyadic"
+    #: with levels 1 puts them on the 1- and 2-step samplers' jumps only
+    trajectory_time_sampling: str | None = None
+    trajectory_dyadic_levels: int | None = None
     mlp_width: int = 256
     mlp_depth: int = 4
     mixed_precision: str = "no"
@@ -150,6 +154,11 @@ class RunConfig:
         if not 0 <= self.trajectory_fraction < 1 or not self.trajectory_weight >= 0:
             raise ConfigError(f"trajectory_fraction must be in [0, 1) and trajectory_weight >= 0, got "
                               f"{self.trajectory_fraction} and {self.trajectory_weight}")
+        if self.trajectory_time_sampling not in (None, "uniform", "dyadic", "mixed"):
+            raise ConfigError("trajectory_time_sampling must be one of uniform, dyadic, mixed (or unset), got "
+                              f"{self.trajectory_time_sampling!r}")
+        if self.trajectory_dyadic_levels is not None and int(self.trajectory_dyadic_levels) < 0:
+            raise ConfigError(f"trajectory_dyadic_levels must be >= 0, got {self.trajectory_dyadic_levels}")
         if self.trajectory_fraction > 0 and self.data != "teacher":
             raise ConfigError("trajectory_fraction needs the data-free pool (data=teacher): real data has no "
                               "teacher trajectories; set trajectory_fraction=0 or drop --data")

@@ -340,7 +340,9 @@ class Distillation:
 
         cfg = self.cfg
         rows = torch.randint(0, self.data.trajectories.shape[0], (m,), generator=g)
-        su, tu = sample_time_pairs(m, cfg.time_sampling, 0.0, cfg.dyadic_levels, generator=g)
+        mode = cfg.trajectory_time_sampling or cfg.time_sampling
+        levels = cfg.dyadic_levels if cfg.trajectory_dyadic_levels is None else cfg.trajectory_dyadic_levels
+        su, tu = sample_time_pairs(m, mode, 0.0, levels, generator=g)
         i, j = grid_pairs(su, tu, self.data.trajectories.shape[1] - 1)
         x_s, x_t, s, t, cond = self.data.trajectory_rows(rows, i, j)
         if cfg.guidance_range is not None:  # the pool was solved at the default scale: so are its targets
