@@ -132,6 +132,8 @@ ROWS: dict[str, dict] = {
            ("ab_ema_only", ["-L", "reading=ema_only"], "ITVM's EMA-only reading (the student's own segments)"),
            ("ab_initial_on_all", ["-L", "initial_on_all=true"],
             "the initial-velocity term on every pair (u(x_s, s, s) against the teacher)"),
+           ("ab_tau0.25_sub3", ["-L", "tau=0.25", "-L", "teacher_substeps=3"],
+            "tau 0.25 taken in 3 Heun substeps (a shorter chain of student segments at the same step accuracy)"),
            ("ab_traj_sampler_heun", ["--set", "trajectory_fraction=0.25", "--set", "pool_solver=heun", "--set",
                                      "trajectory_time_sampling=dyadic", "--set", "trajectory_dyadic_levels=1"],
             "25% of each batch on stored Heun-16 solves, only on the 1- and 2-step jumps"),

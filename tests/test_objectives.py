@@ -36,6 +36,19 @@ def test_itvm_teacher_step_error_shrinks_with_tau(gaussian_case):
     assert losses[1] / losses[2] > 3.0  # squared residual: at least ~4x per halving once tau is small
 
 
+def test_itvm_teacher_substeps_shrink_the_segment_error_at_a_long_tau(gaussian_case):
+    """At tau 0.2, k Euler substeps of the teacher segment cut the exact map's defect (O(tau^2 / k) in u)."""
+    teacher, exact = gaussian_case
+    batch = make_batch(diag=0.0)
+    losses = [loss_of(make_objective("itvm", tau=0.2, teacher_solver="euler", teacher_substeps=k), exact, teacher,
+                      batch) for k in (1, 2, 4)]
+    assert losses[0] / losses[1] > 3.0 and losses[1] / losses[2] > 3.0, losses
+    one = make_objective("itvm", tau=0.2, teacher_solver="euler")
+    assert loss_of(one, exact, teacher, batch) == losses[0]  # substeps=1 is the default arithmetic
+    with pytest.raises(Exception, match="teacher_substeps"):
+        make_objective("itvm", teacher_substeps=0)
+
+
 def test_itvm_ema_only_reading_and_teacher_target_vanish_on_exact_map(gaussian_case):
     teacher, exact = gaussian_case
     batch = make_batch()

@@ -71,6 +71,8 @@ class ItvmObjective(Objective):
         tau: float = 0.1
         tau_mode: str = "absolute"
         teacher_solver: str = "heun"
+        #: Euler/Heun steps the teacher segment of length tau is taken in (a longer tau at the same accuracy)
+        teacher_substeps: int = 1
         target_model: str = "student"
         teacher_target_steps: int = 8
         lambda_initial: float = 1.0
@@ -88,6 +90,7 @@ class ItvmObjective(Objective):
             (o.teacher_solver in ("euler", "heun"), "teacher_solver must be 'euler' or 'heun'"),
             (o.target_model in TARGET_MODELS, f"target_model must be one of {TARGET_MODELS}"),
             (o.teacher_target_steps >= 1, "teacher_target_steps must be >= 1"),
+            (o.teacher_substeps >= 1, "teacher_substeps must be >= 1"),
             (o.lambda_initial >= 0 and o.lambda_terminal >= 0, "lambdas must be >= 0"),
         ]
         for ok, msg in checks:
@@ -105,6 +108,13 @@ class ItvmObjective(Objective):
         o = self.options
         tau = o.tau * (t - s) if o.tau_mode == "relative" else torch.full_like(s, o.tau)
         return torch.minimum(tau, t - s)
+
+    def _teacher_segment(self, teacher, y, r, h, cond):
+        """Average teacher velocity over ``[r, r + h]`` from ``y`` in ``teacher_substeps`` steps."""
+        o = self.options
+        if o.teacher_substeps == 1:
+            return teacher_segment_velocity(teacher, y, r, h, cond, o.teacher_solver)
+        return teacher_solve_velocity(teacher, y, r, r + h, cond, o.teacher_substeps, o.teacher_solver)
 
     def _long_segment(self, student, ema, teacher, x, a, b, cond):
         """Average velocity over ``[a, b]`` from the target model (no grad)."""
@@ -153,11 +163,11 @@ class ItvmObjective(Objective):
             r = t - tau
             u_long = self._long_segment(student, ema, teacher, x, s, r, cond)
             y = x + broadcast_time(r - s, x) * u_long
-            v_seg = teacher_segment_velocity(teacher, y, r, tau, cond, o.teacher_solver)
+            v_seg = self._teacher_segment(teacher, y, r, tau, cond)
             return lerp_velocities(w, u_long, v_seg)
         # initial: teacher step first, then the long segment
         r = s + tau
-        v_seg = teacher_segment_velocity(teacher, x, s, tau, cond, o.teacher_solver)
+        v_seg = self._teacher_segment(teacher, x, s, tau, cond)
         y = x + broadcast_time(tau, x) * v_seg
         u_long = self._long_segment(student, ema, teacher, y, r, t, cond)
         return lerp_velocities(1.0 - w, v_seg, u_long)
