@@ -141,6 +141,14 @@ ROWS: dict[str, dict] = {
                                      "trajectory_time_sampling=dyadic", "--set", "trajectory_dyadic_levels=1"],
             "25% of each batch on stored Heun-16 solves, only on the 1- and 2-step jumps"),
        ]},
+    # a second seed for the candidate default, at the default run's 1200 steps (final point only)
+    "s1_default": {"args": ["--seed", "1", "--max-steps", "1200", *_keep(600)],
+                   "what": "seed 1: the defaults at the default run's 1200 steps", "group": "seed 1"},
+    "s1_traj_1step_heun": {"args": ["--seed", "1", "--max-steps", "1200", "--set", "trajectory_fraction=0.125", "--set",
+                                    "pool_solver=heun", "--set", "trajectory_time_sampling=dyadic", "--set",
+                                    "trajectory_dyadic_levels=0", *_keep(600)],
+                           "what": "seed 1: 1-step-only trajectory rows (12.5%, Heun-16 pool), 1200 steps",
+                           "group": "seed 1"},
 }
 
 
