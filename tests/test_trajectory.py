@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from test_data import FakeTeacher
 from test_faults import tiny_cfg
 from ttfm_distill.config import ConfigError, RunConfig
-from ttfm_distill.data.pool import build_pool
+from ttfm_distill.data.pool import build_pool, kept_states, trajectory_states
 from ttfm_distill.objectives import TrainBatch, make_objective
 from ttfm_distill.objectives.timesampling import grid_pairs, sample_time_pairs
 from ttfm_distill.objectives.trajectory import TrajectoryRows, TrajectorySupervised, trajectory_loss
@@ -109,6 +109,19 @@ def test_pool_keeps_trajectories_in_a_file_of_its_own_with_the_same_samples(tmp_
     heun_cfg = RunConfig(pool_size=40, pool_steps=4, seed=2, pool_solver="heun")
     h = build_pool(FakeTeacher((1, 4, 4)), heun_cfg, tmp_path, "cpu", lambda m: None)
     assert "heun" in h.report["solver"] and not torch.allclose(h.samples, plain.samples)
+
+
+def test_a_pool_keeps_only_the_states_its_pairs_can_use(tmp_path):
+    assert kept_states(16, "dyadic", 0) == [0, 16] and kept_states(16, "dyadic", 2) == [0, 4, 8, 12, 16]
+    assert kept_states(16, "mixed", 0) == list(range(17)) and kept_states(12, "dyadic", 3) == list(range(13))
+    cfg = RunConfig(pool_size=40, pool_steps=4, seed=2, trajectory_fraction=0.125, trajectory_time_sampling="dyadic",
+                    trajectory_dyadic_levels=0)
+    assert trajectory_states(cfg) == [0, 4] and trajectory_states(RunConfig()) == []
+    pool = build_pool(FakeTeacher((1, 4, 4)), cfg, tmp_path, "cpu", lambda m: None)
+    assert pool.trajectories.shape == (40, 2, 1, 4, 4) and pool.times.tolist() == [0.0, 1.0]
+    assert torch.equal(pool.trajectories[:, 1], pool.samples) and "-traj2-" in pool.report["path"]
+    x_s, x_t, s, t, _ = pool.trajectory_rows(torch.tensor([3, 5]), *grid_pairs(torch.zeros(2), torch.ones(2), 1))
+    assert s.tolist() == [0.0, 0.0] and t.tolist() == [1.0, 1.0] and torch.equal(x_t, pool.samples[[3, 5]])
 
 
 def test_trajectory_settings_are_checked():

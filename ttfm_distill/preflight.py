@@ -160,7 +160,11 @@ def check_memory(cfg: RunConfig, teacher, device) -> None:
     check_fits(per_sample * cfg.batch_size * TRAIN_COPIES, f"batch_size {cfg.batch_size}",
                "lower --batch-size (or use grad_accum_steps)", device)
     if cfg.data == "teacher":
-        check_fits(per_sample * cfg.pool_size * 2, f"pool_size {cfg.pool_size}", "lower --set pool_size", "cpu")
+        from .data.pool import trajectory_states
+
+        states = len(trajectory_states(cfg))
+        what = f"pool_size {cfg.pool_size}" + (f" with {states} trajectory states a sample" if states else "")
+        check_fits(per_sample * cfg.pool_size * (2 + states), what, "lower --set pool_size", "cpu")
     check_fits(per_sample * cfg.eval_samples * 8, f"eval_samples {cfg.eval_samples}", "lower --set eval_samples",
                "cpu")
 

@@ -27,8 +27,8 @@ POOL_CHUNK = 256
 class TeacherPool(TensorSource):
     """Pool rows ``samples (N, *data_shape)`` with optional per-row conditioning ``cond`` (dict of ``(N, ...)``).
 
-    ``trajectories`` (optional): every state of each row's solve, ``(N, K + 1, *data_shape)``, at the
-    times ``times`` ``(K + 1,)`` (``[:, 0]`` the noise, ``[:, -1]`` the sample).
+    ``trajectories`` (optional): states of each row's solve, ``(N, S, *data_shape)``, at the times ``times``
+    ``(S,)``, an evenly spaced subset of the solve's grid (``[:, 0]`` the noise, ``[:, -1]`` the sample).
     """
 
     def __init__(self, samples: torch.Tensor, cond: dict | None = None, prompts=None, report=None,
@@ -75,6 +75,26 @@ class _NoiseStream:
         return self.generator
 
 
+def kept_states(steps: int, mode: str | None, levels: int) -> list[int]:
+    """Indices of a ``steps``-step solve's states the trajectory rows can use.
+
+    Dyadic pairs of levels ``0..levels`` only ever start and end on multiples of ``steps / 2**levels``, so
+    only those are kept (the noise and the sample alone for the 1-step jump); other pair draws need them all.
+    """
+    if mode == "dyadic" and steps % (2 ** levels) == 0:
+        return list(range(0, steps + 1, steps // 2 ** levels))
+    return list(range(steps + 1))
+
+
+def trajectory_states(cfg) -> list[int]:
+    """The states of the pool's solves that ``cfg``'s trajectory rows need (none without trajectory rows)."""
+    if getattr(cfg, "trajectory_fraction", 0.0) <= 0:
+        return []
+    mode = cfg.trajectory_time_sampling or cfg.time_sampling
+    levels = cfg.dyadic_levels if cfg.trajectory_dyadic_levels is None else cfg.trajectory_dyadic_levels
+    return kept_states(cfg.pool_steps, mode, int(levels))
+
+
 def prompt_conditioning(teacher, cfg, n: int, cache_dir: Path | None, progress, log):
     """For a text teacher given ``--prompts``: ``(PromptRows of n random lines, cache-name tag)``, else ``(None, "")``."""
     if teacher.conditioning != "text" or not getattr(cfg, "prompts", None):
@@ -101,7 +121,8 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
                velocity=None) -> TeacherPool:
     """The cached, resumable data-free pool of ``cfg.pool_size`` teacher samples (``cfg.pool_solver``, ``cfg.pool_steps``).
 
-    With ``cfg.trajectory_fraction > 0`` every state of each solve is kept too (a pool file of its own).
+    With ``cfg.trajectory_fraction > 0`` the states of each solve its trajectory rows need are kept too
+    (:func:`trajectory_states`; a pool file of its own).
 
     ``velocity(x, t, cond)``: the field to integrate (default ``teacher.velocity``).
     ``cache_dir``: where prompt embeddings are cached (text teachers with ``--prompts``).
@@ -115,8 +136,10 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
     # keyed on the teacher's weights too: a teacher replaced at the same path never reuses an old pool
     key = f"-t{cfg.teacher_fingerprint[:12]}" if getattr(cfg, "teacher_fingerprint", None) else ""
     solver = getattr(cfg, "pool_solver", "euler")
-    keep = getattr(cfg, "trajectory_fraction", 0.0) > 0
-    path = Path(cache) / f"pool-n{n}-{solver}{cfg.pool_steps}{'-traj' if keep else ''}-seed{cfg.seed}{tag}{key}.safetensors"
+    states = trajectory_states(cfg)
+    keep = bool(states)
+    traj = f"-traj{len(states)}" if keep else ""
+    path = Path(cache) / f"pool-n{n}-{solver}{cfg.pool_steps}{traj}-seed{cfg.seed}{tag}{key}.safetensors"
     grid = uniform_time_grid(cfg.pool_steps, teacher.shift).to(device)
     noise = _NoiseStream(teacher, cfg.seed + 7919)
     drawn = {}  # sample_cond's draw, made only if a chunk has to be generated
@@ -129,10 +152,10 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
         if prompt_rows is not None:
             chunk.update({k: v.to(device) for k, v in prompt_rows.rows(torch.arange(start, stop)).items()})
         field = (lambda x, t: velocity(x, t, chunk)) if chunk else velocity
-        states = solve_trajectory(field, noise.rows(start, stop).to(device), grid, solver).float()
-        out = {"samples": states[:, -1].contiguous()}
+        solve = solve_trajectory(field, noise.rows(start, stop).to(device), grid, solver).float()
+        out = {"samples": solve[:, -1].contiguous()}
         if keep:
-            out["trajectories"] = states
+            out["trajectories"] = solve[:, states].contiguous()
         if not bool(torch.isfinite(out["samples"]).all()):  # never cached: a fixed teacher must run again
             bad = int((~torch.isfinite(out["samples"].flatten(1))).any(1).sum())
             raise DataError(f"the teacher's ODE gave NaN/Inf in {bad} pool samples (rows {start}-{stop}, not cached); "
@@ -164,6 +187,7 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
         took = f", generated in {rep.first_build_seconds:.1f}s" if rep.first_build_seconds is not None else ""
         log(f"data-free pool: {n} teacher samples from the cache{took} ({path})")
     if keep:
-        report["trajectories"] = {"states": cfg.pool_steps + 1, "bytes": tensors["trajectories"].nbytes}
+        report["trajectories"] = {"states": len(states), "times": [round(float(grid[i]), 6) for i in states],
+                                  "bytes": tensors["trajectories"].nbytes}
     return TeacherPool(tensors["samples"], stored or None, prompt_rows, report,
-                       tensors.get("trajectories"), grid.cpu() if keep else None)
+                       tensors.get("trajectories"), grid.cpu()[states] if keep else None)
