@@ -135,6 +135,8 @@ ROWS: dict[str, dict] = {
            ("ab_traj_1step_heun", ["--set", "trajectory_fraction=0.125", "--set", "pool_solver=heun", "--set",
                                    "trajectory_time_sampling=dyadic", "--set", "trajectory_dyadic_levels=0"],
             "12.5% of each batch on stored Heun-16 solves, only on the 1-step jump (0, 1)"),
+           ("ab_real_data", ["--data", "fashion-mnist"],
+            "real Fashion-MNIST training images instead of the data-free pool (the same ITVM targets)"),
            ("ab_tau0.25_sub3", ["-L", "tau=0.25", "-L", "teacher_substeps=3"],
             "tau 0.25 taken in 3 Heun substeps (a shorter chain of student segments at the same step accuracy)"),
            ("ab_traj_sampler_heun", ["--set", "trajectory_fraction=0.25", "--set", "pool_solver=heun", "--set",
