@@ -213,10 +213,14 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 
 
 def training_start(run: Path) -> float | None:
-    """The pool file's mtime: written just before the first training step."""
+    """The pool file's mtime: written just before the first training step (real data: config.json's, written
+    once the data is ready)."""
     pools = sorted((run / "cache").glob("pool-*.safetensors"))
     # the oldest: a run resumed by newer code may have written a second, re-keyed pool file on the way
-    return min(p.stat().st_mtime for p in pools) if pools else None
+    if pools:
+        return min(p.stat().st_mtime for p in pools)
+    config = run / "config.json"
+    return config.stat().st_mtime if config.exists() else None
 
 
 def busy_elsewhere(run: Path, seconds: float = 180.0) -> bool:
