@@ -88,7 +88,7 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
     ``velocity(x, t, cond)``: the field to integrate (default ``teacher.velocity``).
     ``cache_dir``: where prompt embeddings are cached (text teachers with ``--prompts``).
     """
-    from ..sampling import euler, uniform_time_grid
+    from ..sampling import euler, resolve_time_grid, time_grid
     from .cache import build_chunked
 
     velocity = velocity or teacher.velocity
@@ -96,8 +96,11 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
     prompt_rows, tag = prompt_conditioning(teacher, cfg, n, cache_dir, progress, log)
     # keyed on the teacher's weights too: a teacher replaced at the same path never reuses an old pool
     key = f"-t{cfg.teacher_fingerprint[:12]}" if getattr(cfg, "teacher_fingerprint", None) else ""
-    path = Path(cache) / f"pool-n{n}-euler{cfg.pool_steps}-seed{cfg.seed}{tag}{key}.safetensors"
-    grid = uniform_time_grid(cfg.pool_steps, teacher.shift).to(device)
+    io = getattr(teacher, "io", None)
+    kind = resolve_time_grid(getattr(cfg, "time_grid", "uniform"), io)
+    gtag = "" if kind == "uniform" else f"-{kind}"
+    path = Path(cache) / f"pool-n{n}-euler{cfg.pool_steps}{gtag}-seed{cfg.seed}{tag}{key}.safetensors"
+    grid = time_grid(cfg.pool_steps, teacher.shift, kind, io).to(device)
     noise = _NoiseStream(teacher, cfg.seed + 7919)
     drawn = {}  # sample_cond's draw, made only if a chunk has to be generated
 
@@ -121,7 +124,8 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
                                  description="data-free pool (teacher ODE)",
                                  metadata={"teacher": str(teacher.name), "solver": f"euler{cfg.pool_steps}"})
     stored = {k.removeprefix("cond."): v for k, v in tensors.items() if k.startswith("cond.")}
-    report = {"source": "teacher", "samples": n, "solver": f"euler {cfg.pool_steps} steps", "path": str(path),
+    report = {"source": "teacher", "samples": n, "solver": f"euler {cfg.pool_steps} steps",
+              "time_grid": kind, "path": str(path),
               "cache": "hit" if rep.built_rows == 0 else ("resumed" if rep.resumed_rows else "built"),
               "seconds": round(rep.seconds, 2),
               "generation_seconds": None if rep.first_build_seconds is None else round(rep.first_build_seconds, 2),
