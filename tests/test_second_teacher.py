@@ -20,9 +20,8 @@ def _acp():
 @pytest.fixture(scope="module")
 def ddpm_teacher_dir(tmp_path_factory):
     """A tiny random epsilon UNet with diffusers' DDPMScheduler (linear betas, clip_sample on)."""
-    from diffusers import DDPMScheduler
-
     from conftest import tiny_unet
+    from diffusers import DDPMScheduler
 
     root = tmp_path_factory.mktemp("ddpm")
     torch.manual_seed(0)
@@ -65,9 +64,8 @@ def test_euler_on_the_timesteps_grid_is_diffusers_ddim():
     trailing spacing): the convention and the grid agree with diffusers' own sampler.  Without the clip: where
     the clamp acts, DDIM re-mixes the clamped data estimate with the network's noise estimate, which no
     velocity field does (docs/second-teacher.md)."""
-    from diffusers import DDIMScheduler
-
     from conftest import tiny_unet
+    from diffusers import DDIMScheduler
 
     torch.manual_seed(0)
     net = tiny_unet().eval()
@@ -135,7 +133,12 @@ def test_velocity_output_caps_the_conversion_gradient_and_adds_a_gain_one_head(d
 
 
 def test_velocity_student_round_trip_and_missing_head_is_one_line(ddpm_teacher_dir, tmp_path):
-    from ttfm_distill.export import StudentLoadError, export_student, load_student, run_record
+    from ttfm_distill.export import (
+        StudentLoadError,
+        export_student,
+        load_student,
+        run_record,
+    )
     from ttfm_distill.objectives import make_objective
     from ttfm_distill.teachers.loading import load_teacher
     from ttfm_distill.trainer import build_student
@@ -181,6 +184,10 @@ def test_native_default_and_old_configs_read_as_native(ddpm_teacher_dir):
     teacher = load_teacher(str(ddpm_teacher_dir))
     assert resolve_student_output("native", teacher.io) == "native"
     assert resolve_student_output("auto", C.NetworkIO(C.TimestepUnits())) == "native"
+    assert resolve_student_output("auto", teacher.io) == "velocity"  # the measured default for epsilon teachers
+    assert resolve_student_output("auto", C.DiffusionIO(_acp(), "v_prediction")) == "native"
+    assert build_student(teacher, RunConfig()).student_output == "velocity"
+    assert resolve_student_output("auto", teacher.io, torch.nn.Linear(2, 2)) == "native"  # no conv_out: no head
     student = build_student(teacher, RunConfig(student_output="native"))
     assert student.velocity_head is None
     old = StudentConfig.from_dict({"format": "ttfm-distill-student", "data_shape": [1, 8, 8]})
@@ -195,3 +202,16 @@ def test_bad_settings_are_one_line_errors():
     with pytest.raises(ConfigError, match="LoRA"):
         RunConfig(student_output="velocity", lora_rank=4).validate()
     assert RunConfig().validate().time_grid == "uniform"
+
+
+# --------------------------------------------------------------- warnings --
+def test_a_runs_metrics_warn_of_student_samples_out_of_range():
+    """``run`` (metrics.json) now says it too, as ``eval`` did: the velocity student's 1-step samples overshoot."""
+    from ttfm_distill.evaluate import quality_warnings
+    from ttfm_distill.report import MEASURES
+
+    assert "out_of_range" in MEASURES
+    metrics = {"fd_test_images": {"student": {"1": 137.7, "2": 39.7}, "teacher_euler": {"1": 750.9, "2": 190.8}},
+               "out_of_range": {"student": {"1": 0.598, "2": 0.0}, "teacher_euler": {"1": 0.0, "2": 0.001}}}
+    lines = quality_warnings(metrics)
+    assert lines == ["student samples out of range (a pixel beyond +-1.5) at 1 step(s): 59.8%"]

@@ -276,7 +276,6 @@ def eval_(
 
         detector = load_inception(inception) if inception else None  # a bad file fails before the models load
         from .rundir import writer_lock
-
         from .sampling import resolve_time_grid
 
         if time_grid is not None and time_grid not in ("uniform", "timesteps"):

@@ -174,8 +174,12 @@ class DiffusionIO(NetworkIO):
     ``clip_sample`` is on (else ``None``).  The data estimate inside the
     velocity is then clamped to ``[-clip_sample, clip_sample]``, as diffusers'
     DDPM/DDIM schedulers clamp their predicted original sample; the noise
-    estimate is left as the network made it, so an Euler step on the linear
-    path is exactly a clipped DDIM step.  Teacher and student read their
+    estimate is left as the network made it.  Where the clamp does not act an
+    Euler step on the linear path is exactly a DDIM step; where it acts it is
+    not: DDIM re-mixes the clamped data estimate with the noise estimate
+    (``x' = alpha' * data_c + sigma' * eps``), which moves the state by
+    ``t * (data_c - data)`` beyond any velocity field's step (measured in
+    docs/second-teacher.md: the field here gave the better FD).  Teacher and student read their
     output through the same clamp, so the student still equals the teacher at
     initialisation.
     """
@@ -258,7 +262,7 @@ class DiffusionIO(NetworkIO):
     def output_gain(self, t: torch.Tensor) -> torch.Tensor:
         """``|d velocity / d output|`` per unit of network output at package time ``t`` (unclamped, float64).
 
-        ``epsilon``: ``(alpha + sigma) / alpha`` (about 157 at the noise end of a linear-beta DDPM schedule);
+        ``epsilon``: ``(alpha + sigma) / alpha`` (158.4 at the noise end of a linear-beta DDPM schedule);
         ``sample``: ``(alpha + sigma) / sigma``; ``v_prediction``: ``alpha + sigma`` (at most sqrt(2)).
         """
         alpha, sigma = self.alpha_sigma(t)

@@ -500,7 +500,7 @@ def quality_warnings(report: dict) -> list[str]:
         student = res.get("student", {})
         teachers = {k: v for k, v in res.items() if k.startswith("teacher")}
     else:  # a run's metrics.json: {measure: {"student": {N: v}, "teacher_euler": {N: v}}}
-        tables = {m: report[m] for m in ("flow_map_error", "fd_test_images", "fd_teacher_fine")
+        tables = {m: report[m] for m in ("flow_map_error", "fd_test_images", "fd_teacher_fine", "out_of_range")
                   if isinstance(report.get(m), dict)}
 
         def rows(who):

@@ -18,7 +18,7 @@ REPORT_STEPS = (1, 2, 4)
 #: samples per row of the image figure
 FIGURE_ROWS = 10
 #: the measures copied from the evaluation into metrics.json, each as {"student": {N: v}, "teacher_euler": {N: v}}
-MEASURES = ("flow_map_error", "fd_test_images", "fd_teacher_fine", "kl")
+MEASURES = ("flow_map_error", "fd_test_images", "fd_teacher_fine", "kl", "out_of_range")
 
 
 def run_report(student, teacher, num: int, seed: int, reference_steps: int, device,

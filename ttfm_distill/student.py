@@ -215,14 +215,19 @@ STUDENT_CLASSES = {"TwoTimeFlowMap": ("ttfm_distill.student", "TwoTimeFlowMap"),
 
 
 #: what student_output=auto means, by how the teacher's network is read (NetworkIO.prediction_type): chosen by
-#: the measurement of docs/second-teacher.md
-AUTO_STUDENT_OUTPUT = {"flow": "native"}
+#: the measurement of docs/second-teacher.md (an epsilon DDPM teacher: velocity beat native at 1/2/4/8 steps);
+#: flow teachers keep their tuned defaults; v_prediction and sample teachers were not measured
+AUTO_STUDENT_OUTPUT = {"flow": "native", "epsilon": "velocity"}
 
 
-def resolve_student_output(kind: str, io=None) -> str:
-    """``native`` or ``velocity`` for the setting ``kind`` (``auto`` decides by the teacher's prediction type)."""
+def resolve_student_output(kind: str, io=None, network: nn.Module | None = None) -> str:
+    """``native`` or ``velocity`` for the setting ``kind``: ``auto`` decides by the teacher's prediction type,
+    and picks ``velocity`` only for a backbone that has the UNet ``conv_out`` the head reads."""
     if kind == "auto":
-        return AUTO_STUDENT_OUTPUT.get(getattr(io, "prediction_type", "flow"), "native")
+        kind = AUTO_STUDENT_OUTPUT.get(getattr(io, "prediction_type", "flow"), "native")
+        if network is not None and not isinstance(getattr(network, "conv_out", None), nn.Conv2d):
+            kind = "native"
+        return kind
     if kind not in STUDENT_OUTPUTS:
         raise InputError(f"student_output must be auto or one of {', '.join(STUDENT_OUTPUTS)}, got {kind!r}")
     return kind

@@ -55,7 +55,7 @@ def build_student(teacher, cfg: RunConfig):
 
         return TwoTimeFlowMap(network, second_time_input=cfg.second_time_input, adapter=teacher.adapter, io=teacher.io,
                               null_text=teacher.null_text, guidance=guidance,
-                              student_output=resolve_student_output(cfg.student_output, teacher.io))
+                              student_output=resolve_student_output(cfg.student_output, teacher.io, network))
     if cfg.student_output not in ("auto", "native"):
         raise ConfigError(f"student_output={cfg.student_output} is for diffusers teachers; {teacher.name} trains an "
                           "MLP student: use student_output=native")
