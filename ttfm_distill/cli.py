@@ -251,6 +251,7 @@ def eval_(
     teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Override the teacher recorded in the student's ttfm_config.json."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle teacher weights when there are no safetensors."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per network call (default 256 for images, 8192 for 2-D)."),
+    time_grid: Optional[str] = typer.Option(None, "--time-grid", help="Grid of every sampler: uniform or timesteps (default: the student's)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Score the student against the teacher's Euler and Heun samplers at the same NFE; writes JSON and a PNG."""
@@ -275,14 +276,18 @@ def eval_(
 
         detector = load_inception(inception) if inception else None  # a bad file fails before the models load
         from .rundir import writer_lock
+        from .sampling import resolve_time_grid
 
-        folder, student, _, t = load_student_and_teacher(model or DEFAULT_OUTPUT, teacher, allow_pickle)
+        if time_grid is not None and time_grid not in ("uniform", "timesteps"):
+            raise EvalError(f"--time-grid must be uniform or timesteps, got {time_grid!r}")
+        folder, student, config, t = load_student_and_teacher(model or DEFAULT_OUTPUT, teacher, allow_pickle)
+        grid = resolve_time_grid(time_grid or config.time_grid, getattr(t, "io", None))
         target = output or (folder.parent if folder.name == "student" else folder) / "eval.json"
         png = plot or target.with_suffix(".png")
         with writer_lock(target.parent, "eval"):  # refused while a run trains in that folder
             report = evaluate_student(student, t, step_list, teacher_list, num=num, seed=seed,
                                       reference_steps=reference_steps, batch_size=batch_size,
-                                      inception=detector, show_progress=not quiet)
+                                      inception=detector, show_progress=not quiet, time_grid=grid)
             report = {"model": str(folder), **report}
             from .evaluate import quality_warnings, run_data_report
 

@@ -114,6 +114,14 @@ class RunConfig:
     lora_export: str = "merged"
     #: also write the module files that let diffusers load the export without ttfm-distill (trust_remote_code)
     standalone: bool = False
+    # second teachers (docs/second-teacher.md)
+    #: the time grid of the data-free pool's Euler solve, the run report's samplers and the student's sampler:
+    #: "uniform" in package time, or "timesteps" (uniform in a diffusion scheduler's discrete timesteps, as DDIM
+    #: spaces them; the uniform grid for flow teachers). Uniform was better on the DDPM teacher measured
+    time_grid: str = "uniform"
+    #: how the student's network output becomes its average velocity: "native" (the teacher's conversion),
+    #: "velocity" (plus a zero-initialised gain-1 velocity head, conversion gradient capped), or "auto" (by teacher kind)
+    student_output: str = "auto"
     #: filled in by the run, not a setting: a key of the teacher's weights, so a replaced teacher never resumes
     teacher_fingerprint: str | None = None
 
@@ -178,10 +186,14 @@ class RunConfig:
             "data_channels": ("convert", "strict"),
             "data_range": ("auto", "0-255", "0-1", "-1-1"),
             "lora_export": ("merged", "adapters"),
+            "time_grid": ("uniform", "timesteps"),
+            "student_output": ("auto", "native", "velocity"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.student_output == "velocity" and int(self.lora_rank) > 0:
+            raise ConfigError("student_output=velocity is not supported with LoRA students; use student_output=native")
         return self
 
     def default_guidance(self) -> float:

@@ -148,6 +148,10 @@ class NetworkIO:
     def velocity(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.units.velocity(out)
 
+    def output_gain(self, t: torch.Tensor) -> torch.Tensor:
+        """``|d velocity / d output|`` at package time ``t`` (``(B,)``, float64): 1 for a flow network."""
+        return torch.ones_like(t, dtype=torch.float64)
+
     def describe(self) -> dict:
         return {"prediction_type": "flow", "timestep_scale": self.units.scale, "reversed_time": self.units.reversed}
 
@@ -170,8 +174,12 @@ class DiffusionIO(NetworkIO):
     ``clip_sample`` is on (else ``None``).  The data estimate inside the
     velocity is then clamped to ``[-clip_sample, clip_sample]``, as diffusers'
     DDPM/DDIM schedulers clamp their predicted original sample; the noise
-    estimate is left as the network made it, so an Euler step on the linear
-    path is exactly a clipped DDIM step.  Teacher and student read their
+    estimate is left as the network made it.  Where the clamp does not act an
+    Euler step on the linear path is exactly a DDIM step; where it acts it is
+    not: DDIM re-mixes the clamped data estimate with the noise estimate
+    (``x' = alpha' * data_c + sigma' * eps``), which moves the state by
+    ``t * (data_c - data)`` beyond any velocity field's step (measured in
+    docs/second-teacher.md: the field here gave the better FD).  Teacher and student read their
     output through the same clamp, so the student still equals the teacher at
     initialisation.
     """
@@ -208,6 +216,29 @@ class DiffusionIO(NetworkIO):
         k_rev = (idx - 1).double() + frac
         return (len(rev) - 1) - k_rev
 
+    def t_of_timestep(self, k: torch.Tensor) -> torch.Tensor:
+        """Package time of the (fractional) network timestep ``k`` (log-SNR interpolated), float64.
+
+        The inverse of :meth:`timestep` inside ``[t_min, t_max]``: a scheduler's discrete timesteps as package times.
+        """
+        k = torch.as_tensor(k, dtype=torch.float64).clamp(0, len(self.log_snr) - 1)
+        lo = k.floor().long().clamp(max=len(self.log_snr) - 2)
+        frac = k - lo.double()
+        lam = self.log_snr[lo] * (1 - frac) + self.log_snr[lo + 1] * frac
+        return self._t_of_log_snr(lam)
+
+    def timestep_grid(self, steps: int) -> torch.Tensor:
+        """``steps + 1`` package times, 0 to 1, uniform in the network's timesteps (float64; sampling.time_grid).
+
+        The timesteps ``k_j = K (1 - j / steps) - 1`` for ``j < steps`` (DDIM's "trailing" spacing, unrounded)
+        read as package times, then the data end ``t = 1``; the first point is the noise end ``t = 0``, which the
+        network reads at its last timestep ``K - 1`` (the clamp to ``t_min``).
+        """
+        n = len(self.log_snr)
+        k = n * (1.0 - torch.arange(steps, dtype=torch.float64) / steps) - 1
+        one = torch.ones(1, dtype=torch.float64)
+        return torch.cat([0 * one, self.t_of_timestep(k[1:]), one])
+
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(alpha, sigma)`` with ``alpha^2 + sigma^2 = 1`` and ``alpha / sigma = t / (1 - t)`` (clamped ``t``)."""
         t = t.double().clamp(self.t_min, self.t_max)
@@ -227,6 +258,19 @@ class DiffusionIO(NetworkIO):
         if self.clip_sample is not None:
             data_hat = data_hat.clamp(-self.clip_sample, self.clip_sample)
         return data_hat - eps_hat
+
+    def output_gain(self, t: torch.Tensor) -> torch.Tensor:
+        """``|d velocity / d output|`` per unit of network output at package time ``t`` (unclamped, float64).
+
+        ``epsilon``: ``(alpha + sigma) / alpha`` (158.4 at the noise end of a linear-beta DDPM schedule);
+        ``sample``: ``(alpha + sigma) / sigma``; ``v_prediction``: ``alpha + sigma`` (at most sqrt(2)).
+        """
+        alpha, sigma = self.alpha_sigma(t)
+        if self.prediction_type == "epsilon":
+            return (alpha + sigma) / alpha
+        if self.prediction_type == "sample":
+            return (alpha + sigma) / sigma
+        return alpha + sigma
 
     def describe(self) -> dict:
         return {"prediction_type": self.prediction_type, "timesteps": len(self.log_snr),

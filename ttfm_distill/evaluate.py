@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 
 from .metrics import flow_map_error, frechet_distance, gaussian_stats, histogram_kl
-from .sampling import euler, fine_reference, heun, sample_flow_map, student_sampler, uniform_time_grid  # noqa: F401
+from .sampling import (euler, fine_reference, heun, sample_flow_map, student_sampler, time_grid,  # noqa: F401
+                       uniform_time_grid)
 from .errors import TTFMError
 
 
@@ -82,10 +83,12 @@ class Sampler:
     conditional: bool = False
 
 
-def student_flow_map_sampler(student, shift: float = 1.0, name: str = "student") -> Sampler:
-    """The student's N jumps on the uniform (teacher-shifted) grid: N evaluations."""
+def student_flow_map_sampler(student, shift: float = 1.0, name: str = "student", grid: str = "uniform",
+                             io=None) -> Sampler:
+    """The student's N jumps on the (teacher-shifted) ``grid`` (sampling.time_grid): N evaluations."""
+    io = io if io is not None else getattr(student, "io", None)
     return Sampler(name, lambda x, n, cond=None: sample_flow_map(student_sampler(student, cond), x,
-                                                                 uniform_time_grid(n, shift).to(x.device)),
+                                                                 time_grid(n, shift, grid, io).to(x.device)),
                    conditional=True)
 
 
@@ -93,18 +96,18 @@ def _bound(teacher, cond):
     return lambda x, t: teacher.velocity(x, t, cond)
 
 
-def teacher_euler_sampler(teacher) -> Sampler:
-    shift = float(teacher.shift)
+def teacher_euler_sampler(teacher, grid: str = "uniform") -> Sampler:
+    shift, io = float(teacher.shift), getattr(teacher, "io", None)
     return Sampler("teacher_euler", lambda x, n, cond=None: euler(_bound(teacher, cond), x,
-                                                                  uniform_time_grid(n, shift).to(x.device)),
+                                                                  time_grid(n, shift, grid, io).to(x.device)),
                    conditional=True)
 
 
-def teacher_heun_sampler(teacher) -> Sampler:
+def teacher_heun_sampler(teacher, grid: str = "uniform") -> Sampler:
     """Heun with ``nfe / 2`` steps; only even ``nfe >= 2`` (the report gives ``null`` for the rest)."""
-    shift = float(teacher.shift)
+    shift, io = float(teacher.shift), getattr(teacher, "io", None)
     return Sampler("teacher_heun", lambda x, n, cond=None: heun(_bound(teacher, cond), x,
-                                                                uniform_time_grid(n // 2, shift).to(x.device)),
+                                                                time_grid(n // 2, shift, grid, io).to(x.device)),
                    accepts=lambda n: n >= 2 and n % 2 == 0, conditional=True)
 
 
@@ -335,11 +338,12 @@ class Evaluation:
 
 def evaluate_student(student, teacher, steps=(1, 2, 4, 8), teacher_steps=None, num: int | None = None, seed: int = 0,
                      reference_steps: int = 32, batch_size: int | None = None, inception=None, device="cpu",
-                     show_progress: bool = False, console=None) -> dict:
+                     show_progress: bool = False, console=None, time_grid: str = "uniform") -> dict:
     """The ``eval`` report: the student (N jumps) and the teacher's Euler and Heun at the same NFE.
 
     ``teacher_steps``: NFEs for the teacher's samplers (default: ``steps``).
     ``inception``: a TorchScript Inception file (or the loaded module) for FID.
+    ``time_grid``: the grid every sampler steps on (the student's ``time_grid``; sampling.time_grid).
     Returns a JSON-ready dict: ``settings``, ``results`` (``{sampler: {nfe:
     metrics or null}}``), ``floors``, ``not_computed`` (metric -> reason),
     ``classifier`` and ``descriptions``.
@@ -361,14 +365,15 @@ def evaluate_student(student, teacher, steps=(1, 2, 4, 8), teacher_steps=None, n
 
         ev = Evaluation(teacher, num, seed, reference_steps, batch_size, inception, device, on_step)
         shift = float(teacher.shift)
-        results = {"student": ev.run(student_flow_map_sampler(student, shift), steps),
-                   "teacher_euler": ev.run(teacher_euler_sampler(teacher), teacher_steps),
-                   "teacher_heun": ev.run(teacher_heun_sampler(teacher), teacher_steps)}
+        results = {"student": ev.run(student_flow_map_sampler(student, shift, grid=time_grid), steps),
+                   "teacher_euler": ev.run(teacher_euler_sampler(teacher, time_grid), teacher_steps),
+                   "teacher_heun": ev.run(teacher_heun_sampler(teacher, time_grid), teacher_steps)}
         floors = ev.floors()
     return {
         "teacher": str(teacher.source or teacher.name),
         "kind": kind,
-        "settings": {**ev.settings(), "steps": list(steps), "teacher_steps": list(teacher_steps)},
+        "settings": {**ev.settings(), "steps": list(steps), "teacher_steps": list(teacher_steps),
+                     "time_grid": f"{time_grid}, shift {float(getattr(teacher, 'shift', 1.0))}"},
         "results": results,
         "floors": floors,
         "not_computed": ev.not_computed,
@@ -495,7 +500,7 @@ def quality_warnings(report: dict) -> list[str]:
         student = res.get("student", {})
         teachers = {k: v for k, v in res.items() if k.startswith("teacher")}
     else:  # a run's metrics.json: {measure: {"student": {N: v}, "teacher_euler": {N: v}}}
-        tables = {m: report[m] for m in ("flow_map_error", "fd_test_images", "fd_teacher_fine")
+        tables = {m: report[m] for m in ("flow_map_error", "fd_test_images", "fd_teacher_fine", "out_of_range")
                   if isinstance(report.get(m), dict)}
 
         def rows(who):

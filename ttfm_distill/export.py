@@ -32,11 +32,14 @@ from .layout import COMPONENT, resolve_student_folder, student_folder  # noqa: F
 
 def run_record(cfg, teacher, objective) -> StudentConfig:
     """The run's part of a student's config: teacher, sampler settings, loss and training settings."""
+    from .sampling import resolve_time_grid
+
     return StudentConfig(
         data_shape=list(teacher.data_shape), kind=teacher.kind, sigma0=float(teacher.sigma0),
         shift=float(teacher.shift), sample_size=cfg.sample_size, teacher=teacher.describe(),
         scheduler_config=teacher.scheduler_config, loss=objective.config(),
         weights=cfg.export_weights if cfg.ema_decay > 0 else "raw",
+        time_grid=resolve_time_grid(getattr(cfg, "time_grid", "uniform"), getattr(teacher, "io", None)),
         training={"steps": cfg.max_steps, "seed": cfg.seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
                   "ema_decay": cfg.ema_decay, "time_sampling": cfg.time_sampling,
                   "diagonal_fraction": cfg.diagonal_fraction, "data": cfg.data})

@@ -253,7 +253,8 @@ class TTFMPipeline(DiffusionPipeline):
                 x = x0[i:i + batch_size].to(device)
                 c = {k: (v[i:i + batch_size].to(device, dtype) if v.is_floating_point() and k != "cfg_scale"
                          else v[i:i + batch_size].to(device)) for k, v in cond.items()} if cond else None
-                self.scheduler.set_timesteps(int(num_inference_steps), device=device)
+                self.scheduler.set_timesteps(int(num_inference_steps), device=device,
+                                             sigmas=self.grid_sigmas(int(num_inference_steps)))
                 timesteps = self.scheduler.timesteps
                 for k, ts in enumerate(timesteps):
                     r = timesteps[k + 1] if k + 1 < len(timesteps) else torch.zeros_like(ts)
@@ -276,6 +277,16 @@ class TTFMPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    def grid_sigmas(self, steps: int) -> list | None:
+        """The scheduler's sigmas for a ``time_grid="timesteps"`` student (``None``: its own uniform grid).
+
+        The grid is the student's network reading's (convention.DiffusionIO.timestep_grid), the same as ``eval``'s.
+        """
+        io = getattr(self.flow_map, "io", None)
+        if getattr(self.student_config, "time_grid", "uniform") != "timesteps" or not hasattr(io, "timestep_grid"):
+            return None
+        return (1.0 - io.timestep_grid(steps)[:-1]).tolist()
 
     def decode(self, latents: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Images in [-1, 1] from the sampler's output (the VAE of latent students; the samples themselves otherwise)."""

@@ -18,16 +18,19 @@ REPORT_STEPS = (1, 2, 4)
 #: samples per row of the image figure
 FIGURE_ROWS = 10
 #: the measures copied from the evaluation into metrics.json, each as {"student": {N: v}, "teacher_euler": {N: v}}
-MEASURES = ("flow_map_error", "fd_test_images", "fd_teacher_fine", "kl")
+MEASURES = ("flow_map_error", "fd_test_images", "fd_teacher_fine", "kl", "out_of_range")
 
 
-def run_report(student, teacher, num: int, seed: int, reference_steps: int, device) -> tuple[dict, dict, dict]:
-    """``(metrics, figure rows, figure errors)`` for ``student`` against ``teacher``, from ``num`` shared noises."""
+def run_report(student, teacher, num: int, seed: int, reference_steps: int, device,
+               time_grid: str = "uniform") -> tuple[dict, dict, dict]:
+    """``(metrics, figure rows, figure errors)`` for ``student`` against ``teacher``, from ``num`` shared noises;
+    both samplers step on ``time_grid`` (sampling.time_grid)."""
     ev = Evaluation(teacher, num=num, seed=seed, reference_steps=reference_steps, batch_size=128, device=device)
     shift = float(teacher.shift)
     samples = {"student": {}, "teacher_euler": {}}
-    results = {"student": ev.run(student_flow_map_sampler(student, shift), REPORT_STEPS, samples["student"]),
-               "teacher_euler": ev.run(teacher_euler_sampler(teacher), REPORT_STEPS, samples["teacher_euler"])}
+    results = {"student": ev.run(student_flow_map_sampler(student, shift, grid=time_grid, io=getattr(teacher, "io", None)),
+                                 REPORT_STEPS, samples["student"]),
+               "teacher_euler": ev.run(teacher_euler_sampler(teacher, time_grid), REPORT_STEPS, samples["teacher_euler"])}
     metrics = {}
     for measure in MEASURES:
         table = {who: {str(n): row[measure] for n, row in ((n, rows[str(n)]) for n in REPORT_STEPS)

@@ -43,6 +43,38 @@ def uniform_time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tens
     return shift_time(grid, shift).to(torch.float32)
 
 
+#: the time grids a sampler can step on (``time_grid`` setting): ``uniform`` in package time (after the
+#: teacher's shift), or ``timesteps``: uniform in the teacher scheduler's discrete timesteps (DDIM's "trailing"
+#: spacing), which for a flow scheduler is the same uniform grid
+TIME_GRIDS = ("uniform", "timesteps")
+
+
+def resolve_time_grid(kind: str, io=None) -> str:
+    """The grid a sampler of a teacher read through ``io`` steps on for the setting ``kind``: ``timesteps``
+    only where the network has discrete timesteps (a diffusion network), else ``uniform`` (the same grid)."""
+    if kind not in TIME_GRIDS:
+        raise InputError(f"time_grid must be one of {', '.join(TIME_GRIDS)}, got {kind!r}")
+    return kind if hasattr(io, "timestep_grid") else "uniform"
+
+
+def time_grid(steps: int, shift: float = 1.0, kind: str = "uniform", io=None, device=None) -> torch.Tensor:
+    """``steps + 1`` times from 0 (noise) to 1 (data) of the grid ``kind`` (one of :data:`TIME_GRIDS`).
+
+    ``timesteps`` with a diffusion ``io`` (:class:`~ttfm_distill.convention.DiffusionIO`): the network
+    timesteps ``k_j = K (1 - j / steps) - 1``, ``j < steps``, read as package times (so ``t_1..t_{N-1}`` sit
+    where a trailing-spaced DDIM sampler evaluates the network), then the data end ``t = 1``; the first point
+    is the noise end ``t = 0`` like every grid, which the network reads at its last timestep ``K - 1`` anyway.
+    With a flow ``io`` (or none) the scheduler's timesteps are uniform in sigma: the uniform grid.
+    """
+    if kind not in TIME_GRIDS:
+        raise InputError(f"time_grid must be one of {', '.join(TIME_GRIDS)}, got {kind!r}")
+    if kind == "uniform" or not hasattr(io, "timestep_grid"):
+        return uniform_time_grid(steps, shift, device)
+    if steps < 1:
+        raise InputError(f"steps must be >= 1, got {steps}")
+    return io.timestep_grid(steps).to(device=device, dtype=torch.float32)
+
+
 def _full(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return value.to(x.device, torch.float32).expand(x.shape[0])
 

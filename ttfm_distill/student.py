@@ -27,11 +27,17 @@ import torch
 from diffusers import ModelMixin
 from torch import nn
 
-from .errors import TTFMError
-from .convention import TIME_CONVENTION, NetworkIO, network_io, diffusers_from_velocity, t_from_scheduler_timestep
+from .errors import InputError, TTFMError
+from .convention import TIME_CONVENTION, NetworkIO, broadcast_time, network_io, diffusers_from_velocity, t_from_scheduler_timestep
 from .teachers.families import ADAPTERS, FamilyAdapter, ProjectionSpec, adapter_for
 
 SECOND_TIME_INPUTS = ("delta", "t")
+#: how the network's output becomes the average velocity (RunConfig.student_output, docs/second-teacher.md):
+#: "native" reads it through the teacher's own conversion (``u = v_io(x, s, F)``); "velocity" adds a zero-initialised
+#: gain-1 velocity head on the features entering the network's ``conv_out`` and scales the gradient through the
+#: conversion down to :data:`VELOCITY_GAIN_CAP` where its gain is larger (an epsilon teacher near noise)
+STUDENT_OUTPUTS = ("native", "velocity")
+VELOCITY_GAIN_CAP = 2.0
 #: a guidance scale ``w`` enters its embedding as ``100 * w`` (the projection's frequencies suit 0..1000)
 GUIDANCE_EMBED_SCALE = 100.0
 
@@ -131,6 +137,10 @@ class StudentConfig:
     #: the teacher's diffusers pipeline class: its ``encode_prompt`` encodes prompts (text students), its LoRA
     #: loader reads the adapters of LoRA students
     teacher_pipeline: str | None = None
+    #: "native" or "velocity" (STUDENT_OUTPUTS; a "velocity" student carries velocity_head.safetensors)
+    student_output: str = "native"
+    #: the time grid its sampler steps on (sampling.TIME_GRIDS)
+    time_grid: str = "uniform"
     vae: dict | None = None
     loss: dict | None = None
     weights: str | None = None
@@ -204,6 +214,25 @@ STUDENT_CLASSES = {"TwoTimeFlowMap": ("ttfm_distill.student", "TwoTimeFlowMap"),
                    "LoraFlowMap": ("ttfm_distill.lora", "LoraFlowMap")}
 
 
+#: what student_output=auto means, by how the teacher's network is read (NetworkIO.prediction_type): chosen by
+#: the measurement of docs/second-teacher.md (an epsilon DDPM teacher: velocity beat native at 1/2/4/8 steps);
+#: flow teachers keep their tuned defaults; v_prediction and sample teachers were not measured
+AUTO_STUDENT_OUTPUT = {"flow": "native", "epsilon": "velocity"}
+
+
+def resolve_student_output(kind: str, io=None, network: nn.Module | None = None) -> str:
+    """``native`` or ``velocity`` for the setting ``kind``: ``auto`` decides by the teacher's prediction type,
+    and picks ``velocity`` only for a backbone that has the UNet ``conv_out`` the head reads."""
+    if kind == "auto":
+        kind = AUTO_STUDENT_OUTPUT.get(getattr(io, "prediction_type", "flow"), "native")
+        if network is not None and not isinstance(getattr(network, "conv_out", None), nn.Conv2d):
+            kind = "native"
+        return kind
+    if kind not in STUDENT_OUTPUTS:
+        raise InputError(f"student_output must be auto or one of {', '.join(STUDENT_OUTPUTS)}, got {kind!r}")
+    return kind
+
+
 def student_class(name: str):
     import importlib
 
@@ -268,10 +297,12 @@ class TwoTimeFlowMap(ModelMixin):
 
     def __init__(self, network: nn.Module, second_time_input: str = "delta", adapter: FamilyAdapter | None = None,
                  io=None, null_text: dict | None = None, guidance: dict | None = None,
-                 config: StudentConfig | None = None):
+                 config: StudentConfig | None = None, student_output: str = "native"):
         super().__init__()
         if second_time_input not in SECOND_TIME_INPUTS:
             raise ValueError(f"second_time_input must be one of {SECOND_TIME_INPUTS}")
+        if student_output not in STUDENT_OUTPUTS:
+            raise InputError(f"student_output must be one of {', '.join(STUDENT_OUTPUTS)}, got {student_output!r}")
         self.network = network
         self.adapter = adapter or adapter_for(network)
         self.io = io if io is not None else NetworkIO(self.adapter.units(network))
@@ -291,6 +322,21 @@ class TwoTimeFlowMap(ModelMixin):
         disable_label_dropout(network, self.adapter)
         for embedder in self.adapter.time_embedders(network):
             embedder.register_forward_hook(self._add_second_time)
+        self.student_output = student_output
+        self.velocity_head = None
+        self._head: torch.Tensor | None = None
+        if student_output == "velocity":
+            conv = getattr(network, "conv_out", None)
+            if not isinstance(conv, nn.Conv2d):
+                raise InputError(f"student_output=velocity needs a UNet backbone (a conv_out layer); "
+                                 f"{type(network).__name__} has none: use student_output=native")
+            self.velocity_head = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1)
+            nn.init.zeros_(self.velocity_head.weight)
+            nn.init.zeros_(self.velocity_head.bias)
+            conv.register_forward_hook(self._run_head)
+
+    def _run_head(self, module, args, output):
+        self._head = self.velocity_head(args[0].to(self.velocity_head.weight.dtype))
 
     def _add_second_time(self, module, args, output):
         if self._pending is None:
@@ -313,11 +359,24 @@ class TwoTimeFlowMap(ModelMixin):
         null = {k: v.to(x.device, x.dtype) for k, v in self.null_text.items()} if self.null_text else None
         cond = self.adapter.complete_cond(self.network, cond, x.shape[0], x.device, x.dtype, null_text=null)
         x_in, timestep = self.io.network_input(x, s)
+        self._head = None
         try:
             out = self.adapter.call(self.network, x_in, timestep, cond)
+            head = self._head
         finally:
-            self._pending = None
-        return self.io.velocity(out, x, s)
+            self._pending = self._head = None
+        v = self.io.velocity(out, x, s)
+        if self.velocity_head is None:
+            return v
+        return self._damped(v, s) + head.to(v.dtype)
+
+    def _damped(self, v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``v`` unchanged in value; its gradient scaled by ``min(1, cap / gain(s))`` (the conversion's gain capped)."""
+        scale = (VELOCITY_GAIN_CAP / self.io.output_gain(s)).clamp(max=1.0)
+        if bool((scale >= 1).all()):
+            return v
+        fixed = v.detach()
+        return fixed + broadcast_time(scale.to(v.dtype), v) * (v - fixed)
 
     def diffusers_flow_map(self, sample: torch.Tensor, timestep, r_timestep, cond: dict | None = None,
                            num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -344,6 +403,7 @@ class TwoTimeFlowMap(ModelMixin):
                             if self.guidance else None),
             null_text=("null_text.safetensors: the empty prompt's embeddings, used when no prompt is given"
                        if self.null_text else None),
+            student_output=self.student_output,
             format=FORMAT, format_version=FORMAT_VERSION, package_versions=package_versions())
 
     def save_pretrained(self, save_directory: str | Path, config: StudentConfig | None = None) -> Path:
@@ -360,6 +420,8 @@ class TwoTimeFlowMap(ModelMixin):
             save_tensors_plain(folder / "guidance_embed.safetensors", self.guidance_embed.state_dict())
         if self.null_text:
             save_tensors_plain(folder / "null_text.safetensors", self.null_text)
+        if self.velocity_head is not None:
+            save_tensors_plain(folder / "velocity_head.safetensors", self.velocity_head.state_dict())
         cfg.save(folder)
         return folder
 
@@ -386,8 +448,10 @@ class TwoTimeFlowMap(ModelMixin):
             null = folder / "null_text.safetensors"
             student = cls(network, second_time_input=config.second_time_input, adapter=adapter, io=io,
                           null_text=load_tensors(null) if null.exists() else None, guidance=config.guidance,
-                          config=config)
+                          config=config, student_output=config.student_output)
             student.second_time.load_state_dict(load_tensors(folder / "second_time.safetensors"), strict=True)
+            if student.velocity_head is not None:
+                student.velocity_head.load_state_dict(load_tensors(folder / "velocity_head.safetensors"), strict=True)
             if student.guidance_embed is not None:
                 student.guidance_embed.load_state_dict(load_tensors(folder / "guidance_embed.safetensors"), strict=True)
         except Exception as e:  # noqa: BLE001 - safetensors, OSError, shape mismatches: one line each

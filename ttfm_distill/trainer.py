@@ -51,8 +51,14 @@ def build_student(teacher, cfg: RunConfig):
         guidance = None
         if cfg.guidance_range is not None:
             guidance = {"range": [float(v) for v in cfg.guidance_range], "default": cfg.default_guidance()}
+        from .student import resolve_student_output
+
         return TwoTimeFlowMap(network, second_time_input=cfg.second_time_input, adapter=teacher.adapter, io=teacher.io,
-                              null_text=teacher.null_text, guidance=guidance)
+                              null_text=teacher.null_text, guidance=guidance,
+                              student_output=resolve_student_output(cfg.student_output, teacher.io, network))
+    if cfg.student_output not in ("auto", "native"):
+        raise ConfigError(f"student_output={cfg.student_output} is for diffusers teachers; {teacher.name} trains an "
+                          "MLP student: use student_output=native")
     from .mlp import MlpFlowMap
 
     return MlpFlowMap(dim=teacher.data_shape[0], width=cfg.mlp_width, depth=cfg.mlp_depth)
@@ -481,14 +487,18 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     log(f"exported student -> {out / 'student'}")
     n = cfg.eval_samples if teacher.kind == "image" else max(cfg.eval_samples, 4096)
     # the evaluation's noises come from seed + 1, apart from the training draws of (seed, rank, step)
-    metrics, rows, errors = run_report(student, teacher, n, cfg.seed + 1, cfg.reference_steps, device)
+    from .sampling import resolve_time_grid
+
+    grid = resolve_time_grid(cfg.time_grid, getattr(teacher, "io", None))
+    metrics, rows, errors = run_report(student, teacher, n, cfg.seed + 1, cfg.reference_steps, device, grid)
     metrics["training"] = {"steps": cfg.max_steps, "seconds": round(seconds, 1), "skipped_steps": skipped,
                            "final_loss": history[-1]["loss"] if history else None}
     if distributed is not None:
         metrics["distributed"] = distributed
     if data_report:
         metrics["data"] = data_report
-    metrics["settings"] = {"eval_samples": n, "reference": f"rk4 {cfg.reference_steps} steps", "seed": cfg.seed + 1}
+    metrics["settings"] = {"eval_samples": n, "reference": f"rk4 {cfg.reference_steps} steps", "seed": cfg.seed + 1,
+                           "time_grid": grid, "student_output": getattr(student, "student_output", "native")}
     from .evaluate import quality_warnings  # one plain line each: worse than the teacher, samples out of range
 
     metrics["warnings"] = quality_warnings(metrics)

@@ -127,7 +127,7 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
     ``velocity(x, t, cond)``: the field to integrate (default ``teacher.velocity``).
     ``cache_dir``: where prompt embeddings are cached (text teachers with ``--prompts``).
     """
-    from ..sampling import solve_trajectory, uniform_time_grid
+    from ..sampling import resolve_time_grid, solve_trajectory, time_grid
     from .cache import build_chunked
 
     velocity = velocity or teacher.velocity
@@ -139,8 +139,11 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
     states = trajectory_states(cfg)
     keep = bool(states)
     traj = f"-traj{len(states)}" if keep else ""
-    path = Path(cache) / f"pool-n{n}-{solver}{cfg.pool_steps}{traj}-seed{cfg.seed}{tag}{key}.safetensors"
-    grid = uniform_time_grid(cfg.pool_steps, teacher.shift).to(device)
+    io = getattr(teacher, "io", None)
+    kind = resolve_time_grid(getattr(cfg, "time_grid", "uniform"), io)
+    gtag = "" if kind == "uniform" else f"-{kind}"
+    path = Path(cache) / f"pool-n{n}-{solver}{cfg.pool_steps}{gtag}{traj}-seed{cfg.seed}{tag}{key}.safetensors"
+    grid = time_grid(cfg.pool_steps, teacher.shift, kind, io).to(device)
     noise = _NoiseStream(teacher, cfg.seed + 7919)
     drawn = {}  # sample_cond's draw, made only if a chunk has to be generated
 
@@ -167,7 +170,8 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
                                  description="data-free pool (teacher ODE)",
                                  metadata={"teacher": str(teacher.name), "solver": f"{solver}{cfg.pool_steps}"})
     stored = {k.removeprefix("cond."): v for k, v in tensors.items() if k.startswith("cond.")}
-    report = {"source": "teacher", "samples": n, "solver": f"{solver} {cfg.pool_steps} steps", "path": str(path),
+    report = {"source": "teacher", "samples": n, "solver": f"{solver} {cfg.pool_steps} steps",
+              "time_grid": kind, "path": str(path),
               "cache": "hit" if rep.built_rows == 0 else ("resumed" if rep.resumed_rows else "built"),
               "seconds": round(rep.seconds, 2),
               "generation_seconds": None if rep.first_build_seconds is None else round(rep.first_build_seconds, 2),
