@@ -143,6 +143,11 @@ ROWS: dict[str, dict] = {
                                      "trajectory_time_sampling=dyadic", "--set", "trajectory_dyadic_levels=1"],
             "25% of each batch on stored Heun-16 solves, only on the 1- and 2-step jumps"),
        ]},
+    # the 1-step trajectory rows over a longer budget: does their 1-step gain grow? (against itvm_default's EMA)
+    "traj_1step_long": {"args": ["--max-steps", "5000", "--set", "trajectory_fraction=0.125", "--set", "pool_solver=heun",
+                                 "--set", "trajectory_time_sampling=dyadic", "--set", "trajectory_dyadic_levels=0",
+                                 *_keep(1000)],
+                        "what": "1-step-only trajectory rows (12.5%, Heun-16 pool), 5000 steps, EMA with warm-up"},
     # a second seed for the candidate default, at the default run's 1200 steps (final point only)
     "s1_default": {"args": ["--seed", "1", "--max-steps", "1200", *_keep(600)],
                    "what": "seed 1: the defaults at the default run's 1200 steps", "group": "seed 1"},
