@@ -143,6 +143,12 @@ ROWS: dict[str, dict] = {
                                      "trajectory_time_sampling=dyadic", "--set", "trajectory_dyadic_levels=1"],
             "25% of each batch on stored Heun-16 solves, only on the 1- and 2-step jumps"),
        ]},
+    # short lr sweeps of the other objectives (each at its own defaults; finite differences where there is a
+    # time derivative), 600 steps, raw weights at the end, like LFMD's sweep
+    **{f"{loss}_lr{lr}": {"args": ["--loss", loss, *extra, "--lr", lr, "--max-steps", "600", *_keep(600)],
+                          "what": f"{loss}, lr {lr}, 600 steps (lr sweep)", "sweep": loss, "lr": float(lr)}
+       for loss, extra in [("lsd", ["-L", "derivative=fd"]), ("meanflow", ["-L", "derivative=fd"]), ("progressive", [])]
+       for lr in ("0.0001", "0.0003", "0.001")},
     # the 1-step trajectory rows over a longer budget: does their 1-step gain grow? (against itvm_default's EMA)
     "traj_1step_long": {"args": ["--max-steps", "5000", "--set", "trajectory_fraction=0.125", "--set", "pool_solver=heun",
                                  "--set", "trajectory_time_sampling=dyadic", "--set", "trajectory_dyadic_levels=0",
