@@ -276,10 +276,10 @@ def eval_(
 
         detector = load_inception(inception) if inception else None  # a bad file fails before the models load
         from .rundir import writer_lock
-        from .sampling import resolve_time_grid
+        from .sampling import TIME_GRIDS, resolve_time_grid
 
-        if time_grid is not None and time_grid not in ("uniform", "timesteps"):
-            raise EvalError(f"--time-grid must be uniform or timesteps, got {time_grid!r}")
+        if time_grid is not None and time_grid not in TIME_GRIDS:
+            raise EvalError(f"--time-grid must be one of {', '.join(TIME_GRIDS)}, got {time_grid!r}")
         folder, student, config, t = load_student_and_teacher(model or DEFAULT_OUTPUT, teacher, allow_pickle)
         grid = resolve_time_grid(time_grid or config.time_grid, getattr(t, "io", None))
         target = output or (folder.parent if folder.name == "student" else folder) / "eval.json"

@@ -11,6 +11,8 @@ from pathlib import Path
 from .errors import ConfigError  # noqa: F401 - re-exported: most callers import it from here
 
 DEFAULT_OUTPUT = "ttfm-output"
+#: how the (s, t) pairs of a batch are drawn (objectives/timesampling.py draws them)
+TIME_SAMPLINGS = ("uniform", "dyadic", "mixed")
 
 
 
@@ -162,7 +164,7 @@ class RunConfig:
         if not 0 <= self.trajectory_fraction < 1 or not self.trajectory_weight >= 0:
             raise ConfigError(f"trajectory_fraction must be in [0, 1) and trajectory_weight >= 0, got "
                               f"{self.trajectory_fraction} and {self.trajectory_weight}")
-        if self.trajectory_time_sampling not in (None, "uniform", "dyadic", "mixed"):
+        if self.trajectory_time_sampling not in (None, *TIME_SAMPLINGS):
             raise ConfigError("trajectory_time_sampling must be one of uniform, dyadic, mixed (or unset), got "
                               f"{self.trajectory_time_sampling!r}")
         if self.trajectory_dyadic_levels is not None and int(self.trajectory_dyadic_levels) < 0:
@@ -175,7 +177,7 @@ class RunConfig:
         if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ConfigError("weight_decay, grad_clip and warmup_steps must be >= 0")
         choices = {
-            "time_sampling": ("uniform", "dyadic", "mixed"),
+            "time_sampling": TIME_SAMPLINGS,
             "second_time_input": ("delta", "t"),
             "mixed_precision": ("no", "fp16", "bf16"),
             "export_weights": ("ema", "raw"),
@@ -195,6 +197,12 @@ class RunConfig:
         if self.student_output == "velocity" and int(self.lora_rank) > 0:
             raise ConfigError("student_output=velocity is not supported with LoRA students; use student_output=native")
         return self
+
+    def trajectory_pairs(self) -> tuple[str, int]:
+        """``(time_sampling, dyadic_levels)`` the trajectory rows' pairs are drawn with (unset: the run's own)."""
+        mode = self.trajectory_time_sampling or self.time_sampling
+        levels = self.dyadic_levels if self.trajectory_dyadic_levels is None else self.trajectory_dyadic_levels
+        return mode, int(levels)
 
     def default_guidance(self) -> float:
         """The guidance scale the teacher uses when a sample has none (evaluation, data-free pools)."""

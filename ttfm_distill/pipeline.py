@@ -286,7 +286,9 @@ class TTFMPipeline(DiffusionPipeline):
         io = getattr(self.flow_map, "io", None)
         if getattr(self.student_config, "time_grid", "uniform") != "timesteps" or not hasattr(io, "timestep_grid"):
             return None
-        return (1.0 - io.timestep_grid(steps)[:-1]).tolist()
+        from .convention import sigma_from_t
+
+        return sigma_from_t(io.timestep_grid(steps)[:-1]).tolist()
 
     def decode(self, latents: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Images in [-1, 1] from the sampler's output (the VAE of latent students; the samples themselves otherwise)."""

@@ -346,8 +346,7 @@ class Distillation:
 
         cfg = self.cfg
         rows = torch.randint(0, self.data.trajectories.shape[0], (m,), generator=g)
-        mode = cfg.trajectory_time_sampling or cfg.time_sampling
-        levels = cfg.dyadic_levels if cfg.trajectory_dyadic_levels is None else cfg.trajectory_dyadic_levels
+        mode, levels = cfg.trajectory_pairs()
         su, tu = sample_time_pairs(m, mode, 0.0, levels, generator=g)
         i, j = grid_pairs(su, tu, self.data.trajectories.shape[1] - 1)
         x_s, x_t, s, t, cond = self.data.trajectory_rows(rows, i, j)

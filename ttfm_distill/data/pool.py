@@ -90,9 +90,7 @@ def trajectory_states(cfg) -> list[int]:
     """The states of the pool's solves that ``cfg``'s trajectory rows need (none without trajectory rows)."""
     if getattr(cfg, "trajectory_fraction", 0.0) <= 0:
         return []
-    mode = cfg.trajectory_time_sampling or cfg.time_sampling
-    levels = cfg.dyadic_levels if cfg.trajectory_dyadic_levels is None else cfg.trajectory_dyadic_levels
-    return kept_states(cfg.pool_steps, mode, int(levels))
+    return kept_states(cfg.pool_steps, *cfg.trajectory_pairs())
 
 
 def prompt_conditioning(teacher, cfg, n: int, cache_dir: Path | None, progress, log):

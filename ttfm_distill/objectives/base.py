@@ -36,9 +36,7 @@ class TrainBatch:
         size = self.x_s.shape[0] // n
         if size * n != self.x_s.shape[0]:
             raise ValueError(f"a batch of {self.x_s.shape[0]} does not split into {n} equal micro-batches")
-        pieces = lambda v: v.split(size) if torch.is_tensor(v) else [v] * n  # noqa: E731
-        conds = ([dict(zip(self.cond, vals)) for vals in zip(*(pieces(v) for v in self.cond.values()))]
-                 if self.cond else [self.cond] * n)
+        conds = split_cond(self.cond, size, n)
         return [TrainBatch(x, s, t, c, self.generator, tr)
                 for x, s, t, c, tr in zip(self.x_s.split(size), self.s.split(size), self.t.split(size), conds,
                                           trajectories)]
@@ -51,6 +49,14 @@ class ObjectiveOutput:
     loss: torch.Tensor
     per_sample: torch.Tensor
     metrics: dict = field(default_factory=dict)
+
+
+def split_cond(cond: dict | None, size: int, n: int) -> list[dict | None]:
+    """``n`` consecutive slices of ``size`` rows of every tensor of ``cond`` (non-tensors shared)."""
+    if not cond:
+        return [cond] * n
+    pieces = [v.split(size) if torch.is_tensor(v) else [v] * n for v in cond.values()]
+    return [dict(zip(cond, vals)) for vals in zip(*pieces)]
 
 
 def repeat_cond(cond: dict | None, k: int) -> dict | None:

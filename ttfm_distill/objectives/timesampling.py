@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-TIME_SAMPLINGS = ("uniform", "dyadic", "mixed")
+from ..config import TIME_SAMPLINGS  # noqa: F401 - re-exported: the modes this module draws
 
 
 def sample_time_pairs(n: int, mode: str = "uniform", diagonal_fraction: float = 0.25, max_level: int = 4,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..convention import broadcast_time
-from .base import Objective, ObjectiveOutput, TrainBatch, per_sample_mse
+from .base import Objective, ObjectiveOutput, TrainBatch, per_sample_mse, split_cond
 
 
 @dataclass
@@ -40,14 +40,9 @@ class TrajectoryRows:
             raise ValueError(f"{len(self)} trajectory rows do not split into {n} equal micro-batches")
         if n == 1:
             return [self]
-        from .base import select_cond
-
-        parts = []
-        for k in range(n):
-            rows = torch.arange(k * size, (k + 1) * size, device=self.x_s.device)
-            parts.append(TrajectoryRows(self.x_s[rows], self.x_t[rows], self.s[rows], self.t[rows],
-                                        select_cond(self.cond, rows)))
-        return parts
+        return [TrajectoryRows(*fields, cond) for *fields, cond in
+                zip(self.x_s.split(size), self.x_t.split(size), self.s.split(size), self.t.split(size),
+                    split_cond(self.cond, size, n))]
 
 
 def trajectory_loss(student, rows: TrajectoryRows) -> torch.Tensor:
