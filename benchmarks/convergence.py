@@ -61,6 +61,11 @@ DEFAULT_SAMPLES = 1200 * 32  # the default `ttfm-distill run`: 1200 steps at bat
 _LFMD = ["--loss", "lfmd", "-L", "derivative=fd", "-L", "adaptive_p=1", "--set", "diagonal_fraction=0.25"]
 
 
+#: the 1-step-only trajectory rows: 12.5% of each batch on the Heun-16 pool's (noise, sample) pairs
+_TRAJ_1STEP = ["--set", "trajectory_fraction=0.125", "--set", "pool_solver=heun", "--set",
+               "trajectory_time_sampling=dyadic", "--set", "trajectory_dyadic_levels=0"]
+
+
 def _keep(every: int) -> list[str]:
     return ["--set", f"checkpoint_every={every}", "--set", "keep_checkpoints=100"]
 
@@ -162,6 +167,18 @@ ROWS: dict[str, dict] = {
                                     "trajectory_dyadic_levels=0", *_keep(600)],
                            "what": "seed 1: 1-step-only trajectory rows (12.5%, Heun-16 pool), 1200 steps",
                            "group": "seed 1"},
+    # the default run's budget doubled to 2400 steps (about 8 minutes in all on one thread, inside the 10-minute
+    # budget): the defaults against the 1-step trajectory rows, three seeds each (EMA at 600/1200/1800/2400)
+    **{f"budget_{tag}_s{seed}": {"args": ["--seed", str(seed), "--max-steps", "2400", *extra, *_keep(600)],
+                                 "what": f"seed {seed}: {what}, 2400 steps", "seeds": tag}
+       for tag, extra, what in [
+           ("default", [], "the defaults"),
+           ("traj", _TRAJ_1STEP, "1-step-only trajectory rows (12.5%, Heun-16 pool)")]
+       for seed in (0, 1, 2)},
+    # the rivals' long rows, each at its own sweep's best lr (recorded in the run's config.json)
+    **{f"{loss}_long": {"args": ["--loss", loss, *extra, "--lr", "SWEEP", "--max-steps", "3000", *_keep(300)],
+                        "what": f"{loss} at its sweep's best lr, 3000 steps", "lr_from_sweep": loss}
+       for loss, extra in [("progressive", []), ("lsd", ["-L", "derivative=fd"]), ("meanflow", ["-L", "derivative=fd"])]},
 }
 
 
@@ -555,6 +572,33 @@ def ab_table(points: dict) -> dict:
     return out
 
 
+def seed_table(points: dict, weights: str = "ema") -> dict:
+    """Rows run over several seeds (``"seeds": tag``): FD per seed at every step all of them have scored, with
+    the median and the mean over the seeds, so an A/B reads against the seed spread, not one draw."""
+    out = {}
+    for tag in dict.fromkeys(s["seeds"] for s in ROWS.values() if s.get("seeds")):
+        names = [n for n, s in ROWS.items() if s.get("seeds") == tag]
+        by_row = {n: {p["step"]: p for p in series(points.get(n, []), weights)} for n in names}
+        done = [n for n in names if by_row[n]]
+        if not done:
+            continue
+        steps = sorted(set.intersection(*(set(by_row[n]) for n in done)))
+        entry = {"weights": weights, "rows": done, "steps": {}}
+        for step in steps:
+            per = {n: {str(k): fd(by_row[n][step], k) for k in STUDENT_STEPS} for n in done}
+            stats = {}
+            for k in map(str, STUDENT_STEPS):
+                vals = sorted(per[n][k] for n in done)
+                mid = len(vals) // 2
+                median = vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+                stats[k] = {"median": round(median, 2), "mean": round(sum(vals) / len(vals), 2),
+                            "min": round(vals[0], 2), "max": round(vals[-1], 2)}
+            entry["steps"][str(step)] = {"per_seed": per, "over_seeds": stats,
+                                         "train_seconds": {n: by_row[n][step]["train_seconds"] for n in done}}
+        out[tag] = entry
+    return out
+
+
 def cpu_seconds(runs_dir: Path, name: str, metrics: dict | None) -> dict | None:
     """The CPU seconds ``train`` measured, or for a row trained by hand its training wall seconds (one thread)."""
     try:
@@ -615,6 +659,7 @@ def report(args, runs_dir: Path) -> None:
         })
         rows[name] = entry
     out = {"teacher": teacher, "rows": rows, "sweeps": sweeps(points), "ab": ab_table(points),
+           "seeds": seed_table(points),
            "determinism": determinism(points),
            "goals": goals(points, teacher),
            "not_run": [n for n, r in rows.items() if r.get("status") == "not run"],
@@ -679,6 +724,15 @@ def print_table(out: dict) -> None:
                 f"{bm[n]:.1f}" for n in ("1", "2", "4", "8")) + ")" if lm and bm else "-"
             print(f"| {name}: {a['what']} | {a['weights']} | {a['step']} | " + " | ".join(cells)
                   + f" | {late} | {a['train_seconds']} |")
+    for tag, entry in out.get("seeds", {}).items():
+        print(f"\nseeds of '{tag}' ({entry['weights']}; {', '.join(entry['rows'])}): FD to test images 1/2/4/8\n")
+        print("| step | " + " | ".join(entry["rows"]) + " | median | mean |")
+        print("|---|" + "---|" * (len(entry["rows"]) + 2))
+        for step, st in entry["steps"].items():
+            cells = ["/".join(f"{st['per_seed'][n][k]:.1f}" for k in ("1", "2", "4", "8")) for n in entry["rows"]]
+            for stat in ("median", "mean"):
+                cells.append("/".join(f"{st['over_seeds'][k][stat]:.1f}" for k in ("1", "2", "4", "8")))
+            print(f"| {step} | " + " | ".join(cells) + " |")
     if out.get("determinism"):
         print("\ndeterminism:", json.dumps(out["determinism"]))
     print("\ntime to quality (FD2 <= Euler16 = %.2f):" % e["16"] if "16" in e else "")
