@@ -96,7 +96,7 @@ def student_section(name: str, spec, plan, rank: int, batch: int, device, steps:
     teacher, student, view = build_models(spec, rank, device=str(device))
     scale.keep_time_embedders_fp32(student, teacher)
 
-    def cond(n, g):
+    def cond(n, g, teacher=teacher):  # bound now: the section deletes its own name for the teacher at the end
         return example_inputs(teacher, spec.text_tokens, batch=n, device=str(device), generator=g)[3]
 
     itvm = Stepper(accelerator, student, view, cond, batch, "itvm")

@@ -53,11 +53,12 @@ def test_shift_time_matches_diffusers_shift():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     shift = 3.0
-    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift, num_train_timesteps=1000)
+    # diffusers shifts its unshifted training sigmas k / 1000; so must the package's time shift
+    plain = torch.arange(1000, 0, -1, dtype=torch.float32) / 1000
+    got = C.sigma_from_t(C.shift_time(C.t_from_sigma(plain), shift))
+    assert torch.allclose(got, sched.sigmas.float(), atol=1e-6)
     sigmas = torch.linspace(1.0, 0.1, 7)
-    expected = shift * sigmas / (1 + (shift - 1) * sigmas)
-    got = C.sigma_from_t(C.shift_time(C.t_from_sigma(sigmas), shift))
-    assert torch.allclose(got, expected, atol=1e-6)
     assert torch.equal(C.shift_time(sigmas, 1.0), sigmas)
 
 
