@@ -75,7 +75,7 @@ ROWS: dict[str, dict] = {
     # the tool's defaults (ITVM, r = s + tau, current weights as target), with an export EMA kept beside the raw
     # weights: one run gives both curves (the eval-EMA A/B at no training cost)
     # (ema_warmup=false pins what ran: the row started before warm-up existed, when the export was the raw weights)
-    "itvm_default": {"args": ["--max-steps", "10000", "--ema-decay", "0.999", "--set", "ema_warmup=false", *_keep(500)],
+    "itvm_default": {"headline": True, "args": ["--max-steps", "10000", "--ema-decay", "0.999", "--set", "ema_warmup=false", *_keep(500)],
                      "what": "ITVM at the previous defaults, 10k steps; raw weights and an export EMA 0.999 (no warm-up)"},
     # the strongest rival on the image benchmark and the 2-D ring: LFMD (finite differences) with MeanFlow's
     # adaptive weighting, which stopped its divergence on the 2-D teachers; its own lr from a 600-step sweep
@@ -84,7 +84,7 @@ ROWS: dict[str, dict] = {
                                  "lr": float(lr)}
        for lr in ("0.0001", "0.0003", "0.001", "0.003", "0.01")},
     # "SWEEP": the lr is the sweep's best at the time the row starts (recorded in the run's config.json)
-    "lfmd_adaptive": {"args": [*_LFMD, "--lr", "SWEEP", "--max-steps", "10000", "--ema-decay", "0.999", "--set",
+    "lfmd_adaptive": {"headline": True, "args": [*_LFMD, "--lr", "SWEEP", "--max-steps", "10000", "--ema-decay", "0.999", "--set",
                                "ema_warmup=false", *_keep(1000)],
                       "what": "LFMD adaptive at the sweep's best lr, 10k steps; raw and EMA 0.999",
                       "lr_from_sweep": "lfmd_adaptive"},
@@ -155,7 +155,7 @@ ROWS: dict[str, dict] = {
        for loss, extra in [("lsd", ["-L", "derivative=fd"]), ("meanflow", ["-L", "derivative=fd"]), ("progressive", [])]
        for lr in ("0.0001", "0.0003", "0.001")},
     # the 1-step trajectory rows over a longer budget: does their 1-step gain grow? (against itvm_default's EMA)
-    "traj_1step_long": {"args": ["--max-steps", "5000", "--set", "trajectory_fraction=0.125", "--set", "pool_solver=heun",
+    "traj_1step_long": {"headline": True, "args": ["--max-steps", "5000", "--set", "trajectory_fraction=0.125", "--set", "pool_solver=heun",
                                  "--set", "trajectory_time_sampling=dyadic", "--set", "trajectory_dyadic_levels=0",
                                  *_keep(1000)],
                         "what": "1-step-only trajectory rows (12.5%, Heun-16 pool), 5000 steps, EMA with warm-up"},
@@ -168,18 +168,37 @@ ROWS: dict[str, dict] = {
                            "what": "seed 1: 1-step-only trajectory rows (12.5%, Heun-16 pool), 1200 steps",
                            "group": "seed 1"},
     # the default run's budget doubled to 2400 steps (about 8 minutes in all on one thread, inside the 10-minute
-    # budget): the defaults against the 1-step trajectory rows, three seeds each (EMA at 600/1200/1800/2400)
+    # budget): the defaults of the time against the 1-step trajectory rows, three seeds each (EMA at
+    # 600/1200/1800/2400); the trajectory rows won and are the defaults since (docs/quality.md)
     **{f"budget_{tag}_s{seed}": {"args": ["--seed", str(seed), "--max-steps", "2400", *extra, *_keep(600)],
-                                 "what": f"seed {seed}: {what}, 2400 steps", "seeds": tag}
+                                 "what": f"seed {seed}: {what}, 2400 steps", "seeds": tag,
+                                 "headline": (tag, seed) == ("traj", 0)}
        for tag, extra, what in [
-           ("default", [], "the defaults"),
+           ("default", [], "the defaults before this comparison (no trajectory rows, Euler pool)"),
            ("traj", _TRAJ_1STEP, "1-step-only trajectory rows (12.5%, Heun-16 pool)")]
        for seed in (0, 1, 2)},
     # the rivals' long rows, each at its own sweep's best lr (recorded in the run's config.json)
-    **{f"{loss}_long": {"args": ["--loss", loss, *extra, "--lr", "SWEEP", "--max-steps", "3000", *_keep(300)],
+    **{f"{loss}_long": {"headline": True, "args": ["--loss", loss, *extra, "--lr", "SWEEP", "--max-steps", "3000", *_keep(300)],
                         "what": f"{loss} at its sweep's best lr, 3000 steps", "lr_from_sweep": loss}
        for loss, extra in [("progressive", []), ("lsd", ["-L", "derivative=fd"]), ("meanflow", ["-L", "derivative=fd"])]},
 }
+
+
+def _pin_previous_defaults(args: list[str]) -> list[str]:
+    """The trajectory settings the rows ran under before they became automatic, added where a row leaves them
+    unset, so each row's command keeps meaning what ran: no trajectory rows and an Euler pool, and for a row
+    that sets ``trajectory_fraction`` alone, pairs drawn like its objective's."""
+    given = {a.split("=", 1)[0] for a in args if "=" in a}
+    pins = {"pool_solver": "euler"}
+    if "trajectory_fraction" in given:
+        pins.update(trajectory_time_sampling="null", trajectory_dyadic_levels="null")
+    else:
+        pins["trajectory_fraction"] = "0.0"
+    return [*args, *(x for k, v in pins.items() if k not in given for x in ("--set", f"{k}={v}"))]
+
+
+for _spec in ROWS.values():
+    _spec["args"] = _pin_previous_defaults(_spec["args"])
 
 
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
@@ -749,16 +768,22 @@ def plot(out: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - matplotlib.ticker below
 
     from ttfm_distill.plots import _save_figure
 
     e = out["teacher"]["results"]["teacher_euler"]
-    shown = [n for n, r in out["rows"].items() if "points" in r and not ROWS[n].get("sweep")]
-    for key, xkey, fname, label in (
-            ("fd_test_images", "samples", "convergence.png", "FD to real test images"),
-            ("fd_test_images", "train_seconds", "convergence-seconds.png", "FD to real test images"),
-            ("flow_map_error", "samples", "convergence-fme.png", "flow-map error vs RK4"),
-            ("fd_teacher_fine", "samples", "convergence-fd-teacher.png", "FD to the teacher's fine solve")):
+    scored = [n for n, r in out["rows"].items() if "points" in r and not ROWS[n].get("sweep")]
+    # the headline figures: the long rows of each objective and the default recipe; the A/Bs and seed rows
+    # get a figure of their own
+    headline = [n for n in scored if ROWS[n].get("headline")]
+    others = [n for n in scored if not ROWS[n].get("headline")]
+    for key, xkey, fname, label, shown in (
+            ("fd_test_images", "samples", "convergence.png", "FD to real test images", headline),
+            ("fd_test_images", "train_seconds", "convergence-seconds.png", "FD to real test images", headline),
+            ("flow_map_error", "samples", "convergence-fme.png", "flow-map error vs RK4", headline),
+            ("fd_teacher_fine", "samples", "convergence-fd-teacher.png", "FD to the teacher's fine solve", headline),
+            ("fd_test_images", "samples", "convergence-ab.png", "FD to real test images (A/Bs, seeds)", others)):
         fig, axes = plt.subplots(1, len(STUDENT_STEPS), figsize=(4.0 * len(STUDENT_STEPS), 3.6), squeeze=False)
         for ax, n in zip(axes[0], STUDENT_STEPS):
             for i, name in enumerate(shown):
@@ -773,6 +798,7 @@ def plot(out: dict) -> None:
                     ax.text(ax.get_xlim()[0] if False else 1.0, e[str(m)][key], f" Euler {m}", fontsize=6,
                             transform=ax.get_yaxis_transform(), ha="right", va="bottom")
             ax.set_xscale("log"), ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: no crowded labels
             ax.set_xlabel("training samples" if xkey == "samples" else "training seconds (1 thread)")
             ax.set_title(f"student, {n} step{'s' if n > 1 else ''}", fontsize=9)
             ax.grid(alpha=0.3, which="both")
@@ -782,7 +808,7 @@ def plot(out: dict) -> None:
                      f"({out['settings']['num']} samples, dotted: teacher Euler)", fontsize=9, dpi=100)
     print("wrote", ", ".join(str(RESULTS / f) for f in ("convergence.json", "convergence.png",
                                                           "convergence-seconds.png", "convergence-fme.png",
-                                                          "convergence-fd-teacher.png")))
+                                                          "convergence-fd-teacher.png", "convergence-ab.png")))
 
 
 def main():

@@ -266,13 +266,18 @@ def test_bad_sources_in_library(tmp_path, image_folder, parquet_file):
 
 
 # -------------------------------------------------------------- data-free --
-def test_pool_is_resumable_and_equals_uninterrupted(tmp_path):
-    cfg = RunConfig(pool_size=2 * POOL_CHUNK + 10, pool_steps=3, seed=4)
-    whole = build_pool(FakeTeacher((1, 4, 4)), cfg, tmp_path / "a", "cpu", lambda m: None)
+@pytest.mark.parametrize("settings", [dict(pool_solver="euler", trajectory_fraction=0.0), {}],
+                         ids=["euler", "defaults-heun-trajectories"])
+def test_pool_is_resumable_and_equals_uninterrupted(tmp_path, settings):
+    cfg = RunConfig(pool_size=2 * POOL_CHUNK + 10, pool_steps=3, seed=4, **settings)
+    first = FakeTeacher((1, 4, 4))
+    whole = build_pool(first, cfg, tmp_path / "a", "cpu", lambda m: None)
     assert whole.report["cache"] == "built" and whole.report["samples"] == cfg.pool_size
+    per_chunk = first.velocity_calls // 3  # three chunks
+    assert per_chunk == 3 * (2 if cfg.pool_solver_name() == "heun" else 1)
 
     broken = FakeTeacher((1, 4, 4))
-    broken.fail_after = 3 + 1  # dies inside the second chunk
+    broken.fail_after = per_chunk + 1  # dies inside the second chunk
     with pytest.raises(KeyboardInterrupt):
         build_pool(broken, cfg, tmp_path / "b", "cpu", lambda m: None)
     parts = list((tmp_path / "b").glob("*.parts/chunk-*.safetensors"))
@@ -281,9 +286,11 @@ def test_pool_is_resumable_and_equals_uninterrupted(tmp_path):
     resumed_teacher = FakeTeacher((1, 4, 4))
     logs = []
     resumed = build_pool(resumed_teacher, cfg, tmp_path / "b", "cpu", logs.append)
-    assert resumed_teacher.velocity_calls == 2 * 3  # only the two missing chunks
+    assert resumed_teacher.velocity_calls == 2 * per_chunk  # only the two missing chunks
     assert resumed.report["cache"] == "resumed" and any("resum" in m for m in logs)
     assert torch.equal(resumed.samples, whole.samples)
+    if whole.trajectories is not None:  # the default keeps each solve's noise and sample
+        assert whole.trajectories.shape[1] == 2 and torch.equal(resumed.trajectories, whole.trajectories)
     assert not list((tmp_path / "b").glob("*.parts"))
 
     cached_teacher = FakeTeacher((1, 4, 4))
@@ -293,7 +300,7 @@ def test_pool_is_resumable_and_equals_uninterrupted(tmp_path):
 
 
 def test_pool_of_class_and_text_teachers(tmp_path):
-    cfg = RunConfig(pool_size=POOL_CHUNK + 44, pool_steps=2)
+    cfg = RunConfig(pool_size=POOL_CHUNK + 44, pool_steps=2, pool_solver="euler")  # the closed form below is Euler(2)
     teacher = FakeTeacher((1, 4, 4), conditioning="class", num_classes=3)
     pool = build_pool(teacher, cfg, tmp_path, "cpu", lambda m: None)
     x, cond = draw(pool, 40)
@@ -432,7 +439,9 @@ def test_data_free_run_on_embedded_teacher_reports_pool(cli_session):
     data = json.loads((root / "d" / "metrics.json").read_text())["data"]
     assert data["source"] == "teacher" and data["samples"] == 32 and data["cache"] == "built"
     assert data["seconds"] > 0 and data["generation_seconds"] >= data["seconds"]
-    assert len(list((root / "d" / "cache").glob("pool-n32-euler2-seed0-t*.safetensors"))) == 1  # keyed on the weights
+    # the defaults: a Heun pool keeping each solve's noise and sample for the 1-step trajectory rows
+    assert data["solver"].startswith("heun") and data["trajectories"]["states"] == 2
+    assert len(list((root / "d" / "cache").glob("pool-n32-heun2-traj2-seed0-t*.safetensors"))) == 1  # keyed on the weights
 
 
 def test_python_m_entry_point(tmp_path):

@@ -114,7 +114,9 @@ def test_pool_reports_samples_out_of_range(tmp_path):
         def velocity(self, x, t, cond=None):
             return torch.where(x.flatten(1)[:, :1].reshape(-1, 1, 1, 1) > 0, 10 * x, -x)
 
-    cfg = SimpleNamespace(pool_size=64, pool_steps=4, seed=0, prompts=None)
+    from ttfm_distill.config import RunConfig
+
+    cfg = RunConfig(pool_size=64, pool_steps=4, seed=0, pool_solver="euler", trajectory_fraction=0.0)
     logged = []
     pool = build_pool(Exploding(), cfg, tmp_path, "cpu", logged.append)
     o = pool.report["out_of_range"]

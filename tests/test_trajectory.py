@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from test_data import FakeTeacher
 from test_faults import tiny_cfg
-from ttfm_distill.config import ConfigError, RunConfig
+from ttfm_distill.config import AUTO_TRAJECTORY_FRACTION, ConfigError, RunConfig
 from ttfm_distill.data.pool import build_pool, kept_states, trajectory_states
 from ttfm_distill.objectives import TrainBatch, make_objective
 from ttfm_distill.objectives.timesampling import grid_pairs, sample_time_pairs
@@ -95,9 +95,11 @@ def test_trajectory_rows_split_with_their_micro_batches():
 
 
 def test_pool_keeps_trajectories_in_a_file_of_its_own_with_the_same_samples(tmp_path):
-    cfg = RunConfig(pool_size=40, pool_steps=4, seed=2)
+    cfg = RunConfig(pool_size=40, pool_steps=4, seed=2, trajectory_fraction=0.0)
     plain = build_pool(FakeTeacher((1, 4, 4)), cfg, tmp_path, "cpu", lambda m: None)
-    traj_cfg = RunConfig(pool_size=40, pool_steps=4, seed=2, trajectory_fraction=0.25)
+    # pairs drawn like the objective's (unset): every state of each solve is kept
+    traj_cfg = RunConfig(pool_size=40, pool_steps=4, seed=2, trajectory_fraction=0.25, pool_solver="euler",
+                         trajectory_time_sampling=None, trajectory_dyadic_levels=None)
     kept = build_pool(FakeTeacher((1, 4, 4)), traj_cfg, tmp_path, "cpu", lambda m: None)
     assert plain.trajectories is None and kept.trajectories.shape == (40, 5, 1, 4, 4)
     assert torch.equal(kept.samples, plain.samples) and torch.equal(kept.trajectories[:, -1], kept.samples)
@@ -106,7 +108,7 @@ def test_pool_keeps_trajectories_in_a_file_of_its_own_with_the_same_samples(tmp_
     # each stored state is one Euler step of the teacher from the one before
     v = FakeTeacher((1, 4, 4)).velocity(kept.trajectories[:, 1], torch.full((40,), 0.25))
     torch.testing.assert_close(kept.trajectories[:, 2], kept.trajectories[:, 1] + 0.25 * v)
-    heun_cfg = RunConfig(pool_size=40, pool_steps=4, seed=2, pool_solver="heun")
+    heun_cfg = RunConfig(pool_size=40, pool_steps=4, seed=2, pool_solver="heun", trajectory_fraction=0.0)
     h = build_pool(FakeTeacher((1, 4, 4)), heun_cfg, tmp_path, "cpu", lambda m: None)
     assert "heun" in h.report["solver"] and not torch.allclose(h.samples, plain.samples)
 
@@ -116,7 +118,8 @@ def test_a_pool_keeps_only_the_states_its_pairs_can_use(tmp_path):
     assert kept_states(16, "mixed", 0) == list(range(17)) and kept_states(12, "dyadic", 3) == list(range(13))
     cfg = RunConfig(pool_size=40, pool_steps=4, seed=2, trajectory_fraction=0.125, trajectory_time_sampling="dyadic",
                     trajectory_dyadic_levels=0)
-    assert trajectory_states(cfg) == [0, 4] and trajectory_states(RunConfig()) == []
+    assert trajectory_states(cfg) == [0, 4] and trajectory_states(RunConfig(trajectory_fraction=0.0)) == []
+    assert trajectory_states(RunConfig(pool_steps=4)) == [0, 4]  # the default: the 1-step jump alone
     pool = build_pool(FakeTeacher((1, 4, 4)), cfg, tmp_path, "cpu", lambda m: None)
     assert pool.trajectories.shape == (40, 2, 1, 4, 4) and pool.times.tolist() == [0.0, 1.0]
     assert torch.equal(pool.trajectories[:, 1], pool.samples) and "-traj2-" in pool.report["path"]
@@ -128,7 +131,7 @@ def test_trajectory_settings_are_checked():
     assert trajectory_rows(RunConfig(batch_size=32, trajectory_fraction=0.25)) == 8
     assert trajectory_rows(RunConfig(batch_size=32, trajectory_fraction=0.01)) == 1  # at least one row
     assert trajectory_rows(RunConfig(batch_size=32, trajectory_fraction=0.3, grad_accum_steps=4)) == 8
-    assert trajectory_rows(RunConfig()) == 0
+    assert trajectory_rows(RunConfig(trajectory_fraction=0.0)) == 0
     with pytest.raises(ConfigError, match="leaves no rows"):
         resolve_settings(RunConfig(batch_size=4, trajectory_fraction=0.9))
     with pytest.raises(ConfigError, match="needs the data-free pool"):
@@ -144,7 +147,8 @@ def test_trajectory_settings_are_checked():
 
 
 def test_batches_carry_rows_of_the_stored_solves(tiny_teacher_dir, tmp_path):
-    cfg = tiny_cfg(tiny_teacher_dir, tmp_path / "r", batch_size=8, trajectory_fraction=0.25, max_steps=2)
+    cfg = tiny_cfg(tiny_teacher_dir, tmp_path / "r", batch_size=8, trajectory_fraction=0.25, max_steps=2,
+                   trajectory_time_sampling=None, trajectory_dyadic_levels=None)  # the objective's pairs: all states
     run = Distillation(cfg, show_progress=False)
     run.preflight()
     run.setup_accelerator()
@@ -179,7 +183,8 @@ def test_a_run_with_trajectories_trains_logs_and_resumes_bit_for_bit(tiny_teache
     a = load_file(tmp_path / "a" / "checkpoints" / "step-00000008" / "student.safetensors")
     b = load_file(tmp_path / "b" / "checkpoints" / "step-00000008" / "student.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "c", max_steps=8, batch_size=8), show_progress=False)
+    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "c", max_steps=8, batch_size=8, trajectory_fraction=0.0),
+                     show_progress=False)
     c = load_file(tmp_path / "c" / "checkpoints" / "step-00000008" / "student.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the trajectory rows change the update
     import json
@@ -195,3 +200,24 @@ def test_an_analytic_teacher_has_no_pool_to_supervise_from(tmp_path):
         run_distillation(cfg, show_progress=False)
     assert not (tmp_path / "x" / "config.json").exists()
     make_objective("itvm")  # the registry is untouched by the wrapper
+
+
+def test_trajectory_rows_and_the_heun_pool_are_automatic_only_on_a_data_free_pool(tmp_path):
+    auto = RunConfig()
+    assert auto.trajectory_fraction is None and auto.trajectory_share() == AUTO_TRAJECTORY_FRACTION > 0
+    assert auto.pool_solver_name() == "heun" and auto.trajectory_pairs() == ("dyadic", 0)
+    assert RunConfig(data="/some/images").trajectory_share() == 0  # real data: no solves to supervise from
+    exact = RunConfig(teacher="builtin:checkerboard")
+    assert exact.trajectory_share() == 0 and exact.pool_solver_name() == "euler"
+    assert RunConfig(trajectory_fraction=0.0).pool_solver_name() == "euler"
+    assert RunConfig(pool_solver="euler").pool_solver_name() == "euler"  # an explicit solver is kept
+    # resolving writes the numbers down (config.json records what ran) and wraps the objective
+    cfg, objective = resolve_settings(RunConfig(batch_size=32))
+    assert cfg.trajectory_fraction == AUTO_TRAJECTORY_FRACTION and cfg.pool_solver == "heun"
+    assert isinstance(objective, TrajectorySupervised) and trajectory_rows(cfg) == 4
+    cfg, objective = resolve_settings(RunConfig(teacher="builtin:checkerboard"))
+    assert cfg.trajectory_fraction == 0 and cfg.pool_solver == "euler" and not isinstance(objective, TrajectorySupervised)
+    # an exact teacher runs with the defaults (no pool, no rows) instead of being refused
+    res = run_distillation(RunConfig(teacher="builtin:checkerboard", output=str(tmp_path / "x"), max_steps=2,
+                                     batch_size=16, eval_samples=16, reference_steps=4), show_progress=False)
+    assert res is not None and (tmp_path / "x" / "config.json").exists()

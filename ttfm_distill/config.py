@@ -13,6 +13,9 @@ from .errors import ConfigError  # noqa: F401 - re-exported: most callers import
 DEFAULT_OUTPUT = "ttfm-output"
 #: how the (s, t) pairs of a batch are drawn (objectives/timesampling.py draws them)
 TIME_SAMPLINGS = ("uniform", "dyadic", "mixed")
+#: the share of each batch on the pool's trajectories when trajectory_fraction is unset and the data is a
+#: data-free pool: 12.5% on the 1-step jump beat none on three seeds at 2400 steps (docs/quality.md)
+AUTO_TRAJECTORY_FRACTION = 0.125
 
 
 
@@ -39,7 +42,9 @@ class RunConfig:
     output: str = DEFAULT_OUTPUT
     loss: str = "itvm"
     loss_options: dict = field(default_factory=dict)
-    max_steps: int = 1200
+    #: 2400 steps fill the default run's 10-minute budget on a 2-core CPU (about 8 minutes on the embedded
+    #: teacher); 1200 left half of it unused and the 1-step student still falling (docs/quality.md)
+    max_steps: int = 2400
     batch_size: int = 32
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -79,17 +84,19 @@ class RunConfig:
     data_cache: str | None = None
     pool_size: int = 2048
     pool_steps: int = 16
-    #: the teacher solver of the data-free pool: "euler" (pool_steps evaluations a sample) or "heun" (twice that)
-    pool_solver: str = "euler"
+    #: the teacher solver of the data-free pool: "euler" (pool_steps evaluations a sample), "heun" (twice that),
+    #: or "auto": heun when the run has trajectory rows (their targets are the solves), else euler
+    pool_solver: str = "auto"
     #: fraction of each batch supervised by the pool's own teacher trajectories: a pair (s, t) on the pool's
-    #: time grid whose target is the stored solve, (x_t - x_s) / (t - s), at no teacher cost (docs/quality.md)
-    trajectory_fraction: float = 0.0
+    #: time grid whose target is the stored solve, (x_t - x_s) / (t - s), at no teacher cost (docs/quality.md).
+    #: Unset: AUTO_TRAJECTORY_FRACTION on a data-free pool, 0 on real data and exact (2-D) teachers
+    trajectory_fraction: float | None = None
     #: weight of those rows' loss against the objective's rows
     trajectory_weight: float = 1.0
-    #: how those rows' pairs are drawn (as time_sampling / dyadic_levels; unset: the run's own), e.g. "dyadic"
-    #: with levels 1 puts them on the 1- and 2-step samplers' jumps only
-    trajectory_time_sampling: str | None = None
-    trajectory_dyadic_levels: int | None = None
+    #: how those rows' pairs are drawn (as time_sampling / dyadic_levels; unset: the run's own). The default,
+    #: dyadic with levels 0, is the 1-step jump (0, 1) alone; levels 1 adds the 2-step sampler's jumps
+    trajectory_time_sampling: str | None = "dyadic"
+    trajectory_dyadic_levels: int | None = 0
     mlp_width: int = 256
     mlp_depth: int = 4
     mixed_precision: str = "no"
@@ -161,7 +168,8 @@ class RunConfig:
             raise ConfigError(f"compile must be true, false or a torch.compile backend name, got {self.compile!r}")
         if int(self.lora_rank) < 0 or self.lora_alpha < 0:
             raise ConfigError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}")
-        if not 0 <= self.trajectory_fraction < 1 or not self.trajectory_weight >= 0:
+        if (self.trajectory_fraction is not None and not 0 <= self.trajectory_fraction < 1) or not (
+                self.trajectory_weight >= 0):
             raise ConfigError(f"trajectory_fraction must be in [0, 1) and trajectory_weight >= 0, got "
                               f"{self.trajectory_fraction} and {self.trajectory_weight}")
         if self.trajectory_time_sampling not in (None, *TIME_SAMPLINGS):
@@ -169,7 +177,7 @@ class RunConfig:
                               f"{self.trajectory_time_sampling!r}")
         if self.trajectory_dyadic_levels is not None and int(self.trajectory_dyadic_levels) < 0:
             raise ConfigError(f"trajectory_dyadic_levels must be >= 0, got {self.trajectory_dyadic_levels}")
-        if self.trajectory_fraction > 0 and self.data != "teacher":
+        if (self.trajectory_fraction or 0) > 0 and self.data != "teacher":
             raise ConfigError("trajectory_fraction needs the data-free pool (data=teacher): real data has no "
                               "teacher trajectories; set trajectory_fraction=0 or drop --data")
         if not 0 <= self.lr_final_fraction <= 1:
@@ -183,7 +191,7 @@ class RunConfig:
             "export_weights": ("ema", "raw"),
             "nan_policy": ("stop", "skip"),
             "lr_schedule": ("constant", "cosine"),
-            "pool_solver": ("euler", "heun"),
+            "pool_solver": ("auto", "euler", "heun"),
             "data_crop": ("center", "random"),
             "data_channels": ("convert", "strict"),
             "data_range": ("auto", "0-255", "0-1", "-1-1"),
@@ -197,6 +205,26 @@ class RunConfig:
         if self.student_output == "velocity" and int(self.lora_rank) > 0:
             raise ConfigError("student_output=velocity is not supported with LoRA students; use student_output=native")
         return self
+
+    def trajectory_share(self) -> float:
+        """The fraction of each batch on the pool's trajectories: ``trajectory_fraction``, or when unset
+        :data:`AUTO_TRAJECTORY_FRACTION` for a data-free pool and 0 where there is none (real data, an exact
+        2-D teacher, whose data are exact samples)."""
+        if self.trajectory_fraction is not None:
+            return float(self.trajectory_fraction)
+        if self.data != "teacher":
+            return 0.0
+        from .teachers.analytic import ANALYTIC_TEACHERS
+
+        spec = self.teacher or ""
+        exact = spec.startswith("builtin:") and spec.split(":", 1)[1] in ANALYTIC_TEACHERS
+        return 0.0 if exact else AUTO_TRAJECTORY_FRACTION
+
+    def pool_solver_name(self) -> str:
+        """The pool's solver: ``pool_solver``, with ``auto`` read as heun when there are trajectory rows."""
+        if self.pool_solver != "auto":
+            return self.pool_solver
+        return "heun" if self.trajectory_share() > 0 else "euler"
 
     def trajectory_pairs(self) -> tuple[str, int]:
         """``(time_sampling, dyadic_levels)`` the trajectory rows' pairs are drawn with (unset: the run's own)."""

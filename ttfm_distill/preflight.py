@@ -43,6 +43,9 @@ def resolve_settings(cfg: RunConfig):
     if cfg.diagonal_fraction is None:
         cfg.diagonal_fraction = float(objective.default_diagonal_fraction)
     check_objective_fits(objective, cfg)
+    # the automatic settings become numbers here, so config.json records what ran
+    cfg.trajectory_fraction = cfg.trajectory_share()
+    cfg.pool_solver = cfg.pool_solver_name()
     if cfg.trajectory_fraction > 0:
         from .objectives.trajectory import TrajectorySupervised
 
@@ -53,10 +56,10 @@ def resolve_settings(cfg: RunConfig):
 
 def trajectory_rows(cfg: RunConfig) -> int:
     """Trajectory rows per batch: ``trajectory_fraction`` of it, a multiple of ``grad_accum_steps`` (at least one)."""
-    if cfg.trajectory_fraction <= 0:
+    if cfg.trajectory_share() <= 0:
         return 0
     n = int(cfg.grad_accum_steps)
-    m = max(n, int(round(cfg.trajectory_fraction * cfg.batch_size / n)) * n)
+    m = max(n, int(round(cfg.trajectory_share() * cfg.batch_size / n)) * n)
     if m >= cfg.batch_size:
         raise ConfigError(f"trajectory_fraction {cfg.trajectory_fraction} leaves no rows for the objective at "
                           f"batch_size {cfg.batch_size}; lower it or raise batch_size")

@@ -243,7 +243,7 @@ class Distillation:
             self.accelerator.wait_for_everyone()
             if data is None:
                 data = build_data(teacher, cfg, out, device, self.log)
-        if cfg.trajectory_fraction > 0 and getattr(data, "trajectories", None) is None:
+        if cfg.trajectory_share() > 0 and getattr(data, "trajectories", None) is None:
             raise ConfigError("trajectory_fraction needs a data-free pool of teacher solves; this teacher's data is "
                               "exact (analytic) or real, so set trajectory_fraction=0")
         self.data = data

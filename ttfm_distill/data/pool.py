@@ -88,7 +88,7 @@ def kept_states(steps: int, mode: str | None, levels: int) -> list[int]:
 
 def trajectory_states(cfg) -> list[int]:
     """The states of the pool's solves that ``cfg``'s trajectory rows need (none without trajectory rows)."""
-    if getattr(cfg, "trajectory_fraction", 0.0) <= 0:
+    if cfg.trajectory_share() <= 0:
         return []
     return kept_states(cfg.pool_steps, *cfg.trajectory_pairs())
 
@@ -133,7 +133,7 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
     prompt_rows, tag = prompt_conditioning(teacher, cfg, n, cache_dir, progress, log)
     # keyed on the teacher's weights too: a teacher replaced at the same path never reuses an old pool
     key = f"-t{cfg.teacher_fingerprint[:12]}" if getattr(cfg, "teacher_fingerprint", None) else ""
-    solver = getattr(cfg, "pool_solver", "euler")
+    solver = cfg.pool_solver_name()
     states = trajectory_states(cfg)
     keep = bool(states)
     traj = f"-traj{len(states)}" if keep else ""
