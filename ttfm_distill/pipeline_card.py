@@ -60,6 +60,11 @@ def run_command(run_config: dict | None) -> str:
         defaults["diagonal_fraction"] = float(objective.default_diagonal_fraction)
     except Exception:  # noqa: BLE001 - an unknown objective (an older run): show every setting
         pass
+    # likewise the automatic trajectory rows and pool solver, resolved for this run's teacher and data
+    auto = RunConfig(teacher=run_config.get("teacher", defaults["teacher"]), data=run_config.get("data", defaults["data"]))
+    defaults["trajectory_fraction"] = auto.trajectory_share()
+    auto.trajectory_fraction = run_config.get("trajectory_fraction")
+    defaults["pool_solver"] = auto.pool_solver_name()
     flags = {"teacher": "--teacher", "max_steps": "--max-steps", "loss": "--loss", "seed": "--seed"}
     parts = ["ttfm-distill run"]
     for key, value in run_config.items():
