@@ -200,6 +200,16 @@ def _pin_previous_defaults(args: list[str]) -> list[str]:
 for _spec in ROWS.values():
     _spec["args"] = _pin_previous_defaults(_spec["args"])
 
+# rows of the third round on: the defaults as they are now (trajectory rows on, 2400 steps), seed 0, against
+# budget_traj_s0 (the same defaults, no change) at the same steps
+ROWS.update({
+    name: {"args": [*extra, "--max-steps", "2400", *_keep(600)], "what": what, "ab": "budget_traj_s0",
+           "ab_weights": "ema", "ab_base_weights": "ema"}
+    for name, extra, what in [
+        ("ab3_span2", ["-L", "span_power=2"],
+         "ITVM residuals weighted by (t - s)^2 (measured in phi, as progressive distillation measures them)"),
+    ]})
+
 
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
     """The row's CLI arguments; an lr of ``SWEEP`` becomes the one its run used, or the sweep's best so far."""

@@ -49,6 +49,23 @@ def test_itvm_teacher_substeps_shrink_the_segment_error_at_a_long_tau(gaussian_c
         make_objective("itvm", teacher_substeps=0)
 
 
+def test_itvm_span_power_weighs_each_off_diagonal_residual_by_its_span(gaussian_case):
+    """span_power p multiplies each off-diagonal pair's residual by (t - s) ** p and leaves diagonal pairs alone."""
+    teacher, exact = gaussian_case
+    from conftest import ExactGaussianMap
+
+    wrong = ExactGaussianMap(exact.mean + 0.5, exact.std * 1.5)
+    batch = make_batch(diag=0.25)
+    plain = make_objective("itvm", tau=0.05)(wrong, teacher, batch, wrong).per_sample
+    weighted = make_objective("itvm", tau=0.05, span_power=2.0)(wrong, teacher, batch, wrong).per_sample
+    off = batch.t > batch.s
+    assert bool(off.any()) and bool((~off).any())
+    torch.testing.assert_close(weighted[off], plain[off] * (batch.t - batch.s)[off] ** 2)
+    assert torch.equal(weighted[~off], plain[~off]) and bool((weighted[off] < plain[off]).all())
+    with pytest.raises(Exception, match="span_power"):
+        make_objective("itvm", span_power=-1.0)
+
+
 def test_itvm_ema_only_reading_and_teacher_target_vanish_on_exact_map(gaussian_case):
     teacher, exact = gaussian_case
     batch = make_batch()

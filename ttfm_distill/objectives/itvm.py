@@ -79,6 +79,9 @@ class ItvmObjective(Objective):
         lambda_terminal: float = 1.0
         initial_on_all: bool = False
         grad_through_intermediate: bool = False
+        #: weight each off-diagonal pair's residual by (t - s) ** span_power: 2 measures it in phi (the jump's
+        #: end point), as progressive distillation does, so long jumps count more; 0 (default) leaves it alone
+        span_power: float = 0.0
 
     def validate(self):
         o = self.options
@@ -92,6 +95,7 @@ class ItvmObjective(Objective):
             (o.teacher_target_steps >= 1, "teacher_target_steps must be >= 1"),
             (o.teacher_substeps >= 1, "teacher_substeps must be >= 1"),
             (o.lambda_initial >= 0 and o.lambda_terminal >= 0, "lambdas must be >= 0"),
+            (o.span_power >= 0, "span_power must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -194,7 +198,8 @@ class ItvmObjective(Objective):
         residual = per_sample_mse(u, target)
         term_loss = masked_mean(residual, off)
         diag_loss = masked_mean(residual, ~off)
-        per_sample = torch.where(off, o.lambda_terminal * residual, o.lambda_initial * residual)
+        terminal = residual * (t - s) ** o.span_power if o.span_power else residual
+        per_sample = torch.where(off, o.lambda_terminal * terminal, o.lambda_initial * residual)
         if init is not None:
             per_sample = per_sample + o.lambda_initial * init * off
             init_loss = (diag_loss * (~off).sum() + (init * off).sum()) / x.shape[0]
