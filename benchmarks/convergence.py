@@ -208,6 +208,7 @@ ROWS.update({
     for name, extra, what in [
         ("ab3_span2", ["-L", "span_power=2"],
          "ITVM residuals weighted by (t - s)^2 (measured in phi, as progressive distillation measures them)"),
+        ("ab3_span1", ["-L", "span_power=1"], "ITVM residuals weighted by (t - s)"),
     ]})
 
 
