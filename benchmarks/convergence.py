@@ -178,9 +178,15 @@ ROWS: dict[str, dict] = {
            ("traj", _TRAJ_1STEP, "1-step-only trajectory rows (12.5%, Heun-16 pool)")]
        for seed in (0, 1, 2)},
     # the rivals' long rows, each at its own sweep's best lr (recorded in the run's config.json)
-    **{f"{loss}_long": {"headline": True, "args": ["--loss", loss, *extra, "--lr", "SWEEP", "--max-steps", "3000", *_keep(300)],
+    **{f"{loss}_long": {"headline": loss != "progressive", "args": ["--loss", loss, *extra, "--lr", "SWEEP", "--max-steps", "3000", *_keep(300)],
                         "what": f"{loss} at its sweep's best lr, 3000 steps", "lr_from_sweep": loss}
        for loss, extra in [("progressive", []), ("lsd", ["-L", "derivative=fd"]), ("meanflow", ["-L", "derivative=fd"])]},
+    # progressive_long continued: its folder copied at step 3000 (checkpoints and pool byte for byte, so its points
+    # up to 3000 are progressive_long's), resumed to 6000 by the same command with a larger --max-steps
+    "progressive_6k": {"headline": True, "args": ["--loss", "progressive", "--lr", "SWEEP", "--max-steps", "6000",
+                                                  *_keep(300)],
+                       "what": "progressive at its sweep's best lr, progressive_long resumed from step 3000 to 6000",
+                       "lr_from_sweep": "progressive"},
 }
 
 
@@ -209,6 +215,10 @@ ROWS.update({
         ("ab3_span2", ["-L", "span_power=2"],
          "ITVM residuals weighted by (t - s)^2 (measured in phi, as progressive distillation measures them)"),
         ("ab3_span1", ["-L", "span_power=1"], "ITVM residuals weighted by (t - s)"),
+        ("ab3_long0.5", ["-L", "long_jump_span=0.5"],
+         "progressive distillation's target (two EMA jumps through r ~ U(s, t)) on pairs with t - s >= 0.5"),
+        ("ab3_long0.75", ["-L", "long_jump_span=0.75"],
+         "progressive distillation's target on pairs with t - s >= 0.75"),
     ]})
 
 

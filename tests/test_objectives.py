@@ -66,6 +66,39 @@ def test_itvm_span_power_weighs_each_off_diagonal_residual_by_its_span(gaussian_
         make_objective("itvm", span_power=-1.0)
 
 
+def test_itvm_long_jumps_take_the_progressive_target_from_the_ema(gaussian_case):
+    """With long_jump_span L, pairs with t - s >= L get two EMA jumps through r ~ U(s, t), the rest ITVM's target."""
+    teacher, exact = gaussian_case
+    from conftest import ExactGaussianMap
+    from ttfm_distill.objectives.base import flow_map
+
+    wrong = ExactGaussianMap(exact.mean + 0.5, exact.std * 1.5)
+    other = ExactGaussianMap(exact.mean - 0.3, exact.std * 0.8)  # the "EMA": a third map
+    batch = make_batch(diag=0.25, seed=3)
+    obj = make_objective("itvm", tau=0.05, long_jump_span=0.5)
+    assert obj.needs_ema
+    target = obj.target(wrong, teacher, batch, ema=other)
+    long = (batch.t - batch.s >= 0.5) & (batch.t > batch.s)
+    assert 0 < int(long.sum()) < len(long)
+    # replay the draws: target() drew r after make_batch's own draws from the same generator
+    g = torch.Generator().manual_seed(3)
+    sample_time_pairs(len(batch.s), "uniform", 0.25, generator=g)
+    torch.randn(len(batch.s), 2, generator=g, dtype=torch.float64)
+    frac = torch.rand(batch.s.shape, generator=g).double()
+    s, t, x = batch.s[long], batch.t[long], batch.x_s[long]
+    r = s + frac[long] * (t - s)
+    end = flow_map(other, flow_map(other, x, s, r, None), r, t, None)
+    torch.testing.assert_close(target[long], (end - x) / (t - s)[:, None])
+    short = ~long
+    plain = make_objective("itvm", tau=0.05).target(wrong, teacher, make_batch(diag=0.25, seed=3), ema=other)
+    torch.testing.assert_close(target[short], plain[short])
+    # on the exact map the long-jump target is exact too (the flow map is a semigroup)
+    assert loss_of(make_objective("itvm", tau=0.02, teacher_solver="heun", long_jump_span=0.5), exact, teacher,
+                   make_batch(diag=0.25, seed=3), ema=exact) < 1e-6
+    with pytest.raises(Exception, match="long_jump_span"):
+        make_objective("itvm", long_jump_span=1.5)
+
+
 def test_itvm_ema_only_reading_and_teacher_target_vanish_on_exact_map(gaussian_case):
     teacher, exact = gaussian_case
     batch = make_batch()

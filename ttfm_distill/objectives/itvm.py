@@ -82,6 +82,10 @@ class ItvmObjective(Objective):
         #: weight each off-diagonal pair's residual by (t - s) ** span_power: 2 measures it in phi (the jump's
         #: end point), as progressive distillation does, so long jumps count more; 0 (default) leaves it alone
         span_power: float = 0.0
+        #: pairs with t - s >= long_jump_span take progressive distillation's target instead: two jumps of the
+        #: EMA (the current weights where none is kept) through r ~ U(s, t), no teacher; their residual is
+        #: weighted like the other pairs' (span_power). 0 (default) keeps the ITVM target on every pair
+        long_jump_span: float = 0.0
 
     def validate(self):
         o = self.options
@@ -96,11 +100,13 @@ class ItvmObjective(Objective):
             (o.teacher_substeps >= 1, "teacher_substeps must be >= 1"),
             (o.lambda_initial >= 0 and o.lambda_terminal >= 0, "lambdas must be >= 0"),
             (o.span_power >= 0, "span_power must be >= 0"),
+            (0 <= o.long_jump_span <= 1, "long_jump_span must be in [0, 1] (0: off)"),
+            (o.long_jump_span == 0 or o.reading == "composed", "long_jump_span needs reading='composed'"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"itvm: {msg}")
-        self.needs_ema = o.target_model == "ema"
+        self.needs_ema = o.target_model == "ema" or o.long_jump_span > 0
         # with r uniform and a student target, every off-diagonal target is the student's own
         self.teacher_off_diagonal = (o.reading == "composed" and (o.intermediate != "uniform" or o.target_model == "teacher")
                                      or o.reading == "ema_only" or o.initial_on_all)
@@ -141,11 +147,39 @@ class ItvmObjective(Objective):
         # r for "uniform" is drawn for the whole batch, so the random stream does not depend on the split
         frac = (torch.rand(s.shape, generator=batch.generator).to(s) if self.options.intermediate == "uniform"
                 else None)
+        long = self.long_jumps(s, t)
+        if long is not None:
+            long_frac = torch.rand(s.shape, generator=batch.generator).to(s)  # likewise, for the whole batch
+            out = self._base_target(student, teacher, batch, ema, frac, off & ~long)
+            if bool(long.any()):
+                out[long] = self._long_jump_target(student, ema, x[long], s[long], t[long], select_cond(cond, long),
+                                                   long_frac[long])
+            return out
+        return self._base_target(student, teacher, batch, ema, frac, off)
+
+    def long_jumps(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+        """The pairs that take the progressive target (``None`` when ``long_jump_span`` is off)."""
+        span = self.options.long_jump_span
+        return None if span <= 0 else (t - s >= span) & (t > s)
+
+    def _long_jump_target(self, student, ema, x, s, t, cond, frac) -> torch.Tensor:
+        """Progressive distillation's target as an average velocity: two target-model jumps through r."""
+        model = ema if ema is not None else student
+        r = s + frac * (t - s)
+        y = x + broadcast_time(r - s, x) * model(x, s, r, cond)
+        end = y + broadcast_time(t - r, y) * model(y, r, t, cond)
+        return (end - x) / broadcast_time(t - s, x)
+
+    def _base_target(self, student, teacher, batch: TrainBatch, ema, frac, off) -> torch.Tensor:
+        """The ITVM target: the teacher's velocity on diagonal pairs, the composed one on ``off`` pairs (rows in
+        neither, the long jumps, are left for the caller to fill)."""
+        x, s, t, cond = batch.x_s, batch.s, batch.t, batch.cond
         if bool(off.all()):
             return self._off_diagonal_target(student, teacher, ema, x, s, t, cond, frac)
         out = torch.empty_like(x)
-        diag = ~off
-        out[diag] = teacher.velocity(x[diag], s[diag], select_cond(cond, diag))
+        diag = ~(t > s)
+        if bool(diag.any()):
+            out[diag] = teacher.velocity(x[diag], s[diag], select_cond(cond, diag))
         if bool(off.any()):
             out[off] = self._off_diagonal_target(student, teacher, ema, x[off], s[off], t[off], select_cond(cond, off),
                                                  None if frac is None else frac[off])
