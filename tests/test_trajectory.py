@@ -211,12 +211,36 @@ def test_trajectory_rows_and_the_heun_pool_are_automatic_only_on_a_data_free_poo
     assert exact.trajectory_share() == 0 and exact.pool_solver_name() == "euler"
     assert RunConfig(trajectory_fraction=0.0).pool_solver_name() == "euler"
     assert RunConfig(pool_solver="euler").pool_solver_name() == "euler"  # an explicit solver is kept
-    # resolving writes the numbers down (config.json records what ran) and wraps the objective
+    # resolved once the teacher is loaded: numbers in config.json, the objective wrapped where there are rows
+    from types import SimpleNamespace
+
+    from ttfm_distill.preflight import resolve_teacher_settings
+
+    flow, epsilon = SimpleNamespace(io=None), SimpleNamespace(io=SimpleNamespace(prediction_type="epsilon"))
     cfg, objective = resolve_settings(RunConfig(batch_size=32))
+    assert cfg.trajectory_fraction is None and not isinstance(objective, TrajectorySupervised)
+    objective = resolve_teacher_settings(cfg, objective, flow, None)
     assert cfg.trajectory_fraction == AUTO_TRAJECTORY_FRACTION and cfg.pool_solver == "heun"
     assert isinstance(objective, TrajectorySupervised) and trajectory_rows(cfg) == 4
-    cfg, objective = resolve_settings(RunConfig(teacher="builtin:checkerboard"))
+    # a noise-predicting (diffusion) teacher: none, an Euler pool (the rows destabilised the DDPM teacher)
+    cfg, objective = resolve_settings(RunConfig())
+    objective = resolve_teacher_settings(cfg, objective, epsilon, None)
     assert cfg.trajectory_fraction == 0 and cfg.pool_solver == "euler" and not isinstance(objective, TrajectorySupervised)
+    cfg, objective = resolve_settings(RunConfig(teacher="builtin:checkerboard"))
+    objective = resolve_teacher_settings(cfg, objective, flow, None)
+    assert cfg.trajectory_fraction == 0 and cfg.pool_solver == "euler" and not isinstance(objective, TrajectorySupervised)
+    # a resumed run keeps what it resolved to; a folder from before the settings ran without rows
+    cfg, objective = resolve_settings(RunConfig())
+    resolve_teacher_settings(cfg, objective, flow, {"trajectory_fraction": 0.25, "pool_solver": "euler"})
+    assert (cfg.trajectory_fraction, cfg.pool_solver) == (0.25, "euler")
+    cfg, objective = resolve_settings(RunConfig())
+    resolve_teacher_settings(cfg, objective, flow, {"seed": 0})
+    assert (cfg.trajectory_fraction, cfg.pool_solver) == (0.0, "euler")
+    from ttfm_distill.config import resume_mismatch
+
+    assert resume_mismatch({"trajectory_fraction": 0.125, "pool_solver": "heun"}, RunConfig().to_dict()) == []
+    assert resume_mismatch({"trajectory_fraction": 0.125}, RunConfig(trajectory_fraction=0.0).to_dict()) == [
+        "trajectory_fraction"]
     # an exact teacher runs with the defaults (no pool, no rows) instead of being refused
     res = run_distillation(RunConfig(teacher="builtin:checkerboard", output=str(tmp_path / "x"), max_steps=2,
                                      batch_size=16, eval_samples=16, reference_steps=4), show_progress=False)

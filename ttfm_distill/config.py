@@ -16,6 +16,9 @@ TIME_SAMPLINGS = ("uniform", "dyadic", "mixed")
 #: the share of each batch on the pool's trajectories when trajectory_fraction is unset and the data is a
 #: data-free pool: 12.5% on the 1-step jump beat none on three seeds at 2400 steps (docs/quality.md)
 AUTO_TRAJECTORY_FRACTION = 0.125
+#: settings whose value is only known once the teacher is loaded (RunConfig.resolve_automatic): their unset
+#: values, which the resume check lets match what a run resolved them to
+AUTOMATIC = {"trajectory_fraction": (None,), "pool_solver": ("auto",)}
 
 
 
@@ -206,13 +209,14 @@ class RunConfig:
             raise ConfigError("student_output=velocity is not supported with LoRA students; use student_output=native")
         return self
 
-    def trajectory_share(self) -> float:
+    def trajectory_share(self, prediction_type: str = "flow") -> float:
         """The fraction of each batch on the pool's trajectories: ``trajectory_fraction``, or when unset
-        :data:`AUTO_TRAJECTORY_FRACTION` for a data-free pool and 0 where there is none (real data, an exact
-        2-D teacher, whose data are exact samples)."""
+        :data:`AUTO_TRAJECTORY_FRACTION` for a data-free pool of a flow teacher, and 0 where there is no pool
+        (real data, an exact 2-D teacher, whose data are exact samples) or the teacher predicts noise, data or
+        v (``prediction_type``: the rows destabilised the epsilon DDPM teacher measured, docs/quality.md)."""
         if self.trajectory_fraction is not None:
             return float(self.trajectory_fraction)
-        if self.data != "teacher":
+        if self.data != "teacher" or prediction_type != "flow":
             return 0.0
         from .teachers.analytic import ANALYTIC_TEACHERS
 
@@ -220,11 +224,29 @@ class RunConfig:
         exact = spec.startswith("builtin:") and spec.split(":", 1)[1] in ANALYTIC_TEACHERS
         return 0.0 if exact else AUTO_TRAJECTORY_FRACTION
 
-    def pool_solver_name(self) -> str:
+    def pool_solver_name(self, prediction_type: str = "flow") -> str:
         """The pool's solver: ``pool_solver``, with ``auto`` read as heun when there are trajectory rows."""
         if self.pool_solver != "auto":
             return self.pool_solver
-        return "heun" if self.trajectory_share() > 0 else "euler"
+        return "heun" if self.trajectory_share(prediction_type) > 0 else "euler"
+
+    def resolve_automatic(self, prediction_type: str, saved: dict | None = None) -> "RunConfig":
+        """Turn the automatic trajectory settings into the values that run, once the teacher is loaded.
+
+        A resumed run (``saved``: its config.json) keeps what it ran with; a folder written before the
+        settings existed ran without trajectory rows, on an Euler pool.
+        """
+        for key, resolve, before in (("trajectory_fraction", self.trajectory_share, 0.0),
+                                     ("pool_solver", self.pool_solver_name, "euler")):
+            if getattr(self, key) not in AUTOMATIC[key]:
+                continue
+            if saved is not None:
+                value = saved.get(key, before)
+                value = resolve(prediction_type) if value in AUTOMATIC[key] else value
+            else:
+                value = resolve(prediction_type)
+            setattr(self, key, value)
+        return self
 
     def trajectory_pairs(self) -> tuple[str, int]:
         """``(time_sampling, dyadic_levels)`` the trajectory rows' pairs are drawn with (unset: the run's own)."""
@@ -349,4 +371,5 @@ def resume_mismatch(saved: dict, current: dict) -> list[str]:
     """
     defaults = RunConfig().to_dict()
     return sorted(k for k in set(saved) | set(current)
-                  if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k)))
+                  if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k))
+                  and not (k in AUTOMATIC and current.get(k, defaults.get(k)) in AUTOMATIC[k]))

@@ -67,8 +67,9 @@ def run_command(run_config: dict | None) -> str:
     defaults["pool_solver"] = auto.pool_solver_name()
     flags = {"teacher": "--teacher", "max_steps": "--max-steps", "loss": "--loss", "seed": "--seed"}
     parts = ["ttfm-distill run"]
+    unset = RunConfig().to_dict()
     for key, value in run_config.items():
-        if key in ("output", "teacher_fingerprint") or value == defaults.get(key):  # the fingerprint: not a setting
+        if key in ("output", "teacher_fingerprint") or value in (defaults.get(key), unset.get(key)):
             continue
         text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
         parts.append(f"{flags[key]} {shlex.quote(text)}" if key in flags else f"--set {shlex.quote(f'{key}={text}')}")

@@ -43,20 +43,32 @@ def resolve_settings(cfg: RunConfig):
     if cfg.diagonal_fraction is None:
         cfg.diagonal_fraction = float(objective.default_diagonal_fraction)
     check_objective_fits(objective, cfg)
-    # the automatic settings become numbers here, so config.json records what ran
-    cfg.trajectory_fraction = cfg.trajectory_share()
-    cfg.pool_solver = cfg.pool_solver_name()
-    if cfg.trajectory_fraction > 0:
-        from .objectives.trajectory import TrajectorySupervised
+    # an explicit share is checked now; the automatic one once the teacher is loaded (resolve_teacher_settings)
+    trajectory_rows(cfg)  # refuses a split that leaves no objective rows
+    return cfg, with_trajectory_rows(objective, cfg)
 
-        trajectory_rows(cfg)  # refuses a split that leaves no objective rows
-        objective = TrajectorySupervised(objective, cfg.trajectory_weight)
-    return cfg, objective
+
+def with_trajectory_rows(objective, cfg: RunConfig):
+    """``objective`` wrapped with the trajectory rows' loss when ``cfg`` has a share of them (a number > 0)."""
+    from .objectives.trajectory import TrajectorySupervised
+
+    if cfg.trajectory_fraction is None or cfg.trajectory_fraction <= 0 or isinstance(objective, TrajectorySupervised):
+        return objective
+    return TrajectorySupervised(objective, cfg.trajectory_weight)
+
+
+def resolve_teacher_settings(cfg: RunConfig, objective, teacher, saved: dict | None):
+    """The automatic settings that depend on the teacher (its prediction type), filled in once it is loaded, so
+    config.json records what ran; a resumed run keeps its own. Returns the objective, wrapped if need be."""
+    prediction_type = getattr(getattr(teacher, "io", None), "prediction_type", "flow")
+    cfg.resolve_automatic(prediction_type, saved)
+    trajectory_rows(cfg)
+    return with_trajectory_rows(objective, cfg)
 
 
 def trajectory_rows(cfg: RunConfig) -> int:
     """Trajectory rows per batch: ``trajectory_fraction`` of it, a multiple of ``grad_accum_steps`` (at least one)."""
-    if cfg.trajectory_share() <= 0:
+    if cfg.trajectory_fraction is None or cfg.trajectory_share() <= 0:  # automatic: counted once resolved
         return 0
     n = int(cfg.grad_accum_steps)
     m = max(n, int(round(cfg.trajectory_share() * cfg.batch_size / n)) * n)

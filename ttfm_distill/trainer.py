@@ -194,7 +194,7 @@ class Distillation:
 
     def setup_teacher(self) -> None:
         from .data.cache import teacher_fingerprint
-        from .preflight import check_memory, check_teacher, check_teacher_unchanged
+        from .preflight import check_memory, check_teacher, check_teacher_unchanged, resolve_teacher_settings
         from .teachers.loading import load_teacher
 
         cfg = self.cfg
@@ -209,6 +209,7 @@ class Distillation:
                 raise ConfigError(f"gradient_checkpointing is not supported for {type(teacher.network).__name__} "
                                   "students yet (time embedded inside each block); leave it off")
         teacher.to(self.device)
+        self.objective = resolve_teacher_settings(cfg, self.objective, teacher, self.folder.saved)
         check_memory(cfg, teacher, self.device)  # before the first tensor of the teacher's data shape is made
         check_teacher(teacher, self.device)
         cfg.teacher_fingerprint = teacher_fingerprint(teacher)
