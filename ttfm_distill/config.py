@@ -92,7 +92,8 @@ class RunConfig:
     pool_solver: str = "auto"
     #: fraction of each batch supervised by the pool's own teacher trajectories: a pair (s, t) on the pool's
     #: time grid whose target is the stored solve, (x_t - x_s) / (t - s), at no teacher cost (docs/quality.md).
-    #: Unset: AUTO_TRAJECTORY_FRACTION on a data-free pool, 0 on real data and exact (2-D) teachers
+    #: Unset: AUTO_TRAJECTORY_FRACTION on a flow teacher's data-free pool, 0 on real data, exact (2-D) teachers
+    #: and diffusion teachers (resolved once the teacher is loaded: RunConfig.resolve_automatic)
     trajectory_fraction: float | None = None
     #: weight of those rows' loss against the objective's rows
     trajectory_weight: float = 1.0
