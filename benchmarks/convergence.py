@@ -178,12 +178,12 @@ ROWS: dict[str, dict] = {
            ("traj", _TRAJ_1STEP, "1-step-only trajectory rows (12.5%, Heun-16 pool)")]
        for seed in (0, 1, 2)},
     # the rivals' long rows, each at its own sweep's best lr (recorded in the run's config.json)
-    **{f"{loss}_long": {"headline": loss != "progressive", "args": ["--loss", loss, *extra, "--lr", "SWEEP", "--max-steps", "3000", *_keep(300)],
+    **{f"{loss}_long": {"headline": True, "args": ["--loss", loss, *extra, "--lr", "SWEEP", "--max-steps", "3000", *_keep(300)],
                         "what": f"{loss} at its sweep's best lr, 3000 steps", "lr_from_sweep": loss}
        for loss, extra in [("progressive", []), ("lsd", ["-L", "derivative=fd"]), ("meanflow", ["-L", "derivative=fd"])]},
     # progressive_long continued: its folder copied at step 3000 (checkpoints and pool byte for byte, so its points
     # up to 3000 are progressive_long's), resumed to 6000 by the same command with a larger --max-steps
-    "progressive_6k": {"headline": True, "args": ["--loss", "progressive", "--lr", "SWEEP", "--max-steps", "6000",
+    "progressive_6k": {"args": ["--loss", "progressive", "--lr", "SWEEP", "--max-steps", "6000",
                                                   *_keep(300)],
                        "what": "progressive at its sweep's best lr, progressive_long resumed from step 3000 to 6000",
                        "lr_from_sweep": "progressive"},
