@@ -220,6 +220,12 @@ ROWS.update({
         ("ab3_long0.75", ["-L", "long_jump_span=0.75"],
          "progressive distillation's target on pairs with t - s >= 0.75"),
     ]})
+# more seeds of the long-jump option; with ab3_long0.5 (seed 0) a seed table beside budget_traj_s{0,1,2}
+ROWS["ab3_long0.5"]["seeds"] = "long0.5"
+ROWS.update({
+    f"long0.5_s{seed}": {"args": ["--seed", str(seed), "-L", "long_jump_span=0.5", "--max-steps", "2400", *_keep(600)],
+                         "what": f"seed {seed}: the defaults with long_jump_span=0.5, 2400 steps", "seeds": "long0.5"}
+    for seed in (1, 2)})
 
 
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
