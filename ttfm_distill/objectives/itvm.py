@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from ..convention import broadcast_time
-from .base import (Objective, ObjectiveOutput, TrainBatch, lerp_velocities, masked_mean, per_sample_mse, repeat_cond,
-                   select_cond)
+from .base import (Objective, ObjectiveOutput, TrainBatch, flow_map, lerp_velocities, masked_mean, per_sample_mse,
+                   repeat_cond, select_cond)
 
 INTERMEDIATES = ("terminal", "initial", "uniform")
 TARGET_MODELS = ("ema", "student", "teacher")
@@ -166,8 +166,7 @@ class ItvmObjective(Objective):
         """Progressive distillation's target as an average velocity: two target-model jumps through r."""
         model = ema if ema is not None else student
         r = s + frac * (t - s)
-        y = x + broadcast_time(r - s, x) * model(x, s, r, cond)
-        end = y + broadcast_time(t - r, y) * model(y, r, t, cond)
+        end = flow_map(model, flow_map(model, x, s, r, cond), r, t, cond)
         return (end - x) / broadcast_time(t - s, x)
 
     def _base_target(self, student, teacher, batch: TrainBatch, ema, frac, off) -> torch.Tensor:
