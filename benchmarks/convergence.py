@@ -226,6 +226,9 @@ ROWS.update({
     f"long0.5_s{seed}": {"args": ["--seed", str(seed), "-L", "long_jump_span=0.5", "--max-steps", "2400", *_keep(600)],
                          "what": f"seed {seed}: the defaults with long_jump_span=0.5, 2400 steps", "seeds": "long0.5"}
     for seed in (1, 2)})
+# the long setting (examples/long.toml: the defaults for 10,000 steps) with the long-jump option: the 60-minute goals
+ROWS["long10k_jump0.5"] = {"headline": True, "args": ["-L", "long_jump_span=0.5", "--max-steps", "10000", *_keep(1000)],
+                           "what": "the defaults with long_jump_span=0.5, 10,000 steps (the long setting)"}
 
 
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
