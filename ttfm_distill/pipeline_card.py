@@ -46,8 +46,9 @@ def teacher_license(source: str) -> str | None:
     return None
 
 
-def run_command(run_config: dict | None) -> str:
-    """The ``ttfm-distill run`` command that reproduces ``run_config`` (settings that differ from the defaults)."""
+def run_command(run_config: dict | None, prediction_type: str = "flow") -> str:
+    """The ``ttfm-distill run`` command that reproduces ``run_config`` (settings that differ from the defaults);
+    ``prediction_type`` is the teacher's (the automatic settings resolve by it)."""
     if not run_config:
         return "ttfm-distill run"
     from .config import RunConfig
@@ -60,11 +61,11 @@ def run_command(run_config: dict | None) -> str:
         defaults["diagonal_fraction"] = float(objective.default_diagonal_fraction)
     except Exception:  # noqa: BLE001 - an unknown objective (an older run): show every setting
         pass
-    # likewise the automatic trajectory rows and pool solver, resolved for this run's teacher and data
+    # likewise the automatic settings, resolved as the run resolved them for its teacher and data
     auto = RunConfig(teacher=run_config.get("teacher", defaults["teacher"]), data=run_config.get("data", defaults["data"]))
-    defaults["trajectory_fraction"] = auto.trajectory_share()
+    defaults["trajectory_fraction"] = auto.trajectory_share(prediction_type)
     auto.trajectory_fraction = run_config.get("trajectory_fraction")
-    defaults["pool_solver"] = auto.pool_solver_name()
+    defaults["pool_solver"] = auto.pool_solver_name(prediction_type)
     flags = {"teacher": "--teacher", "max_steps": "--max-steps", "loss": "--loss", "seed": "--seed"}
     parts = ["ttfm-distill run"]
     unset = RunConfig().to_dict()
@@ -145,7 +146,7 @@ def card_text(config: StudentConfig, metrics: dict | None = None, run_config: di
     if has_samples:
         lines += ["## Samples", "", "Student at 1, 2 and 4 steps against the teacher's Euler sampler, same noise:", "",
                   "![samples](samples.png)", ""]
-    lines += ["## How it was made", "", "```bash", run_command(run_config), "```", "",
+    lines += ["## How it was made", "", "```bash", run_command(run_config, teacher.get("prediction_type", "flow")), "```", "",
               "Upload this folder with the Hub's own CLI: `hf upload YOUR_NAME/REPO_NAME .` from inside it.", ""]
     return "\n".join(header + lines)
 
