@@ -45,6 +45,8 @@ CONFIGS = {
     "itvm_uniform": ("itvm", {"intermediate": "uniform"}, {"diagonal_fraction": 0.25}),
     "itvm_initial_term": ("itvm", {}, {"diagonal_fraction": 0.25}),
     "itvm_ema_target": ("itvm", {"target_model": "ema"}, {"ema_decay": 0.999}),
+    # progressive distillation's target (two EMA jumps through r ~ U(s, t)) on the pairs with t - s >= 0.5
+    "itvm_long0.5": ("itvm", {"long_jump_span": 0.5}, {"ema_decay": 0.999}),
     "lfmd_fd": ("lfmd", {"derivative": "fd"}, {"diagonal_fraction": 0.25}),
     "lfmd_jvp": ("lfmd", {"derivative": "jvp"}, {"diagonal_fraction": 0.25}),
     "progressive": ("progressive", {}, {"diagonal_fraction": 0.25, "ema_decay": 0.999}),

@@ -99,6 +99,47 @@ def test_itvm_long_jumps_take_the_progressive_target_from_the_ema(gaussian_case)
         make_objective("itvm", long_jump_span=1.5)
 
 
+def test_a_run_fills_in_the_long_jumps_for_flow_teachers_and_keeps_what_a_resumed_run_ran_with():
+    """long_jump_span left unset: AUTO_LONG_JUMP_SPAN once a flow teacher is loaded, 0 for a diffusion teacher or
+    a reading without composition; a resumed folder keeps its value, one from before the option was automatic 0."""
+    from types import SimpleNamespace
+
+    from ttfm_distill.config import AUTO_LONG_JUMP_SPAN, RunConfig, resume_mismatch
+    from ttfm_distill.pipeline_card import run_command
+    from ttfm_distill.preflight import resolve_settings, resolve_teacher_settings
+
+    flow, epsilon = SimpleNamespace(io=None), SimpleNamespace(io=SimpleNamespace(prediction_type="epsilon"))
+
+    def resolved(teacher, saved=None, **kw):
+        cfg, objective = resolve_settings(RunConfig(**kw))
+        assert objective.options.long_jump_span == kw.get("loss_options", {}).get("long_jump_span", 0)  # until loaded
+        objective = resolve_teacher_settings(cfg, objective, teacher, saved)
+        inner = getattr(objective, "objective", objective)  # past the trajectory rows' wrapper
+        assert inner.options.long_jump_span == cfg.loss_options["long_jump_span"]  # the objective that trains
+        return cfg.loss_options
+
+    assert AUTO_LONG_JUMP_SPAN == 0.5
+    assert resolved(flow) == {"long_jump_span": 0.5}
+    assert resolved(epsilon) == {"long_jump_span": 0.0}
+    assert resolved(flow, loss_options={"reading": "ema_only"}) == {"reading": "ema_only", "long_jump_span": 0.0}
+    assert resolved(flow, loss_options={"long_jump_span": 0.75}) == {"long_jump_span": 0.75}  # given: kept
+    assert resolved(flow, {"loss_options": {"long_jump_span": 0.5}}) == {"long_jump_span": 0.5}
+    assert resolved(flow, {"loss_options": {}}) == {"long_jump_span": 0.0}  # a folder from before: ran without
+    assert resolve_settings(RunConfig(loss="lsd"))[0].resolve_automatic("flow").loss_options == {}
+    # resuming: an unset automatic option matches what the run filled in; a given one must match it
+    now = RunConfig().to_dict()
+    assert resume_mismatch({"loss_options": {"long_jump_span": 0.5}}, now) == []
+    assert resume_mismatch({"loss_options": {}}, now) == []
+    assert resume_mismatch({"loss_options": {}}, RunConfig(loss_options={"long_jump_span": 0.0}).to_dict()) == []
+    assert resume_mismatch({"loss_options": {}}, RunConfig(loss_options={"long_jump_span": 0.5}).to_dict()) == [
+        "loss_options"]
+    assert resume_mismatch({"loss_options": {"tau": 0.2}}, now) == ["loss_options"]  # a given option dropped
+    # the model card's command leaves out what the run filled in by itself
+    assert run_command({"loss_options": {"long_jump_span": 0.5}}) == "ttfm-distill run"
+    assert run_command({"loss_options": {"long_jump_span": 0.0}}) == "ttfm-distill run -L long_jump_span=0.0"
+    assert run_command({"loss_options": {"long_jump_span": 0.0}}, "epsilon") == "ttfm-distill run"
+
+
 def test_itvm_ema_only_reading_and_teacher_target_vanish_on_exact_map(gaussian_case):
     teacher, exact = gaussian_case
     batch = make_batch()

@@ -524,7 +524,8 @@ def test_model_card_command_leaves_out_what_the_run_filled_in():
     cfg = RunConfig(teacher="some/ddpm").resolve_automatic("epsilon")
     assert (cfg.trajectory_fraction, cfg.pool_solver) == (0.0, "euler")
     assert run_command(cfg.to_dict(), "epsilon") == "ttfm-distill run --teacher some/ddpm"
-    assert run_command(cfg.to_dict()) == "ttfm-distill run --teacher some/ddpm --set trajectory_fraction=0.0"
+    assert run_command(cfg.to_dict()) == \
+        "ttfm-distill run --teacher some/ddpm -L long_jump_span=0.0 --set trajectory_fraction=0.0"  # read as flow
 
 
 def test_a_reloaded_student_reads_its_network_as_the_teacher_does_clip_included(tmp_path):

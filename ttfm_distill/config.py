@@ -19,6 +19,12 @@ AUTO_TRAJECTORY_FRACTION = 0.125
 #: settings whose value is only known once the teacher is loaded (RunConfig.resolve_automatic): their unset
 #: values, which the resume check lets match what a run resolved them to
 AUTOMATIC = {"trajectory_fraction": (None,), "pool_solver": ("auto",)}
+#: ITVM's long_jump_span where the command leaves it unset, for a flow teacher: progressive distillation's
+#: target on the pairs with t - s >= 0.5 beat none on three seeds at 2400 steps (docs/quality.md)
+AUTO_LONG_JUMP_SPAN = 0.5
+#: objective options a run fills in where ``loss_options`` leaves them unset (RunConfig.automatic_loss_options),
+#: with the value a run folder written before they were automatic ran with
+AUTOMATIC_LOSS_OPTIONS = {"itvm": {"long_jump_span": 0.0}}
 
 
 
@@ -231,12 +237,29 @@ class RunConfig:
             return self.pool_solver
         return "heun" if self.trajectory_share(prediction_type) > 0 else "euler"
 
+    def automatic_loss_options(self, prediction_type: str = "flow") -> dict:
+        """The objective options this run fills in where ``loss_options`` leaves them unset: for ITVM's composed
+        reading, :data:`AUTO_LONG_JUMP_SPAN` on a flow teacher and 0 (off) on a diffusion teacher, whose ITVM
+        runs were measured without it (docs/second-teacher.md)."""
+        unset = {k: v for k, v in AUTOMATIC_LOSS_OPTIONS.get(self.loss, {}).items() if k not in self.loss_options}
+        if "long_jump_span" in unset and self.loss_options.get("reading", "composed") == "composed" and \
+                prediction_type == "flow":
+            unset["long_jump_span"] = AUTO_LONG_JUMP_SPAN
+        return unset
+
     def resolve_automatic(self, prediction_type: str, saved: dict | None = None) -> "RunConfig":
-        """Turn the automatic trajectory settings into the values that run, once the teacher is loaded.
+        """Turn the automatic settings into the values that run, once the teacher is loaded.
 
         A resumed run (``saved``: its config.json) keeps what it ran with; a folder written before the
-        settings existed ran without trajectory rows, on an Euler pool.
+        settings existed ran without trajectory rows, on an Euler pool, and without ITVM's long jumps.
         """
+        if saved is not None:
+            before = saved.get("loss_options") or {}
+            fill = {k: before.get(k, v) for k, v in AUTOMATIC_LOSS_OPTIONS.get(self.loss, {}).items()
+                    if k not in self.loss_options}
+        else:
+            fill = self.automatic_loss_options(prediction_type)
+        self.loss_options = {**self.loss_options, **fill}
         for key, resolve, before in (("trajectory_fraction", self.trajectory_share, 0.0),
                                      ("pool_solver", self.pool_solver_name, "euler")):
             if getattr(self, key) not in AUTOMATIC[key]:
@@ -371,6 +394,20 @@ def resume_mismatch(saved: dict, current: dict) -> list[str]:
     A setting missing from ``saved`` (a run folder from before it existed) counts as its default.
     """
     defaults = RunConfig().to_dict()
-    return sorted(k for k in set(saved) | set(current)
-                  if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k))
-                  and not (k in AUTOMATIC and current.get(k, defaults.get(k)) in AUTOMATIC[k]))
+    differ = sorted(k for k in set(saved) | set(current)
+                    if k not in RESUMABLE_CHANGES and k != "loss_options"
+                    and saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k))
+                    and not (k in AUTOMATIC and current.get(k, defaults.get(k)) in AUTOMATIC[k]))
+    if _loss_options_differ(saved.get("loss_options") or {}, current.get("loss_options") or {},
+                            current.get("loss", defaults["loss"])):
+        differ = sorted([*differ, "loss_options"])
+    return differ
+
+
+def _loss_options_differ(saved: dict, current: dict, loss: str) -> bool:
+    """Whether the command's objective options contradict the run's: an automatic option the command leaves
+    unset matches what the run filled in (missing from an older folder: its value from before)."""
+    automatic = AUTOMATIC_LOSS_OPTIONS.get(loss, {})
+    ran = {**automatic, **saved}
+    return any(k not in ran or ran[k] != v for k, v in current.items()) or \
+        any(k not in current for k in saved if k not in automatic)

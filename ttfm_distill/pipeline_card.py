@@ -51,9 +51,17 @@ def run_command(run_config: dict | None, prediction_type: str = "flow") -> str:
     ``prediction_type`` is the teacher's (the automatic settings resolve by it)."""
     if not run_config:
         return "ttfm-distill run"
-    from .config import RunConfig
+    from .config import AUTOMATIC_LOSS_OPTIONS, RunConfig
 
     defaults = RunConfig().to_dict()
+    # an objective option that holds what the run would fill in by itself is not part of the command either
+    loss, options = run_config.get("loss", defaults["loss"]), dict(run_config.get("loss_options") or {})
+    automatic = AUTOMATIC_LOSS_OPTIONS.get(loss, {})
+    probe = RunConfig(loss=loss, loss_options={k: v for k, v in options.items() if k not in automatic})
+    for key, value in probe.automatic_loss_options(prediction_type).items():
+        if options.get(key) == value:
+            del options[key]
+    run_config = {**run_config, "loss_options": options}
     try:  # a setting the run filled in from its objective's own default is not part of the command
         from .objectives import make_objective_from
 
@@ -72,9 +80,16 @@ def run_command(run_config: dict | None, prediction_type: str = "flow") -> str:
     for key, value in run_config.items():
         if key in ("output", "teacher_fingerprint") or value in (defaults.get(key), unset.get(key)):
             continue
-        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+        if key == "loss_options" and isinstance(value, dict):  # -L KEY=VALUE, as the command is written
+            parts += [f"-L {shlex.quote(f'{k}={_text(v)}')}" for k, v in value.items()]
+            continue
+        text = _text(value)
         parts.append(f"{flags[key]} {shlex.quote(text)}" if key in flags else f"--set {shlex.quote(f'{key}={text}')}")
     return " ".join(parts)
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 def _is_hub_id(source: str) -> bool:

@@ -61,8 +61,13 @@ def resolve_teacher_settings(cfg: RunConfig, objective, teacher, saved: dict | N
     """The automatic settings that depend on the teacher (its prediction type), filled in once it is loaded, so
     config.json records what ran; a resumed run keeps its own. Returns the objective, wrapped if need be."""
     prediction_type = getattr(getattr(teacher, "io", None), "prediction_type", "flow")
+    given = dict(cfg.loss_options)
     cfg.resolve_automatic(prediction_type, saved)
     trajectory_rows(cfg)
+    if cfg.loss_options != given:  # objective options filled in: the objective they define
+        from .objectives import make_objective_from
+
+        objective = make_objective_from(cfg.loss, cfg.loss_options)
     return with_trajectory_rows(objective, cfg)
 
 
