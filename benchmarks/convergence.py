@@ -323,10 +323,14 @@ def busy_elsewhere(run: Path, seconds: float = 180.0) -> bool:
 
 
 def seed_pool(name: str, cmd: list[str], runs_dir: Path) -> None:
-    """A new row folder gets the data-free pool another row already built (same file name: same teacher, size,
-    steps and seed), with the config the CLI resolves (``--dry-run``), as a run interrupted after its pool
-    would leave it; the CLI then resumes it and finds the pool in its cache."""
+    """A new row folder gets the data-free pool another row already built (the same cache file name: same
+    teacher weights, size, solver, steps, kept states and seed), with the config the CLI resolves
+    (``--dry-run``), as a run interrupted after its pool would leave it; the CLI then resumes it and finds the
+    pool in its cache."""
     import shutil
+
+    from ttfm_distill.config import RunConfig
+    from ttfm_distill.data.pool import pool_file_name
 
     run = runs_dir / name
     if run.exists():
@@ -335,15 +339,20 @@ def seed_pool(name: str, cmd: list[str], runs_dir: Path) -> None:
     if dry.returncode != 0:
         return
     cfg = json.loads(dry.stdout)
-    pool = f"pool-n{cfg['pool_size']}-euler{cfg['pool_steps']}-seed{cfg['seed']}.safetensors"
-    donors = [p for p in sorted(runs_dir.glob(f"*/cache/{pool}"))
-              if (run_config(p.parent.parent) or {}).get("teacher") == cfg["teacher"] and cfg["data"] == "teacher"]
-    if not donors:
+    if cfg["data"] != "teacher":
         return
-    (run / "cache").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps(cfg, indent=2))
-    shutil.copy(donors[0], run / "cache" / pool)  # the copy's mtime marks the start of training
-    print(f"{name}: pool copied from {donors[0]}", flush=True)
+    for donor in sorted(runs_dir.glob("*/config.json")):
+        saved = run_config(donor.parent) or {}
+        if saved.get("teacher") != cfg["teacher"] or not saved.get("teacher_fingerprint"):
+            continue
+        probe = RunConfig.from_dict({**cfg, "teacher_fingerprint": saved["teacher_fingerprint"]})
+        pool = pool_file_name(probe.resolve_automatic("flow"))  # the embedded teacher: a flow teacher, uniform grid
+        if (donor.parent / "cache" / pool).exists():
+            (run / "cache").mkdir(parents=True)
+            (run / "config.json").write_text(json.dumps(cfg, indent=2))
+            shutil.copy(donor.parent / "cache" / pool, run / "cache" / pool)  # its mtime marks the start of training
+            print(f"{name}: pool copied from {donor.parent / 'cache' / pool}", flush=True)
+            return
 
 
 def train(names: list[str], runs_dir: Path) -> None:

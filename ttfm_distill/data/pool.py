@@ -115,6 +115,17 @@ def sampled_conditioning(teacher, seed: int, n: int, log) -> dict | None:
     return teacher.sample_cond(n, generator=_NoiseStream(teacher, seed).skip_to(n)) or None
 
 
+def pool_file_name(cfg, grid_kind: str = "uniform", tag: str = "") -> str:
+    """The cache file of ``cfg``'s pool: its size, solver, steps, time grid (``grid_kind``, resolved), kept
+    trajectory states, seed, prompts (``tag``) and the teacher's weights (``cfg.teacher_fingerprint``)."""
+    # keyed on the teacher's weights too: a teacher replaced at the same path never reuses an old pool
+    key = f"-t{cfg.teacher_fingerprint[:12]}" if getattr(cfg, "teacher_fingerprint", None) else ""
+    states = trajectory_states(cfg)
+    traj = f"-traj{len(states)}" if states else ""
+    gtag = "" if grid_kind == "uniform" else f"-{grid_kind}"
+    return f"pool-n{cfg.pool_size}-{cfg.pool_solver_name()}{cfg.pool_steps}{gtag}{traj}-seed{cfg.seed}{tag}{key}.safetensors"
+
+
 def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir: Path | None = None,
                velocity=None) -> TeacherPool:
     """The cached, resumable data-free pool of ``cfg.pool_size`` teacher samples (``cfg.pool_solver``, ``cfg.pool_steps``).
@@ -131,16 +142,12 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
     velocity = velocity or teacher.velocity
     n = cfg.pool_size
     prompt_rows, tag = prompt_conditioning(teacher, cfg, n, cache_dir, progress, log)
-    # keyed on the teacher's weights too: a teacher replaced at the same path never reuses an old pool
-    key = f"-t{cfg.teacher_fingerprint[:12]}" if getattr(cfg, "teacher_fingerprint", None) else ""
     solver = cfg.pool_solver_name()
     states = trajectory_states(cfg)
     keep = bool(states)
-    traj = f"-traj{len(states)}" if keep else ""
     io = getattr(teacher, "io", None)
     kind = resolve_time_grid(getattr(cfg, "time_grid", "uniform"), io)
-    gtag = "" if kind == "uniform" else f"-{kind}"
-    path = Path(cache) / f"pool-n{n}-{solver}{cfg.pool_steps}{gtag}{traj}-seed{cfg.seed}{tag}{key}.safetensors"
+    path = Path(cache) / pool_file_name(cfg, kind, tag)
     grid = time_grid(cfg.pool_steps, teacher.shift, kind, io).to(device)
     noise = _NoiseStream(teacher, cfg.seed + 7919)
     drawn = {}  # sample_cond's draw, made only if a chunk has to be generated
