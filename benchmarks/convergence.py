@@ -240,6 +240,10 @@ for _spec in ROWS.values():
     _spec["args"] = _pin_no_long_jumps(_spec["args"])
 
 # the rows from here on run the current defaults (long jumps included)
+# the cosine lr that steadied the DDPM teacher (docs/second-teacher.md), on this teacher at the current defaults
+ROWS["ab4_cosine"] = {"args": ["-L", "long_jump_span=0.5", "--set", "lr_schedule=cosine", "--max-steps", "2400",
+                               *_keep(600)], "what": "cosine lr decay to 0, with the long jumps, 2400 steps",
+                      "ab": "ab3_long0.5", "ab_weights": "ema", "ab_base_weights": "ema"}
 # the long setting (examples/long.toml: the defaults for 10,000 steps) with the long-jump option: the 60-minute goals
 ROWS["long10k_jump0.5"] = {"headline": True, "args": ["-L", "long_jump_span=0.5", "--max-steps", "10000", *_keep(1000)],
                            "what": "the defaults with long_jump_span=0.5, 10,000 steps (the long setting)"}
