@@ -228,5 +228,23 @@ def test_lr_schedule_cosine_and_the_unchanged_default():
     assert abs(f[999] - 0.1) < 1e-9 and abs(f[524] - 0.55) < 0.01  # half-way: the middle of [0.1, 1]
     with pytest.raises(ConfigError, match="lr_schedule"):
         RunConfig(lr_schedule="linear").validate()
+    # unset ("auto"): cosine once a diffusion teacher is loaded, constant for a flow teacher, kept on resume
+    from ttfm_distill.config import resume_mismatch
+    from ttfm_distill.pipeline_card import run_command
+
+    assert RunConfig().lr_schedule == "auto" and RunConfig().lr_schedule_name() == "constant"
+    assert RunConfig().resolve_automatic("epsilon").lr_schedule == "cosine"
+    assert RunConfig().resolve_automatic("v_prediction").lr_schedule == "cosine"
+    assert RunConfig().resolve_automatic("flow").lr_schedule == "constant"
+    assert RunConfig(lr_schedule="constant").resolve_automatic("epsilon").lr_schedule == "constant"  # given: kept
+    assert RunConfig().resolve_automatic("epsilon", {"lr_schedule": "constant"}).lr_schedule == "constant"
+    assert RunConfig().resolve_automatic("epsilon", {"seed": 0}).lr_schedule == "constant"  # a folder from before
+    assert resume_mismatch({"lr_schedule": "cosine"}, RunConfig().to_dict()) == []
+    assert resume_mismatch({"lr_schedule": "cosine"}, RunConfig(lr_schedule="constant").to_dict()) == ["lr_schedule"]
+    ddpm = RunConfig(teacher="some/ddpm").resolve_automatic("epsilon")
+    assert ddpm.lr_schedule == "cosine" and run_command(ddpm.to_dict(), "epsilon") == "ttfm-distill run --teacher some/ddpm"
+    auto = RunConfig(max_steps=1000, warmup_steps=50).resolve_automatic("epsilon")
+    assert [lr_factor(k, auto) for k in range(1000)] == [lr_factor(k, RunConfig(
+        max_steps=1000, warmup_steps=50, lr_schedule="cosine")) for k in range(1000)]
     with pytest.raises(ConfigError, match="lr_final_fraction"):
         RunConfig(lr_final_fraction=2.0).validate()

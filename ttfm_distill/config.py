@@ -18,7 +18,7 @@ TIME_SAMPLINGS = ("uniform", "dyadic", "mixed")
 AUTO_TRAJECTORY_FRACTION = 0.125
 #: settings whose value is only known once the teacher is loaded (RunConfig.resolve_automatic): their unset
 #: values, which the resume check lets match what a run resolved them to
-AUTOMATIC = {"trajectory_fraction": (None,), "pool_solver": ("auto",)}
+AUTOMATIC = {"trajectory_fraction": (None,), "pool_solver": ("auto",), "lr_schedule": ("auto",)}
 #: ITVM's long_jump_span where the command leaves it unset, for a flow teacher: progressive distillation's
 #: target on the pairs with t - s >= 0.5 beat none on three seeds at 2400 steps (docs/quality.md)
 AUTO_LONG_JUMP_SPAN = 0.5
@@ -58,8 +58,10 @@ class RunConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 50
-    #: after the warm-up: "constant", or "cosine" (down to lr_final_fraction * lr at max_steps; docs/quality.md)
-    lr_schedule: str = "constant"
+    #: after the warm-up: "constant", or "cosine" (down to lr_final_fraction * lr at max_steps; docs/quality.md);
+    #: "auto": cosine for a diffusion (epsilon / v / sample) teacher, which it steadied, constant for a flow
+    #: teacher, whose 1-step student it slowed (RunConfig.lr_schedule_name)
+    lr_schedule: str = "auto"
     lr_final_fraction: float = 0.0
     grad_clip: float = 1.0
     #: the exported weights are this EMA (export_weights="ema"); ITVM's target stays the current weights.
@@ -200,7 +202,7 @@ class RunConfig:
             "mixed_precision": ("no", "fp16", "bf16"),
             "export_weights": ("ema", "raw"),
             "nan_policy": ("stop", "skip"),
-            "lr_schedule": ("constant", "cosine"),
+            "lr_schedule": ("auto", "constant", "cosine"),
             "pool_solver": ("auto", "euler", "heun"),
             "data_crop": ("center", "random"),
             "data_channels": ("convert", "strict"),
@@ -247,11 +249,20 @@ class RunConfig:
             unset["long_jump_span"] = AUTO_LONG_JUMP_SPAN
         return unset
 
+    def lr_schedule_name(self, prediction_type: str = "flow") -> str:
+        """The lr schedule: ``lr_schedule``, with ``auto`` read as cosine for a teacher that predicts noise, data
+        or v (the DDPM teacher measured trained unstably past 1500 steps at a constant lr; docs/second-teacher.md)
+        and constant for a flow teacher."""
+        if self.lr_schedule != "auto":
+            return self.lr_schedule
+        return "constant" if prediction_type == "flow" else "cosine"
+
     def resolve_automatic(self, prediction_type: str, saved: dict | None = None) -> "RunConfig":
         """Turn the automatic settings into the values that run, once the teacher is loaded.
 
         A resumed run (``saved``: its config.json) keeps what it ran with; a folder written before the
-        settings existed ran without trajectory rows, on an Euler pool, and without ITVM's long jumps.
+        settings existed ran without trajectory rows, on an Euler pool, at a constant lr and without ITVM's long
+        jumps.
         """
         if saved is not None:
             before = saved.get("loss_options") or {}
@@ -261,7 +272,8 @@ class RunConfig:
             fill = self.automatic_loss_options(prediction_type)
         self.loss_options = {**self.loss_options, **fill}
         for key, resolve, before in (("trajectory_fraction", self.trajectory_share, 0.0),
-                                     ("pool_solver", self.pool_solver_name, "euler")):
+                                     ("pool_solver", self.pool_solver_name, "euler"),
+                                     ("lr_schedule", self.lr_schedule_name, "constant")):
             if getattr(self, key) not in AUTOMATIC[key]:
                 continue
             if saved is not None:

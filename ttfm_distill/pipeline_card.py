@@ -74,6 +74,7 @@ def run_command(run_config: dict | None, prediction_type: str = "flow") -> str:
     defaults["trajectory_fraction"] = auto.trajectory_share(prediction_type)
     auto.trajectory_fraction = run_config.get("trajectory_fraction")
     defaults["pool_solver"] = auto.pool_solver_name(prediction_type)
+    defaults["lr_schedule"] = auto.lr_schedule_name(prediction_type)
     flags = {"teacher": "--teacher", "max_steps": "--max-steps", "loss": "--loss", "seed": "--seed"}
     parts = ["ttfm-distill run"]
     unset = RunConfig().to_dict()
