@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -648,6 +650,38 @@ def ab_table(points: dict) -> dict:
     return out
 
 
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    for k, i in enumerate(order):
+        ranks[i] = float(k)
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation of two lists (no ties expected: FD and flow-map errors are continuous)."""
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = statistics.mean(ra), statistics.mean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    return cov / math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+
+
+def measure_agreement(points: dict, below: float = 60.0) -> dict:
+    """How well the cheaper measures rank students like FD to the test images: Spearman's rho over every scored
+    point (all rows, weights and steps) whose FD at that step count is below ``below`` (the students worth
+    ranking), for the flow-map error against RK4 and for FD to the teacher's fine solve."""
+    out = {"rule": f"Spearman rank correlation with fd_test_images over all points with FD < {below:g}"}
+    every = [p for pts in points.values() for p in pts]
+    for n in STUDENT_STEPS:
+        sel = [p for p in every if fd(p, n) is not None and fd(p, n) < below]
+        if len(sel) < 3:
+            continue
+        ref = [fd(p, n) for p in sel]
+        out[str(n)] = {"points": len(sel), **{key: round(spearman([fd(p, n, key) for p in sel], ref), 3)
+                                              for key in ("flow_map_error", "fd_teacher_fine")}}
+    return out
+
+
 def seed_table(points: dict, weights: str = "ema") -> dict:
     """Rows run over several seeds (``"seeds": tag``): FD per seed at every step all of them have scored, with
     the median and the mean over the seeds, so an A/B reads against the seed spread, not one draw."""
@@ -736,6 +770,7 @@ def report(args, runs_dir: Path) -> None:
         rows[name] = entry
     out = {"teacher": teacher, "rows": rows, "sweeps": sweeps(points), "ab": ab_table(points),
            "seeds": seed_table(points),
+           "measures": measure_agreement(points),
            "determinism": determinism(points),
            "goals": goals(points, teacher),
            "not_run": [n for n, r in rows.items() if r.get("status") == "not run"],
@@ -809,6 +844,11 @@ def print_table(out: dict) -> None:
             for stat in ("median", "mean"):
                 cells.append("/".join(f"{st['over_seeds'][k][stat]:.1f}" for k in ("1", "2", "4", "8")))
             print(f"| {step} | " + " | ".join(cells) + " |")
+    if out.get("measures"):
+        m = out["measures"]
+        print(f"\nmeasures ({m['rule']}): " + "; ".join(
+            f"{n} step(s), {v['points']} points: flow-map error {v['flow_map_error']:.2f}, FD to the teacher's fine "
+            f"solve {v['fd_teacher_fine']:.2f}" for n, v in m.items() if n != "rule"))
     if out.get("determinism"):
         print("\ndeterminism:", json.dumps(out["determinism"]))
     print("\ntime to quality (FD2 <= Euler16 = %.2f):" % e["16"] if "16" in e else "")
