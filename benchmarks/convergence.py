@@ -247,6 +247,10 @@ ROWS["ab4_cosine"] = {"args": ["-L", "long_jump_span=0.5", "--set", "lr_schedule
                                *_keep(600)], "what": "cosine lr decay to 0, with the long jumps, 2400 steps",
                       "ab": "ab3_long0.5", "ab_weights": "ema", "ab_base_weights": "ema"}
 # the long setting (examples/long.toml: the defaults for 10,000 steps) with the long-jump option: the 60-minute goals
+# the same with a pool four times larger: do the trajectory rows, 2048 fixed solves, over-fit a long run?
+ROWS["long10k_pool8k"] = {"args": ["-L", "long_jump_span=0.5", "--set", "pool_size=8192", "--max-steps", "10000",
+                                   *_keep(1000)],
+                          "what": "the long setting with long jumps and an 8192-sample pool, 10,000 steps"}
 ROWS["long10k_jump0.5"] = {"headline": True, "args": ["-L", "long_jump_span=0.5", "--max-steps", "10000", *_keep(1000)],
                            "what": "the defaults with long_jump_span=0.5, 10,000 steps (the long setting)"}
 
