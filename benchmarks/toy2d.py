@@ -34,7 +34,7 @@ from ttfm_distill.objectives.base import flow_map
 from ttfm_distill.objectives.timesampling import sample_time_pairs
 from ttfm_distill.sampling import euler, sample_flow_map, uniform_time_grid
 from ttfm_distill.teachers.analytic import get_analytic_teacher
-from ttfm_distill.trainer import ema_update, step_generator
+from ttfm_distill.trainer import ema_decay_at, ema_update, step_generator
 
 STEPS = (1, 2, 4, 8, 16)
 # name -> (loss, options, run settings)
@@ -45,8 +45,11 @@ CONFIGS = {
     "itvm_uniform": ("itvm", {"intermediate": "uniform"}, {"diagonal_fraction": 0.25}),
     "itvm_initial_term": ("itvm", {}, {"diagonal_fraction": 0.25}),
     "itvm_ema_target": ("itvm", {"target_model": "ema"}, {"ema_decay": 0.999}),
-    # progressive distillation's target (two EMA jumps through r ~ U(s, t)) on the pairs with t - s >= 0.5
+    # progressive distillation's target (two EMA jumps through r ~ U(s, t)) on the pairs with t - s >= 0.5; with
+    # the trainer's EMA warm-up as `ttfm-distill run` has it, against the default reading with the same EMA
     "itvm_long0.5": ("itvm", {"long_jump_span": 0.5}, {"ema_decay": 0.999}),
+    "itvm_long0.5_warm": ("itvm", {"long_jump_span": 0.5}, {"ema_decay": 0.999, "ema_warmup": True}),
+    "itvm_ema_warm": ("itvm", {}, {"ema_decay": 0.999, "ema_warmup": True}),
     "lfmd_fd": ("lfmd", {"derivative": "fd"}, {"diagonal_fraction": 0.25}),
     "lfmd_jvp": ("lfmd", {"derivative": "jvp"}, {"diagonal_fraction": 0.25}),
     "progressive": ("progressive", {}, {"diagonal_fraction": 0.25, "ema_decay": 0.999}),
@@ -121,7 +124,7 @@ def train(teacher, loss, options, settings, steps, batch, lr, seed, width, depth
         opt.step()
         sched.step()
         if ema is not None:
-            ema_update(ema, student, decay)
+            ema_update(ema, student, ema_decay_at(step, decay, settings.get("ema_warmup", False)))
     seconds = time.perf_counter() - t0
     evals = (counted.rows + (counted_ema.rows if ema is not None else 0) + ct.velocity.rows) / (steps * batch)
     return (ema if ema is not None else student).eval(), seconds, evals, nonfinite

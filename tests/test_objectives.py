@@ -110,10 +110,10 @@ def test_a_run_fills_in_the_long_jumps_for_flow_teachers_and_keeps_what_a_resume
 
     flow, epsilon = SimpleNamespace(io=None), SimpleNamespace(io=SimpleNamespace(prediction_type="epsilon"))
 
-    def resolved(teacher, saved=None, **kw):
+    def resolved(loaded, saved=None, **kw):
         cfg, objective = resolve_settings(RunConfig(**kw))
         assert objective.options.long_jump_span == kw.get("loss_options", {}).get("long_jump_span", 0)  # until loaded
-        objective = resolve_teacher_settings(cfg, objective, teacher, saved)
+        objective = resolve_teacher_settings(cfg, objective, loaded, saved)
         inner = getattr(objective, "objective", objective)  # past the trajectory rows' wrapper
         assert inner.options.long_jump_span == cfg.loss_options["long_jump_span"]  # the objective that trains
         return cfg.loss_options
@@ -121,6 +121,8 @@ def test_a_run_fills_in_the_long_jumps_for_flow_teachers_and_keeps_what_a_resume
     assert AUTO_LONG_JUMP_SPAN == 0.5
     assert resolved(flow) == {"long_jump_span": 0.5}
     assert resolved(epsilon) == {"long_jump_span": 0.0}
+    assert resolved(flow, teacher="builtin:checkerboard") == {"long_jump_span": 0.0}  # an exact 2-D teacher
+    assert resolved(flow, data="/some/images") == {"long_jump_span": 0.5}  # real data: no teacher needed for them
     assert resolved(flow, loss_options={"reading": "ema_only"}) == {"reading": "ema_only", "long_jump_span": 0.0}
     assert resolved(flow, loss_options={"long_jump_span": 0.75}) == {"long_jump_span": 0.75}  # given: kept
     assert resolved(flow, {"loss_options": {"long_jump_span": 0.5}}) == {"long_jump_span": 0.5}
@@ -138,6 +140,8 @@ def test_a_run_fills_in_the_long_jumps_for_flow_teachers_and_keeps_what_a_resume
     assert run_command({"loss_options": {"long_jump_span": 0.5}}) == "ttfm-distill run"
     assert run_command({"loss_options": {"long_jump_span": 0.0}}) == "ttfm-distill run -L long_jump_span=0.0"
     assert run_command({"loss_options": {"long_jump_span": 0.0}}, "epsilon") == "ttfm-distill run"
+    assert run_command({"teacher": "builtin:checkerboard", "loss_options": {"long_jump_span": 0.0}}) == \
+        "ttfm-distill run --teacher builtin:checkerboard"
 
 
 def test_itvm_ema_only_reading_and_teacher_target_vanish_on_exact_map(gaussian_case):

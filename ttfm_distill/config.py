@@ -227,11 +227,14 @@ class RunConfig:
             return float(self.trajectory_fraction)
         if self.data != "teacher" or prediction_type != "flow":
             return 0.0
+        return 0.0 if self.exact_teacher() else AUTO_TRAJECTORY_FRACTION
+
+    def exact_teacher(self) -> bool:
+        """Whether the teacher is one of the analytic 2-D teachers (``builtin:NAME``), whose flow is exact."""
         from .teachers.analytic import ANALYTIC_TEACHERS
 
         spec = self.teacher or ""
-        exact = spec.startswith("builtin:") and spec.split(":", 1)[1] in ANALYTIC_TEACHERS
-        return 0.0 if exact else AUTO_TRAJECTORY_FRACTION
+        return spec.startswith("builtin:") and spec.split(":", 1)[1] in ANALYTIC_TEACHERS
 
     def pool_solver_name(self, prediction_type: str = "flow") -> str:
         """The pool's solver: ``pool_solver``, with ``auto`` read as heun when there are trajectory rows."""
@@ -241,11 +244,12 @@ class RunConfig:
 
     def automatic_loss_options(self, prediction_type: str = "flow") -> dict:
         """The objective options this run fills in where ``loss_options`` leaves them unset: for ITVM's composed
-        reading, :data:`AUTO_LONG_JUMP_SPAN` on a flow teacher and 0 (off) on a diffusion teacher, whose ITVM
-        runs were measured without it (docs/second-teacher.md)."""
+        reading, :data:`AUTO_LONG_JUMP_SPAN` on a flow teacher, and 0 (off) on a diffusion teacher (where they
+        made training spike with the cosine lr, docs/second-teacher.md) and on the exact 2-D teachers (better at
+        1-2 steps, worse at 4-16 on the checkerboard, docs/quality.md)."""
         unset = {k: v for k, v in AUTOMATIC_LOSS_OPTIONS.get(self.loss, {}).items() if k not in self.loss_options}
         if "long_jump_span" in unset and self.loss_options.get("reading", "composed") == "composed" and \
-                prediction_type == "flow":
+                prediction_type == "flow" and not self.exact_teacher():
             unset["long_jump_span"] = AUTO_LONG_JUMP_SPAN
         return unset
 

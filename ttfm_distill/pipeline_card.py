@@ -57,7 +57,8 @@ def run_command(run_config: dict | None, prediction_type: str = "flow") -> str:
     # an objective option that holds what the run would fill in by itself is not part of the command either
     loss, options = run_config.get("loss", defaults["loss"]), dict(run_config.get("loss_options") or {})
     automatic = AUTOMATIC_LOSS_OPTIONS.get(loss, {})
-    probe = RunConfig(loss=loss, loss_options={k: v for k, v in options.items() if k not in automatic})
+    probe = RunConfig(teacher=run_config.get("teacher", defaults["teacher"]), loss=loss,
+                      loss_options={k: v for k, v in options.items() if k not in automatic})
     for key, value in probe.automatic_loss_options(prediction_type).items():
         if options.get(key) == value:
             del options[key]
