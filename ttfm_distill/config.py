@@ -64,7 +64,8 @@ class RunConfig:
     lr_schedule: str = "auto"
     lr_final_fraction: float = 0.0
     grad_clip: float = 1.0
-    #: the exported weights are this EMA (export_weights="ema"); ITVM's target stays the current weights.
+    #: the exported weights are this EMA (export_weights="ema"); ITVM's composed target stays the current weights,
+    #: its long jumps (on for flow teachers) jump with the EMA.
     #: 0.999 with warm-up beat the raw weights at 2/4/8 steps at 1200-10000 steps (docs/quality.md)
     ema_decay: float = 0.999
     #: EMA warm-up: the decay at step k is min(ema_decay, (1 + k) / (10 + k)), so the EMA of a short run is not

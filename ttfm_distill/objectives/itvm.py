@@ -153,7 +153,7 @@ class ItvmObjective(Objective):
             out = self._base_target(student, teacher, batch, ema, frac, off & ~long)
             if bool(long.any()):
                 out[long] = self._long_jump_target(student, ema, x[long], s[long], t[long], select_cond(cond, long),
-                                                   long_frac[long])
+                                                   long_frac[long]).to(out.dtype)  # bf16 under autocast
             return out
         return self._base_target(student, teacher, batch, ema, frac, off)
 
@@ -178,10 +178,10 @@ class ItvmObjective(Objective):
         out = torch.empty_like(x)
         diag = ~(t > s)
         if bool(diag.any()):
-            out[diag] = teacher.velocity(x[diag], s[diag], select_cond(cond, diag))
+            out[diag] = teacher.velocity(x[diag], s[diag], select_cond(cond, diag)).to(out.dtype)
         if bool(off.any()):
             out[off] = self._off_diagonal_target(student, teacher, ema, x[off], s[off], t[off], select_cond(cond, off),
-                                                 None if frac is None else frac[off])
+                                                 None if frac is None else frac[off]).to(out.dtype)
         return out
 
     def _off_diagonal_target(self, student, teacher, ema, x, s, t, cond, frac) -> torch.Tensor:
