@@ -251,6 +251,17 @@ ROWS["ab4_cosine"] = {"args": ["-L", "long_jump_span=0.5", "--set", "lr_schedule
 ROWS["long10k_pool8k"] = {"args": ["-L", "long_jump_span=0.5", "--set", "pool_size=8192", "--max-steps", "10000",
                                    *_keep(1000)],
                           "what": "the long setting with long jumps and an 8192-sample pool, 10,000 steps"}
+# fifth round, against the current defaults (ab3_long0.5 is them, bit for bit): an Euler teacher segment (one
+# teacher evaluation fewer on the ITVM pairs: cheaper steps) and twice the batch at half the steps (same samples)
+ROWS.update({
+    name: {"args": ["-L", "long_jump_span=0.5", *extra], "what": what,
+           "ab": "ab3_long0.5", "ab_weights": "ema", "ab_base_weights": "ema"}
+    for name, extra, what in [
+        ("ab5_euler_seg", ["-L", "teacher_solver=euler", "--max-steps", "2400", *_keep(600)],
+         "the teacher segment in one Euler step (default Heun): one teacher evaluation fewer per ITVM pair"),
+        ("ab5_batch64", ["--batch-size", "64", "--max-steps", "1200", *_keep(300)],
+         "batch 64 for 1200 steps (default 32 for 2400): the same training samples"),
+    ]})
 ROWS["long10k_jump0.5"] = {"headline": True, "args": ["-L", "long_jump_span=0.5", "--max-steps", "10000", *_keep(1000)],
                            "what": "the defaults with long_jump_span=0.5, 10,000 steps (the long setting)"}
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ttfm_distill.config import RunConfig
 from ttfm_distill.convention import interpolate
 from ttfm_distill.fileio import atomic_path, write_json
 from ttfm_distill.metrics import histogram_kl
@@ -34,7 +35,7 @@ from ttfm_distill.objectives.base import flow_map
 from ttfm_distill.objectives.timesampling import sample_time_pairs
 from ttfm_distill.sampling import euler, sample_flow_map, uniform_time_grid
 from ttfm_distill.teachers.analytic import get_analytic_teacher
-from ttfm_distill.trainer import ema_decay_at, ema_update, step_generator
+from ttfm_distill.trainer import ema_decay_at, ema_update, lr_factor, step_generator
 
 STEPS = (1, 2, 4, 8, 16)
 # name -> (loss, options, run settings)
@@ -50,6 +51,12 @@ CONFIGS = {
     "itvm_long0.5": ("itvm", {"long_jump_span": 0.5}, {"ema_decay": 0.999}),
     "itvm_long0.5_warm": ("itvm", {"long_jump_span": 0.5}, {"ema_decay": 0.999, "ema_warmup": True}),
     "itvm_ema_warm": ("itvm", {}, {"ema_decay": 0.999, "ema_warmup": True}),
+    # the cosine lr decay (to 0 at the last step) that the trainer uses for diffusion teachers, alone and with the
+    # warmed-up EMA; LFMD with its stabiliser under the same schedule, for the comparison at equal footing
+    "itvm_cosine": ("itvm", {}, {"lr_schedule": "cosine"}),
+    "itvm_cosine_ema": ("itvm", {}, {"lr_schedule": "cosine", "ema_decay": 0.999, "ema_warmup": True}),
+    "lfmd_fd_adaptive_cosine": ("lfmd", {"derivative": "fd", "adaptive_p": 1.0},
+                                {"diagonal_fraction": 0.25, "lr_schedule": "cosine"}),
     "lfmd_fd": ("lfmd", {"derivative": "fd"}, {"diagonal_fraction": 0.25}),
     "lfmd_jvp": ("lfmd", {"derivative": "jvp"}, {"diagonal_fraction": 0.25}),
     "progressive": ("progressive", {}, {"diagonal_fraction": 0.25, "ema_decay": 0.999}),
@@ -103,7 +110,10 @@ def train(teacher, loss, options, settings, steps, batch, lr, seed, width, depth
         ema.load_state_dict(student.state_dict())
     obj = make_objective(loss, **options)
     opt = torch.optim.Adam(student.parameters(), lr=settings.get("lr", lr))  # a row may set its own lr
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(1, warmup)))
+    # the trainer's schedule: linear warm-up, then constant, or with the row setting lr_schedule="cosine" a cosine
+    # decay to 0 at the last step
+    sched_cfg = RunConfig(max_steps=steps, warmup_steps=warmup, lr_schedule=settings.get("lr_schedule", "constant"))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, sched_cfg))
     nonfinite = 0
     counted, ct = CountingModel(student), CountingTeacher(teacher)
     counted_ema = CountingModel(ema) if ema is not None else counted
