@@ -248,3 +248,25 @@ def test_lr_schedule_cosine_and_the_unchanged_default():
         max_steps=1000, warmup_steps=50, lr_schedule="cosine")) for k in range(1000)]
     with pytest.raises(ConfigError, match="lr_final_fraction"):
         RunConfig(lr_final_fraction=2.0).validate()
+
+
+def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings():
+    """What a command that leaves one automatic setting alone would run with, given the run's others: the card
+    leaves a setting out exactly when it equals this."""
+    from ttfm_distill.config import AUTOMATIC, RunConfig
+
+    settings, options = RunConfig.automatic_defaults(RunConfig().to_dict())
+    assert set(settings) == set(AUTOMATIC)
+    assert settings == {"trajectory_fraction": 0.125, "pool_solver": "heun", "lr_schedule": "constant"}
+    assert options == {"long_jump_span": 0.5}
+    # the pool's solver follows the run's own trajectory_fraction: no rows, an Euler pool
+    settings, _ = RunConfig.automatic_defaults({"trajectory_fraction": 0.0})
+    assert settings["pool_solver"] == "euler" and settings["trajectory_fraction"] == 0.125
+    # real data: no rows; a diffusion teacher: a cosine lr and no long jumps; the EMA-only reading: no long jumps
+    assert RunConfig.automatic_defaults({"data": "fashion-mnist"})[0]["trajectory_fraction"] == 0.0
+    settings, options = RunConfig.automatic_defaults({"teacher": "some/ddpm"}, "epsilon")
+    assert settings["lr_schedule"] == "cosine" and options == {"long_jump_span": 0.0}
+    assert RunConfig.automatic_defaults({"loss_options": {"reading": "ema_only"}})[1] == {"long_jump_span": 0.0}
+    # an option the run set does not hide the default: the card compares against it
+    assert RunConfig.automatic_defaults({"loss_options": {"long_jump_span": 0.25}})[1] == {"long_jump_span": 0.5}
+    assert RunConfig.automatic_defaults({"loss": "lsd"})[1] == {}

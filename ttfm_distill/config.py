@@ -289,6 +289,22 @@ class RunConfig:
             setattr(self, key, value)
         return self
 
+    @classmethod
+    def automatic_defaults(cls, run_config: dict, prediction_type: str = "flow") -> tuple[dict, dict]:
+        """What each automatic setting and objective option resolves to in a command that leaves it alone and
+        keeps the rest of ``run_config`` (a config.json): ``(settings, loss_options)``. A setting equal to it
+        is not part of the command that reproduces the run (the model card's)."""
+        known = {f.name for f in fields(cls)}
+        base = {k: v for k, v in run_config.items() if k in known}
+        loss = base.get("loss", cls.loss)
+        options = dict(base.get("loss_options") or {})
+        automatic = AUTOMATIC_LOSS_OPTIONS.get(loss, {})
+        probe = cls(**{**base, "loss_options": {k: v for k, v in options.items() if k not in automatic}})
+        loss_defaults = probe.automatic_loss_options(prediction_type)
+        settings = {key: getattr(cls(**{**base, key: unset[0]}).resolve_automatic(prediction_type), key)
+                    for key, unset in AUTOMATIC.items()}
+        return settings, loss_defaults
+
     def trajectory_pairs(self) -> tuple[str, int]:
         """``(time_sampling, dyadic_levels)`` the trajectory rows' pairs are drawn with (unset: the run's own)."""
         mode = self.trajectory_time_sampling or self.time_sampling

@@ -51,31 +51,22 @@ def run_command(run_config: dict | None, prediction_type: str = "flow") -> str:
     ``prediction_type`` is the teacher's (the automatic settings resolve by it)."""
     if not run_config:
         return "ttfm-distill run"
-    from .config import AUTOMATIC_LOSS_OPTIONS, RunConfig
+    from .config import RunConfig
 
     defaults = RunConfig().to_dict()
-    # an objective option that holds what the run would fill in by itself is not part of the command either
-    loss, options = run_config.get("loss", defaults["loss"]), dict(run_config.get("loss_options") or {})
-    automatic = AUTOMATIC_LOSS_OPTIONS.get(loss, {})
-    probe = RunConfig(teacher=run_config.get("teacher", defaults["teacher"]), loss=loss,
-                      loss_options={k: v for k, v in options.items() if k not in automatic})
-    for key, value in probe.automatic_loss_options(prediction_type).items():
-        if options.get(key) == value:
-            del options[key]
+    # a setting or objective option holding what the run would fill in by itself is not part of the command
+    automatic, automatic_options = RunConfig.automatic_defaults(run_config, prediction_type)
+    options = {k: v for k, v in (run_config.get("loss_options") or {}).items()
+               if not (k in automatic_options and automatic_options[k] == v)}
     run_config = {**run_config, "loss_options": options}
-    try:  # a setting the run filled in from its objective's own default is not part of the command
+    defaults.update(automatic)
+    try:  # likewise a setting the run filled in from its objective's own default
         from .objectives import make_objective_from
 
-        objective = make_objective_from(run_config.get("loss", "itvm"), run_config.get("loss_options") or {})
+        objective = make_objective_from(run_config.get("loss", "itvm"), options)
         defaults["diagonal_fraction"] = float(objective.default_diagonal_fraction)
     except Exception:  # noqa: BLE001 - an unknown objective (an older run): show every setting
         pass
-    # likewise the automatic settings, resolved as the run resolved them for its teacher and data
-    auto = RunConfig(teacher=run_config.get("teacher", defaults["teacher"]), data=run_config.get("data", defaults["data"]))
-    defaults["trajectory_fraction"] = auto.trajectory_share(prediction_type)
-    auto.trajectory_fraction = run_config.get("trajectory_fraction")
-    defaults["pool_solver"] = auto.pool_solver_name(prediction_type)
-    defaults["lr_schedule"] = auto.lr_schedule_name(prediction_type)
     flags = {"teacher": "--teacher", "max_steps": "--max-steps", "loss": "--loss", "seed": "--seed"}
     parts = ["ttfm-distill run"]
     unset = RunConfig().to_dict()

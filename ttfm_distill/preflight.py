@@ -71,6 +71,20 @@ def resolve_teacher_settings(cfg: RunConfig, objective, teacher, saved: dict | N
     return with_trajectory_rows(objective, cfg)
 
 
+def settings_warnings(cfg: RunConfig) -> list[str]:
+    """Plain warnings about resolved settings that run but were measured to hurt (one line each)."""
+    span = float((cfg.loss_options or {}).get("long_jump_span", 0.0)) if cfg.loss == "itvm" else 0.0
+    if span <= 0:
+        return []
+    if cfg.ema_decay <= 0:
+        return [f"ITVM's long jumps (long_jump_span={span:g}) jump with the current weights when no EMA is kept "
+                "(ema_decay=0); keep an EMA or pass -L long_jump_span=0"]
+    if not cfg.ema_warmup and cfg.ema_decay >= 0.99:
+        return [f"ITVM's long jumps (long_jump_span={span:g}) jump with an EMA that without warm-up stays near the "
+                "initial weights for thousands of steps; keep ema_warmup=true or pass -L long_jump_span=0"]
+    return []
+
+
 def trajectory_rows(cfg: RunConfig) -> int:
     """Trajectory rows per batch: ``trajectory_fraction`` of it, a multiple of ``grad_accum_steps`` (at least one)."""
     if cfg.trajectory_fraction is None or cfg.trajectory_share() <= 0:  # automatic: counted once resolved

@@ -194,7 +194,8 @@ class Distillation:
 
     def setup_teacher(self) -> None:
         from .data.cache import teacher_fingerprint
-        from .preflight import check_memory, check_teacher, check_teacher_unchanged, resolve_teacher_settings
+        from .preflight import (check_memory, check_teacher, check_teacher_unchanged, resolve_teacher_settings,
+                                settings_warnings)
         from .teachers.loading import load_teacher
 
         cfg = self.cfg
@@ -210,6 +211,8 @@ class Distillation:
                                   "students yet (time embedded inside each block); leave it off")
         teacher.to(self.device)
         self.objective = resolve_teacher_settings(cfg, self.objective, teacher, self.folder.saved)
+        for line in settings_warnings(cfg):
+            self.log(f"[yellow]warning:[/] {line}")
         check_memory(cfg, teacher, self.device)  # before the first tensor of the teacher's data shape is made
         check_teacher(teacher, self.device)
         cfg.teacher_fingerprint = teacher_fingerprint(teacher)
