@@ -261,6 +261,8 @@ ROWS.update({
          "the teacher segment in one Euler step (default Heun): one teacher evaluation fewer per ITVM pair"),
         ("ab5_batch64", ["--batch-size", "64", "--max-steps", "1200", *_keep(300)],
          "batch 64 for 1200 steps (default 32 for 2400): the same training samples"),
+        ("ab5_adaptive", ["-L", "adaptive_p=1", "--max-steps", "2400", *_keep(600)],
+         "MeanFlow's adaptive weight 1 / (l + 1e-3) on each ITVM pair's loss (normalised to mean 1 per batch)"),
     ]})
 ROWS["long10k_jump0.5"] = {"headline": True, "args": ["-L", "long_jump_span=0.5", "--max-steps", "10000", *_keep(1000)],
                            "what": "the defaults with long_jump_span=0.5, 10,000 steps (the long setting)"}

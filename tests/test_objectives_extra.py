@@ -192,3 +192,30 @@ def test_adaptive_weight_is_the_gradient_of_log_residual(gaussian_case, name, op
     expected = (w[:, None] * torch.stack(per_sample_grads)).mean(0)
     err = (weighted - expected).abs().max() / expected.abs().max()
     assert err < 1e-6, err  # float64; batch-size-dependent summation order only
+
+
+def test_itvm_adaptive_weight_rescales_each_pairs_gradient_by_its_normalised_weight(gaussian_case):
+    """ITVM's ``adaptive_p``: each pair's gradient scaled by ``w_i / mean(w)`` with ``w_i = 1 / (l_i + c)^p``, so
+    only the relative weights change; ``p = 0`` is the plain loss."""
+    teacher, _ = gaussian_case
+    model = MlpFlowMap(2, 32, 2).double()
+    batch = make_batch(48, seed=5)
+    c, p = 1e-2, 0.5
+
+    def grads(b, **extra):
+        model.zero_grad()
+        make_objective("itvm", **extra)(model, teacher, b, model).loss.backward()
+        return torch.cat([q.grad.flatten().clone() for q in model.parameters()])
+
+    plain, weighted = grads(batch), grads(batch, adaptive_p=p, adaptive_c=c)
+    assert torch.allclose(plain, grads(batch, adaptive_p=0.0))
+    assert not torch.allclose(plain, weighted, rtol=1e-3)
+    loss = make_objective("itvm")(model, teacher, batch, model).per_sample
+    w = 1.0 / (loss + c) ** p
+    w = w / w.mean()
+    rows = [type(batch)(batch.x_s[i:i + 1], batch.s[i:i + 1], batch.t[i:i + 1], None, batch.generator)
+            for i in range(len(loss))]
+    expected = (w[:, None] * torch.stack([grads(r) for r in rows])).mean(0)
+    assert (weighted - expected).abs().max() / expected.abs().max() < 1e-6
+    with pytest.raises(ValueError, match="adaptive"):
+        make_objective("itvm", adaptive_p=-1.0)

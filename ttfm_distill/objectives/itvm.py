@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from ..convention import broadcast_time
-from .base import (Objective, ObjectiveOutput, TrainBatch, flow_map, lerp_velocities, masked_mean, per_sample_mse,
-                   repeat_cond, select_cond)
+from .base import (Objective, ObjectiveOutput, TrainBatch, adaptive_weight, check_adaptive_options, flow_map,
+                   lerp_velocities, masked_mean, per_sample_mse, repeat_cond, select_cond)
 
 INTERMEDIATES = ("terminal", "initial", "uniform")
 TARGET_MODELS = ("ema", "student", "teacher")
@@ -57,6 +57,12 @@ def teacher_solve_velocity(teacher, x, s, t, cond, steps: int, solver: str) -> t
         y = y + broadcast_time(h, y) * teacher_segment_velocity(teacher, y, s + k * h, h, cond, solver)
     span = broadcast_time(t - s, x)
     return torch.where(span > 0, (y - x) / span.clamp_min(1e-12), teacher.velocity(x, s, cond))
+
+
+def normalised_adaptive_weight(loss: torch.Tensor, p: float, c: float) -> torch.Tensor:
+    """MeanFlow's adaptive weight of each sample's ``loss`` (no gradient), divided by its batch mean."""
+    w = adaptive_weight(loss, p, c)
+    return w / w.mean()
 
 
 class ItvmObjective(Objective):
@@ -86,6 +92,10 @@ class ItvmObjective(Objective):
         #: EMA (the current weights where none is kept) through r ~ U(s, t), no teacher; their residual is
         #: weighted like the other pairs' (span_power). 0 (default) keeps the ITVM target on every pair
         long_jump_span: float = 0.0
+        #: MeanFlow's per-sample weight sg[1 / (loss + adaptive_c)^adaptive_p] on each pair's loss, rescaled to
+        #: mean 1 over the batch (only the relative weights change; the step size stays Adam's). 0: off (default)
+        adaptive_p: float = 0.0
+        adaptive_c: float = 1e-3
 
     def validate(self):
         o = self.options
@@ -106,6 +116,7 @@ class ItvmObjective(Objective):
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"itvm: {msg}")
+        check_adaptive_options("itvm", o.adaptive_p, o.adaptive_c)
         self.needs_ema = o.target_model == "ema" or o.long_jump_span > 0
         # with r uniform and a student target, every off-diagonal target is the student's own
         self.teacher_off_diagonal = (o.reading == "composed" and (o.intermediate != "uniform" or o.target_model == "teacher")
@@ -238,6 +249,8 @@ class ItvmObjective(Objective):
             init_loss = (diag_loss * (~off).sum() + (init * off).sum()) / x.shape[0]
         else:
             init_loss = diag_loss
+        if o.adaptive_p:
+            per_sample = normalised_adaptive_weight(per_sample, o.adaptive_p, o.adaptive_c) * per_sample
         loss = per_sample.mean()
         return ObjectiveOutput(loss, per_sample.detach(), {
             "terminal": term_loss.item(), "initial": init_loss.item(),
