@@ -55,6 +55,12 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 POINTS = RESULTS / "convergence" / "points"
 TEACHER = "builtin:fashion16"
+#: --teacher NAME -> (the teacher's source, its prediction type); each row runs on one of them ("teacher" in its
+#: spec, default fashion16) and the report of one teacher holds only its rows. ddpm: the epsilon-prediction UNet
+#: of docs/second-teacher.md (benchmarks/ddpm_teacher.py), whose weights are committed beside the results
+TEACHERS = {"fashion16": ("builtin:fashion16", "flow"),
+            "ddpm": (str(REPO / "benchmarks" / "results" / "ddpm-teacher"), "epsilon")}
+PREDICTION = "flow"
 STUDENT_STEPS = (1, 2, 4, 8)
 EULER_STEPS = (1, 2, 4, 8, 16, 50)
 HEUN_STEPS = (2, 4, 8, 16)
@@ -264,6 +270,9 @@ ROWS.update({
         ("ab5_adaptive", ["-L", "adaptive_p=1", "--max-steps", "2400", *_keep(600)],
          "MeanFlow's adaptive weight 1 / (l + 1e-3) on each ITVM pair's loss (normalised to mean 1 per batch)"),
     ]})
+# the DDPM teacher (--teacher ddpm): its defaults (a cosine lr, no trajectory rows or long jumps) along 2400 steps
+ROWS["ddpm_default"] = {"teacher": "ddpm", "args": ["--max-steps", "2400", *_keep(300)],
+                        "what": "the DDPM teacher's defaults (cosine lr, no trajectory rows, no long jumps), 2400 steps"}
 ROWS["long10k_jump0.5"] = {"headline": True, "args": ["-L", "long_jump_span=0.5", "--max-steps", "10000", *_keep(1000)],
                            "what": "the defaults with long_jump_span=0.5, 10,000 steps (the long setting)"}
 
@@ -285,8 +294,9 @@ def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
 
 
 def cli_command(name: str, runs_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "ttfm_distill", "run", "--output", str(runs_dir / name), *row_args(name, runs_dir),
-            "-q"]
+    teacher = [] if TEACHER == TEACHERS["fashion16"][0] else ["--teacher", TEACHER]
+    return [sys.executable, "-m", "ttfm_distill", "run", "--output", str(runs_dir / name), *teacher,
+            *row_args(name, runs_dir), "-q"]
 
 
 def one_thread_env() -> dict:
@@ -369,7 +379,7 @@ def seed_pool(name: str, cmd: list[str], runs_dir: Path) -> None:
         if saved.get("teacher") != cfg["teacher"] or not saved.get("teacher_fingerprint"):
             continue
         probe = RunConfig.from_dict({**cfg, "teacher_fingerprint": saved["teacher_fingerprint"]})
-        pool = pool_file_name(probe.resolve_automatic("flow"))  # the embedded teacher: a flow teacher, uniform grid
+        pool = pool_file_name(probe.resolve_automatic(PREDICTION))
         if (donor.parent / "cache" / pool).exists():
             (run / "cache").mkdir(parents=True)
             (run / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -425,7 +435,8 @@ class Scorer:
         self.teacher = load_teacher(TEACHER)
         cache = runs_dir / "_eval-cache"
         cache.mkdir(parents=True, exist_ok=True)
-        ref_path = cache / f"reference-n{args.num}-seed{args.seed}-rk4-{args.reference_steps}.pt"
+        tag = "" if TEACHER == TEACHERS["fashion16"][0] else f"{args.teacher}-"  # one reference per teacher
+        ref_path = cache / f"{tag}reference-n{args.num}-seed{args.seed}-rk4-{args.reference_steps}.pt"
         reference = torch.load(ref_path, weights_only=True) if ref_path.exists() else None
         t0 = time.perf_counter()
         self.ev = Evaluation(self.teacher, num=args.num, seed=args.seed, reference_steps=args.reference_steps,
@@ -926,7 +937,7 @@ def plot(out: dict) -> None:
 
 
 def main():
-    global RESULTS, POINTS
+    global RESULTS, POINTS, TEACHER, PREDICTION, ROWS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=("train", "score", "report", "all"))
     p.add_argument("--rows", default="", help="comma-separated row names (default: every row with a run folder)")
@@ -939,9 +950,16 @@ def main():
     p.add_argument("--only-final", action="store_true", help="score only each row's last checkpoint")
     p.add_argument("--stride", type=int, default=0, help="score only checkpoints at multiples of this step (and the last)")
     p.add_argument("--follow", action="store_true", help="keep scoring new checkpoints until the rows finish")
-    p.add_argument("--results-dir", default=str(RESULTS), help="where results and figures go (default: benchmarks/results)")
+    p.add_argument("--results-dir", default=None,
+                   help="where results and figures go (default: benchmarks/results, or benchmarks/results/TEACHER for "
+                        "a teacher other than fashion16)")
+    p.add_argument("--teacher", choices=TEACHERS, default="fashion16",
+                   help="whose rows: the embedded flow teacher (default) or the DDPM teacher")
     args = p.parse_args()
-    RESULTS = Path(args.results_dir)
+    TEACHER, PREDICTION = TEACHERS[args.teacher]
+    ROWS = {n: spec for n, spec in ROWS.items() if spec.get("teacher", "fashion16") == args.teacher}
+    RESULTS = Path(args.results_dir) if args.results_dir else (
+        RESULTS if args.teacher == "fashion16" else RESULTS / f"{args.teacher}-convergence")
     POINTS = RESULTS / "convergence" / "points"
     runs_dir = Path(args.runs_dir)
     names = [n for n in args.rows.split(",") if n]
