@@ -271,7 +271,7 @@ ROWS.update({
          "MeanFlow's adaptive weight 1 / (l + 1e-3) on each ITVM pair's loss (normalised to mean 1 per batch)"),
     ]})
 # the DDPM teacher (--teacher ddpm): its defaults (a cosine lr, no trajectory rows or long jumps) along 2400 steps
-ROWS["ddpm_default"] = {"teacher": "ddpm", "args": ["--max-steps", "2400", *_keep(300)],
+ROWS["ddpm_default"] = {"teacher": "ddpm", "headline": True, "args": ["--max-steps", "2400", *_keep(300)],
                         "what": "the DDPM teacher's defaults (cosine lr, no trajectory rows, no long jumps), 2400 steps"}
 ROWS["long10k_jump0.5"] = {"headline": True, "args": ["-L", "long_jump_span=0.5", "--max-steps", "10000", *_keep(1000)],
                            "what": "the defaults with long_jump_span=0.5, 10,000 steps (the long setting)"}
@@ -770,7 +770,8 @@ def report(args, runs_dir: Path) -> None:
             shown = row_args(name, runs_dir)
         except SystemExit:
             shown = spec["args"]
-        entry = {"what": spec["what"], "command": "ttfm-distill run --output RUNS/" + name + " "
+        flag = "" if TEACHER == TEACHERS["fashion16"][0] else f"--teacher {Path(TEACHER).relative_to(REPO)} "
+        entry = {"what": spec["what"], "command": "ttfm-distill run --output RUNS/" + name + " " + flag
                  + " ".join(shown) + " -q (OMP_NUM_THREADS=1)"}
         if not pts:
             entry["status"] = ("not run" if cfg is None else
@@ -909,6 +910,8 @@ def plot(out: dict) -> None:
             ("flow_map_error", "samples", "convergence-fme.png", "flow-map error vs RK4", headline),
             ("fd_teacher_fine", "samples", "convergence-fd-teacher.png", "FD to the teacher's fine solve", headline),
             ("fd_test_images", "samples", "convergence-ab.png", "FD to real test images (A/Bs, seeds)", others)):
+        if not shown:  # a teacher with headline rows only: no A/B figure
+            continue
         fig, axes = plt.subplots(1, len(STUDENT_STEPS), figsize=(4.0 * len(STUDENT_STEPS), 3.6), squeeze=False)
         for ax, n in zip(axes[0], STUDENT_STEPS):
             for i, name in enumerate(shown):
@@ -929,7 +932,8 @@ def plot(out: dict) -> None:
             ax.grid(alpha=0.3, which="both")
         axes[0][0].set_ylabel(label)
         axes[0][-1].legend(fontsize=6, loc="upper right")
-        _save_figure(fig, RESULTS / fname, f"{TEACHER}: {label} along training "
+        teacher = TEACHER if TEACHER.startswith("builtin:") else Path(TEACHER).name
+        _save_figure(fig, RESULTS / fname, f"{teacher}: {label} along training "
                      f"({out['settings']['num']} samples, dotted: teacher Euler)", fontsize=9, dpi=100)
     print("wrote", ", ".join(str(RESULTS / f) for f in ("convergence.json", "convergence.png",
                                                           "convergence-seconds.png", "convergence-fme.png",
