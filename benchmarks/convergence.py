@@ -269,6 +269,8 @@ ROWS.update({
          "batch 64 for 1200 steps (default 32 for 2400): the same training samples"),
         ("ab5_adaptive", ["-L", "adaptive_p=1", "--max-steps", "2400", *_keep(600)],
          "MeanFlow's adaptive weight 1 / (l + 1e-3) on each ITVM pair's loss (normalised to mean 1 per batch)"),
+        ("ab5_lr4e-4_cosine", ["--lr", "4e-4", "--set", "lr_schedule=cosine", "--max-steps", "2400", *_keep(600)],
+         "twice the lr (4e-4) with a cosine decay to 0 (default 2e-4, constant)"),
     ]})
 # the DDPM teacher (--teacher ddpm): its defaults (a cosine lr, no trajectory rows or long jumps) along 2400 steps
 ROWS["ddpm_default"] = {"teacher": "ddpm", "headline": True, "args": ["--max-steps", "2400", *_keep(300)],
