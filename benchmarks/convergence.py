@@ -271,7 +271,16 @@ ROWS.update({
          "MeanFlow's adaptive weight 1 / (l + 1e-3) on each ITVM pair's loss (normalised to mean 1 per batch)"),
         ("ab5_lr4e-4_cosine", ["--lr", "4e-4", "--set", "lr_schedule=cosine", "--max-steps", "2400", *_keep(600)],
          "twice the lr (4e-4) with a cosine decay to 0 (default 2e-4, constant)"),
+        ("ab5_adaptive0.5", ["-L", "adaptive_p=0.5", "--max-steps", "2400", *_keep(600)],
+         "the adaptive weight at half MeanFlow's power: 1 / (l + 1e-3)^0.5 (normalised to mean 1 per batch)"),
     ]})
+# more seeds of the adaptive weight (p = 1); with ab5_adaptive (seed 0) a seed table beside long0.5_s{1,2}
+ROWS["ab5_adaptive"]["seeds"] = "adaptive1"
+ROWS.update({
+    f"adaptive1_s{seed}": {"args": ["--seed", str(seed), "-L", "long_jump_span=0.5", "-L", "adaptive_p=1",
+                                    "--max-steps", "2400", *_keep(600)],
+                           "what": f"seed {seed}: the defaults with adaptive_p=1, 2400 steps", "seeds": "adaptive1"}
+    for seed in (1, 2)})
 # the DDPM teacher (--teacher ddpm): its defaults (a cosine lr, no trajectory rows or long jumps) along 2400 steps
 ROWS["ddpm_default"] = {"teacher": "ddpm", "headline": True, "args": ["--max-steps", "2400", *_keep(300)],
                         "what": "the DDPM teacher's defaults (cosine lr, no trajectory rows, no long jumps), 2400 steps"}
