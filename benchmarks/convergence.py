@@ -274,6 +274,14 @@ ROWS.update({
         ("ab5_adaptive0.5", ["-L", "adaptive_p=0.5", "--max-steps", "2400", *_keep(600)],
          "the adaptive weight at half MeanFlow's power: 1 / (l + 1e-3)^0.5 (normalised to mean 1 per batch)"),
     ]})
+# more seeds of twice the lr with a cosine decay; with ab5_lr4e-4_cosine (seed 0) a seed table beside long0.5_s{1,2}
+ROWS["ab5_lr4e-4_cosine"]["seeds"] = "lr4e-4_cosine"
+ROWS.update({
+    f"lr4e-4_cosine_s{seed}": {"args": ["--seed", str(seed), "-L", "long_jump_span=0.5", "--lr", "4e-4", "--set",
+                                        "lr_schedule=cosine", "--max-steps", "2400", *_keep(600)],
+                               "what": f"seed {seed}: the defaults with lr 4e-4 and a cosine decay, 2400 steps",
+                               "seeds": "lr4e-4_cosine"}
+    for seed in (1, 2)})
 # more seeds of the adaptive weight (p = 1); with ab5_adaptive (seed 0) a seed table beside long0.5_s{1,2}
 ROWS["ab5_adaptive"]["seeds"] = "adaptive1"
 ROWS.update({
