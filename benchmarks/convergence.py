@@ -296,6 +296,30 @@ ROWS["long10k_jump0.5"] = {"headline": True, "args": ["-L", "long_jump_span=0.5"
                            "what": "the defaults with long_jump_span=0.5, 10,000 steps (the long setting)"}
 
 
+def _pin_previous_lr(args: list[str]) -> list[str]:
+    """The lr became automatic (4e-4 with a cosine decay on a flow teacher) after the rows above ran: a row that
+    leaves the lr or its schedule unset ran at 2e-4, constant, and says so."""
+    pins = [] if "--lr" in args else ["--lr", "2e-4"]
+    if not any(a.startswith("lr_schedule=") for a in args):
+        pins += ["--set", "lr_schedule=constant"]
+    return [*args, *pins]
+
+
+for _spec in ROWS.values():
+    if _spec.get("teacher", "fashion16") == "fashion16":  # the DDPM row's automatic lr and schedule did not change
+        _spec["args"] = _pin_previous_lr(_spec["args"])
+
+# the rows from here on run the fifth round's defaults (lr 4e-4, cosine)
+# the adaptive weight at p = 0.5 on top of them (seeds 0 and 1), against ab5_lr4e-4_cosine / lr4e-4_cosine_s1
+ROWS.update({
+    f"lr4_adaptive0.5_s{seed}": {"args": ["--seed", str(seed), "-L", "adaptive_p=0.5", "--lr", "4e-4", "--set",
+                                          "lr_schedule=cosine", "--max-steps", "2400", *_keep(600)],
+                                 "what": f"seed {seed}: lr 4e-4 with a cosine decay and adaptive_p=0.5, 2400 steps",
+                                 **({"ab": "ab5_lr4e-4_cosine", "ab_weights": "ema", "ab_base_weights": "ema"}
+                                    if seed == 0 else {})}
+    for seed in (0, 1)})
+
+
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
     """The row's CLI arguments; an lr of ``SWEEP`` becomes the one its run used, or the sweep's best so far."""
     args = list(ROWS[name]["args"])
