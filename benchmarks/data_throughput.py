@@ -48,7 +48,7 @@ def training_rate(teacher, batch: int, steps: int) -> float:
     cfg = RunConfig()
     objective = make_objective(cfg.loss, **cfg.loss_options)
     student = build_student(teacher, cfg)
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr_value())
     x1 = torch.zeros(batch, *teacher.data_shape)
     k = [0]
 

@@ -215,11 +215,11 @@ def test_ema_warmup_makes_a_short_runs_ema_follow_the_weights(tmp_path):
 
 
 # ------------------------------------------------------------ lr schedule --
-def test_lr_schedule_cosine_and_the_unchanged_default():
+def test_lr_schedule_cosine_and_constant():
     from ttfm_distill.config import ConfigError, RunConfig
     from ttfm_distill.trainer import lr_factor
 
-    plain = RunConfig(max_steps=1000, warmup_steps=50).validate()
+    plain = RunConfig(max_steps=1000, warmup_steps=50, lr_schedule="constant").validate()
     assert [lr_factor(k, plain) for k in (0, 24, 49, 500, 999)] == [1 / 50, 25 / 50, 1.0, 1.0, 1.0]  # as before
     cos = RunConfig(max_steps=1000, warmup_steps=50, lr_schedule="cosine", lr_final_fraction=0.1).validate()
     f = [lr_factor(k, cos) for k in range(1000)]
@@ -228,15 +228,18 @@ def test_lr_schedule_cosine_and_the_unchanged_default():
     assert abs(f[999] - 0.1) < 1e-9 and abs(f[524] - 0.55) < 0.01  # half-way: the middle of [0.1, 1]
     with pytest.raises(ConfigError, match="lr_schedule"):
         RunConfig(lr_schedule="linear").validate()
-    # unset ("auto"): cosine once a diffusion teacher is loaded, constant for a flow teacher, kept on resume
+    # unset ("auto"): cosine once the teacher is loaded (flow or diffusion), constant for an exact 2-D teacher, kept
+    # on resume; a folder from before it existed ran constant
     from ttfm_distill.config import resume_mismatch
     from ttfm_distill.pipeline_card import run_command
 
-    assert RunConfig().lr_schedule == "auto" and RunConfig().lr_schedule_name() == "constant"
+    assert RunConfig().lr_schedule == "auto" and RunConfig().lr_schedule_name() == "cosine"
+    assert RunConfig(teacher="builtin:checkerboard").resolve_automatic("flow").lr_schedule == "constant"
     assert RunConfig().resolve_automatic("epsilon").lr_schedule == "cosine"
     assert RunConfig().resolve_automatic("v_prediction").lr_schedule == "cosine"
-    assert RunConfig().resolve_automatic("flow").lr_schedule == "constant"
+    assert RunConfig().resolve_automatic("flow").lr_schedule == "cosine"
     assert RunConfig(lr_schedule="constant").resolve_automatic("epsilon").lr_schedule == "constant"  # given: kept
+    assert RunConfig().resolve_automatic("flow", {"lr_schedule": "constant"}).lr_schedule == "constant"  # resumed
     assert RunConfig().resolve_automatic("epsilon", {"lr_schedule": "constant"}).lr_schedule == "constant"
     assert RunConfig().resolve_automatic("epsilon", {"seed": 0}).lr_schedule == "constant"  # a folder from before
     assert resume_mismatch({"lr_schedule": "cosine"}, RunConfig().to_dict()) == []
@@ -257,7 +260,7 @@ def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings
 
     settings, options = RunConfig.automatic_defaults(RunConfig().to_dict())
     assert set(settings) == set(AUTOMATIC)
-    assert settings == {"trajectory_fraction": 0.125, "pool_solver": "heun", "lr_schedule": "constant"}
+    assert settings == {"trajectory_fraction": 0.125, "pool_solver": "heun", "lr_schedule": "cosine", "lr": 4e-4}
     assert options == {"long_jump_span": 0.5}
     # the pool's solver follows the run's own trajectory_fraction: no rows, an Euler pool
     settings, _ = RunConfig.automatic_defaults({"trajectory_fraction": 0.0})
@@ -265,8 +268,31 @@ def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings
     # real data: no rows; a diffusion teacher: a cosine lr and no long jumps; the EMA-only reading: no long jumps
     assert RunConfig.automatic_defaults({"data": "fashion-mnist"})[0]["trajectory_fraction"] == 0.0
     settings, options = RunConfig.automatic_defaults({"teacher": "some/ddpm"}, "epsilon")
-    assert settings["lr_schedule"] == "cosine" and options == {"long_jump_span": 0.0}
+    assert settings["lr_schedule"] == "cosine" and settings["lr"] == 2e-4 and options == {"long_jump_span": 0.0}
     assert RunConfig.automatic_defaults({"loss_options": {"reading": "ema_only"}})[1] == {"long_jump_span": 0.0}
     # an option the run set does not hide the default: the card compares against it
     assert RunConfig.automatic_defaults({"loss_options": {"long_jump_span": 0.25}})[1] == {"long_jump_span": 0.5}
     assert RunConfig.automatic_defaults({"loss": "lsd"})[1] == {}
+
+
+
+def test_automatic_lr_by_teacher_kept_on_resume_and_left_out_of_the_card():
+    """Unset lr: 4e-4 for a flow teacher (with the cosine: it beat 2e-4 constant on three seeds), 2e-4 for a
+    diffusion teacher and the exact 2-D teachers; a given lr is kept; a resumed run keeps what it ran with."""
+    from ttfm_distill.config import ConfigError, RunConfig, resume_mismatch
+    from ttfm_distill.pipeline_card import run_command
+
+    assert RunConfig().lr is None and RunConfig().validate().lr is None
+    assert RunConfig().resolve_automatic("flow").lr == 4e-4
+    assert RunConfig().resolve_automatic("epsilon").lr == 2e-4
+    assert RunConfig(teacher="builtin:checkerboard").resolve_automatic("flow").lr == 2e-4
+    assert RunConfig(lr=1e-3).resolve_automatic("flow").lr == 1e-3
+    assert RunConfig().resolve_automatic("flow", {"lr": 2e-4}).lr == 2e-4  # a folder of an earlier default
+    assert resume_mismatch({"lr": 2e-4}, RunConfig().to_dict()) == []
+    assert resume_mismatch({"lr": 2e-4}, RunConfig(lr=4e-4).to_dict()) == ["lr"]
+    with pytest.raises(ConfigError, match="lr"):
+        RunConfig(lr=0.0).validate()
+    # the card: the automatic value is not spelled out; an earlier default's 2e-4 constant is
+    assert run_command(RunConfig().resolve_automatic("flow").to_dict()) == "ttfm-distill run"
+    assert run_command(RunConfig(lr=2e-4, lr_schedule="constant").resolve_automatic("flow").to_dict()) == \
+        "ttfm-distill run --set lr=0.0002 --set lr_schedule=constant"

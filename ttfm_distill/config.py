@@ -18,7 +18,12 @@ TIME_SAMPLINGS = ("uniform", "dyadic", "mixed")
 AUTO_TRAJECTORY_FRACTION = 0.125
 #: settings whose value is only known once the teacher is loaded (RunConfig.resolve_automatic): their unset
 #: values, which the resume check lets match what a run resolved them to
-AUTOMATIC = {"trajectory_fraction": (None,), "pool_solver": ("auto",), "lr_schedule": ("auto",)}
+AUTOMATIC = {"trajectory_fraction": (None,), "pool_solver": ("auto",), "lr_schedule": ("auto",), "lr": (None,)}
+#: the learning rate where the command leaves it unset (RunConfig.lr_value): twice the earlier 2e-4, with the cosine
+#: decay, beat 2e-4 constant on three seeds at 2400 steps on the embedded flow teacher (docs/quality.md); the rest
+#: (diffusion teachers, the exact 2-D teachers) keep the 2e-4 they were measured at
+AUTO_LR_FLOW = 4e-4
+AUTO_LR_OTHER = 2e-4
 #: ITVM's long_jump_span where the command leaves it unset, for a flow teacher: progressive distillation's
 #: target on the pairs with t - s >= 0.5 beat none on three seeds at 2400 steps (docs/quality.md)
 AUTO_LONG_JUMP_SPAN = 0.5
@@ -55,12 +60,14 @@ class RunConfig:
     #: teacher); 1200 left half of it unused and the 1-step student still falling (docs/quality.md)
     max_steps: int = 2400
     batch_size: int = 32
-    lr: float = 2e-4
+    #: None (unset): AUTO_LR_FLOW for a flow teacher, AUTO_LR_OTHER otherwise, resolved once the teacher is loaded
+    #: (RunConfig.lr_value)
+    lr: float | None = None
     weight_decay: float = 0.0
     warmup_steps: int = 50
     #: after the warm-up: "constant", or "cosine" (down to lr_final_fraction * lr at max_steps; docs/quality.md);
-    #: "auto": cosine for a diffusion (epsilon / v / sample) teacher, which it steadied, constant for a flow
-    #: teacher, whose 1-step student it slowed (RunConfig.lr_schedule_name)
+    #: "auto": cosine (it steadied the diffusion teacher measured, and with twice the lr it beat the flow teacher's
+    #: constant lr), constant for the exact 2-D teachers, where it was worse (RunConfig.lr_schedule_name)
     lr_schedule: str = "auto"
     lr_final_fraction: float = 0.0
     grad_clip: float = 1.0
@@ -168,7 +175,7 @@ class RunConfig:
                 raise ConfigError(f"guidance_range must be [lo, hi] with 0 <= lo <= hi, got {r!r}")
             if int(self.lora_rank) > 0:
                 raise ConfigError("guidance_range is not supported with LoRA students yet; use a fixed guidance_scale")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
@@ -255,19 +262,27 @@ class RunConfig:
         return unset
 
     def lr_schedule_name(self, prediction_type: str = "flow") -> str:
-        """The lr schedule: ``lr_schedule``, with ``auto`` read as cosine for a teacher that predicts noise, data
-        or v (the DDPM teacher measured trained unstably past 1500 steps at a constant lr; docs/second-teacher.md)
-        and constant for a flow teacher."""
+        """The lr schedule: ``lr_schedule``, with ``auto`` read as cosine (the DDPM teacher measured trained
+        unstably past 1500 steps at a constant lr, docs/second-teacher.md; on the embedded flow teacher the cosine
+        with twice the lr beat the constant lr, docs/quality.md), and constant for the exact 2-D teachers (a
+        cosine was worse on the checkerboard). ``prediction_type`` is kept for the rules' common signature."""
         if self.lr_schedule != "auto":
             return self.lr_schedule
-        return "constant" if prediction_type == "flow" else "cosine"
+        return "constant" if self.exact_teacher() else "cosine"
+
+    def lr_value(self, prediction_type: str = "flow") -> float:
+        """The learning rate: ``lr``, or when unset :data:`AUTO_LR_FLOW` for a flow teacher (not the exact 2-D
+        ones) and :data:`AUTO_LR_OTHER` for the rest."""
+        if self.lr is not None:
+            return float(self.lr)
+        return AUTO_LR_FLOW if prediction_type == "flow" and not self.exact_teacher() else AUTO_LR_OTHER
 
     def resolve_automatic(self, prediction_type: str, saved: dict | None = None) -> "RunConfig":
         """Turn the automatic settings into the values that run, once the teacher is loaded.
 
         A resumed run (``saved``: its config.json) keeps what it ran with; a folder written before the
-        settings existed ran without trajectory rows, on an Euler pool, at a constant lr and without ITVM's long
-        jumps.
+        settings existed ran without trajectory rows, on an Euler pool, at a constant lr of 2e-4 and without
+        ITVM's long jumps.
         """
         if saved is not None:
             before = saved.get("loss_options") or {}
@@ -278,7 +293,8 @@ class RunConfig:
         self.loss_options = {**self.loss_options, **fill}
         for key, resolve, before in (("trajectory_fraction", self.trajectory_share, 0.0),
                                      ("pool_solver", self.pool_solver_name, "euler"),
-                                     ("lr_schedule", self.lr_schedule_name, "constant")):
+                                     ("lr_schedule", self.lr_schedule_name, "constant"),
+                                     ("lr", self.lr_value, AUTO_LR_OTHER)):
             if getattr(self, key) not in AUTOMATIC[key]:
                 continue
             if saved is not None:
