@@ -282,13 +282,6 @@ ROWS.update({
                                "what": f"seed {seed}: the defaults with lr 4e-4 and a cosine decay, 2400 steps",
                                "seeds": "lr4e-4_cosine"}
     for seed in (1, 2)})
-# more seeds of the adaptive weight (p = 1); with ab5_adaptive (seed 0) a seed table beside long0.5_s{1,2}
-ROWS["ab5_adaptive"]["seeds"] = "adaptive1"
-ROWS.update({
-    f"adaptive1_s{seed}": {"args": ["--seed", str(seed), "-L", "long_jump_span=0.5", "-L", "adaptive_p=1",
-                                    "--max-steps", "2400", *_keep(600)],
-                           "what": f"seed {seed}: the defaults with adaptive_p=1, 2400 steps", "seeds": "adaptive1"}
-    for seed in (1, 2)})
 # the DDPM teacher (--teacher ddpm): its defaults (a cosine lr, no trajectory rows or long jumps) along 2400 steps
 ROWS["ddpm_default"] = {"teacher": "ddpm", "headline": True, "args": ["--max-steps", "2400", *_keep(300)],
                         "what": "the DDPM teacher's defaults (cosine lr, no trajectory rows, no long jumps), 2400 steps"}
