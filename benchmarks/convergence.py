@@ -61,6 +61,11 @@ TEACHER = "builtin:fashion16"
 TEACHERS = {"fashion16": ("builtin:fashion16", "flow"),
             "ddpm": (str(REPO / "benchmarks" / "results" / "ddpm-teacher"), "epsilon")}
 PREDICTION = "flow"
+
+
+def other_teacher() -> bool:
+    """Whether this invocation runs another teacher's rows than the embedded one's (``--teacher``)."""
+    return TEACHER != TEACHERS["fashion16"][0]
 STUDENT_STEPS = (1, 2, 4, 8)
 EULER_STEPS = (1, 2, 4, 8, 16, 50)
 HEUN_STEPS = (2, 4, 8, 16)
@@ -330,7 +335,7 @@ def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
 
 
 def cli_command(name: str, runs_dir: Path) -> list[str]:
-    teacher = [] if TEACHER == TEACHERS["fashion16"][0] else ["--teacher", TEACHER]
+    teacher = ["--teacher", TEACHER] if other_teacher() else []
     return [sys.executable, "-m", "ttfm_distill", "run", "--output", str(runs_dir / name), *teacher,
             *row_args(name, runs_dir), "-q"]
 
@@ -471,7 +476,7 @@ class Scorer:
         self.teacher = load_teacher(TEACHER)
         cache = runs_dir / "_eval-cache"
         cache.mkdir(parents=True, exist_ok=True)
-        tag = "" if TEACHER == TEACHERS["fashion16"][0] else f"{args.teacher}-"  # one reference per teacher
+        tag = f"{args.teacher}-" if other_teacher() else ""  # one reference per teacher
         ref_path = cache / f"{tag}reference-n{args.num}-seed{args.seed}-rk4-{args.reference_steps}.pt"
         reference = torch.load(ref_path, weights_only=True) if ref_path.exists() else None
         t0 = time.perf_counter()
@@ -806,7 +811,7 @@ def report(args, runs_dir: Path) -> None:
             shown = row_args(name, runs_dir)
         except SystemExit:
             shown = spec["args"]
-        flag = "" if TEACHER == TEACHERS["fashion16"][0] else f"--teacher {Path(TEACHER).relative_to(REPO)} "
+        flag = f"--teacher {Path(TEACHER).relative_to(REPO)} " if other_teacher() else ""
         entry = {"what": spec["what"], "command": "ttfm-distill run --output RUNS/" + name + " " + flag
                  + " ".join(shown) + " -q (OMP_NUM_THREADS=1)"}
         if not pts:

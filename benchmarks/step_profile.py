@@ -26,7 +26,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("-L", dest="loss_options", action="append", default=[], metavar="KEY=VALUE",
-                   help="an objective option, as `ttfm-distill run -L` (values read as JSON)")
+                   help="an objective option, as `ttfm-distill run -L`")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="a run setting, as `ttfm-distill run --set`")
     p.add_argument("--pool-from", default=None, help="a run folder whose cache/ holds the pool to reuse")
@@ -34,26 +34,16 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(1)
 
-    import json
-
+    from ttfm_distill.cli import _parse_options as parse  # KEY=VALUE read exactly as `ttfm-distill run` reads it
     from ttfm_distill.config import RunConfig
     from ttfm_distill.trainer import Distillation
-
-    def parse(pairs):
-        out = {}
-        for pair in pairs:
-            key, _, value = pair.partition("=")
-            try:
-                out[key] = json.loads(value)
-            except ValueError:
-                out[key] = value
-        return out
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         if args.pool_from:
             shutil.copytree(Path(args.pool_from) / "cache", out / "cache")  # unused files are ignored by the run
-        cfg = RunConfig.from_dict({**parse(args.settings), "output": str(out), "loss_options": parse(args.loss_options)})
+        cfg = RunConfig.from_dict({**parse(args.settings, "--set"), "output": str(out),
+                                   "loss_options": parse(args.loss_options, "-L")})
         run = Distillation(cfg, show_progress=False)
         for step in ("preflight", "setup_accelerator", "setup_teacher", "claim_output", "setup_data", "write_config",
                      "setup_student", "setup_optimizer", "resume"):
