@@ -318,6 +318,25 @@ ROWS.update({
     for seed in (0, 1)})
 
 
+# sixth round, against ab5_lr4e-4_cosine (the fifth round's defaults, seed 0, bit for bit): the 1-step jump
+ROWS.update({
+    name: {"args": [*extra, "--max-steps", "2400", *_keep(600)], "what": what,
+           "ab": "ab5_lr4e-4_cosine", "ab_weights": "ema", "ab_base_weights": "ema"}
+    for name, extra, what in [
+        ("ab6_lr8e-4", ["--lr", "8e-4"], "twice the automatic lr again: 8e-4, with the automatic cosine decay"),
+        ("ab6_traj0.25", ["--set", "trajectory_fraction=0.25"],
+         "a quarter of each batch on the pool's 1-step jump (default an eighth)"),
+        ("ab6_trajw2", ["--set", "trajectory_weight=2"], "the trajectory rows' loss weighted 2 (default 1)"),
+    ]})
+# the long setting's recipe (examples/long.toml: no trajectory rows, no long jumps) at the fifth round's lr
+ROWS["long10k_lr4"] = {"headline": True,
+                       "args": ["--set", "trajectory_fraction=0.0", "--set", "pool_solver=euler", "-L",
+                                "long_jump_span=0.0", "--lr", "4e-4", "--set", "lr_schedule=cosine",
+                                "--max-steps", "10000", *_keep(1000)],
+                       "what": "the long setting's recipe (itvm_default with the EMA warm-up) at lr 4e-4 with a "
+                               "cosine decay, 10,000 steps"}
+
+
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
     """The row's CLI arguments; an lr of ``SWEEP`` becomes the one its run used, or the sweep's best so far."""
     args = list(ROWS[name]["args"])
