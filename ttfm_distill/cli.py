@@ -151,14 +151,17 @@ def run(
         from .preflight import check_run_folder, resolve_settings
 
         cfg, _ = resolve_settings(RunConfig.from_dict(values))
-        check_run_folder(cfg, overwrite)  # the same checks run makes, before the teacher or data are touched
+        folder = check_run_folder(cfg, overwrite)  # the same checks run makes, before the teacher or data are touched
         from .data.hf import check_data_spec
 
         data_info = check_data_spec(cfg.data)  # fail fast on a missing or unreachable data set
         if dry_run:
+            from .preflight import resolve_before_loading
             from .teachers.loading import check_teacher_spec
 
             teacher_info = check_teacher_spec(cfg.teacher, cfg.subfolder)
+            if not resolve_before_loading(cfg, folder.saved):
+                teacher_info += "; the automatic settings (null or auto) are filled in once it is loaded"
             typer.echo(json.dumps(cfg.to_dict(), indent=2))
             typer.echo(f"teacher: {teacher_info}; data: {data_info}; objective: {cfg.loss}; {cfg.max_steps} steps -> "
                        f"{cfg.output}", err=True)

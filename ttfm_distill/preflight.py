@@ -71,6 +71,19 @@ def resolve_teacher_settings(cfg: RunConfig, objective, teacher, saved: dict | N
     return with_trajectory_rows(objective, cfg)
 
 
+def resolve_before_loading(cfg: RunConfig, saved: dict | None) -> bool:
+    """What :func:`resolve_teacher_settings` will fill in, from the teacher's configs alone (``--dry-run``):
+    the automatic settings as the run will write them to config.json. False (``cfg`` left unresolved) when the
+    teacher's prediction type cannot be read without fetching it (a hub id)."""
+    from .teachers.loading import teacher_prediction_type
+
+    prediction_type = teacher_prediction_type(cfg.teacher, cfg.subfolder)
+    if prediction_type is None:
+        return False
+    cfg.resolve_automatic(prediction_type, saved)
+    trajectory_rows(cfg)  # the resolved share is checked as the run checks it
+    return True
+
 def settings_warnings(cfg: RunConfig) -> list[str]:
     """Plain warnings about resolved settings that run but were measured to hurt (one line each)."""
     span = float((cfg.loss_options or {}).get("long_jump_span", 0.0)) if cfg.loss == "itvm" else 0.0

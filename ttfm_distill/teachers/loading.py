@@ -94,6 +94,22 @@ def check_teacher_spec(spec: str | None, subfolder: str | None = None) -> str:
     raise _not_found(spec)
 
 
+def teacher_prediction_type(spec: str | None, subfolder: str | None = None) -> str | None:
+    """What the teacher predicts (``"flow"``, ``"epsilon"``, ``"v_prediction"`` or ``"sample"``), read from its
+    configs as :func:`load_teacher` reads it, without loading weights; ``None`` for a hub id (not fetched).
+    The automatic settings depend on it (``RunConfig.resolve_automatic``), so ``--dry-run`` can show them."""
+    from ..convention import scheduler_kind
+
+    spec = spec or DEFAULT_TEACHER
+    if spec.startswith("builtin:"):
+        return "flow"  # the embedded teacher and the exact 2-D ones are flow models
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return None
+    denoiser = _locate_denoiser(path, subfolder)
+    scheduler = _scheduler_config(path, denoiser) or ADAPTERS[_denoiser_class(denoiser)].default_scheduler
+    return "flow" if scheduler_kind(scheduler) == "flow" else scheduler.get("prediction_type", "epsilon")
+
 def _not_found(spec: str) -> TeacherLoadError:
     return TeacherLoadError(
         f"teacher {spec!r} is neither a folder nor a hub id; pass a diffusers folder, an 'org/name' hub id, "
