@@ -327,6 +327,8 @@ ROWS.update({
         ("ab6_traj0.25", ["--set", "trajectory_fraction=0.25"],
          "a quarter of each batch on the pool's 1-step jump (default an eighth)"),
         ("ab6_trajw2", ["--set", "trajectory_weight=2"], "the trajectory rows' loss weighted 2 (default 1)"),
+        ("ab6_long0.25", ["-L", "long_jump_span=0.25"],
+         "progressive's target on every pair with t - s >= 0.25 (default 0.5): the 1-step leader's target on more pairs"),
         ("ab6_bf16", ["--set", "mixed_precision=bf16"],
          "bf16 autocast (fp32 master weights): cheaper steps on a CPU with bf16 units, if the FD holds"),
     ]})
