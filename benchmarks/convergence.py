@@ -332,6 +332,9 @@ ROWS.update({
         ("ab6_bf16", ["--set", "mixed_precision=bf16"],
          "bf16 autocast (fp32 master weights): cheaper steps on a CPU with bf16 units, if the FD holds"),
     ]})
+ROWS["ab6_bf16_3000"] = {"args": ["--set", "mixed_precision=bf16", "--max-steps", "3000", *_keep(600)],
+                         "what": "bf16 autocast for 3000 steps: what its cheaper steps buy in the default run's time",
+                         "ab": "ab5_lr4e-4_cosine", "ab_weights": "ema", "ab_base_weights": "ema"}
 # the long setting's recipe (examples/long.toml: no trajectory rows, no long jumps) at the fifth round's lr
 ROWS["long10k_lr4"] = {"headline": True,
                        "args": ["--set", "trajectory_fraction=0.0", "--set", "pool_solver=euler", "-L",
