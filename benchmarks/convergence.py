@@ -335,6 +335,12 @@ ROWS.update({
 ROWS["ab6_bf16_3000"] = {"args": ["--set", "mixed_precision=bf16", "--max-steps", "3000", *_keep(600)],
                          "what": "bf16 autocast for 3000 steps: what its cheaper steps buy in the default run's time",
                          "ab": "ab5_lr4e-4_cosine", "ab_weights": "ema", "ab_base_weights": "ema"}
+ROWS["ab6_bf16_3000"]["seeds"] = "bf16_3000"
+ROWS.update({
+    f"bf16_3000_s{seed}": {"args": ["--seed", str(seed), "--set", "mixed_precision=bf16", "--max-steps", "3000",
+                                    *_keep(600)],
+                           "what": f"seed {seed}: bf16 autocast for 3000 steps", "seeds": "bf16_3000"}
+    for seed in (1, 2)})
 # the long setting's recipe (examples/long.toml: no trajectory rows, no long jumps) at the fifth round's lr
 ROWS["long10k_lr4"] = {"headline": True,
                        "args": ["--set", "trajectory_fraction=0.0", "--set", "pool_solver=euler", "-L",
