@@ -350,6 +350,16 @@ ROWS["long10k_lr4"] = {"headline": True,
                                "cosine decay, 10,000 steps"}
 
 
+
+def _pin_previous_precision(args: list[str]) -> list[str]:
+    """mixed_precision became automatic (bf16 for a flow teacher on hardware with native bf16) after the rows
+    above ran: a row that leaves it unset ran in fp32, and says so."""
+    return args if any(a.startswith("mixed_precision=") for a in args) else [*args, "--set", "mixed_precision=no"]
+
+
+for _spec in ROWS.values():
+    _spec["args"] = _pin_previous_precision(_spec["args"])
+
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
     """The row's CLI arguments; an lr of ``SWEEP`` becomes the one its run used, or the sweep's best so far."""
     args = list(ROWS[name]["args"])

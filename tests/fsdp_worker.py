@@ -181,7 +181,8 @@ def accelerate_part(accelerator, rank, world, report):
     def cfg(name, steps, **kw):
         base = dict(teacher=str(TEACHER), output=str(OUT / name), batch_size=8, pool_size=32, pool_steps=4,
                     eval_samples=8, reference_steps=4, checkpoint_every=2, log_every=1, ema_decay=0.9,
-                    loss_options={"target_model": "ema"}, export_weights="raw", max_steps=steps)
+                    loss_options={"target_model": "ema"}, export_weights="raw", max_steps=steps,
+                    mixed_precision="no")  # fp32: FSDP against data parallel to float rounding (bf16: below)
         base.update(kw)
         return RunConfig(**base)
 

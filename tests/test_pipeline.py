@@ -502,9 +502,12 @@ def test_run_with_standalone_writes_a_folder_diffusers_loads_alone(tiny_teacher_
     assert torch.equal(standalone_sample(out / "student", tmp_path), expected)
 
 
-def test_model_card_command_leaves_out_what_the_run_filled_in():
+def test_model_card_command_leaves_out_what_the_run_filled_in(monkeypatch):
     """The card's command: the objective's own diagonal default and the teacher fingerprint are not settings."""
+    from ttfm_distill import scale
     from ttfm_distill.config import RunConfig
+
+    monkeypatch.setattr(scale, "native_bf16", lambda device_type=None: True)  # a machine where flow runs are bf16
     from ttfm_distill.pipeline_card import run_command
     from ttfm_distill.preflight import resolve_settings
 
@@ -526,7 +529,8 @@ def test_model_card_command_leaves_out_what_the_run_filled_in():
     assert (cfg.trajectory_fraction, cfg.pool_solver) == (0.0, "euler")
     assert run_command(cfg.to_dict(), "epsilon") == "ttfm-distill run --teacher some/ddpm"
     assert run_command(cfg.to_dict()) == \
-        "ttfm-distill run --teacher some/ddpm -L long_jump_span=0.0 --set lr=0.0002 --set trajectory_fraction=0.0"
+        "ttfm-distill run --teacher some/ddpm -L long_jump_span=0.0 --set lr=0.0002 --set trajectory_fraction=0.0" \
+        " --set mixed_precision=no"
 
 
 def test_a_reloaded_student_reads_its_network_as_the_teacher_does_clip_included(tmp_path):

@@ -253,14 +253,17 @@ def test_lr_schedule_cosine_and_constant():
         RunConfig(lr_final_fraction=2.0).validate()
 
 
-def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings():
+def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings(monkeypatch):
     """What a command that leaves one automatic setting alone would run with, given the run's others: the card
     leaves a setting out exactly when it equals this."""
+    from ttfm_distill import scale
     from ttfm_distill.config import AUTOMATIC, RunConfig
 
+    monkeypatch.setattr(scale, "native_bf16", lambda device_type=None: True)
     settings, options = RunConfig.automatic_defaults(RunConfig().to_dict())
     assert set(settings) == set(AUTOMATIC)
-    assert settings == {"trajectory_fraction": 0.125, "pool_solver": "heun", "lr_schedule": "cosine", "lr": 4e-4}
+    assert settings == {"trajectory_fraction": 0.125, "pool_solver": "heun", "lr_schedule": "cosine", "lr": 4e-4,
+                        "mixed_precision": "bf16"}
     assert options == {"long_jump_span": 0.5}
     # the pool's solver follows the run's own trajectory_fraction: no rows, an Euler pool
     settings, _ = RunConfig.automatic_defaults({"trajectory_fraction": 0.0})
@@ -269,6 +272,7 @@ def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings
     assert RunConfig.automatic_defaults({"data": "fashion-mnist"})[0]["trajectory_fraction"] == 0.0
     settings, options = RunConfig.automatic_defaults({"teacher": "some/ddpm"}, "epsilon")
     assert settings["lr_schedule"] == "cosine" and settings["lr"] == 2e-4 and options == {"long_jump_span": 0.0}
+    assert settings["mixed_precision"] == "no"
     assert RunConfig.automatic_defaults({"loss_options": {"reading": "ema_only"}})[1] == {"long_jump_span": 0.0}
     # an option the run set does not hide the default: the card compares against it
     assert RunConfig.automatic_defaults({"loss_options": {"long_jump_span": 0.25}})[1] == {"long_jump_span": 0.5}
@@ -296,3 +300,51 @@ def test_automatic_lr_by_teacher_kept_on_resume_and_left_out_of_the_card():
     assert run_command(RunConfig().resolve_automatic("flow").to_dict()) == "ttfm-distill run"
     assert run_command(RunConfig(lr=2e-4, lr_schedule="constant").resolve_automatic("flow").to_dict()) == \
         "ttfm-distill run --set lr=0.0002 --set lr_schedule=constant"
+
+
+def test_automatic_precision_by_teacher_and_hardware_kept_on_resume(monkeypatch, tiny_teacher_dir, tmp_path):
+    """mixed_precision "auto": bf16 for a flow teacher where the hardware has native bf16, fp32 for a diffusion
+    teacher, the exact 2-D teachers and hardware without it; a given value and a resumed run's are kept."""
+    from ttfm_distill import scale
+    from ttfm_distill.config import RunConfig, resume_mismatch
+    from ttfm_distill.pipeline_card import run_command
+    from ttfm_distill.preflight import resolve_precision
+
+    assert RunConfig().mixed_precision == "auto" and RunConfig().validate().mixed_precision == "auto"
+    for native in (True, False):
+        monkeypatch.setattr(scale, "native_bf16", lambda device_type=None, native=native: native)
+        assert RunConfig().resolve_automatic("flow").mixed_precision == ("bf16" if native else "no")
+        assert RunConfig().resolve_automatic("epsilon").mixed_precision == "no"
+        assert RunConfig(teacher="builtin:checkerboard").resolve_automatic("flow").mixed_precision == "no"
+        assert RunConfig(mixed_precision="no").resolve_automatic("flow").mixed_precision == "no"  # given: kept
+        assert RunConfig(mixed_precision="bf16").resolve_automatic("epsilon").mixed_precision == "bf16"
+        assert RunConfig().resolve_automatic("flow", {"seed": 0}).mixed_precision == "no"  # a folder from before
+        assert RunConfig().resolve_automatic("flow", {"mixed_precision": "bf16"}).mixed_precision == "bf16"
+        # before the accelerator: from the teacher folder's configs, or the resumed folder's config.json
+        cfg = RunConfig(teacher=str(tiny_teacher_dir))
+        resolve_precision(cfg, None)
+        assert cfg.mixed_precision == ("bf16" if native else "no")
+        cfg = RunConfig(teacher=str(tiny_teacher_dir))
+        resolve_precision(cfg, {"mixed_precision": "no"})
+        assert cfg.mixed_precision == "no"
+        cfg = RunConfig(teacher=str(tmp_path / "org" / "missing"), mixed_precision="auto")
+        resolve_precision(cfg, None)  # not a folder, not fetchable: fp32, and the load reports the teacher
+        assert cfg.mixed_precision == "no"
+        # the card leaves the automatic value out and spells out the other
+        other = "no" if native else "bf16"
+        assert run_command(RunConfig().resolve_automatic("flow").to_dict()) == "ttfm-distill run"
+        assert run_command(RunConfig(mixed_precision=other).resolve_automatic("flow").to_dict()) == \
+            f"ttfm-distill run --set mixed_precision={other}"
+    assert resume_mismatch({"mixed_precision": "bf16"}, RunConfig().to_dict()) == []
+    assert resume_mismatch({"mixed_precision": "bf16"}, RunConfig(mixed_precision="no").to_dict()) == \
+        ["mixed_precision"]
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch):
+    from ttfm_distill import scale
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not scale.native_bf16("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert scale.native_bf16("cpu")

@@ -18,7 +18,8 @@ TIME_SAMPLINGS = ("uniform", "dyadic", "mixed")
 AUTO_TRAJECTORY_FRACTION = 0.125
 #: settings whose value is only known once the teacher is loaded (RunConfig.resolve_automatic): their unset
 #: values, which the resume check lets match what a run resolved them to
-AUTOMATIC = {"trajectory_fraction": (None,), "pool_solver": ("auto",), "lr_schedule": ("auto",), "lr": (None,)}
+AUTOMATIC = {"trajectory_fraction": (None,), "pool_solver": ("auto",), "lr_schedule": ("auto",), "lr": (None,),
+             "mixed_precision": ("auto",)}
 #: the learning rate where the command leaves it unset (RunConfig.lr_value): twice the earlier 2e-4, with the cosine
 #: decay, beat 2e-4 constant on three seeds at 2400 steps on the embedded flow teacher (docs/quality.md); the rest
 #: (diffusion teachers, the exact 2-D teachers) keep the 2e-4 they were measured at
@@ -56,9 +57,9 @@ class RunConfig:
     output: str = DEFAULT_OUTPUT
     loss: str = "itvm"
     loss_options: dict = field(default_factory=dict)
-    #: 2400 steps fill the default run's 10-minute budget on a 2-core CPU (about 8 minutes on the embedded
-    #: teacher); 1200 left half of it unused and the 1-step student still falling (docs/quality.md)
-    max_steps: int = 2400
+    #: 3000 steps fill the default run's 10-minute budget on a 2-core CPU with bf16 autocast (the automatic
+    #: mixed_precision there); 1200 and 2400 left the 1-step student still falling (docs/quality.md)
+    max_steps: int = 3000
     batch_size: int = 32
     #: None (unset): AUTO_LR_FLOW for a flow teacher, AUTO_LR_OTHER otherwise, resolved once the teacher is loaded
     #: (RunConfig.lr_value)
@@ -119,7 +120,9 @@ class RunConfig:
     trajectory_dyadic_levels: int | None = 0
     mlp_width: int = 256
     mlp_depth: int = 4
-    mixed_precision: str = "no"
+    #: "auto": bf16 autocast for a flow teacher on hardware with native bf16 (a CUDA GPU that has it, a CPU with
+    #: AVX512-BF16 or AMX), else "no" (RunConfig.precision_name); resolved before the accelerator is made
+    mixed_precision: str = "auto"
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -207,7 +210,7 @@ class RunConfig:
         choices = {
             "time_sampling": TIME_SAMPLINGS,
             "second_time_input": ("delta", "t"),
-            "mixed_precision": ("no", "fp16", "bf16"),
+            "mixed_precision": ("auto", "no", "fp16", "bf16"),
             "export_weights": ("ema", "raw"),
             "nan_policy": ("stop", "skip"),
             "lr_schedule": ("auto", "constant", "cosine"),
@@ -270,6 +273,20 @@ class RunConfig:
             return self.lr_schedule
         return "constant" if self.exact_teacher() else "cosine"
 
+    def precision_name(self, prediction_type: str = "flow", device_type: str | None = None) -> str:
+        """The autocast precision: ``mixed_precision``, with ``auto`` read as bf16 for a flow teacher (not the exact
+        2-D ones, whose MLP gains nothing from it) on a device with native bf16 (``device_type``: this machine's by
+        default), and "no" otherwise. On the embedded teacher bf16 trained as well as fp32 at 2400 steps and 1.2x
+        faster on this project's CPU (docs/quality.md); a diffusion teacher's velocity divides its noise
+        estimate by alpha near the noise end, which would magnify bf16's rounding, so it stays fp32."""
+        from .scale import native_bf16
+
+        if self.mixed_precision != "auto":
+            return self.mixed_precision
+        if prediction_type != "flow" or self.exact_teacher():
+            return "no"
+        return "bf16" if native_bf16(device_type) else "no"
+
     def lr_value(self, prediction_type: str = "flow") -> float:
         """The learning rate: ``lr``, or when unset :data:`AUTO_LR_FLOW` for a flow teacher (not the exact 2-D
         ones) and :data:`AUTO_LR_OTHER` for the rest."""
@@ -294,7 +311,8 @@ class RunConfig:
         for key, resolve, before in (("trajectory_fraction", self.trajectory_share, 0.0),
                                      ("pool_solver", self.pool_solver_name, "euler"),
                                      ("lr_schedule", self.lr_schedule_name, "constant"),
-                                     ("lr", self.lr_value, AUTO_LR_OTHER)):
+                                     ("lr", self.lr_value, AUTO_LR_OTHER),
+                                     ("mixed_precision", self.precision_name, "no")):
             if getattr(self, key) not in AUTOMATIC[key]:
                 continue
             if saved is not None:

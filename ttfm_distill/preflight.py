@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig, resume_mismatch
+from .config import AUTOMATIC, RunConfig, resume_mismatch
 from .errors import ConfigError, RunError
 from .rundir import check_output
 
@@ -69,6 +69,20 @@ def resolve_teacher_settings(cfg: RunConfig, objective, teacher, saved: dict | N
 
         objective = make_objective_from(cfg.loss, cfg.loss_options)
     return with_trajectory_rows(objective, cfg)
+
+
+def resolve_precision(cfg: RunConfig, saved: dict | None) -> None:
+    """``mixed_precision="auto"`` -> what this run trains in, before the accelerator is made (so before the
+    teacher is loaded): the rule of ``RunConfig.precision_name`` on the teacher's prediction type read from its
+    configs, or a resumed run's own value (a folder from before the setting was automatic: "no")."""
+    import copy
+
+    if cfg.mixed_precision not in AUTOMATIC["mixed_precision"]:
+        return
+    from .teachers.loading import teacher_prediction_type
+
+    prediction_type = teacher_prediction_type(cfg.teacher, cfg.subfolder, cfg.revision, fetch=saved is None)
+    cfg.mixed_precision = copy.deepcopy(cfg).resolve_automatic(prediction_type or "unknown", saved).mixed_precision
 
 
 def resolve_before_loading(cfg: RunConfig, saved: dict | None) -> bool:

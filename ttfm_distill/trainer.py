@@ -172,8 +172,10 @@ class Distillation:
     # -- steps -----------------------------------------------------------------
     def setup_accelerator(self) -> None:
         from . import scale
+        from .preflight import resolve_precision
 
         cfg = self.cfg  # validated by preflight
+        resolve_precision(cfg, self.folder.saved)  # "auto": from the teacher's configs and this machine
         on_cpu = not torch.cuda.is_available()
         scale.check_mixed_precision(cfg.mixed_precision, "cpu" if on_cpu else "cuda")
         self.accelerator = scale.make_accelerator(cfg.mixed_precision, cfg.compile, cpu=on_cpu)

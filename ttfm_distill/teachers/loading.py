@@ -94,10 +94,13 @@ def check_teacher_spec(spec: str | None, subfolder: str | None = None) -> str:
     raise _not_found(spec)
 
 
-def teacher_prediction_type(spec: str | None, subfolder: str | None = None) -> str | None:
+def teacher_prediction_type(spec: str | None, subfolder: str | None = None, revision: str | None = None,
+                            fetch: bool = False) -> str | None:
     """What the teacher predicts (``"flow"``, ``"epsilon"``, ``"v_prediction"`` or ``"sample"``), read from its
-    configs as :func:`load_teacher` reads it, without loading weights; ``None`` for a hub id (not fetched).
-    The automatic settings depend on it (``RunConfig.resolve_automatic``), so ``--dry-run`` can show them."""
+    configs as :func:`load_teacher` reads it, without loading weights. A hub id's configs are fetched (only
+    the small JSON files) with ``fetch``; ``None`` for a hub id without it, or one that cannot be fetched.
+    The automatic settings depend on it (``RunConfig.resolve_automatic``), so ``--dry-run`` can show them,
+    and the run can choose its precision before the teacher's weights are loaded."""
     from ..convention import scheduler_kind
 
     spec = spec or DEFAULT_TEACHER
@@ -105,7 +108,15 @@ def teacher_prediction_type(spec: str | None, subfolder: str | None = None) -> s
         return "flow"  # the embedded teacher and the exact 2-D ones are flow models
     path = Path(spec).expanduser()
     if not path.exists():
-        return None
+        if not (fetch and _looks_like_hub_id(spec)):
+            return None
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(spec, revision=revision, allow_patterns=[
+                "model_index.json", "config.json", "*/config.json", "scheduler/*"]))
+        except Exception:  # the run's own load reports it, with the fix
+            return None
     denoiser = _locate_denoiser(path, subfolder)
     scheduler = _scheduler_config(path, denoiser) or ADAPTERS[_denoiser_class(denoiser)].default_scheduler
     return "flow" if scheduler_kind(scheduler) == "flow" else scheduler.get("prediction_type", "epsilon")
