@@ -362,6 +362,16 @@ def _pin_previous_precision(args: list[str]) -> list[str]:
 for _spec in ROWS.values():
     _spec["args"] = _pin_previous_precision(_spec["args"])
 
+# after the sixth round's defaults: what bf16 does where the automatic value keeps fp32 (not pinned above)
+ROWS["ddpm_bf16"] = {"teacher": "ddpm", "args": ["--set", "mixed_precision=bf16", "--max-steps", "2400", *_keep(300)],
+                     "what": "the DDPM teacher's defaults in bf16 (its automatic value is fp32), 2400 steps",
+                     "ab": "ddpm_default", "ab_weights": "ema", "ab_base_weights": "ema"}
+ROWS["long10k_bf16"] = {"headline": True,
+                        "args": ["--set", "trajectory_fraction=0.0", "--set", "pool_solver=euler", "-L",
+                                 "long_jump_span=0.0", "--lr", "2e-4", "--set", "lr_schedule=constant", "--set",
+                                 "mixed_precision=bf16", "--max-steps", "10000", *_keep(1000)],
+                        "what": "examples/long.toml's recipe in bf16, 10,000 steps (itvm_default's, with the EMA warm-up)"}
+
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
     """The row's CLI arguments; an lr of ``SWEEP`` becomes the one its run used, or the sweep's best so far."""
     args = list(ROWS[name]["args"])
