@@ -110,14 +110,18 @@ def test_two_micro_batches_of_8_give_the_update_of_one_batch_of_16(tiny_teacher_
 
 
 def test_accumulated_run_matches_the_plain_run(tiny_teacher_dir, tmp_path):
-    def final(name, **kw):
-        run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / name, max_steps=3, **kw), show_progress=False)
+    def final(name, **kw):  # fp32: the claim is equality to float rounding (bf16 rounds each micro-batch apart)
+        run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / name, max_steps=3, mixed_precision="no", **kw),
+                         show_progress=False)
         return load_file(tmp_path / name / "checkpoints" / "step-00000003" / "student.safetensors")
 
     plain, accum, small = final("plain", batch_size=16), final("accum", batch_size=16, grad_accum_steps=2), \
         final("small", batch_size=8)
+    # the attention key bias has a zero gradient in exact arithmetic (softmax ignores a shift shared by all keys),
+    # so Adam turns either summation order's rounding into steps of up to lr: 5e-7 on one thread, 1e-6 on two
+    zero_gradient = "network.mid_block.attentions.0.to_k.bias"
     moved = max((plain[k] - small[k]).abs().max().item() for k in plain)
-    diff = max((plain[k] - accum[k]).abs().max().item() for k in plain)
+    diff = max((plain[k] - accum[k]).abs().max().item() for k in plain if k != zero_gradient)
     assert moved > 1e-5 and diff < moved / 100, (diff, moved)  # same data, same update; another batch differs
 
 
