@@ -85,6 +85,14 @@ def _keep(every: int) -> list[str]:
     return ["--set", f"checkpoint_every={every}", "--set", "keep_checkpoints=100"]
 
 
+def more_seeds(base: str, tag: str, args: list[str], what: str) -> None:
+    """Seeds 1 and 2 of row ``base`` (seed 0): rows ``TAG_s1``, ``TAG_s2`` with ``--seed`` before ``args``, all three
+    in the report's seed table ``tag``."""
+    ROWS[base]["seeds"] = tag
+    ROWS.update({f"{tag}_s{seed}": {"args": ["--seed", str(seed), *args], "what": f"seed {seed}: {what}", "seeds": tag}
+                 for seed in (1, 2)})
+
+
 #: name -> the row's ``ttfm-distill run`` arguments (besides --output and -q), what it tests, and its group
 ROWS: dict[str, dict] = {
     # the tool's defaults (ITVM, r = s + tau, current weights as target), with an export EMA kept beside the raw
@@ -236,11 +244,8 @@ ROWS.update({
          "progressive distillation's target on pairs with t - s >= 0.75"),
     ]})
 # more seeds of the long-jump option; with ab3_long0.5 (seed 0) a seed table beside budget_traj_s{0,1,2}
-ROWS["ab3_long0.5"]["seeds"] = "long0.5"
-ROWS.update({
-    f"long0.5_s{seed}": {"args": ["--seed", str(seed), "-L", "long_jump_span=0.5", "--max-steps", "2400", *_keep(600)],
-                         "what": f"seed {seed}: the defaults with long_jump_span=0.5, 2400 steps", "seeds": "long0.5"}
-    for seed in (1, 2)})
+more_seeds("ab3_long0.5", "long0.5", ["-L", "long_jump_span=0.5", "--max-steps", "2400", *_keep(600)],
+           "the defaults with long_jump_span=0.5, 2400 steps")
 
 
 def _pin_no_long_jumps(args: list[str]) -> list[str]:
@@ -282,13 +287,9 @@ ROWS.update({
          "the adaptive weight at half MeanFlow's power: 1 / (l + 1e-3)^0.5 (normalised to mean 1 per batch)"),
     ]})
 # more seeds of twice the lr with a cosine decay; with ab5_lr4e-4_cosine (seed 0) a seed table beside long0.5_s{1,2}
-ROWS["ab5_lr4e-4_cosine"]["seeds"] = "lr4e-4_cosine"
-ROWS.update({
-    f"lr4e-4_cosine_s{seed}": {"args": ["--seed", str(seed), "-L", "long_jump_span=0.5", "--lr", "4e-4", "--set",
-                                        "lr_schedule=cosine", "--max-steps", "2400", *_keep(600)],
-                               "what": f"seed {seed}: the defaults with lr 4e-4 and a cosine decay, 2400 steps",
-                               "seeds": "lr4e-4_cosine"}
-    for seed in (1, 2)})
+more_seeds("ab5_lr4e-4_cosine", "lr4e-4_cosine",
+           ["-L", "long_jump_span=0.5", "--lr", "4e-4", "--set", "lr_schedule=cosine", "--max-steps", "2400", *_keep(600)],
+           "the defaults with lr 4e-4 and a cosine decay, 2400 steps")
 # the DDPM teacher (--teacher ddpm): its defaults (a cosine lr, no trajectory rows or long jumps) along 2400 steps
 ROWS["ddpm_default"] = {"teacher": "ddpm", "headline": True, "args": ["--max-steps", "2400", *_keep(300)],
                         "what": "the DDPM teacher's defaults (cosine lr, no trajectory rows, no long jumps), 2400 steps"}
@@ -337,12 +338,8 @@ ROWS.update({
 ROWS["ab6_bf16_3000"] = {"headline": True, "args": ["--set", "mixed_precision=bf16", "--max-steps", "3000", *_keep(600)],
                          "what": "bf16 autocast for 3000 steps: what its cheaper steps buy in the default run's time",
                          "ab": "ab5_lr4e-4_cosine", "ab_weights": "ema", "ab_base_weights": "ema"}
-ROWS["ab6_bf16_3000"]["seeds"] = "bf16_3000"
-ROWS.update({
-    f"bf16_3000_s{seed}": {"args": ["--seed", str(seed), "--set", "mixed_precision=bf16", "--max-steps", "3000",
-                                    *_keep(600)],
-                           "what": f"seed {seed}: bf16 autocast for 3000 steps", "seeds": "bf16_3000"}
-    for seed in (1, 2)})
+more_seeds("ab6_bf16_3000", "bf16_3000", ["--set", "mixed_precision=bf16", "--max-steps", "3000", *_keep(600)],
+           "bf16 autocast for 3000 steps")
 # the long setting's recipe (examples/long.toml: no trajectory rows, no long jumps) at the fifth round's lr
 ROWS["long10k_lr4"] = {"headline": True,
                        "args": ["--set", "trajectory_fraction=0.0", "--set", "pool_solver=euler", "-L",
@@ -350,7 +347,6 @@ ROWS["long10k_lr4"] = {"headline": True,
                                 "--max-steps", "10000", *_keep(1000)],
                        "what": "the long setting's recipe (itvm_default with the EMA warm-up) at lr 4e-4 with a "
                                "cosine decay, 10,000 steps"}
-
 
 
 def _pin_previous_precision(args: list[str]) -> list[str]:

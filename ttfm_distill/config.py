@@ -277,8 +277,9 @@ class RunConfig:
         """The autocast precision: ``mixed_precision``, with ``auto`` read as bf16 for a flow teacher (not the exact
         2-D ones, whose MLP gains nothing from it) on a device with native bf16 (``device_type``: this machine's by
         default), and "no" otherwise. On the embedded teacher bf16 trained as well as fp32 at 2400 steps and 1.2x
-        faster on this project's CPU (docs/quality.md); a diffusion teacher's velocity divides its noise
-        estimate by alpha near the noise end, which would magnify bf16's rounding, so it stays fp32."""
+        faster on this project's CPU (docs/quality.md). A diffusion teacher's velocity divides its noise estimate
+        by alpha near the noise end, which could magnify bf16's rounding; on the DDPM teacher measured bf16 was even
+        with fp32 on one seed, too little to change its default, so it stays fp32."""
         from .scale import native_bf16
 
         if self.mixed_precision != "auto":
@@ -308,20 +309,23 @@ class RunConfig:
         else:
             fill = self.automatic_loss_options(prediction_type)
         self.loss_options = {**self.loss_options, **fill}
-        for key, resolve, before in (("trajectory_fraction", self.trajectory_share, 0.0),
-                                     ("pool_solver", self.pool_solver_name, "euler"),
-                                     ("lr_schedule", self.lr_schedule_name, "constant"),
-                                     ("lr", self.lr_value, AUTO_LR_OTHER),
-                                     ("mixed_precision", self.precision_name, "no")):
-            if getattr(self, key) not in AUTOMATIC[key]:
-                continue
-            if saved is not None:
-                value = saved.get(key, before)
-                value = resolve(prediction_type) if value in AUTOMATIC[key] else value
-            else:
-                value = resolve(prediction_type)
-            setattr(self, key, value)
+        for key in AUTOMATIC:
+            self.resolve_setting(key, prediction_type, saved)
         return self
+
+    def resolve_setting(self, key: str, prediction_type: str, saved: dict | None = None) -> None:
+        """One automatic setting (a key of :data:`AUTOMATIC`) as :meth:`resolve_automatic` fills it in: left
+        alone when given, a resumed run's own value (``saved``; a folder from before it existed: the value it
+        ran with), else the rule for ``prediction_type``."""
+        resolve, before = {"trajectory_fraction": (self.trajectory_share, 0.0),
+                           "pool_solver": (self.pool_solver_name, "euler"),
+                           "lr_schedule": (self.lr_schedule_name, "constant"),
+                           "lr": (self.lr_value, AUTO_LR_OTHER),
+                           "mixed_precision": (self.precision_name, "no")}[key]
+        if getattr(self, key) not in AUTOMATIC[key]:
+            return
+        value = before if saved is None else saved.get(key, before)
+        setattr(self, key, resolve(prediction_type) if saved is None or value in AUTOMATIC[key] else value)
 
     @classmethod
     def automatic_defaults(cls, run_config: dict, prediction_type: str = "flow") -> tuple[dict, dict]:

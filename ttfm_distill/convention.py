@@ -345,11 +345,20 @@ def network_io(adapter, network, scheduler_config: dict | None) -> NetworkIO:
     schedule for DiT and PixArt).
     """
     cfg = scheduler_config or adapter.default_scheduler
-    if scheduler_kind(cfg) == "flow":
+    prediction = prediction_type_of(cfg)
+    if prediction == "flow":
         return NetworkIO(adapter.units(network))
     # the teacher's own scheduler decides the clip (diffusers' defaults included); a family default never clips
     clip = _clip_range(cfg) if scheduler_config else None
-    return DiffusionIO(_alphas_cumprod(cfg), cfg.get("prediction_type", "epsilon"), clip_sample=clip)
+    return DiffusionIO(_alphas_cumprod(cfg), prediction, clip_sample=clip)
+
+
+def prediction_type_of(scheduler_config: dict | None) -> str:
+    """What a network with this scheduler predicts: ``"flow"``, or its diffusion ``prediction_type`` (``epsilon``
+    when the config names none); :class:`SchedulerError` for a scheduler that is neither."""
+    if scheduler_kind(scheduler_config) == "flow":
+        return "flow"
+    return scheduler_config.get("prediction_type", "epsilon")
 
 
 def _clip_range(cfg: dict) -> float | None:

@@ -75,14 +75,12 @@ def resolve_precision(cfg: RunConfig, saved: dict | None) -> None:
     """``mixed_precision="auto"`` -> what this run trains in, before the accelerator is made (so before the
     teacher is loaded): the rule of ``RunConfig.precision_name`` on the teacher's prediction type read from its
     configs, or a resumed run's own value (a folder from before the setting was automatic: "no")."""
-    import copy
-
     if cfg.mixed_precision not in AUTOMATIC["mixed_precision"]:
         return
     from .teachers.loading import teacher_prediction_type
 
     prediction_type = teacher_prediction_type(cfg.teacher, cfg.subfolder, cfg.revision, fetch=saved is None)
-    cfg.mixed_precision = copy.deepcopy(cfg).resolve_automatic(prediction_type or "unknown", saved).mixed_precision
+    cfg.resolve_setting("mixed_precision", prediction_type or "unknown", saved)
 
 
 def resolve_before_loading(cfg: RunConfig, saved: dict | None) -> bool:
@@ -97,6 +95,7 @@ def resolve_before_loading(cfg: RunConfig, saved: dict | None) -> bool:
     cfg.resolve_automatic(prediction_type, saved)
     trajectory_rows(cfg)  # the resolved share is checked as the run checks it
     return True
+
 
 def settings_warnings(cfg: RunConfig) -> list[str]:
     """Plain warnings about resolved settings that run but were measured to hurt (one line each)."""

@@ -101,7 +101,7 @@ def teacher_prediction_type(spec: str | None, subfolder: str | None = None, revi
     the small JSON files) with ``fetch``; ``None`` for a hub id without it, or one that cannot be fetched.
     The automatic settings depend on it (``RunConfig.resolve_automatic``), so ``--dry-run`` can show them,
     and the run can choose its precision before the teacher's weights are loaded."""
-    from ..convention import scheduler_kind
+    from ..convention import prediction_type_of
 
     spec = spec or DEFAULT_TEACHER
     if spec.startswith("builtin:"):
@@ -118,8 +118,7 @@ def teacher_prediction_type(spec: str | None, subfolder: str | None = None, revi
         except Exception:  # the run's own load reports it, with the fix
             return None
     denoiser = _locate_denoiser(path, subfolder)
-    scheduler = _scheduler_config(path, denoiser) or ADAPTERS[_denoiser_class(denoiser)].default_scheduler
-    return "flow" if scheduler_kind(scheduler) == "flow" else scheduler.get("prediction_type", "epsilon")
+    return prediction_type_of(_scheduler_config(path, denoiser) or ADAPTERS[_denoiser_class(denoiser)].default_scheduler)
 
 def _not_found(spec: str) -> TeacherLoadError:
     return TeacherLoadError(
