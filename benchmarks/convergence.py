@@ -368,6 +368,17 @@ ROWS["long10k_bf16"] = {"headline": True,
                                  "mixed_precision=bf16", "--max-steps", "10000", *_keep(1000)],
                         "what": "examples/long.toml's recipe in bf16, 10,000 steps (itvm_default's, with the EMA warm-up)"}
 
+# seventh round, against ab6_bf16_3000 (the sixth round's defaults, seed 0, bit for bit): the 1-step jump again
+_BF16_3000 = ["--set", "mixed_precision=bf16", "--max-steps", "3000", *_keep(600)]
+ROWS.update({
+    name: {"args": [*extra, *_BF16_3000], "what": what,
+           "ab": "ab6_bf16_3000", "ab_weights": "ema", "ab_base_weights": "ema"}
+    for name, extra, what in [
+        ("ab7_trajw2", ["--set", "trajectory_weight=2"], "the trajectory rows' loss weighted 2 (default 1)"),
+        ("ab7_lrfinal0.25", ["--set", "lr_final_fraction=0.25"],
+         "the cosine decays to a quarter of the lr, not to 0: the 1-step jump is still learning at the end"),
+    ]})
+
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
     """The row's CLI arguments; an lr of ``SWEEP`` becomes the one its run used, or the sweep's best so far."""
     args = list(ROWS[name]["args"])
