@@ -3,6 +3,11 @@
     OMP_NUM_THREADS=1 python benchmarks/step_profile.py --steps 40
     OMP_NUM_THREADS=1 python benchmarks/step_profile.py --steps 40 -L long_jump_span=0.0
     OMP_NUM_THREADS=1 python benchmarks/step_profile.py --steps 20 --profile     # torch profiler, top operators
+    OMP_NUM_THREADS=1 python benchmarks/step_profile.py --steps 80 --join-ab     # trajectory rows joined or apart
+
+``--join-ab`` alternates blocks of 10 steps with the trajectory rows in the objective's gradient forward
+(the default, objectives/trajectory.py ``JoinedForward``) and in a forward of their own, and prints the
+median seconds per step of each: the two share whatever else runs on the machine.
 
 The run's own named steps (``trainer.Distillation``) set up a default run in a
 temporary folder (its data-free pool is built there, or copied from
@@ -31,6 +36,8 @@ def main():
                    help="a run setting, as `ttfm-distill run --set`")
     p.add_argument("--pool-from", default=None, help="a run folder whose cache/ holds the pool to reuse")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators by self CPU time")
+    p.add_argument("--join-ab", action="store_true",
+                   help="alternate 10-step blocks with the trajectory rows joined and apart; median s/step of each")
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -51,6 +58,10 @@ def main():
         run.skipped, run.first_batch = 0, 0.0
         for k in range(5):
             run.train_step(k)
+        if args.join_ab:
+            join_ab(run, args.steps)
+            run.lock.release()
+            return
         t0 = time.perf_counter()
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
@@ -68,6 +79,30 @@ def main():
     print(f"{seconds:.3f} s/step over {args.steps} steps (1 thread{', under the profiler' if args.profile else ''}); "
           f"loss options {run.cfg.loss_options}, batch {run.cfg.batch_size}, trajectory_fraction "
           f"{run.cfg.trajectory_fraction}")
+
+
+def join_ab(run, steps: int, block: int = 10) -> None:
+    """Median seconds per step with the trajectory rows joined to the gradient forward and apart, in alternating
+    blocks of ``block`` steps (the same steps' batches are not repeated: every step is the run's next)."""
+    import statistics
+
+    inner = getattr(run.objective, "inner", None)
+    if inner is None:
+        raise SystemExit("this run has no trajectory rows (trajectory_fraction 0): nothing to join")
+    times = {True: [], False: []}
+    k = 5
+    for b in range(max(2, steps // block)):
+        join = b % 2 == 0
+        inner.one_gradient_forward = join
+        for _ in range(block):
+            t0 = time.perf_counter()
+            run.train_step(k)
+            times[join].append(time.perf_counter() - t0)
+            k += 1
+    inner.one_gradient_forward = type(inner).one_gradient_forward
+    joined, apart = statistics.median(times[True]), statistics.median(times[False])
+    print(f"joined {joined:.4f} s/step, apart {apart:.4f} s/step (medians of {len(times[True])} steps each, "
+          f"1 thread): apart / joined = {apart / joined:.3f}")
 
 
 if __name__ == "__main__":

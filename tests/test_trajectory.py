@@ -83,6 +83,59 @@ def test_trajectory_loss_and_its_weight_in_the_batch_mean():
     assert plain.loss.item() == pytest.approx(2.0) and "trajectory" not in plain.metrics
 
 
+class _Net(torch.nn.Module):
+    """A small student whose output depends on every input: u = W [x, s, t, label] (counts its calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 2)
+        self.grad_calls = []
+
+    def forward(self, x, s, t, cond=None):
+        if torch.is_grad_enabled():
+            self.grad_calls.append(x.shape[0])
+        label = cond["class_labels"].float() if cond else torch.zeros_like(s)
+        return self.lin(torch.cat([x, s[:, None], t[:, None], label[:, None]], dim=1))
+
+
+class _Field:
+    def velocity(self, x, t, cond=None):
+        return torch.sin(2 * x) - t[:, None]
+
+
+@pytest.mark.parametrize("loss, options", [("itvm", {}), ("itvm", {"long_jump_span": 0.5}),
+                                           ("itvm", {"reading": "ema_only"}), ("progressive", {})])
+@pytest.mark.parametrize("labels", [False, True])
+def test_trajectory_rows_ride_in_the_objectives_one_gradient_forward_with_the_same_loss_and_gradients(
+        loss, options, labels):
+    g = torch.Generator().manual_seed(3)
+    n, m = 6, 3
+    cond = {"class_labels": torch.arange(n) % 2} if labels else None
+    rows_cond = {"class_labels": torch.arange(m) % 2} if labels else None
+    rows = TrajectoryRows(torch.randn(m, 2, generator=g), torch.randn(m, 2, generator=g), torch.zeros(m),
+                          torch.ones(m), rows_cond)
+    s = torch.tensor([0.0, 0.1, 0.2, 0.0, 0.5, 0.3])
+    t = torch.tensor([1.0, 0.4, 0.9, 0.6, 1.0, 0.3])
+    x = torch.randn(n, 2, generator=g)
+    objective = TrajectorySupervised(make_objective(loss, **options), weight=2.0)
+    results = []
+    for join in (True, False):
+        torch.manual_seed(0)
+        student, ema = _Net(), _Net()
+        objective.inner.one_gradient_forward = join
+        out = objective(student, _Field(), TrainBatch(x, s, t, cond, torch.Generator().manual_seed(5), rows), ema)
+        out.loss.backward()
+        results.append((out, [p.grad.clone() for p in student.parameters()], student.grad_calls))
+    (joined, g_joined, calls_joined), (apart, g_apart, calls_apart) = results
+    assert calls_joined == [n * (3 if options.get("reading") == "ema_only" else 1) + m]  # one forward for all rows
+    assert len(calls_apart) == 2 and calls_apart[-1] == m
+    torch.testing.assert_close(joined.loss, apart.loss)
+    torch.testing.assert_close(joined.per_sample, apart.per_sample)
+    assert joined.metrics == pytest.approx(apart.metrics)
+    for a, b in zip(g_joined, g_apart):
+        torch.testing.assert_close(a, b)
+
+
 def test_trajectory_rows_split_with_their_micro_batches():
     rows = TrajectoryRows(torch.arange(4.0).view(4, 1), torch.arange(4.0).view(4, 1) + 1, torch.zeros(4),
                           torch.ones(4), {"class_labels": torch.arange(4)})

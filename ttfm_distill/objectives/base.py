@@ -132,6 +132,9 @@ class Objective:
     #: whether off-diagonal pairs see the teacher; if not, the teacher enters only
     #: through diagonal pairs and a run needs ``diagonal_fraction > 0``
     teacher_off_diagonal: bool = True
+    #: whether :meth:`__call__` calls the student with gradients exactly once (outside any ``torch.func``
+    #: transform): extra supervised rows may then ride in that call (objectives/trajectory.py, JoinedForward)
+    one_gradient_forward: bool = False
 
     @dataclass
     class Options:

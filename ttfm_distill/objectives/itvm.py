@@ -68,6 +68,7 @@ def normalised_adaptive_weight(loss: torch.Tensor, p: float, c: float) -> torch.
 class ItvmObjective(Objective):
     name = "itvm"
     needs_ema = True
+    one_gradient_forward = True
 
     @dataclass
     class Options:

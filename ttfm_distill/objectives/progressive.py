@@ -19,6 +19,7 @@ from .base import Objective, ObjectiveOutput, TrainBatch, flow_map, masked_mean,
 class ProgressiveObjective(Objective):
     name = "progressive"
     needs_ema = True
+    one_gradient_forward = True
     #: the semigroup target is the student's own: the teacher enters through the diagonal pairs alone
     teacher_off_diagonal = False
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..convention import broadcast_time
-from .base import Objective, ObjectiveOutput, TrainBatch, per_sample_mse, split_cond
+from .base import Objective, ObjectiveOutput, TrainBatch, cat_conds, per_sample_mse, split_cond
 
 
 @dataclass
@@ -50,10 +50,46 @@ def trajectory_loss(student, rows: TrajectoryRows) -> torch.Tensor:
     return per_sample_mse(student(rows.x_s, rows.s, rows.t, rows.cond), rows.target())
 
 
+class JoinedForward:
+    """The student, with the trajectory ``rows`` joined to the first gradient-carrying call.
+
+    An objective that declares ``one_gradient_forward`` calls the student with gradients once; that call gets
+    the rows appended to its batch, so one forward and one backward serve both (a separate small batch costs
+    nearly the per-layer overhead of a full one on a CPU). Calls without gradients pass through. ``rows_out``
+    holds the rows' output, or ``None`` if no call joined them (then :func:`trajectory_loss` runs apart).
+    """
+
+    def __init__(self, student, rows: TrajectoryRows):
+        self.student, self.rows, self.rows_out = student, rows, None
+
+    def __call__(self, x, s, t, cond=None):
+        rows = self.rows
+        if self.rows_out is not None or not torch.is_grad_enabled() or not _joinable(cond, rows.cond):
+            return self.student(x, s, t, cond)
+        n = x.shape[0]
+        out = self.student(torch.cat([x, rows.x_s.to(x.dtype)]), torch.cat([s, rows.s.to(s.dtype)]),
+                           torch.cat([t, rows.t.to(t.dtype)]), cat_conds(cond, rows.cond))
+        self.rows_out = out[n:]
+        return out[:n]
+
+    def __getattr__(self, name):
+        return getattr(self.student, name)
+
+
+def _joinable(cond: dict | None, rows_cond: dict | None) -> bool:
+    """Whether two batches' conditioning concatenate: the same keys, tensors on both sides."""
+    if not cond or not rows_cond:
+        return not cond and not rows_cond
+    return cond.keys() == rows_cond.keys() and all(
+        torch.is_tensor(cond[k]) == torch.is_tensor(rows_cond[k]) for k in cond)
+
+
 class TrajectorySupervised(Objective):
     """``objective`` on a batch's own rows plus ``weight`` times :func:`trajectory_loss` on its trajectory rows.
 
     The loss is the mean over all rows, so with ``weight = 1`` a trajectory row counts as much as any other.
+    Where the objective declares ``one_gradient_forward``, the rows ride in its gradient-carrying student call
+    (:class:`JoinedForward`); otherwise they get a forward of their own. Both give the same loss.
     """
 
     def __init__(self, objective: Objective, weight: float = 1.0):
@@ -68,12 +104,16 @@ class TrajectorySupervised(Objective):
         return self.inner.config()
 
     def __call__(self, student, teacher, batch: TrainBatch, ema=None) -> ObjectiveOutput:
-        out = self.inner(student, teacher, batch, ema)
         rows = batch.trajectory
         if rows is None or len(rows) == 0:
-            return out
+            return self.inner(student, teacher, batch, ema)
+        joined = JoinedForward(student, rows) if getattr(self.inner, "one_gradient_forward", False) else None
+        out = self.inner(joined or student, teacher, batch, ema)
         n, m = batch.x_s.shape[0], len(rows)
-        traj = trajectory_loss(student, rows)
+        if joined is not None and joined.rows_out is not None:
+            traj = per_sample_mse(joined.rows_out, rows.target())
+        else:
+            traj = trajectory_loss(student, rows)
         loss = (out.loss * n + self.weight * traj.sum()) / (n + m)
         per_sample = torch.cat([out.per_sample, self.weight * traj.detach()])
         return ObjectiveOutput(loss, per_sample, {**out.metrics, "trajectory": traj.mean().item()})
