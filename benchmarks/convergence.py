@@ -388,6 +388,19 @@ ROWS["long18k_bf16_lr4"] = {"headline": True,
                             "what": "the long setting's recipe in bf16 at lr 4e-4 with a cosine decay, 18,000 steps "
                                     "(about 60 minutes on one thread)"}
 
+# from here on the trajectory rows ride in the objective's gradient forward (objectives/trajectory.py,
+# JoinedForward): the same loss, 1.16x cheaper steps on one thread, so 3500 steps take what 3000 took
+ROWS["ab7_joined3500"] = {"args": ["--set", "mixed_precision=bf16", "--max-steps", "3500", *_keep(500)],
+                          "what": "the sixth round's defaults with the trajectory rows joined, 3500 steps",
+                          "ab": "ab6_bf16_3000", "ab_weights": "ema", "ab_base_weights": "ema"}
+ROWS["cand7"] = {"headline": True,
+                 "args": ["--set", "lr_final_fraction=0.25", "--set", "mixed_precision=bf16", "--max-steps", "3500",
+                          *_keep(500)],
+                 "what": "the seventh round's candidate: the rows joined, 3500 steps, the cosine down to a quarter",
+                 "ab": "ab6_bf16_3000", "ab_weights": "ema", "ab_base_weights": "ema"}
+more_seeds("cand7", "cand7", ["--set", "lr_final_fraction=0.25", "--set", "mixed_precision=bf16", "--max-steps",
+                              "3500", *_keep(500)], "the seventh round's candidate (3500 steps, cosine to a quarter)")
+
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
     """The row's CLI arguments; an lr of ``SWEEP`` becomes the one its run used, or the sweep's best so far."""
     args = list(ROWS[name]["args"])
