@@ -392,14 +392,17 @@ ROWS["long18k_bf16_lr4"] = {"headline": True,
 # JoinedForward): the same loss, 1.16x cheaper steps on one thread, so 3500 steps take what 3000 took
 ROWS["ab7_joined3500"] = {"args": ["--set", "mixed_precision=bf16", "--max-steps", "3500", *_keep(500)],
                           "what": "the sixth round's defaults with the trajectory rows joined, 3500 steps",
+                          "default_steps": 3500,
                           "ab": "ab6_bf16_3000", "ab_weights": "ema", "ab_base_weights": "ema"}
 ROWS["cand7"] = {"headline": True,
                  "args": ["--set", "lr_final_fraction=0.25", "--set", "mixed_precision=bf16", "--max-steps", "3500",
                           *_keep(500)],
                  "what": "the seventh round's candidate: the rows joined, 3500 steps, the cosine down to a quarter",
+                 "default_steps": 3500,
                  "ab": "ab6_bf16_3000", "ab_weights": "ema", "ab_base_weights": "ema"}
 more_seeds("cand7", "cand7", ["--set", "lr_final_fraction=0.25", "--set", "mixed_precision=bf16", "--max-steps",
                               "3500", *_keep(500)], "the seventh round's candidate (3500 steps, cosine to a quarter)")
+ROWS["cand7_s1"]["default_steps"] = ROWS["cand7_s2"]["default_steps"] = 3500
 
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
     """The row's CLI arguments; an lr of ``SWEEP`` becomes the one its run used, or the sweep's best so far."""
@@ -680,7 +683,8 @@ def goals(points: dict, teacher: dict) -> dict:
     out = {"teacher_euler_fd": e,
            "rules": {"long": "within 3600 s of training: FD1 <= 1.5 x Euler50, FD2 <= 1.1 x Euler50, FD4 <= Euler50",
                      "default": "at the default run's budget (2400 fp32 steps x 32 = 76,800 samples, or 3000 bf16 "
-                                "steps: the same time; the last point at or below it): FD2 <= Euler16, FD1 <= Euler8",
+                                "steps, or 3500 with the trajectory rows joined (rows with default_steps): the same time; the last "
+                                "point at or below it): FD2 <= Euler16, FD1 <= Euler8",
                      "time_to_quality": "first point with FD2 <= Euler16 (training seconds; checkpoint resolution)"}}
     for name, pts in points.items():
         for weights in ("raw", "ema"):
@@ -699,8 +703,9 @@ def goals(points: dict, teacher: dict) -> dict:
                                  "fd": {n: fd(p, n) for n in (1, 2, 4)},
                                  "ratio_to_euler50": {n: round(fd(p, n) / e[50], 3) for n in (1, 2, 4)},
                                  "met": fd(p, 1) <= 1.5 * e[50] and fd(p, 2) <= 1.1 * e[50] and fd(p, 4) <= e[50]}
-            budget = DEFAULT_SAMPLES_BF16 if "mixed_precision=bf16" in ROWS.get(name, {}).get("args", []) \
-                else DEFAULT_SAMPLES
+            spec = ROWS.get(name, {})
+            budget = (spec["default_steps"] * 32 if "default_steps" in spec else
+                      DEFAULT_SAMPLES_BF16 if "mixed_precision=bf16" in spec.get("args", []) else DEFAULT_SAMPLES)
             ok = [p for p in s if p["samples"] <= budget]
             p = ok[-1] if ok else None
             if p:
