@@ -404,6 +404,15 @@ more_seeds("cand7", "cand7", ["--set", "lr_final_fraction=0.25", "--set", "mixed
                               "3500", *_keep(500)], "the seventh round's candidate (3500 steps, cosine to a quarter)")
 ROWS["cand7_s1"]["default_steps"] = ROWS["cand7_s2"]["default_steps"] = 3500
 
+def _pin_previous_final(args: list[str]) -> list[str]:
+    """lr_final_fraction became automatic (a quarter for a flow teacher) after the rows above ran: a row that
+    leaves it unset ran its cosine down to 0, and says so."""
+    return args if any(a.startswith("lr_final_fraction=") for a in args) else [*args, "--set", "lr_final_fraction=0"]
+
+
+for _spec in ROWS.values():
+    _spec["args"] = _pin_previous_final(_spec["args"])
+
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
     """The row's CLI arguments; an lr of ``SWEEP`` becomes the one its run used, or the sweep's best so far."""
     args = list(ROWS[name]["args"])

@@ -19,12 +19,16 @@ AUTO_TRAJECTORY_FRACTION = 0.125
 #: settings whose value is only known once the teacher is loaded (RunConfig.resolve_automatic): their unset
 #: values, which the resume check lets match what a run resolved them to
 AUTOMATIC = {"trajectory_fraction": (None,), "pool_solver": ("auto",), "lr_schedule": ("auto",), "lr": (None,),
-             "mixed_precision": ("auto",)}
+             "mixed_precision": ("auto",), "lr_final_fraction": (None,)}
 #: the learning rate where the command leaves it unset (RunConfig.lr_value): twice the earlier 2e-4, with the cosine
 #: decay, beat 2e-4 constant on three seeds at 2400 steps on the embedded flow teacher (docs/quality.md); the rest
 #: (diffusion teachers, the exact 2-D teachers) keep the 2e-4 they were measured at
 AUTO_LR_FLOW = 4e-4
 AUTO_LR_OTHER = 2e-4
+#: where the cosine ends, as a fraction of the lr, where the command leaves it unset (RunConfig.lr_final_value): a
+#: quarter for a flow teacher (the 1-step student is still learning at the end; with 3500 steps it beat the cosine
+#: to 0 over three seeds, docs/quality.md), 0 for the rest (what they were measured at)
+AUTO_LR_FINAL_FLOW = 0.25
 #: ITVM's long_jump_span where the command leaves it unset, for a flow teacher: progressive distillation's
 #: target on the pairs with t - s >= 0.5 beat none on three seeds at 2400 steps (docs/quality.md)
 AUTO_LONG_JUMP_SPAN = 0.5
@@ -57,9 +61,10 @@ class RunConfig:
     output: str = DEFAULT_OUTPUT
     loss: str = "itvm"
     loss_options: dict = field(default_factory=dict)
-    #: 3000 steps fill the default run's 10-minute budget on a 2-core CPU with bf16 autocast (the automatic
-    #: mixed_precision there); 1200 and 2400 left the 1-step student still falling (docs/quality.md)
-    max_steps: int = 3000
+    #: 3500 steps fill the default run's 10-minute budget on a 2-core CPU with bf16 autocast (the automatic
+    #: mixed_precision there) and the trajectory rows joined to the objective's forward; 1200, 2400 and 3000 left
+    #: the 1-step student still falling (docs/quality.md)
+    max_steps: int = 3500
     batch_size: int = 32
     #: None (unset): AUTO_LR_FLOW for a flow teacher, AUTO_LR_OTHER otherwise, resolved once the teacher is loaded
     #: (RunConfig.lr_value)
@@ -70,7 +75,8 @@ class RunConfig:
     #: "auto": cosine (it steadied the diffusion teacher measured, and with twice the lr it beat the flow teacher's
     #: constant lr), constant for the exact 2-D teachers, where it was worse (RunConfig.lr_schedule_name)
     lr_schedule: str = "auto"
-    lr_final_fraction: float = 0.0
+    #: None (unset): AUTO_LR_FINAL_FLOW for a flow teacher, 0 otherwise (RunConfig.lr_final_value)
+    lr_final_fraction: float | None = None
     grad_clip: float = 1.0
     #: the exported weights are this EMA (export_weights="ema"); ITVM's composed target stays the current weights,
     #: its long jumps (on for flow teachers) jump with the EMA.
@@ -203,7 +209,7 @@ class RunConfig:
         if (self.trajectory_fraction or 0) > 0 and self.data != "teacher":
             raise ConfigError("trajectory_fraction needs the data-free pool (data=teacher): real data has no "
                               "teacher trajectories; set trajectory_fraction=0 or drop --data")
-        if not 0 <= self.lr_final_fraction <= 1:
+        if self.lr_final_fraction is not None and not 0 <= self.lr_final_fraction <= 1:
             raise ConfigError(f"lr_final_fraction must be in [0, 1], got {self.lr_final_fraction}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ConfigError("weight_decay, grad_clip and warmup_steps must be >= 0")
@@ -295,6 +301,13 @@ class RunConfig:
             return float(self.lr)
         return AUTO_LR_FLOW if prediction_type == "flow" and not self.exact_teacher() else AUTO_LR_OTHER
 
+    def lr_final_value(self, prediction_type: str = "flow") -> float:
+        """Where the cosine ends, as a fraction of the lr: ``lr_final_fraction``, or when unset
+        :data:`AUTO_LR_FINAL_FLOW` for a flow teacher (not the exact 2-D ones) and 0 for the rest."""
+        if self.lr_final_fraction is not None:
+            return float(self.lr_final_fraction)
+        return AUTO_LR_FINAL_FLOW if prediction_type == "flow" and not self.exact_teacher() else 0.0
+
     def resolve_automatic(self, prediction_type: str, saved: dict | None = None) -> "RunConfig":
         """Turn the automatic settings into the values that run, once the teacher is loaded.
 
@@ -321,7 +334,8 @@ class RunConfig:
                            "pool_solver": (self.pool_solver_name, "euler"),
                            "lr_schedule": (self.lr_schedule_name, "constant"),
                            "lr": (self.lr_value, AUTO_LR_OTHER),
-                           "mixed_precision": (self.precision_name, "no")}[key]
+                           "mixed_precision": (self.precision_name, "no"),
+                           "lr_final_fraction": (self.lr_final_value, 0.0)}[key]
         if getattr(self, key) not in AUTOMATIC[key]:
             return
         value = before if saved is None else saved.get(key, before)

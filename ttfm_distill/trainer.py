@@ -72,7 +72,7 @@ def lr_factor(k: int, cfg: RunConfig) -> float:
     factor = min(1.0, (k + 1) / warm)
     if cfg.lr_schedule_name() == "cosine" and k + 1 > warm:
         progress = min(1.0, (k + 1 - warm) / max(1, cfg.max_steps - warm))
-        low = float(cfg.lr_final_fraction)
+        low = cfg.lr_final_value()
         factor = low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return factor
 
