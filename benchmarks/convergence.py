@@ -413,6 +413,15 @@ def _pin_previous_final(args: list[str]) -> list[str]:
 for _spec in ROWS.values():
     _spec["args"] = _pin_previous_final(_spec["args"])
 
+# the 3500-step candidate's wall time was 606.7 s on this round's (slower) machine, over the 10 minutes: the same
+# recipe for 3300 steps, three seeds, all automatic settings as they resolve now (lr_final_fraction 0.25)
+ROWS["def3300"] = {"headline": True, "args": ["--set", "mixed_precision=bf16", "--max-steps", "3300", *_keep(550)],
+                   "what": "the seventh round's defaults at 3300 steps (rows joined, cosine to a quarter)",
+                   "default_steps": 3300, "ab": "ab6_bf16_3000", "ab_weights": "ema", "ab_base_weights": "ema"}
+more_seeds("def3300", "def3300", ["--set", "mixed_precision=bf16", "--max-steps", "3300", *_keep(550)],
+           "the seventh round's defaults at 3300 steps")
+ROWS["def3300_s1"]["default_steps"] = ROWS["def3300_s2"]["default_steps"] = 3300
+
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
     """The row's CLI arguments; an lr of ``SWEEP`` becomes the one its run used, or the sweep's best so far."""
     args = list(ROWS[name]["args"])
