@@ -523,14 +523,14 @@ def test_model_card_command_leaves_out_what_the_run_filled_in(monkeypatch):
     assert run_command(cfg.to_dict()) == "ttfm-distill run --teacher builtin:checkerboard"
     cfg, _ = resolve_settings(RunConfig(pool_solver="euler"))
     assert run_command(cfg.to_dict()) == "ttfm-distill run --set pool_solver=euler"
-    # an epsilon teacher's automatic values (no rows, an Euler pool, no long jumps, lr 2e-4 with a cosine): nothing
+    # an epsilon teacher's automatic values (no rows, an Euler pool, no long jumps, lr 2e-4 with a cosine to 0): nothing
     # to spell out; read as a flow teacher's run, all but the cosine differ
     cfg = RunConfig(teacher="some/ddpm").resolve_automatic("epsilon")
     assert (cfg.trajectory_fraction, cfg.pool_solver) == (0.0, "euler")
     assert run_command(cfg.to_dict(), "epsilon") == "ttfm-distill run --teacher some/ddpm"
     assert run_command(cfg.to_dict()) == \
-        "ttfm-distill run --teacher some/ddpm -L long_jump_span=0.0 --set lr=0.0002 --set trajectory_fraction=0.0" \
-        " --set mixed_precision=no"
+        "ttfm-distill run --teacher some/ddpm -L long_jump_span=0.0 --set lr=0.0002 --set lr_final_fraction=0.0" \
+        " --set trajectory_fraction=0.0 --set mixed_precision=no"
 
 
 def test_a_reloaded_student_reads_its_network_as_the_teacher_does_clip_included(tmp_path):
