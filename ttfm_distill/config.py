@@ -242,9 +242,12 @@ class RunConfig:
         v (``prediction_type``: the rows destabilised the epsilon DDPM teacher measured, docs/quality.md)."""
         if self.trajectory_fraction is not None:
             return float(self.trajectory_fraction)
-        if self.data != "teacher" or prediction_type != "flow":
-            return 0.0
-        return 0.0 if self.exact_teacher() else AUTO_TRAJECTORY_FRACTION
+        return AUTO_TRAJECTORY_FRACTION if self.data == "teacher" and self.flow_image_teacher(prediction_type) else 0.0
+
+    def flow_image_teacher(self, prediction_type: str) -> bool:
+        """Whether the teacher predicts a flow and is not an exact 2-D one: the teachers the measured automatic
+        values (lr, lr_final_fraction, precision, trajectory rows, long jumps) were chosen on."""
+        return prediction_type == "flow" and not self.exact_teacher()
 
     def exact_teacher(self) -> bool:
         """Whether the teacher is one of the analytic 2-D teachers (``builtin:NAME``), whose flow is exact."""
@@ -266,7 +269,7 @@ class RunConfig:
         1-2 steps, worse at 4-16 on the checkerboard, docs/quality.md)."""
         unset = {k: v for k, v in AUTOMATIC_LOSS_OPTIONS.get(self.loss, {}).items() if k not in self.loss_options}
         if "long_jump_span" in unset and self.loss_options.get("reading", "composed") == "composed" and \
-                prediction_type == "flow" and not self.exact_teacher():
+                self.flow_image_teacher(prediction_type):
             unset["long_jump_span"] = AUTO_LONG_JUMP_SPAN
         return unset
 
@@ -290,23 +293,21 @@ class RunConfig:
 
         if self.mixed_precision != "auto":
             return self.mixed_precision
-        if prediction_type != "flow" or self.exact_teacher():
-            return "no"
-        return "bf16" if native_bf16(device_type) else "no"
+        return "bf16" if self.flow_image_teacher(prediction_type) and native_bf16(device_type) else "no"
 
     def lr_value(self, prediction_type: str = "flow") -> float:
         """The learning rate: ``lr``, or when unset :data:`AUTO_LR_FLOW` for a flow teacher (not the exact 2-D
         ones) and :data:`AUTO_LR_OTHER` for the rest."""
         if self.lr is not None:
             return float(self.lr)
-        return AUTO_LR_FLOW if prediction_type == "flow" and not self.exact_teacher() else AUTO_LR_OTHER
+        return AUTO_LR_FLOW if self.flow_image_teacher(prediction_type) else AUTO_LR_OTHER
 
     def lr_final_value(self, prediction_type: str = "flow") -> float:
         """Where the cosine ends, as a fraction of the lr: ``lr_final_fraction``, or when unset
         :data:`AUTO_LR_FINAL_FLOW` for a flow teacher (not the exact 2-D ones) and 0 for the rest."""
         if self.lr_final_fraction is not None:
             return float(self.lr_final_fraction)
-        return AUTO_LR_FINAL_FLOW if prediction_type == "flow" and not self.exact_teacher() else 0.0
+        return AUTO_LR_FINAL_FLOW if self.flow_image_teacher(prediction_type) else 0.0
 
     def resolve_automatic(self, prediction_type: str, saved: dict | None = None) -> "RunConfig":
         """Turn the automatic settings into the values that run, once the teacher is loaded.
