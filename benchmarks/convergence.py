@@ -422,6 +422,33 @@ more_seeds("def3300", "def3300", ["--set", "mixed_precision=bf16", "--max-steps"
            "the seventh round's defaults at 3300 steps")
 ROWS["def3300_s1"]["default_steps"] = ROWS["def3300_s2"]["default_steps"] = 3300
 
+
+def _pin_previous_pool(args: list[str]) -> list[str]:
+    """pool_precision became automatic (bf16 when the run trains in bf16) after the rows above ran: a row that
+    leaves it unset solved its pool in fp32, and says so."""
+    return args if any(a.startswith("pool_precision=") for a in args) else [*args, "--set", "pool_precision=no"]
+
+
+for _spec in ROWS.values():
+    _spec["args"] = _pin_previous_pool(_spec["args"])
+
+# eighth round: the pool solved in bf16 (about half its time) pays for 200 more steps; the 3500-step candidate of
+# the seventh round (cand7, cand7_s1, cand7_s2: the same recipe with an fp32 pool) is the A/B, seed for seed
+_DEF3500 = ["--set", "mixed_precision=bf16", "--max-steps", "3500", *_keep(500)]
+ROWS["def3500"] = {"headline": True, "args": list(_DEF3500),
+                   "what": "the eighth round's defaults: 3500 steps, the pool in bf16 (else the seventh round's)",
+                   "default_steps": 3500, "ab": "cand7", "ab_weights": "ema", "ab_base_weights": "ema"}
+more_seeds("def3500", "def3500", list(_DEF3500), "the eighth round's defaults (3500 steps, the pool in bf16)")
+for _seed in (1, 2):
+    ROWS[f"def3500_s{_seed}"].update(default_steps=3500, ab=f"cand7_s{_seed}", ab_weights="ema", ab_base_weights="ema")
+# the export EMA's profile (it is also the long jumps' target): the warm-up's offset o weighs step j about as
+# j ** (o - 2), so 5 averages over more of the run than the default 10, and 20 over less
+ROWS.update({
+    f"ab8_ema{o}": {"args": [*_DEF3500, "--set", f"ema_warmup_offset={o}"],
+                    "what": f"the EMA warm-up's offset {o} (default 10): a {'longer' if o < 10 else 'shorter'} average",
+                    "default_steps": 3500, "ab": "def3500", "ab_weights": "ema", "ab_base_weights": "ema"}
+    for o in (5, 20)})
+
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
     """The row's CLI arguments; an lr of ``SWEEP`` becomes the one its run used, or the sweep's best so far."""
     args = list(ROWS[name]["args"])

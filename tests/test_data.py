@@ -441,7 +441,12 @@ def test_data_free_run_on_embedded_teacher_reports_pool(cli_session):
     assert data["seconds"] > 0 and data["generation_seconds"] >= data["seconds"]
     # the defaults: a Heun pool keeping each solve's noise and sample for the 1-step trajectory rows
     assert data["solver"].startswith("heun") and data["trajectories"]["states"] == 2
-    assert len(list((root / "d" / "cache").glob("pool-n32-heun2-traj2-seed0-t*.safetensors"))) == 1  # keyed on the weights
+    # in bf16 exactly when the run trains in bf16 (the hardware decides the automatic value), under a name of its own
+    cfg = json.loads((root / "d" / "config.json").read_text())
+    bf16 = cfg["mixed_precision"] == "bf16"
+    assert cfg["pool_precision"] == ("bf16" if bf16 else "no") and data["precision"] == ("bf16" if bf16 else "fp32")
+    tag = "-bf16" if bf16 else ""
+    assert len(list((root / "d" / "cache").glob(f"pool-n32-heun2-traj2{tag}-seed0-t*.safetensors"))) == 1  # keyed on the weights
 
 
 def test_python_m_entry_point(tmp_path):

@@ -188,6 +188,36 @@ def test_ema_warmup_schedule():
 
     assert ema_decay_at(0, 0.999, True) == 0.1 and ema_decay_at(90, 0.999, True) == 0.91
     assert ema_decay_at(100_000, 0.999, True) == 0.999 and ema_decay_at(0, 0.999, False) == 0.999
+    # the offset: (1 + k) / (offset + k), so a smaller offset decays more slowly from the start (a longer average)
+    assert ema_decay_at(0, 0.999, True, 5.0) == 0.2 and ema_decay_at(95, 0.999, True, 5.0) == 0.96
+    assert ema_decay_at(90, 0.999, True, 10.0) == ema_decay_at(90, 0.999, True)
+    assert ema_decay_at(95, 0.999, False, 5.0) == 0.999  # no warm-up: no offset
+
+
+def test_ema_warmup_offset_changes_the_ema_not_the_training_and_is_checked(tmp_path):
+    """The same 20-step run at warm-up offsets 3 and 30: the raw weights are equal (no long jumps, the training
+    does not read the EMA), the EMA of offset 30 (the shorter average) is nearer the raw weights."""
+    from safetensors.torch import load_file
+
+    from ttfm_distill.config import ConfigError, RunConfig
+    from ttfm_distill.trainer import run_distillation
+
+    dist, raws = {}, []
+    for offset in (3.0, 30.0):
+        out = tmp_path / str(offset)
+        cfg = RunConfig(teacher="builtin:gaussian-mixture", output=str(out), max_steps=20, batch_size=64, lr=1e-3,
+                        mlp_width=32, mlp_depth=2, ema_warmup_offset=offset, eval_samples=16,
+                        reference_steps=2, loss_options={"long_jump_span": 0.0})
+        run_distillation(cfg, show_progress=False)
+        ckpt = out / "checkpoints" / "step-00000020"
+        raw, ema = load_file(ckpt / "student.safetensors"), load_file(ckpt / "ema.safetensors")
+        dist[offset] = sum((raw[k] - ema[k]).pow(2).sum() for k in raw).sqrt().item()
+        raws.append(raw)
+        assert json.loads((out / "config.json").read_text())["ema_warmup_offset"] == offset
+    assert all(torch.equal(raws[0][k], raws[1][k]) for k in raws[0])
+    assert dist[30.0] < 0.5 * dist[3.0]
+    with pytest.raises(ConfigError, match="ema_warmup_offset"):
+        RunConfig(ema_warmup_offset=1.0).validate()
 
 
 def test_ema_warmup_makes_a_short_runs_ema_follow_the_weights(tmp_path):
@@ -289,7 +319,7 @@ def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings
     settings, options = RunConfig.automatic_defaults(RunConfig().to_dict())
     assert set(settings) == set(AUTOMATIC)
     assert settings == {"trajectory_fraction": 0.125, "pool_solver": "heun", "lr_schedule": "cosine", "lr": 4e-4,
-                        "mixed_precision": "bf16", "lr_final_fraction": 0.25}
+                        "mixed_precision": "bf16", "lr_final_fraction": 0.25, "pool_precision": "bf16"}
     assert options == {"long_jump_span": 0.5}
     # the pool's solver follows the run's own trajectory_fraction: no rows, an Euler pool
     settings, _ = RunConfig.automatic_defaults({"trajectory_fraction": 0.0})
@@ -299,6 +329,9 @@ def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings
     settings, options = RunConfig.automatic_defaults({"teacher": "some/ddpm"}, "epsilon")
     assert settings["lr_schedule"] == "cosine" and settings["lr"] == 2e-4 and options == {"long_jump_span": 0.0}
     assert settings["mixed_precision"] == "no" and settings["lr_final_fraction"] == 0.0
+    assert settings["pool_precision"] == "no"
+    # the pool's precision follows the run's own autocast
+    assert RunConfig.automatic_defaults({"mixed_precision": "no"})[0]["pool_precision"] == "no"
     assert RunConfig.automatic_defaults({"loss_options": {"reading": "ema_only"}})[1] == {"long_jump_span": 0.0}
     # an option the run set does not hide the default: the card compares against it
     assert RunConfig.automatic_defaults({"loss_options": {"long_jump_span": 0.25}})[1] == {"long_jump_span": 0.5}
@@ -364,6 +397,47 @@ def test_automatic_precision_by_teacher_and_hardware_kept_on_resume(monkeypatch,
     assert resume_mismatch({"mixed_precision": "bf16"}, RunConfig().to_dict()) == []
     assert resume_mismatch({"mixed_precision": "bf16"}, RunConfig(mixed_precision="no").to_dict()) == \
         ["mixed_precision"]
+
+
+def test_the_pool_solves_in_bf16_when_the_run_trains_in_bf16_and_keeps_its_fp32_name_otherwise(monkeypatch, tmp_path):
+    """pool_precision "auto": bf16 exactly when the run's autocast is bf16; a given value and a resumed run's are
+    kept, a folder from before ran fp32. A bf16 pool has a file of its own (an fp32 pool keeps its earlier name),
+    runs the teacher under autocast with its time embedders in fp32, keeps fp32 states, and moves the embedded
+    teacher's samples by far less than their own size."""
+    from ttfm_distill import scale
+    from ttfm_distill.config import ConfigError, RunConfig, resume_mismatch
+    from ttfm_distill.data.pool import build_pool, pool_file_name
+    from ttfm_distill.teachers.loading import load_teacher
+
+    monkeypatch.setattr(scale, "native_bf16", lambda device_type=None: True)
+    assert RunConfig().pool_precision == "auto" and RunConfig().resolve_automatic("flow").pool_precision == "bf16"
+    assert RunConfig().resolve_automatic("epsilon").pool_precision == "no"
+    assert RunConfig(teacher="builtin:checkerboard").resolve_automatic("flow").pool_precision == "no"
+    assert RunConfig(mixed_precision="no").resolve_automatic("flow").pool_precision == "no"
+    assert RunConfig(pool_precision="no").resolve_automatic("flow").pool_precision == "no"  # given: kept
+    assert RunConfig().resolve_automatic("flow", {"seed": 0}).pool_precision == "no"  # a folder from before
+    assert resume_mismatch({"pool_precision": "bf16"}, RunConfig().to_dict()) == []
+    assert resume_mismatch({"pool_precision": "no"}, RunConfig(pool_precision="bf16").to_dict()) == ["pool_precision"]
+    with pytest.raises(ConfigError, match="pool_precision"):
+        RunConfig(pool_precision="fp16").validate()
+
+    base = dict(pool_size=16, pool_steps=4, seed=3, trajectory_fraction=0.125, pool_solver="heun")
+    fp32, bf16 = RunConfig(pool_precision="no", **base), RunConfig(pool_precision="bf16", **base)
+    assert pool_file_name(fp32) == "pool-n16-heun4-traj2-seed3.safetensors"  # the name fp32 pools always had
+    assert pool_file_name(bf16) == "pool-n16-heun4-traj2-bf16-seed3.safetensors"
+    pools = {}
+    for name, cfg in (("fp32", fp32), ("bf16", bf16)):
+        teacher = load_teacher("builtin:fashion16")
+        pools[name] = build_pool(teacher, cfg, tmp_path / name, "cpu", lambda m: None)
+        assert (tmp_path / name / pool_file_name(cfg)).exists()
+        assert pools[name].report["precision"] == name
+    embedders = teacher.adapter.time_embedders(teacher.network)
+    assert embedders and all(getattr(e, "_ttfm_keep_fp32", False) for e in embedders)  # the bf16 pool's teacher
+    a, b = pools["fp32"].samples, pools["bf16"].samples
+    assert a.dtype == b.dtype == torch.float32 and pools["bf16"].trajectories.dtype == torch.float32
+    assert torch.equal(pools["fp32"].trajectories[:, 0], pools["bf16"].trajectories[:, 0])  # the same noise
+    rms = (a - b).pow(2).mean().sqrt() / a.pow(2).mean().sqrt()
+    assert 0 < rms < 0.05, rms  # bf16 did act, and moved the samples by a few percent at most
 
 
 def test_native_bf16_reads_the_cpu_flags(monkeypatch):

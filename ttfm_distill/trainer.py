@@ -77,9 +77,10 @@ def lr_factor(k: int, cfg: RunConfig) -> float:
     return factor
 
 
-def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
-    """The EMA decay used after step ``step`` (0-based): ``decay``, or with warm-up ``min(decay, (1+k)/(10+k))``."""
-    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
+def ema_decay_at(step: int, decay: float, warmup: bool, offset: float = 10.0) -> float:
+    """The EMA decay used after step ``step`` (0-based): ``decay``, or with warm-up
+    ``min(decay, (1 + k) / (offset + k))``."""
+    return min(decay, (1.0 + step) / (offset + step)) if warmup else decay
 
 
 @torch.no_grad()
@@ -381,7 +382,8 @@ class Distillation:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            ema_update(self.ema, self.student, ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup))
+            ema_update(self.ema, self.student, ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup,
+                                                               cfg.ema_warmup_offset))
         lv = loss.item()
         if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
             self.history.append({"step": step, "loss": lv, **step_metrics})

@@ -117,18 +117,24 @@ def sampled_conditioning(teacher, seed: int, n: int, log) -> dict | None:
 
 def pool_file_name(cfg, grid_kind: str = "uniform", tag: str = "") -> str:
     """The cache file of ``cfg``'s pool: its size, solver, steps, time grid (``grid_kind``, resolved), kept
-    trajectory states, seed, prompts (``tag``) and the teacher's weights (``cfg.teacher_fingerprint``)."""
+    trajectory states, precision (bf16 only; fp32 pools keep their earlier names), seed, prompts (``tag``) and the
+    teacher's weights (``cfg.teacher_fingerprint``)."""
     # keyed on the teacher's weights too: a teacher replaced at the same path never reuses an old pool
     key = f"-t{cfg.teacher_fingerprint[:12]}" if getattr(cfg, "teacher_fingerprint", None) else ""
     states = trajectory_states(cfg)
     traj = f"-traj{len(states)}" if states else ""
     gtag = "" if grid_kind == "uniform" else f"-{grid_kind}"
-    return f"pool-n{cfg.pool_size}-{cfg.pool_solver_name()}{cfg.pool_steps}{gtag}{traj}-seed{cfg.seed}{tag}{key}.safetensors"
+    ptag = "-bf16" if cfg.pool_precision_name() == "bf16" else ""
+    return (f"pool-n{cfg.pool_size}-{cfg.pool_solver_name()}{cfg.pool_steps}{gtag}{traj}{ptag}-seed{cfg.seed}{tag}"
+            f"{key}.safetensors")
 
 
 def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir: Path | None = None,
                velocity=None) -> TeacherPool:
     """The cached, resumable data-free pool of ``cfg.pool_size`` teacher samples (``cfg.pool_solver``, ``cfg.pool_steps``).
+
+    With ``cfg.pool_precision_name() == "bf16"`` the teacher runs under bf16 autocast with its time embedders
+    in fp32 (as in training); the solver's states stay fp32.
 
     With ``cfg.trajectory_fraction > 0`` the states of each solve its trajectory rows need are kept too
     (:func:`trajectory_states`; a pool file of its own).
@@ -141,6 +147,11 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
 
     velocity = velocity or teacher.velocity
     n = cfg.pool_size
+    bf16 = cfg.pool_precision_name() == "bf16"
+    if bf16:
+        from ..scale import keep_time_embedders_fp32
+
+        keep_time_embedders_fp32(teacher)
     prompt_rows, tag = prompt_conditioning(teacher, cfg, n, cache_dir, progress, log)
     solver = cfg.pool_solver_name()
     states = trajectory_states(cfg)
@@ -160,7 +171,8 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
         if prompt_rows is not None:
             chunk.update({k: v.to(device) for k, v in prompt_rows.rows(torch.arange(start, stop)).items()})
         field = (lambda x, t: velocity(x, t, chunk)) if chunk else velocity
-        solve = solve_trajectory(field, noise.rows(start, stop).to(device), grid, solver).float()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            solve = solve_trajectory(field, noise.rows(start, stop).to(device), grid, solver).float()
         out = {"samples": solve[:, -1].contiguous()}
         if keep:
             out["trajectories"] = solve[:, states].contiguous()
@@ -173,9 +185,11 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
 
     tensors, rep = build_chunked(path, n, POOL_CHUNK, make, progress=progress, log=log,
                                  description="data-free pool (teacher ODE)",
-                                 metadata={"teacher": str(teacher.name), "solver": f"{solver}{cfg.pool_steps}"})
+                                 metadata={"teacher": str(teacher.name), "solver": f"{solver}{cfg.pool_steps}",
+                                           **({"precision": "bf16"} if bf16 else {})})
     stored = {k.removeprefix("cond."): v for k, v in tensors.items() if k.startswith("cond.")}
     report = {"source": "teacher", "samples": n, "solver": f"{solver} {cfg.pool_steps} steps",
+              "precision": "bf16" if bf16 else "fp32",
               "time_grid": kind, "path": str(path),
               "cache": "hit" if rep.built_rows == 0 else ("resumed" if rep.resumed_rows else "built"),
               "seconds": round(rep.seconds, 2),
