@@ -937,6 +937,12 @@ def report(args, runs_dir: Path) -> None:
 
     teacher = json.loads((RESULTS / "convergence" / "teacher.json").read_text())
     points = load_points()
+    # a row whose run folder is not on this machine (an earlier session's, its points committed) keeps what the
+    # committed report said of its run: status, budget, seconds and CPU seconds
+    try:
+        before = json.loads((RESULTS / "convergence.json").read_text()).get("rows", {})
+    except (OSError, ValueError):
+        before = {}
     rows = {}
     for name, spec in ROWS.items():
         run = runs_dir / name
@@ -972,6 +978,9 @@ def report(args, runs_dir: Path) -> None:
                                for key in ("fd_test_images", "fd_teacher_fine", "flow_map_error")}}
                            for p in series(pts, w)] for w in ("raw", "ema") if series(pts, w)},
         })
+        if cfg is None and "points" in before.get(name, {}):
+            entry.update({k: before[name].get(k) for k in ("status", "budget_steps", "batch_size",
+                                                            "train_seconds_total", "cpu")})
         rows[name] = entry
     out = {"teacher": teacher, "rows": rows, "sweeps": sweeps(points), "ab": ab_table(points),
            "seeds": seed_table(points),
