@@ -61,10 +61,10 @@ class RunConfig:
     output: str = DEFAULT_OUTPUT
     loss: str = "itvm"
     loss_options: dict = field(default_factory=dict)
-    #: 3300 steps fit the default run's 10-minute budget on a 2-core CPU with bf16 autocast (the automatic
-    #: mixed_precision there) and the trajectory rows joined to the objective's forward (3500 took 606.7 s);
-    #: 1200, 2400 and 3000 left the 1-step student still falling (docs/quality.md)
-    max_steps: int = 3300
+    #: 3500 steps with the data-free pool solved in bf16 (pool_precision) take about the wall time 3300 took with an
+    #: fp32 pool on a 2-core CPU with bf16 autocast, and bring the 1-step student below the teacher's 8-step Euler on
+    #: three seeds; 1200, 2400, 3000 and 3300 left it above (docs/quality.md, eighth round)
+    max_steps: int = 3500
     batch_size: int = 32
     #: None (unset): AUTO_LR_FLOW for a flow teacher, AUTO_LR_OTHER otherwise, resolved once the teacher is loaded
     #: (RunConfig.lr_value)
