@@ -448,6 +448,12 @@ ROWS.update({
                     "what": f"the EMA warm-up's offset {o} (default 10): a {'longer' if o < 10 else 'shorter'} average",
                     "default_steps": 3500, "ab": "def3500", "ab_weights": "ema", "ab_base_weights": "ema"}
     for o in (5, 20)})
+# the shorter average was lower at 1 and 2 steps on seed 0 (and at 1 step at every checkpoint from step 1000): seeds
+# 1 and 2, each against def3500's own seed
+more_seeds("ab8_ema20", "ema20", [*_DEF3500, "--set", "ema_warmup_offset=20"],
+           "the EMA warm-up's offset 20 (a shorter average)")
+for _seed in (1, 2):
+    ROWS[f"ema20_s{_seed}"].update(default_steps=3500, ab=f"def3500_s{_seed}", ab_weights="ema", ab_base_weights="ema")
 
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
     """The row's CLI arguments; an lr of ``SWEEP`` becomes the one its run used, or the sweep's best so far."""
