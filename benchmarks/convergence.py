@@ -455,6 +455,16 @@ more_seeds("ab8_ema20", "ema20", [*_DEF3500, "--set", "ema_warmup_offset=20"],
 for _seed in (1, 2):
     ROWS[f"ema20_s{_seed}"].update(default_steps=3500, ab=f"def3500_s{_seed}", ab_weights="ema", ab_base_weights="ema")
 
+
+def _pin_previous_ema_offset(args: list[str]) -> list[str]:
+    """ema_warmup_offset became automatic (20 for a flow teacher) after the rows above ran: a row that leaves it
+    unset ran with 10, and says so."""
+    return args if any(a.startswith("ema_warmup_offset=") for a in args) else [*args, "--set", "ema_warmup_offset=10"]
+
+
+for _spec in ROWS.values():
+    _spec["args"] = _pin_previous_ema_offset(_spec["args"])
+
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
     """The row's CLI arguments; an lr of ``SWEEP`` becomes the one its run used, or the sweep's best so far."""
     args = list(ROWS[name]["args"])

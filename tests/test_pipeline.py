@@ -530,7 +530,7 @@ def test_model_card_command_leaves_out_what_the_run_filled_in(monkeypatch):
     assert run_command(cfg.to_dict(), "epsilon") == "ttfm-distill run --teacher some/ddpm"
     assert run_command(cfg.to_dict()) == \
         "ttfm-distill run --teacher some/ddpm -L long_jump_span=0.0 --set lr=0.0002 --set lr_final_fraction=0.0" \
-        " --set trajectory_fraction=0.0 --set mixed_precision=no"
+        " --set ema_warmup_offset=10.0 --set trajectory_fraction=0.0 --set mixed_precision=no"
 
 
 def test_a_reloaded_student_reads_its_network_as_the_teacher_does_clip_included(tmp_path):

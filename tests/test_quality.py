@@ -194,6 +194,29 @@ def test_ema_warmup_schedule():
     assert ema_decay_at(95, 0.999, False, 5.0) == 0.999  # no warm-up: no offset
 
 
+def test_automatic_ema_offset_by_teacher_kept_on_resume():
+    """Unset ema_warmup_offset: 20 (a shorter average) for a flow teacher, 10 (what they ran with) for diffusion and
+    exact 2-D teachers; a given value and a resumed run's are kept, a folder from before ran 10; the trainer's EMA
+    decay follows the resolved value."""
+    from ttfm_distill.config import RunConfig, resume_mismatch
+    from ttfm_distill.pipeline_card import run_command
+    from ttfm_distill.trainer import ema_decay_at
+
+    assert RunConfig().ema_warmup_offset is None and RunConfig().validate().ema_warmup_offset is None
+    flow = RunConfig().resolve_automatic("flow")
+    assert flow.ema_warmup_offset == 20.0 and RunConfig().resolve_automatic("epsilon").ema_warmup_offset == 10.0
+    assert RunConfig(teacher="builtin:checkerboard").resolve_automatic("flow").ema_warmup_offset == 10.0
+    assert RunConfig(ema_warmup_offset=5).resolve_automatic("flow").ema_warmup_offset == 5
+    assert RunConfig().resolve_automatic("flow", {"seed": 0}).ema_warmup_offset == 10.0  # a folder from before
+    assert RunConfig().resolve_automatic("flow", {"ema_warmup_offset": 20.0}).ema_warmup_offset == 20.0
+    assert resume_mismatch({"ema_warmup_offset": 20.0}, RunConfig().to_dict()) == []
+    assert resume_mismatch({"ema_warmup_offset": 10.0}, RunConfig(ema_warmup_offset=20.0).to_dict()) == \
+        ["ema_warmup_offset"]
+    assert ema_decay_at(99, 0.999, True, flow.ema_offset_value()) == 100 / 119
+    assert run_command(flow.to_dict()) == "ttfm-distill run"
+    assert "ema_warmup_offset" in run_command(RunConfig(ema_warmup_offset=10.0).resolve_automatic("flow").to_dict())
+
+
 def test_ema_warmup_offset_changes_the_ema_not_the_training_and_is_checked(tmp_path):
     """The same 20-step run at warm-up offsets 3 and 30: the raw weights are equal (no long jumps, the training
     does not read the EMA), the EMA of offset 30 (the shorter average) is nearer the raw weights."""
@@ -319,7 +342,8 @@ def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings
     settings, options = RunConfig.automatic_defaults(RunConfig().to_dict())
     assert set(settings) == set(AUTOMATIC)
     assert settings == {"trajectory_fraction": 0.125, "pool_solver": "heun", "lr_schedule": "cosine", "lr": 4e-4,
-                        "mixed_precision": "bf16", "lr_final_fraction": 0.25, "pool_precision": "bf16"}
+                        "mixed_precision": "bf16", "lr_final_fraction": 0.25, "pool_precision": "bf16",
+                        "ema_warmup_offset": 20.0}
     assert options == {"long_jump_span": 0.5}
     # the pool's solver follows the run's own trajectory_fraction: no rows, an Euler pool
     settings, _ = RunConfig.automatic_defaults({"trajectory_fraction": 0.0})
@@ -329,7 +353,7 @@ def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings
     settings, options = RunConfig.automatic_defaults({"teacher": "some/ddpm"}, "epsilon")
     assert settings["lr_schedule"] == "cosine" and settings["lr"] == 2e-4 and options == {"long_jump_span": 0.0}
     assert settings["mixed_precision"] == "no" and settings["lr_final_fraction"] == 0.0
-    assert settings["pool_precision"] == "no"
+    assert settings["pool_precision"] == "no" and settings["ema_warmup_offset"] == 10.0
     # the pool's precision follows the run's own autocast
     assert RunConfig.automatic_defaults({"mixed_precision": "no"})[0]["pool_precision"] == "no"
     assert RunConfig.automatic_defaults({"loss_options": {"reading": "ema_only"}})[1] == {"long_jump_span": 0.0}

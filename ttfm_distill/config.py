@@ -19,7 +19,8 @@ AUTO_TRAJECTORY_FRACTION = 0.125
 #: settings whose value is only known once the teacher is loaded (RunConfig.resolve_automatic): their unset
 #: values, which the resume check lets match what a run resolved them to
 AUTOMATIC = {"trajectory_fraction": (None,), "pool_solver": ("auto",), "lr_schedule": ("auto",), "lr": (None,),
-             "mixed_precision": ("auto",), "lr_final_fraction": (None,), "pool_precision": ("auto",)}
+             "mixed_precision": ("auto",), "lr_final_fraction": (None,), "pool_precision": ("auto",),
+             "ema_warmup_offset": (None,)}
 #: the learning rate where the command leaves it unset (RunConfig.lr_value): twice the earlier 2e-4, with the cosine
 #: decay, beat 2e-4 constant on three seeds at 2400 steps on the embedded flow teacher (docs/quality.md); the rest
 #: (diffusion teachers, the exact 2-D teachers) keep the 2e-4 they were measured at
@@ -29,6 +30,10 @@ AUTO_LR_OTHER = 2e-4
 #: quarter for a flow teacher (the 1-step student is still learning at the end; with 3500 steps it beat the cosine
 #: to 0 over three seeds, docs/quality.md), 0 for the rest (what they were measured at)
 AUTO_LR_FINAL_FLOW = 0.25
+#: the EMA warm-up's offset where the command leaves it unset (RunConfig.ema_offset_value): 20 for a flow teacher (a
+#: shorter average than 10: lower at 1 step on three seeds at 3500 steps, docs/quality.md), 10 for the rest
+AUTO_EMA_OFFSET_FLOW = 20.0
+EMA_OFFSET_OTHER = 10.0
 #: ITVM's long_jump_span where the command leaves it unset, for a flow teacher: progressive distillation's
 #: target on the pairs with t - s >= 0.5 beat none on three seeds at 2400 steps (docs/quality.md)
 AUTO_LONG_JUMP_SPAN = 0.5
@@ -86,8 +91,9 @@ class RunConfig:
     #: run is not still mostly the initial weights (docs/quality.md)
     ema_warmup: bool = True
     #: the warm-up's offset o: while it governs, the EMA weighs step j about as j ** (o - 2), so it averages about the
-    #: last 2 / o of the run (larger: shorter); 10 averages about the last fifth (docs/quality.md, eighth round)
-    ema_warmup_offset: float = 10.0
+    #: last 2 / o of the run (larger: shorter; 10 about the last fifth). Unset: AUTO_EMA_OFFSET_FLOW for a flow
+    #: teacher, EMA_OFFSET_OTHER for the rest (RunConfig.ema_offset_value; docs/quality.md, eighth round)
+    ema_warmup_offset: float | None = None
     seed: int = 0
     time_sampling: str = "mixed"
     #: fraction of pairs with s == t; None: the objective's own default (ITVM 0, LSD 0.75, others 0.25)
@@ -194,7 +200,7 @@ class RunConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not self.ema_warmup_offset > 1:
+        if self.ema_warmup_offset is not None and not self.ema_warmup_offset > 1:
             raise ConfigError(f"ema_warmup_offset must be > 1 (the decay at step 0 is 1 / offset), got "
                               f"{self.ema_warmup_offset}")
         if self.diagonal_fraction is not None and not 0 <= self.diagonal_fraction <= 1:
@@ -256,7 +262,7 @@ class RunConfig:
 
     def flow_image_teacher(self, prediction_type: str) -> bool:
         """Whether the teacher predicts a flow and is not an exact 2-D one: the teachers the measured automatic
-        values (lr, lr_final_fraction, precision, trajectory rows, long jumps) were chosen on."""
+        values (lr, lr_final_fraction, precision, trajectory rows, long jumps, the EMA's offset) were chosen on."""
         return prediction_type == "flow" and not self.exact_teacher()
 
     def exact_teacher(self) -> bool:
@@ -328,6 +334,13 @@ class RunConfig:
             return float(self.lr_final_fraction)
         return AUTO_LR_FINAL_FLOW if self.flow_image_teacher(prediction_type) else 0.0
 
+    def ema_offset_value(self, prediction_type: str = "flow") -> float:
+        """The EMA warm-up's offset: ``ema_warmup_offset``, or when unset :data:`AUTO_EMA_OFFSET_FLOW` for a flow
+        teacher (not the exact 2-D ones) and :data:`EMA_OFFSET_OTHER` (what they were measured at) for the rest."""
+        if self.ema_warmup_offset is not None:
+            return float(self.ema_warmup_offset)
+        return AUTO_EMA_OFFSET_FLOW if self.flow_image_teacher(prediction_type) else EMA_OFFSET_OTHER
+
     def resolve_automatic(self, prediction_type: str, saved: dict | None = None) -> "RunConfig":
         """Turn the automatic settings into the values that run, once the teacher is loaded.
 
@@ -356,7 +369,8 @@ class RunConfig:
                            "lr": (self.lr_value, AUTO_LR_OTHER),
                            "mixed_precision": (self.precision_name, "no"),
                            "lr_final_fraction": (self.lr_final_value, 0.0),
-                           "pool_precision": (self.pool_precision_name, "no")}[key]
+                           "pool_precision": (self.pool_precision_name, "no"),
+                           "ema_warmup_offset": (self.ema_offset_value, EMA_OFFSET_OTHER)}[key]
         if getattr(self, key) not in AUTOMATIC[key]:
             return
         value = before if saved is None else saved.get(key, before)

@@ -383,7 +383,7 @@ class Distillation:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             ema_update(self.ema, self.student, ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup,
-                                                               cfg.ema_warmup_offset))
+                                                               cfg.ema_offset_value()))
         lv = loss.item()
         if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
             self.history.append({"step": step, "loss": lv, **step_metrics})
