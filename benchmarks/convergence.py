@@ -349,14 +349,16 @@ ROWS["long10k_lr4"] = {"headline": True,
                                "cosine decay, 10,000 steps"}
 
 
-def _pin_previous_precision(args: list[str]) -> list[str]:
-    """mixed_precision became automatic (bf16 for a flow teacher on hardware with native bf16) after the rows
-    above ran: a row that leaves it unset ran in fp32, and says so."""
-    return args if any(a.startswith("mixed_precision=") for a in args) else [*args, "--set", "mixed_precision=no"]
+def _pin_setting(key: str, value: str) -> None:
+    """A setting became automatic after the rows defined so far ran: every row that leaves ``key`` unset ran with
+    ``value``, and its command now says so (``--set key=value``)."""
+    for spec in ROWS.values():
+        if not any(a.startswith(f"{key}=") for a in spec["args"]):
+            spec["args"] = [*spec["args"], "--set", f"{key}={value}"]
 
 
-for _spec in ROWS.values():
-    _spec["args"] = _pin_previous_precision(_spec["args"])
+# mixed_precision became automatic (bf16 for a flow teacher on hardware with native bf16): the rows above ran fp32
+_pin_setting("mixed_precision", "no")
 
 # after the sixth round's defaults: what bf16 does where the automatic value keeps fp32 (not pinned above)
 ROWS["ddpm_bf16"] = {"teacher": "ddpm", "args": ["--set", "mixed_precision=bf16", "--max-steps", "2400", *_keep(300)],
@@ -404,14 +406,8 @@ more_seeds("cand7", "cand7", ["--set", "lr_final_fraction=0.25", "--set", "mixed
                               "3500", *_keep(500)], "the seventh round's candidate (3500 steps, cosine to a quarter)")
 ROWS["cand7_s1"]["default_steps"] = ROWS["cand7_s2"]["default_steps"] = 3500
 
-def _pin_previous_final(args: list[str]) -> list[str]:
-    """lr_final_fraction became automatic (a quarter for a flow teacher) after the rows above ran: a row that
-    leaves it unset ran its cosine down to 0, and says so."""
-    return args if any(a.startswith("lr_final_fraction=") for a in args) else [*args, "--set", "lr_final_fraction=0"]
-
-
-for _spec in ROWS.values():
-    _spec["args"] = _pin_previous_final(_spec["args"])
+# lr_final_fraction became automatic (a quarter for a flow teacher): the rows above ran their cosine down to 0
+_pin_setting("lr_final_fraction", "0")
 
 # the 3500-step candidate's wall time was 606.7 s on this round's (slower) machine, over the 10 minutes: the same
 # recipe for 3300 steps, three seeds, all automatic settings as they resolve now (lr_final_fraction 0.25)
@@ -423,14 +419,8 @@ more_seeds("def3300", "def3300", ["--set", "mixed_precision=bf16", "--max-steps"
 ROWS["def3300_s1"]["default_steps"] = ROWS["def3300_s2"]["default_steps"] = 3300
 
 
-def _pin_previous_pool(args: list[str]) -> list[str]:
-    """pool_precision became automatic (bf16 when the run trains in bf16) after the rows above ran: a row that
-    leaves it unset solved its pool in fp32, and says so."""
-    return args if any(a.startswith("pool_precision=") for a in args) else [*args, "--set", "pool_precision=no"]
-
-
-for _spec in ROWS.values():
-    _spec["args"] = _pin_previous_pool(_spec["args"])
+# pool_precision became automatic (bf16 when the run trains in bf16): the rows above solved their pool in fp32
+_pin_setting("pool_precision", "no")
 
 # eighth round: the pool solved in bf16 (about half its time) pays for 200 more steps; the 3500-step candidate of
 # the seventh round (cand7, cand7_s1, cand7_s2: the same recipe with an fp32 pool) is the A/B, seed for seed
@@ -456,14 +446,8 @@ for _seed in (1, 2):
     ROWS[f"ema20_s{_seed}"].update(default_steps=3500, ab=f"def3500_s{_seed}", ab_weights="ema", ab_base_weights="ema")
 
 
-def _pin_previous_ema_offset(args: list[str]) -> list[str]:
-    """ema_warmup_offset became automatic (20 for a flow teacher) after the rows above ran: a row that leaves it
-    unset ran with 10, and says so."""
-    return args if any(a.startswith("ema_warmup_offset=") for a in args) else [*args, "--set", "ema_warmup_offset=10"]
-
-
-for _spec in ROWS.values():
-    _spec["args"] = _pin_previous_ema_offset(_spec["args"])
+# ema_warmup_offset became automatic (20 for a flow teacher): the rows above ran with 10
+_pin_setting("ema_warmup_offset", "10")
 
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
     """The row's CLI arguments; an lr of ``SWEEP`` becomes the one its run used, or the sweep's best so far."""

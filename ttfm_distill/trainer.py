@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
-from .config import RunConfig
+from .config import EMA_OFFSET_OTHER, RunConfig
 from .convention import interpolate
 from .data import build_data
 from .errors import ConfigError, Interrupted, NonFiniteLoss, RunError, Terminated  # noqa: F401 - re-exported
@@ -77,7 +77,7 @@ def lr_factor(k: int, cfg: RunConfig) -> float:
     return factor
 
 
-def ema_decay_at(step: int, decay: float, warmup: bool, offset: float = 10.0) -> float:
+def ema_decay_at(step: int, decay: float, warmup: bool, offset: float = EMA_OFFSET_OTHER) -> float:
     """The EMA decay used after step ``step`` (0-based): ``decay``, or with warm-up
     ``min(decay, (1 + k) / (offset + k))``."""
     return min(decay, (1.0 + step) / (offset + step)) if warmup else decay
