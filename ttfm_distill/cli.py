@@ -101,6 +101,7 @@ def run(
     teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Hub id, diffusers folder, or builtin:NAME (default: the embedded Fashion-MNIST teacher)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help=f"Run folder (default: ./{DEFAULT_OUTPUT})."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Training steps."),
+    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Fit training into this long (600, 90s, 10m, 1.5h): the speed of the first steps fixes the step count, at most --max-steps."),
     loss: Optional[str] = typer.Option(None, "--loss", help="Objective: itvm (default), lfmd, lsd, meanflow, progressive (each with its own defaults; see --dry-run)."),
     loss_option: Optional[List[str]] = typer.Option(None, "--loss-option", "-L", help="Objective option KEY=VALUE (repeatable), e.g. -L tau=0.1 -L intermediate=uniform."),
     seed: Optional[int] = typer.Option(None, "--seed"),
@@ -141,6 +142,10 @@ def run(
                      data_label_column=label_column, data_caption_column=caption_column, prompts=prompts,
                      data_resolution=resolution, data_crop=crop, data_streaming=streaming or None)
         values.update({k: v for k, v in flags.items() if v is not None})
+        if time_budget is not None:
+            from .budget import parse_duration
+
+            values["time_budget"] = parse_duration(time_budget)
         if loss_option:
             earlier = values.get("loss_options", {})
             if not isinstance(earlier, dict):
@@ -163,8 +168,9 @@ def run(
             if not resolve_before_loading(cfg, folder.saved):
                 teacher_info += "; the automatic settings (null or auto) are filled in once it is loaded"
             typer.echo(json.dumps(cfg.to_dict(), indent=2))
-            typer.echo(f"teacher: {teacher_info}; data: {data_info}; objective: {cfg.loss}; {cfg.max_steps} steps -> "
-                       f"{cfg.output}", err=True)
+            budget = f" (fitted to {cfg.time_budget:g} s of training)" if cfg.time_budget and not cfg.fitted_steps else ""
+            typer.echo(f"teacher: {teacher_info}; data: {data_info}; objective: {cfg.loss}; {cfg.total_steps()} steps"
+                       f"{budget} -> {cfg.output}", err=True)
             return
         from .trainer import run_distillation
 

@@ -70,6 +70,13 @@ class RunConfig:
     #: fp32 pool on a 2-core CPU with bf16 autocast, and bring the 1-step student below the teacher's 8-step Euler on
     #: three seeds; 1200, 2400, 3000 and 3300 left it above (docs/quality.md, eighth round)
     max_steps: int = 3500
+    #: seconds of training to fit the run into (the training loop: the data-free pool and the report add their own
+    #: time). Unset: no budget, max_steps steps. Set: the speed of the lr warm-up's steps fixes the step count once
+    #: (fitted_steps, at most max_steps), before anything depends on it (ttfm_distill/budget.py)
+    time_budget: float | None = None
+    #: filled in by a run with a time_budget: the step count it fitted, so an interrupted run resumes to the same
+    #: count and schedule (a resume that changes max_steps trains to the new max_steps instead)
+    fitted_steps: int | None = None
     batch_size: int = 32
     #: None (unset): AUTO_LR_FLOW for a flow teacher, AUTO_LR_OTHER otherwise, resolved once the teacher is loaded
     #: (RunConfig.lr_value)
@@ -228,6 +235,16 @@ class RunConfig:
             raise ConfigError(f"lr_final_fraction must be in [0, 1], got {self.lr_final_fraction}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ConfigError("weight_decay, grad_clip and warmup_steps must be >= 0")
+        if self.time_budget is not None:
+            from .budget import MIN_WARMUP_STEPS
+
+            if not self.time_budget > 0:
+                raise ConfigError(f"time_budget must be a positive number of seconds, got {self.time_budget}")
+            if self.warmup_steps < MIN_WARMUP_STEPS:
+                raise ConfigError(f"time_budget times the lr warm-up's steps: it needs warmup_steps >= "
+                                  f"{MIN_WARMUP_STEPS}, got {self.warmup_steps}")
+        if self.fitted_steps is not None and not 1 <= int(self.fitted_steps) <= int(self.max_steps):
+            raise ConfigError(f"fitted_steps is filled in by a run (1 to max_steps), got {self.fitted_steps}")
         choices = {
             "time_sampling": TIME_SAMPLINGS,
             "second_time_input": ("delta", "t"),
@@ -250,6 +267,10 @@ class RunConfig:
         if self.student_output == "velocity" and int(self.lora_rank) > 0:
             raise ConfigError("student_output=velocity is not supported with LoRA students; use student_output=native")
         return self
+
+    def total_steps(self) -> int:
+        """The steps this run trains: ``fitted_steps`` where a time budget fixed them, else ``max_steps``."""
+        return int(self.fitted_steps) if self.fitted_steps is not None else int(self.max_steps)
 
     def trajectory_share(self, prediction_type: str = "flow") -> float:
         """The fraction of each batch on the pool's trajectories: ``trajectory_fraction``, or when unset
@@ -504,6 +525,8 @@ def load_config_file(path: str | Path) -> dict:
 RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_samples",
                      "reference_steps", "output", "allow_pickle", "data_cache", "gradient_checkpointing", "compile",
                      "lora_export", "standalone",
+                     # what a time budget fitted: a resume keeps it (preflight.adopt_fitted_steps)
+                     "fitted_steps",
                      # checked on its own once the teacher is loaded (preflight.check_teacher_unchanged)
                      "teacher_fingerprint"}
 

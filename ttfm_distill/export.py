@@ -40,7 +40,7 @@ def run_record(cfg, teacher, objective) -> StudentConfig:
         scheduler_config=teacher.scheduler_config, loss=objective.config(),
         weights=cfg.export_weights if cfg.ema_decay > 0 else "raw",
         time_grid=resolve_time_grid(getattr(cfg, "time_grid", "uniform"), getattr(teacher, "io", None)),
-        training={"steps": cfg.max_steps, "seed": cfg.seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
+        training={"steps": cfg.total_steps(), "seed": cfg.seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
                   "ema_decay": cfg.ema_decay, "time_sampling": cfg.time_sampling,
                   "diagonal_fraction": cfg.diagonal_fraction, "data": cfg.data})
 

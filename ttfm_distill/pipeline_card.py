@@ -59,6 +59,8 @@ def run_command(run_config: dict | None, prediction_type: str = "flow") -> str:
     options = {k: v for k, v in (run_config.get("loss_options") or {}).items()
                if not (k in automatic_options and automatic_options[k] == v)}
     run_config = {**run_config, "loss_options": options}
+    if run_config.get("fitted_steps") is not None:  # the steps a time budget fitted, as a command that repeats them
+        run_config.update(max_steps=run_config["fitted_steps"], fitted_steps=None, time_budget=None)
     defaults.update(automatic)
     try:  # likewise a setting the run filled in from its objective's own default
         from .objectives import make_objective_from

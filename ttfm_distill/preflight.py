@@ -148,11 +148,20 @@ def check_run_folder(cfg: RunConfig, overwrite: bool) -> FolderState:
         shown = ", ".join(diff[:4]) + (", ..." if len(diff) > 4 else "")
         raise ConfigError(f"{out} holds a different run (differs in: {shown}); re-run with its settings to resume, "
                           "or pass --overwrite or another --output")
+    adopt_fitted_steps(cfg, saved)
     done = latest_checkpoint_step(out)
-    if done > cfg.max_steps:
-        raise ConfigError(f"{out} is already at step {done}, past max_steps {cfg.max_steps}; nothing was changed "
+    if done > cfg.total_steps():
+        raise ConfigError(f"{out} is already at step {done}, past max_steps {cfg.total_steps()}; nothing was changed "
                           f"(pass --max-steps {done} or more to go on)")
     return FolderState(out, saved, done)
+
+
+def adopt_fitted_steps(cfg: RunConfig, saved: dict) -> None:
+    """A resumed run keeps the step count its time budget fitted (``fitted_steps``), unless the command changes
+    ``max_steps``: then it trains to the new ``max_steps`` (its time budget was spent on the first fit)."""
+    fitted = saved.get("fitted_steps")
+    if cfg.fitted_steps is None and fitted is not None and saved.get("max_steps") == cfg.max_steps:
+        cfg.fitted_steps = int(fitted)
 
 
 def check_teacher(teacher, device, n: int = 2) -> None:

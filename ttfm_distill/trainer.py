@@ -71,7 +71,7 @@ def lr_factor(k: int, cfg: RunConfig) -> float:
     warm = max(1, cfg.warmup_steps)
     factor = min(1.0, (k + 1) / warm)
     if cfg.lr_schedule_name() == "cosine" and k + 1 > warm:
-        progress = min(1.0, (k + 1 - warm) / max(1, cfg.max_steps - warm))
+        progress = min(1.0, (k + 1 - warm) / max(1, cfg.total_steps() - warm))
         low = cfg.lr_final_value()
         factor = low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return factor
@@ -385,7 +385,7 @@ class Distillation:
             ema_update(self.ema, self.student, ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup,
                                                                cfg.ema_offset_value()))
         lv = loss.item()
-        if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
+        if step % cfg.log_every == 0 or step == cfg.total_steps() - 1:
             self.history.append({"step": step, "loss": lv, **step_metrics})
         return lv
 
@@ -394,24 +394,61 @@ class Distillation:
         self.skipped, self.first_batch = 0, 0.0
         t_start = time.time()
         progress = _progress(self.console, self.show_progress and self.main)
-        task = progress.add_task("distilling", total=cfg.max_steps, completed=self.start_step, loss=float("nan"))
+        task = progress.add_task("distilling", total=cfg.total_steps(), completed=self.start_step, loss=float("nan"))
+        clock = self.budget_clock(t_start)
         step = self.start_step
         try:
             with progress, _SigtermAsInterrupt():
-                for step in range(self.start_step, cfg.max_steps):
+                while step < cfg.total_steps():
                     lv = self.train_step(step)
+                    step += 1
+                    if clock is not None and clock.tick(step):
+                        self.fit_time_budget(clock)
+                        progress.update(task, total=cfg.total_steps())
                     if lv is None:
                         continue
-                    progress.update(task, completed=step + 1, loss=lv)
-                    if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
-                        self.checkpoint(step + 1)
-                step = cfg.max_steps
+                    progress.update(task, completed=step, loss=lv)
+                    if step % cfg.checkpoint_every == 0 and step < cfg.total_steps():
+                        self.checkpoint(step)
         except KeyboardInterrupt as e:
             if step > self.last_saved:
                 self.checkpoint(step)
             raise Interrupted(f"interrupted at step {step}; checkpoint saved in {self.out / 'checkpoints'}; "
                               "re-run the same command to resume", interrupt_signal(e)) from None
         self.seconds = time.time() - t_start
+
+    def budget_clock(self, t_start: float):
+        """The clock of ``time_budget``'s fit, or ``None``: no budget, a count fitted already, or a resume past the
+        fit point (a changed max_steps: that count is trained)."""
+        from .budget import fit_point
+
+        cfg = self.cfg
+        if cfg.time_budget is None or cfg.fitted_steps is not None:
+            return None
+        if self.start_step >= fit_point(cfg.warmup_steps):
+            self.log(f"time budget: the run is past its warm-up with no fitted step count; training to max_steps "
+                     f"{cfg.max_steps}")
+            return None
+        return _BudgetClock(t_start, self.start_step, fit_point(cfg.warmup_steps))
+
+    def fit_time_budget(self, clock: "_BudgetClock") -> None:
+        """Fix the step count from the pace so far (rank 0's on every rank) and record it in config.json."""
+        from .budget import fit_steps
+
+        cfg = self.cfg
+        elapsed = time.time() - clock.t_start
+        fitted = fit_steps(cfg.time_budget, elapsed, clock.fit_at, clock.seconds_per_step(), cfg.max_steps)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            fitted = int(broadcast(torch.tensor([fitted], device=self.device), from_process=0).item())
+        cfg.fitted_steps = fitted
+        if self.main:
+            write_json(self.out / "config.json", cfg.to_dict())
+        cap = "" if fitted < cfg.max_steps else " (max_steps)"
+        self.log(f"time budget {cfg.time_budget:g} s: {clock.seconds_per_step():.3f} s a step over the first "
+                 f"{clock.fit_at} steps -> {fitted} steps{cap}, about {elapsed + (fitted - clock.fit_at) * clock.seconds_per_step():.0f} s "
+                 "of training")
 
     def finish(self) -> RunResult:
         """Last checkpoint, export and report; a kill here is finished by re-running the same command."""
@@ -420,8 +457,8 @@ class Distillation:
         cfg = self.cfg
         distributed = _distributed_report(self.accelerator, self.student, self.first_batch)
         metrics = {}
-        if cfg.max_steps > self.last_saved:
-            self.checkpoint(cfg.max_steps)
+        if cfg.total_steps() > self.last_saved:
+            self.checkpoint(cfg.total_steps())
         final = self.ema if (cfg.export_weights == "ema" and self.ema is not None) else self.student
         if final is self.student:  # sharded: an unsharded copy holding the gathered weights, built on rank 0
             final = scale.unsharded_copy(self.accelerator, self.wrapped, self.student,
@@ -431,7 +468,31 @@ class Distillation:
                                  self.history, self.device, self.log, self.skipped, distributed,
                                  data_report=getattr(self.data, "report", None))
         self.accelerator.wait_for_everyone()
-        return RunResult(self.out, cfg.max_steps, self.seconds, metrics, self.start_step, self.main)
+        return RunResult(self.out, cfg.total_steps(), self.seconds, metrics, self.start_step, self.main)
+
+
+class _BudgetClock:
+    """Times the steps before the fit point; ``tick(done)`` is true once, when ``done`` reaches it."""
+
+    def __init__(self, t_start: float, start_step: int, fit_at: int):
+        from .budget import UNTIMED_STEPS
+
+        self.t_start, self.fit_at = t_start, fit_at
+        self.mark_at = min(start_step + UNTIMED_STEPS, fit_at - 1)
+        self.mark_step, self.mark_time = start_step, t_start
+        self.pace = None
+
+    def tick(self, done: int) -> bool:
+        now = time.time()
+        if done == self.mark_at:
+            self.mark_step, self.mark_time = done, now
+        if done != self.fit_at:
+            return False
+        self.pace = (now - self.mark_time) / max(1, done - self.mark_step)
+        return True
+
+    def seconds_per_step(self) -> float:
+        return float(self.pace or 0.0)
 
 
 def backward_micro_batches(accelerator, model, objective, teacher, batch: TrainBatch, ema, n_micro: int):
@@ -498,8 +559,11 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
 
     grid = resolve_time_grid(cfg.time_grid, getattr(teacher, "io", None))
     metrics, rows, errors = run_report(student, teacher, n, cfg.seed + 1, cfg.reference_steps, device, grid)
-    metrics["training"] = {"steps": cfg.max_steps, "seconds": round(seconds, 1), "skipped_steps": skipped,
+    metrics["training"] = {"steps": cfg.total_steps(), "seconds": round(seconds, 1), "skipped_steps": skipped,
                            "final_loss": history[-1]["loss"] if history else None}
+    if cfg.time_budget is not None:
+        metrics["training"]["time_budget"] = {"seconds": cfg.time_budget, "max_steps": cfg.max_steps,
+                                              "fitted_steps": cfg.fitted_steps}
     if distributed is not None:
         metrics["distributed"] = distributed
     if data_report:
@@ -513,7 +577,7 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     if teacher.is_latent:  # the grid shows images: decode the latents with the teacher's VAE
         rows = {k: torch.cat([teacher.decode(c.to(device)).cpu() for c in v.split(64)]) for k, v in rows.items()}
     save_comparison(rows, out / "samples.png", kind=teacher.kind, errors=errors,
-                    title=f"{teacher.name}: student ({cfg.loss}, {cfg.max_steps} steps) vs teacher, same noise")
+                    title=f"{teacher.name}: student ({cfg.loss}, {cfg.total_steps()} steps) vs teacher, same noise")
     write_model_card(out / "student", metrics, cfg.to_dict(), out / "samples.png")  # the export's README.md
     fme = metrics["flow_map_error"]
     for k in fme["student"]:  # one short line each: a narrow or non-terminal console must not cut them

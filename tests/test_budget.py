@@ -1,0 +1,113 @@
+"""--time-budget: the step count fitted from the first steps' speed, fixed once, resumed to."""
+
+import json
+
+import pytest
+import torch
+
+from ttfm_distill.budget import fit_point, fit_steps, parse_duration
+from ttfm_distill.errors import ConfigError
+
+
+@pytest.mark.parametrize("text, seconds", [("600", 600.0), ("90s", 90.0), ("10m", 600.0), ("10min", 600.0),
+                                           ("1.5h", 5400.0), (" 2.5 ", 2.5)])
+def test_durations_read_as_seconds(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "0s", "-5", "ten", "10x", "1e3", "nan", "5 days"])
+def test_bad_durations_are_refused_in_one_line(text):
+    with pytest.raises(ConfigError) as e:
+        parse_duration(text)
+    assert "--time-budget" in str(e.value) and len(str(e.value)) <= 200
+
+
+def test_fit_steps_fills_the_budget_between_the_floor_and_the_cap():
+    # 49 steps took 5 s; 95 s left at 0.1 s a step: 950 more
+    assert fit_steps(100.0, 5.0, 49, 0.1, cap=10_000) == 49 + 950
+    assert fit_steps(100.0, 5.0, 49, 0.1, cap=500) == 500  # max_steps caps it
+    assert fit_steps(4.0, 5.0, 49, 0.1, cap=500) == 50  # over budget already: the warm-up's last step still runs
+    assert fit_steps(100.0, 5.0, 49, 0.0, cap=500) == 500  # no pace measured: the cap
+    # the fit happens one step before the warm-up ends, when nothing has read the total yet
+    assert fit_point(50) == 49 and fit_point(1) == 0
+
+
+def _cfg(out, **kw):
+    from ttfm_distill.config import RunConfig
+
+    base = dict(teacher="builtin:gaussian-mixture", output=str(out), batch_size=64, lr=1e-3, mlp_width=32, mlp_depth=2,
+                lr_schedule="cosine", warmup_steps=10, eval_samples=16, reference_steps=2, checkpoint_every=40,
+                loss_options={"long_jump_span": 0.0})
+    return RunConfig(**{**base, **kw})
+
+
+def _weights(out, step):
+    from safetensors.torch import load_file
+
+    return load_file(out / "checkpoints" / f"step-{step:08d}" / "student.safetensors")
+
+
+def test_a_fitted_run_equals_a_run_of_that_many_steps_bit_for_bit(tmp_path):
+    """The fit happens before the cosine reads the total: the same training as --max-steps N, tensor for tensor.
+    A fit one step later would have given step 10 the lr of the 100,000-step schedule."""
+    from ttfm_distill.trainer import run_distillation
+
+    torch.set_num_threads(1)
+    budget = run_distillation(_cfg(tmp_path / "budget", max_steps=100_000, time_budget=0.4), show_progress=False)
+    saved = json.loads((tmp_path / "budget" / "config.json").read_text())
+    n = saved["fitted_steps"]
+    assert 10 <= n < 100_000 and budget.steps == n and saved["time_budget"] == 0.4
+    assert json.loads((tmp_path / "budget" / "metrics.json").read_text())["training"]["time_budget"] == {
+        "seconds": 0.4, "max_steps": 100_000, "fitted_steps": n}
+    run_distillation(_cfg(tmp_path / "plain", max_steps=n), show_progress=False)
+    a, b = _weights(tmp_path / "budget", n), _weights(tmp_path / "plain", n)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the model card's command repeats the steps, not the budget (a budget may fit another count elsewhere)
+    card = (tmp_path / "budget" / "student" / "README.md").read_text()
+    assert f"--max-steps {n}" in card and "time_budget" not in card
+
+
+def test_a_resume_keeps_the_fitted_count_and_a_new_max_steps_replaces_it(tmp_path):
+    from ttfm_distill.config import RunConfig
+    from ttfm_distill.preflight import adopt_fitted_steps, check_run_folder
+    from ttfm_distill.trainer import run_distillation
+
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    run_distillation(_cfg(out, max_steps=100_000, time_budget=0.3), show_progress=False)
+    n = json.loads((out / "config.json").read_text())["fitted_steps"]
+    # the same command again: not refused, nothing more trained, the count kept
+    again = run_distillation(_cfg(out, max_steps=100_000, time_budget=0.3), show_progress=False)
+    assert again.steps == n and again.resumed_from == n
+    # another max_steps: the command's count (the budget was spent on the first fit)
+    more = run_distillation(_cfg(out, max_steps=n + 7, time_budget=0.3), show_progress=False)
+    assert more.steps == n + 7 and (out / "checkpoints" / f"step-{n + 7:08d}").exists()
+    # the rule itself
+    cfg = RunConfig(max_steps=500)
+    adopt_fitted_steps(cfg, {"max_steps": 500, "fitted_steps": 123})
+    assert cfg.total_steps() == 123
+    cfg = RunConfig(max_steps=600)
+    adopt_fitted_steps(cfg, {"max_steps": 500, "fitted_steps": 123})
+    assert cfg.total_steps() == 600
+    # a different budget is a different run
+    with pytest.raises(ConfigError, match="time_budget"):
+        check_run_folder(_cfg(out, max_steps=n + 7, time_budget=5.0), overwrite=False)
+
+
+def test_a_budget_needs_warmup_steps_to_time():
+    with pytest.raises(ConfigError, match="warmup_steps >= 10"):
+        _cfg("x", time_budget=60.0, warmup_steps=5).validate()
+    with pytest.raises(ConfigError, match="time_budget must be a positive"):
+        _cfg("x", time_budget=0.0).validate()
+
+
+def test_the_cli_takes_a_duration_and_refuses_a_bad_one_in_one_line(tmp_path):
+    from test_cli import cli
+
+    r = cli("run", "--teacher", "builtin:gaussian-mixture", "--output", tmp_path / "r", "--time-budget", "soon")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--time-budget" in r.stderr
+    assert not (tmp_path / "r").exists()
+    r = cli("run", "--teacher", "builtin:gaussian-mixture", "--output", tmp_path / "r", "--time-budget", "2m",
+            "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["time_budget"] == 120.0 and "fitted to 120 s of training" in r.stderr
