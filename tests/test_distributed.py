@@ -42,3 +42,26 @@ def test_two_processes_stay_in_sync_on_different_data(tiny_teacher_dir, tmp_path
     leftovers = [p.name for p in out.rglob("*") if p.name.startswith(".") and p.name != ".ttfm-distill.lock"]
     assert leftovers == []
     assert (out / ".ttfm-distill.lock").read_text() == ""  # held by rank 0 only, released cleanly at the end
+
+
+@pytest.mark.slow
+def test_two_processes_fit_one_step_count_to_a_time_budget(tmp_path):
+    """Each rank times its own steps; every rank must train rank 0's count, or the all-reduce of the rank that
+    trains longer waits for ever (the timeout below) and the checksums differ."""
+    launcher = Path(sys.executable).parent / "accelerate"
+    if not launcher.exists():
+        pytest.skip("accelerate's launcher is not installed beside this Python")
+    out = tmp_path / "run"
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "ttfm_distill", "run", "--teacher", "builtin:gaussian-mixture", "--output", str(out),
+           "--max-steps", "100000", "--time-budget", "2s", "--set", "warmup_steps=10", "--set", "mlp_width=32",
+           "--set", "eval_samples=64", "--set", "reference_steps=2", "-q"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    n = json.loads((out / "config.json").read_text())["fitted_steps"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 10 <= n < 100_000 and metrics["training"]["steps"] == n
+    assert metrics["distributed"]["ranks_in_sync"]
+    assert (out / "checkpoints" / f"step-{n:08d}").exists()
