@@ -460,6 +460,26 @@ ROWS["long15k_def"] = {"headline": True, "args": list(_LONG15K),
 ROWS["long15k_pool8k"] = {"headline": True, "args": ["--set", "pool_size=8192", *_LONG15K],
                           "what": "the same with an 8192-sample pool (each stored trajectory revisited a quarter as "
                                   "often)", "ab": "long15k_def", "ab_weights": "ema", "ab_base_weights": "ema"}
+# the default run at its own budget with the 8192-sample pool, three seeds, each against the eighth round's rows of
+# the same recipe and seed (ab8_ema20, ema20_s1, ema20_s2: the defaults since then, scored on that round's machine);
+# def10 adopts the tenth round's timed default run (two threads, `ttfm-distill run` as it is) as a same-machine
+# check of seed 0
+_DEF10 = ["--max-steps", "3500", *_keep(500)]
+ROWS["def10"] = {"args": ["--max-steps", "3500"], "what": "`ttfm-distill run` as it is, timed on the tenth round's "
+                 "machine (two threads; its last two checkpoints kept)", "default_steps": 3500, "ab": "ab8_ema20",
+                 "ab_weights": "ema", "ab_base_weights": "ema"}
+ROWS["def10_pool8k"] = {"args": ["--set", "pool_size=8192", *_DEF10],
+                        "what": "the defaults with an 8192-sample pool (about 60 s more for the pool here)",
+                        "default_steps": 3500, "ab": "ab8_ema20", "ab_weights": "ema", "ab_base_weights": "ema"}
+more_seeds("def10_pool8k", "def10_pool8k", ["--set", "pool_size=8192", *_DEF10],
+           "the defaults with an 8192-sample pool")
+# the same-machine controls of seeds 1 and 2: the defaults as they are, one thread
+ROWS.update({f"def10_s{_seed}": {"args": ["--seed", str(_seed), *_DEF10], "default_steps": 3500,
+                                 "what": f"seed {_seed}: the defaults as they are, on the tenth round's machine"}
+             for _seed in (1, 2)})
+for _seed in (1, 2):
+    ROWS[f"def10_pool8k_s{_seed}"].update(default_steps=3500, ab=f"def10_s{_seed}", ab_weights="ema",
+                                          ab_base_weights="ema")
 
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
     """The row's CLI arguments; an lr of ``SWEEP`` becomes the one its run used, or the sweep's best so far."""
