@@ -1,4 +1,8 @@
-"""--time-budget: the step count fitted from the first steps' speed, fixed once, resumed to."""
+"""--time-budget: the step count fitted from the first steps' speed, fixed once, resumed to.
+
+No ``torch.set_num_threads`` here: it would outlive these tests in the pytest process, and a later test that
+compares an in-process result with a CLI subprocess's bit for bit (test_lora's sample check) then fails.
+"""
 
 import json
 
@@ -52,7 +56,6 @@ def test_a_fitted_run_equals_a_run_of_that_many_steps_bit_for_bit(tmp_path):
     A fit one step later would have given step 10 the lr of the 100,000-step schedule."""
     from ttfm_distill.trainer import run_distillation
 
-    torch.set_num_threads(1)
     budget = run_distillation(_cfg(tmp_path / "budget", max_steps=100_000, time_budget=0.4), show_progress=False)
     saved = json.loads((tmp_path / "budget" / "config.json").read_text())
     n = saved["fitted_steps"]
@@ -72,7 +75,6 @@ def test_a_resume_keeps_the_fitted_count_and_a_new_max_steps_replaces_it(tmp_pat
     from ttfm_distill.preflight import adopt_fitted_steps, check_run_folder
     from ttfm_distill.trainer import run_distillation
 
-    torch.set_num_threads(1)
     out = tmp_path / "run"
     run_distillation(_cfg(out, max_steps=100_000, time_budget=0.3), show_progress=False)
     n = json.loads((out / "config.json").read_text())["fitted_steps"]
