@@ -17,19 +17,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_stay_in_sync_on_different_data(tiny_teacher_dir, tmp_path):
+def launch_two(run_args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``ttfm-distill run RUN_ARGS`` in two CPU processes under ``accelerate launch`` (gloo)."""
     launcher = Path(sys.executable).parent / "accelerate"
     if not launcher.exists():
         pytest.skip("accelerate's launcher is not installed beside this Python")
-    out = tmp_path / "run"
     # the flags that really start two CPU processes (docs/environment.md): --cpu alone silently runs one
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "ttfm_distill", "run", "--teacher", str(tiny_teacher_dir), "--output", str(out),
-           "--max-steps", "6", "--set", "checkpoint_every=3", *TINY]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"})
+           "-m", "ttfm_distill", "run", *run_args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"})
+
+
+@pytest.mark.slow
+def test_two_processes_stay_in_sync_on_different_data(tiny_teacher_dir, tmp_path):
+    out = tmp_path / "run"
+    r = launch_two(["--teacher", str(tiny_teacher_dir), "--output", str(out), "--max-steps", "6", "--set",
+                    "checkpoint_every=3", *TINY], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     dist = json.loads((out / "metrics.json").read_text())["distributed"]
     assert dist["processes"] == 2
@@ -48,17 +53,10 @@ def test_two_processes_stay_in_sync_on_different_data(tiny_teacher_dir, tmp_path
 def test_two_processes_fit_one_step_count_to_a_time_budget(tmp_path):
     """Each rank times its own steps; every rank must train rank 0's count, or the all-reduce of the rank that
     trains longer waits for ever (the timeout below) and the checksums differ."""
-    launcher = Path(sys.executable).parent / "accelerate"
-    if not launcher.exists():
-        pytest.skip("accelerate's launcher is not installed beside this Python")
     out = tmp_path / "run"
-    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "ttfm_distill", "run", "--teacher", "builtin:gaussian-mixture", "--output", str(out),
-           "--max-steps", "100000", "--time-budget", "2s", "--set", "warmup_steps=10", "--set", "mlp_width=32",
-           "--set", "eval_samples=64", "--set", "reference_steps=2", "-q"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"})
+    r = launch_two(["--teacher", "builtin:gaussian-mixture", "--output", str(out), "--max-steps", "100000",
+                    "--time-budget", "2s", "--set", "warmup_steps=10", "--set", "mlp_width=32", "--set",
+                    "eval_samples=64", "--set", "reference_steps=2", "-q"], tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     n = json.loads((out / "config.json").read_text())["fitted_steps"]
     metrics = json.loads((out / "metrics.json").read_text())

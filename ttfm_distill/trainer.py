@@ -425,19 +425,20 @@ class Distillation:
         cfg = self.cfg
         if cfg.time_budget is None or cfg.fitted_steps is not None:
             return None
-        if self.start_step >= fit_point(cfg.warmup_steps):
+        fit_at = fit_point(cfg.warmup_steps)
+        if self.start_step >= fit_at:
             self.log(f"time budget: the run is past its warm-up with no fitted step count; training to max_steps "
                      f"{cfg.max_steps}")
             return None
-        return _BudgetClock(t_start, self.start_step, fit_point(cfg.warmup_steps))
+        return _BudgetClock(t_start, self.start_step, fit_at)
 
     def fit_time_budget(self, clock: "_BudgetClock") -> None:
         """Fix the step count from the pace so far (rank 0's on every rank) and record it in config.json."""
         from .budget import fit_steps
 
         cfg = self.cfg
-        elapsed = time.time() - clock.t_start
-        fitted = fit_steps(cfg.time_budget, elapsed, clock.fit_at, clock.seconds_per_step(), cfg.max_steps)
+        elapsed, pace = time.time() - clock.t_start, clock.pace
+        fitted = fit_steps(cfg.time_budget, elapsed, clock.fit_at, pace, cfg.max_steps)
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast
 
@@ -446,9 +447,8 @@ class Distillation:
         if self.main:
             write_json(self.out / "config.json", cfg.to_dict())
         cap = "" if fitted < cfg.max_steps else " (max_steps)"
-        self.log(f"time budget {cfg.time_budget:g} s: {clock.seconds_per_step():.3f} s a step over the first "
-                 f"{clock.fit_at} steps -> {fitted} steps{cap}, about {elapsed + (fitted - clock.fit_at) * clock.seconds_per_step():.0f} s "
-                 "of training")
+        self.log(f"time budget {cfg.time_budget:g} s: {pace:.3f} s a step over the first {clock.fit_at} steps -> "
+                 f"{fitted} steps{cap}, about {elapsed + (fitted - clock.fit_at) * pace:.0f} s of training")
 
     def finish(self) -> RunResult:
         """Last checkpoint, export and report; a kill here is finished by re-running the same command."""
@@ -480,7 +480,8 @@ class _BudgetClock:
         self.t_start, self.fit_at = t_start, fit_at
         self.mark_at = min(start_step + UNTIMED_STEPS, fit_at - 1)
         self.mark_step, self.mark_time = start_step, t_start
-        self.pace = None
+        #: seconds a step between the mark and the fit point, once ``tick`` has reached it
+        self.pace = 0.0
 
     def tick(self, done: int) -> bool:
         now = time.time()
@@ -490,9 +491,6 @@ class _BudgetClock:
             return False
         self.pace = (now - self.mark_time) / max(1, done - self.mark_step)
         return True
-
-    def seconds_per_step(self) -> float:
-        return float(self.pace or 0.0)
 
 
 def backward_micro_batches(accelerator, model, objective, teacher, batch: TrainBatch, ema, n_micro: int):
