@@ -37,6 +37,22 @@ UNET_CONFIG = {
     "layers_per_block": 1,
     "norm_num_groups": 8,
 }
+#: the layout of diffusers' own ``examples/unconditional_image_generation/train_unconditional.py`` shrunk to a
+#: 16x16 single-channel dataset: two ResNet layers per block, attention at the lowest resolution (in the down and
+#: up path), diffusers' default 32 norm groups
+SCRIPT_UNET_CONFIG = {
+    "sample_size": 16,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": (32, 64, 64),
+    "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+}
+#: that script's optimiser and EMA defaults (AdamW betas, gradient clip, EMA cap) where they differ from ours
+SCRIPT_OPTIM = {"betas": (0.95, 0.999), "grad_clip": 1.0, "ema_max": 0.9999}
+LAYOUTS = {"project": UNET_CONFIG, "script": SCRIPT_UNET_CONFIG}
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
                     "prediction_type": "epsilon", "clip_sample": True, "clip_sample_range": 1.0}
 RESULTS = Path(__file__).resolve().parent / "results" / "ddpm-teacher.json"
@@ -57,18 +73,23 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="/work/ddpm-runs/teacher")
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="project",
+                   help="project: blocks 32/48/48, no attention, 8 groups; script: diffusers' train_unconditional.py "
+                        "layout at 16x16 (32/64/64, two layers a block, attention at 4x4, 32 groups) with its "
+                        "AdamW betas (0.95, 0.999), gradient clip 1 and EMA cap 0.9999")
     p.add_argument("--steps", type=int, default=10000, help="length of the learning-rate schedule")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--weight-decay", type=float, default=1e-6)
-    p.add_argument("--ema-max", type=float, default=0.999)
+    p.add_argument("--ema-max", type=float, default=None, help="EMA cap (default 0.999; 0.9999 for --layout script)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=None, help="stop (and save) after this many seconds")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--time-steps", type=int, default=0, help="only time this many steps and exit")
-    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--results", default=None, help="default: results/ddpm-teacher.json, or ddpm-script-teacher.json "
+                                                       "for --layout script")
     return p.parse_args()
 
 
@@ -81,6 +102,12 @@ def save_pipeline(ema, scheduler, folder: Path) -> None:
 def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
+    script = args.layout == "script"
+    unet_config = LAYOUTS[args.layout]
+    if args.ema_max is None:
+        args.ema_max = SCRIPT_OPTIM["ema_max"] if script else 0.999
+    if args.results is None:
+        args.results = str(RESULTS.with_name("ddpm-script-teacher.json") if script else RESULTS)
     from diffusers import DDPMScheduler, UNet2DModel
 
     from ttfm_distill.data.fashion_mnist import load_fashion_mnist
@@ -92,11 +119,12 @@ def main() -> None:
     data = torch.from_numpy(images)
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     acp = scheduler.alphas_cumprod.float()
-    model = UNet2DModel(**UNET_CONFIG)
-    ema = UNet2DModel(**UNET_CONFIG)
+    model = UNet2DModel(**unet_config)
+    ema = UNet2DModel(**unet_config)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            betas=SCRIPT_OPTIM["betas"] if script else (0.9, 0.999))
     state_path = out / "train_state.pt"
     step, seconds = 0, 0.0
     gen = torch.Generator().manual_seed(args.seed)
@@ -137,6 +165,8 @@ def main() -> None:
         loss = torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if script:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), SCRIPT_OPTIM["grad_clip"])
         opt.step()
         step += 1
         d = ema_decay(step, args.ema_max)
@@ -166,8 +196,8 @@ def main() -> None:
     record = {"recipe": "DDPM epsilon-prediction, MSE on the noise, uniform integer timesteps (diffusers' "
                         "unconditional training example's set-up, written here)",
               "command": "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/ddpm_teacher.py "
-                         f"--output {args.output} --steps {args.steps}",
-              "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
+                         f"--output {args.output} --steps {args.steps} --layout {args.layout}",
+              "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in unet_config.items()},
               "scheduler": SCHEDULER_CONFIG, "params": n_params,
               "settings": {k: v for k, v in vars(args).items() if k not in ("time_steps", "results")},
               "steps_done": step, "train_seconds": round(seconds, 1), "threads": args.threads,
