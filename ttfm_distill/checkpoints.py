@@ -26,14 +26,18 @@ def list_checkpoints(out: Path) -> list[Path]:
 
 
 def save_checkpoint(out: Path, step: int, student_state: dict, ema, optimizer_state: dict, scheduler, keep: int,
-                    history: list) -> Path:
-    """Write one checkpoint atomically; ``student_state``/``optimizer_state`` are full (gathered) state dicts."""
+                    history: list, dm_state: dict | None = None) -> Path:
+    """Write one checkpoint atomically; ``student_state``/``optimizer_state`` are full (gathered) state dicts;
+    ``dm_state`` (``{"fake": tensors, "optimizer": state}``) is the distribution-matching term's, if any."""
     final = out / "checkpoints" / f"step-{step:08d}"
     with atomic_dir(final) as tmp:
         save_tensors(tmp / "student.safetensors", student_state)
         if ema is not None:
             save_tensors(tmp / "ema.safetensors", ema.state_dict())
         save_torch(tmp / "optimizer.pt", {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()})
+        if dm_state is not None:
+            save_tensors(tmp / "fake.safetensors", dm_state["fake"])
+            save_torch(tmp / "fake_optimizer.pt", dm_state["optimizer"])
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history[-1000:]}))
     for old in list_checkpoints(out)[:-keep]:
         # renamed away first (one atomic step), so a kill mid-delete never leaves a half checkpoint that
@@ -67,3 +71,17 @@ def load_checkpoint(path: Path, student, ema, scheduler) -> tuple[int, list, dic
     return int(state["step"]), list(state.get("history", [])), opt["optimizer"]
 
 
+
+
+def load_dm_state(path: Path) -> dict | None:
+    """The distribution-matching state of checkpoint ``path`` (``{"fake", "optimizer"}``), or ``None`` when the
+    checkpoint has none (a run that trained without the term until then)."""
+    from safetensors.torch import load_file
+
+    if not (path / "fake.safetensors").exists():
+        return None
+    try:
+        return {"fake": load_file(path / "fake.safetensors"),
+                "optimizer": torch.load(path / "fake_optimizer.pt", map_location="cpu", weights_only=True)}
+    except Exception as e:
+        raise RunError(f"checkpoint {path} is damaged ({type(e).__name__} in its fake network); skipping it") from None

@@ -179,6 +179,27 @@ class RunConfig:
     #: how the student's network output becomes its average velocity: "native" (the teacher's conversion),
     #: "velocity" (plus a zero-initialised gain-1 velocity head, conversion gradient capped), or "auto" (by teacher kind)
     student_output: str = "auto"
+    # distribution matching beside the objective (objectives/dm.py; docs/method.md, "Distribution matching")
+    #: weight of the term; 0 = off (no fake network is made)
+    dm_weight: float = 0.0
+    #: the fake velocity network's learning rate; unset: the student's
+    dm_fake_lr: float | None = None
+    #: fake-network updates per student step
+    dm_fake_updates: int = 1
+    #: the term's noising times are uniform in [dm_time_min, dm_time_max] (package time: 0 noise, 1 data)
+    dm_time_min: float = 0.02
+    dm_time_max: float = 0.98
+    #: how the fake network's flow-matching times are drawn: "uniform" or "logit_normal"
+    dm_fake_time: str = "uniform"
+    #: the student rollouts the term is applied to, one drawn per step (1: the jump from noise to data)
+    dm_rollout_steps: list = field(default_factory=lambda: [1])
+    #: the step from which the term's gradient reaches the student (the fake network learns from step 0)
+    dm_start_step: int = 0
+    #: generated samples per step (per process)
+    dm_batch: int = 16
+    #: warm start: a run folder (or student export) whose student weights this run starts from, instead of the
+    #: teacher's; its EMA starts there too
+    init_from: str | None = None
     #: filled in by the run, not a setting: a key of the teacher's weights, so a replaced teacher never resumes
     teacher_fingerprint: str | None = None
 
@@ -264,9 +285,31 @@ class RunConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        self.check_dm()
         if self.student_output == "velocity" and int(self.lora_rank) > 0:
             raise ConfigError("student_output=velocity is not supported with LoRA students; use student_output=native")
         return self
+
+    def check_dm(self) -> None:
+        """The distribution-matching settings (objectives/dm.py)."""
+        if not self.dm_weight >= 0:
+            raise ConfigError(f"dm_weight must be >= 0 (0: off), got {self.dm_weight}")
+        if self.dm_fake_lr is not None and not self.dm_fake_lr > 0:
+            raise ConfigError(f"dm_fake_lr must be > 0 (or unset: the student's lr), got {self.dm_fake_lr}")
+        if int(self.dm_fake_updates) < 1 or int(self.dm_batch) < 1 or int(self.dm_start_step) < 0:
+            raise ConfigError("dm_fake_updates and dm_batch must be >= 1 and dm_start_step >= 0")
+        if not 0 <= self.dm_time_min < self.dm_time_max <= 1:
+            raise ConfigError(f"need 0 <= dm_time_min < dm_time_max <= 1, got {self.dm_time_min} and "
+                              f"{self.dm_time_max}")
+        if self.dm_fake_time not in ("uniform", "logit_normal"):
+            raise ConfigError(f"dm_fake_time must be uniform or logit_normal, got {self.dm_fake_time!r}")
+        steps = self.dm_rollout_steps
+        if not steps or not all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 8 for k in steps):
+            raise ConfigError(f"dm_rollout_steps must be a list of step counts from 1 to 8, e.g. [1, 2], got {steps!r}")
+        if self.init_from is not None and not Path(self.init_from).exists():
+            raise ConfigError(f"init_from {self.init_from} does not exist; pass an earlier run folder or student export")
+        if self.dm_weight > 0 and int(self.lora_rank) > 0:
+            raise ConfigError("dm_weight is not supported with LoRA students yet; set dm_weight=0 or lora_rank=0")
 
     def total_steps(self) -> int:
         """The steps this run trains: ``fitted_steps`` where a time budget fixed them, else ``max_steps``."""

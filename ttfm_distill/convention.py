@@ -63,6 +63,11 @@ def interpolant_velocity(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     return x1 - x0
 
 
+def data_estimate(x_t: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    """The data end ``x1`` a velocity field predicts from ``x_t`` at package time ``t``: ``x_t + (1 - t) * v``."""
+    return x_t + broadcast_time(1.0 - t, x_t) * velocity
+
+
 def broadcast_time(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     """Reshape a ``(B,)`` (or scalar) time so it broadcasts against ``like``."""
     if torch.is_tensor(t) and t.dtype == torch.bool:

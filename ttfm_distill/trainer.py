@@ -183,6 +183,9 @@ class Distillation:
         if cfg.lora_rank > 0 and scale.is_sharded(self.accelerator):
             raise ConfigError("LoRA students under FSDP are not supported yet; use data parallel (the base is frozen, "
                               "so each GPU holds one copy of it plus the adapters)")
+        if cfg.dm_weight > 0 and scale.is_sharded(self.accelerator):
+            raise ConfigError("dm_weight under FSDP is not supported yet: the fake network is not sharded; use data "
+                              "parallel or set dm_weight=0")
         self.main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.log = (lambda msg: self.console.print(msg)) if self.main else (lambda msg: None)
@@ -271,6 +274,10 @@ class Distillation:
             student, self.teacher = build_lora_student(self.teacher, cfg)
         else:
             student = build_student(self.teacher, cfg)
+        if cfg.init_from:
+            from .warmstart import init_student_from
+
+            init_student_from(student, cfg.init_from)
         student = student.to(self.device)
         if cfg.mixed_precision != "no":
             scale.keep_time_embedders_fp32(student, self.teacher)
@@ -281,24 +288,42 @@ class Distillation:
             self.ema = (student.make_ema() if hasattr(student, "make_ema")
                         else copy.deepcopy(student).requires_grad_(False).eval())
         self.student = student
+        self.dm = None
+        if cfg.dm_weight > 0:
+            from .fake import FakeVelocity
+
+            self.fake = FakeVelocity.from_teacher(self.teacher, cfg.mlp_width, cfg.mlp_depth).to(self.device)
+            if cfg.mixed_precision != "no":
+                scale.keep_time_embedders_fp32(self.fake)
 
     def setup_optimizer(self) -> None:
         cfg = self.cfg
         self.optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(k, cfg))
+        if cfg.dm_weight > 0:
+            from .fake import DmTerm
+            from .objectives.dm import DmSettings
+
+            settings = DmSettings.from_run(cfg)
+            fake_opt = torch.optim.AdamW(self.fake.parameters(), lr=settings.fake_lr or cfg.lr,
+                                         weight_decay=cfg.weight_decay)
+            self.dm = DmTerm(settings, self.teacher, self.fake, fake_opt, self.accelerator, cfg.grad_clip)
 
     def resume(self) -> None:
         """Load the newest readable checkpoint (a damaged one is reported and skipped), then prepare for Accelerate."""
         from . import scale
 
+        from .checkpoints import load_dm_state
+
         self.start_step, self.history = 0, []
         ckpts = list_checkpoints(self.out)
-        opt_state = None
+        opt_state = dm_state = None
         for ckpt in reversed(ckpts):
             try:
                 self.start_step, self.history, opt_state = load_checkpoint(ckpt, self.student, self.ema,
                                                                            self.scheduler)
+                dm_state = load_dm_state(ckpt) if self.dm is not None else None
             except RunError as e:
                 self.log(f"[yellow]warning:[/] {e}")
                 continue
@@ -316,6 +341,15 @@ class Distillation:
             except (ValueError, KeyError, RuntimeError) as e:
                 raise RunError(f"the optimizer state of the latest checkpoint does not fit this run "
                                f"({type(e).__name__}); pass --overwrite to start over") from None
+        if self.dm is not None:
+            if dm_state is not None:
+                self.fake.load_state_dict(dm_state["fake"], strict=True)
+            elif self.start_step > 0:
+                self.log("[yellow]warning:[/] the checkpoint has no fake network (dm_weight was 0 when it was "
+                         "written): the fake network starts from the teacher")
+            self.dm.prepare()
+            if dm_state is not None:
+                self.dm.optimizer.load_state_dict(dm_state["optimizer"])
         self.last_saved = self.start_step
 
     def checkpoint(self, at_step: int) -> None:
@@ -326,7 +360,7 @@ class Distillation:
         opt = scale.optimizer_state(self.accelerator, self.wrapped, self.optimizer)
         if self.main:
             save_checkpoint(self.out, at_step, state, self.ema, opt, self.scheduler, self.cfg.keep_checkpoints,
-                            self.history)
+                            self.history, self.dm.state() if self.dm is not None else None)
         self.last_saved = at_step
 
     def make_batch(self, step: int) -> TrainBatch:
@@ -376,6 +410,9 @@ class Distillation:
                 return None
             raise NonFiniteLoss(f"loss became {loss.item()} at step {step}; stopped without saving "
                                 f"(last good checkpoint: step {self.last_saved}); lower --lr or use nan_policy=skip")
+        if self.dm is not None:  # the distribution-matching term's gradient joins the objective's
+            samples, dm_metrics = self.dm.student_step(self.wrapped, step, batch.cond, batch.generator, self.device)
+            step_metrics = {**step_metrics, **dm_metrics}
         if cfg.grad_clip > 0:
             self.accelerator.clip_grad_norm_(self.wrapped.parameters(), cfg.grad_clip)
         self.optimizer.step()
@@ -384,6 +421,8 @@ class Distillation:
         if self.ema is not None:
             ema_update(self.ema, self.student, ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup,
                                                                cfg.ema_offset_value()))
+        if self.dm is not None:  # then the fake network learns the student's samples of this step
+            step_metrics = {**step_metrics, **self.dm.fake_step(samples, batch.generator)}
         lv = loss.item()
         if step % cfg.log_every == 0 or step == cfg.total_steps() - 1:
             self.history.append({"step": step, "loss": lv, **step_metrics})

@@ -70,5 +70,10 @@ class Teacher(nn.Module):
         """Per-sample conditioning tensors (batch first) for ``prompts``; text teachers only."""
         raise InputError(f"teacher {self.name} is not text-conditioned")
 
+    def trainable_copy(self) -> nn.Module | None:
+        """A trainable copy of the teacher's network (the distribution-matching term's fake network starts as
+        one), or ``None`` for a teacher without one (the exact 2-D teachers)."""
+        return None
+
     def describe(self) -> dict:
         return {"name": self.name, "data_shape": list(self.data_shape), "shift": self.shift}

@@ -125,6 +125,15 @@ class DiffusersFlowTeacher(Teacher):
         v_cond, v_neg = v[:n], v[n:]
         return v_neg + broadcast_time(w.to(v.dtype), v) * (v_cond - v_neg)
 
+    def trainable_copy(self) -> nn.Module:
+        """The network, copied and trainable, with class-label dropout off (it would replace labels at random)."""
+        from ..fake import copy_network
+        from ..student import disable_label_dropout
+
+        network = copy_network(self.network)
+        disable_label_dropout(network, self.adapter)
+        return network
+
     def describe(self) -> dict:
         cfg = self.scheduler_config
         return {

@@ -1,0 +1,125 @@
+"""The distribution-matching term's "fake" velocity network (objectives/dm.py).
+
+For a diffusers teacher it starts as an exact, trainable copy of the teacher's network, read
+through the teacher's own input/output conversion (``NetworkIO``), so at step 0 ``v_F == v_T``
+(unguided). It models the student's conditional distribution, so it never applies guidance:
+``cond["cfg_scale"]`` is dropped. An exact (2-D) teacher has no network to copy; its fake is a
+fresh MLP read at ``s == t`` (an instantaneous velocity).
+
+It is run state like the student: its weights and optimiser are in every checkpoint
+(``fake.safetensors``, ``fake_optimizer.pt``) and never in an export.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .teachers.base import Teacher
+
+
+class FakeVelocity(nn.Module):
+    """``velocity(x, t, cond)`` of a trainable network in package time (0 = noise)."""
+
+    def __init__(self, network: nn.Module, io=None, adapter=None, null_text: dict | None = None):
+        super().__init__()
+        self.network = network
+        self.io, self.adapter, self.null_text = io, adapter, null_text
+
+    @classmethod
+    def from_teacher(cls, teacher: Teacher, mlp_width: int = 256, mlp_depth: int = 4) -> "FakeVelocity":
+        network = teacher.trainable_copy()
+        if network is None:  # an exact teacher: nothing to copy
+            from .mlp import MlpFlowMap
+
+            return cls(MlpFlowMap(dim=teacher.data_shape[0], width=mlp_width, depth=mlp_depth))
+        return cls(network, teacher.io, teacher.adapter, teacher.null_text)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        cond = {k: v for k, v in (cond or {}).items() if k != "cfg_scale"} or None
+        if self.io is None:  # the MLP: its average velocity at s == t
+            return self.network(x, t, t, cond)
+        null = {k: v.to(x.device, x.dtype) for k, v in self.null_text.items()} if self.null_text else None
+        full = self.adapter.complete_cond(self.network, cond, x.shape[0], x.device, x.dtype, null_text=null)
+        x_in, timestep = self.io.network_input(x, t)
+        return self.io.velocity(self.adapter.call(self.network, x_in, timestep, full), x, t)
+
+    def output_gain(self, t: torch.Tensor) -> torch.Tensor:
+        """``|d velocity / d output|`` of the network's conversion (1 for flow networks and the MLP)."""
+        return torch.ones_like(t, dtype=torch.float64) if self.io is None else self.io.output_gain(t)
+
+
+def copy_network(network: nn.Module) -> nn.Module:
+    """A trainable deep copy of a frozen network."""
+    return copy.deepcopy(network).train().requires_grad_(True)
+
+
+class DmTerm:
+    """The distribution-matching term of one run: the fake network, its optimiser and the two updates of a step.
+
+    ``student_step`` adds the term's gradient to the student's (from ``start_step`` on) and returns the
+    detached samples; ``fake_step`` trains the fake network on them. Every draw comes from the step's
+    generator, after the objective's, so a resumed run repeats them exactly.
+    """
+
+    def __init__(self, settings, teacher, fake: FakeVelocity, optimizer, accelerator, grad_clip: float):
+        from .objectives.dm import DistributionMatching
+
+        self.settings, self.teacher, self.fake, self.optimizer = settings, teacher, fake, optimizer
+        self.accelerator, self.grad_clip = accelerator, grad_clip
+        self.maths = DistributionMatching(settings)
+        #: the fake network as the step calls it (DDP-wrapped under several processes)
+        self.wrapped = fake
+
+    def prepare(self) -> None:
+        """Wrap the fake network and its optimiser for Accelerate (data parallel: gradients averaged)."""
+        self.wrapped, self.optimizer = self.accelerator.prepare(self.fake, self.optimizer)
+
+    def student_step(self, model, step: int, cond: dict | None, generator: torch.Generator, device) -> tuple:
+        """``((samples, cond), metrics)``: the student's samples (detached) with their conditioning rows and,
+        once the term is on, its loss terms."""
+        from .objectives.base import select_cond
+
+        st = self.settings
+        n = st.batch
+        if cond:
+            rows = next(v.shape[0] for v in cond.values() if torch.is_tensor(v))
+            n = min(n, rows)
+            cond = select_cond(cond, torch.arange(n))
+        z = self.teacher.sample_noise(n, generator=generator).to(device)
+        active = step >= st.start_step
+        with self.accelerator.autocast(), torch.set_grad_enabled(active):
+            x_hat, k = self.maths.student_sample(model, z, cond, generator)
+        if not active:
+            return (x_hat.detach(), cond), {}
+        with self.accelerator.autocast():
+            loss, metrics = self.maths.student_loss(x_hat, self.teacher.velocity, self.wrapped, cond, cond, generator)
+        if torch.isfinite(loss):
+            self.accelerator.backward(st.weight * loss)
+        return (x_hat.detach(), cond), {**metrics, "dm_rollout": k}
+
+    def fake_step(self, drawn: tuple, generator: torch.Generator) -> dict:
+        """``fake_updates`` flow-matching updates of the fake network on ``drawn``, the student's samples and
+        their conditioning as :meth:`student_step` returned them."""
+        samples, cond = drawn
+        losses = []
+        for _ in range(self.settings.fake_updates):
+            with self.accelerator.autocast():
+                loss = self.maths.fake_loss(self.wrapped, samples, self.fake.output_gain, cond, generator)
+            if not torch.isfinite(loss):  # a bad update is skipped, never applied
+                self.optimizer.zero_grad(set_to_none=True)
+                continue
+            self.accelerator.backward(loss)
+            if self.grad_clip > 0:
+                self.accelerator.clip_grad_norm_(self.wrapped.parameters(), self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return {"dm_fake_loss": sum(losses) / len(losses)} if losses else {}
+
+    def state(self) -> dict:
+        """The checkpoint's part: the fake network's weights and its optimiser."""
+        return {"fake": self.accelerator.unwrap_model(self.wrapped).state_dict(),
+                "optimizer": self.optimizer.state_dict()}
