@@ -1,0 +1,219 @@
+"""The distribution-matching term (objectives/dm.py, fake.py): its maths, its settings' effects, its state."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ttfm_distill.config import ConfigError, RunConfig
+from ttfm_distill.convention import data_estimate
+from ttfm_distill.objectives.dm import (DistributionMatching, DmSettings, dm_direction, dm_loss, draw_times,
+                                        fake_flow_matching_loss, rollout)
+from ttfm_distill.trainer import list_checkpoints, run_distillation
+
+
+def gaussian_velocity(mean: float, std: float):
+    """The exact velocity of the flow from N(0, I) noise to N(mean, std^2 I) data, package time."""
+
+    def v(x, t, cond=None):
+        tb = t.reshape(-1, *([1] * (x.ndim - 1)))
+        var = tb**2 * std**2 + (1 - tb) ** 2
+        x1 = mean + tb * std**2 / var * (x - tb * mean)  # E[x1 | x_t]
+        return (x1 - x) / (1 - tb).clamp_min(1e-6)
+
+    return v
+
+
+def test_the_direction_moves_student_samples_towards_the_teacher_distribution():
+    g = torch.Generator().manual_seed(0)
+    teacher, fake = gaussian_velocity(2.0, 1.0), gaussian_velocity(-1.0, 1.0)  # the fake knows the student's law
+    x_hat = -1.0 + torch.randn(512, 4, generator=g)  # the student's samples
+    dm = DistributionMatching(DmSettings(weight=1.0))
+    x = x_hat.clone().requires_grad_(True)
+    loss, metrics = dm.student_loss(x, teacher, fake, None, None, g)
+    loss.backward()
+    assert (-x.grad).mean() > 0  # a descent step raises the samples' mean towards the teacher's 2.0
+    assert metrics["dm_direction"] > 0
+    # the same law on both sides: no direction at all
+    x2 = x_hat.clone().requires_grad_(True)
+    loss2, _ = dm.student_loss(x2, teacher, teacher, None, None, g)
+    loss2.backward()
+    assert torch.allclose(x2.grad, torch.zeros_like(x2.grad), atol=1e-7)
+
+
+def test_the_loss_gradient_is_the_normalised_direction():
+    g = torch.Generator().manual_seed(1)
+    x_hat = torch.randn(6, 3, 2, 2, generator=g, requires_grad=True)
+    x1_t, x1_f = torch.randn(6, 3, 2, 2, generator=g), torch.randn(6, 3, 2, 2, generator=g)
+    d = dm_direction(x_hat, x1_t, x1_f)
+    scale = (x_hat.detach() - x1_t).abs().flatten(1).mean(1)
+    assert torch.allclose(d, (x1_f - x1_t) / scale[:, None, None, None])
+    dm_loss(x_hat, d).sum().backward()
+    assert torch.allclose(x_hat.grad, d / 12, atol=1e-7)  # 12 elements a sample
+    bad = dm_direction(x_hat, x1_t, torch.full_like(x1_f, float("nan")))
+    assert torch.isfinite(bad).all()
+
+
+def test_the_fake_loss_divides_out_the_output_gain():
+    v, target = torch.ones(2, 4), torch.zeros(2, 4)
+    per = fake_flow_matching_loss(v, target, torch.tensor([1.0, 10.0], dtype=torch.float64))
+    assert torch.allclose(per, torch.tensor([1.0, 0.01]))
+    # a gain below 1 is not amplified
+    assert torch.allclose(fake_flow_matching_loss(v, target, torch.tensor([0.5, 0.5])), torch.ones(2))
+
+
+def test_time_draws_stay_in_range_for_both_modes():
+    g = torch.Generator().manual_seed(2)
+    for mode in ("uniform", "logit_normal"):
+        t = draw_times(4000, 0.2, 0.7, mode, g)
+        assert t.min() >= 0.2 and t.max() <= 0.7
+    # logit-normal concentrates in the middle of the range
+    mid = draw_times(4000, 0.0, 1.0, "logit_normal", g)
+    uni = draw_times(4000, 0.0, 1.0, "uniform", g)
+    assert ((mid - 0.5).abs() < 0.25).float().mean() > ((uni - 0.5).abs() < 0.25).float().mean() + 0.1
+
+
+def test_a_rollout_of_n_steps_calls_the_student_n_times_on_the_uniform_grid():
+    calls = []
+
+    def student(x, s, t, cond=None):
+        calls.append((float(s[0]), float(t[0])))
+        return torch.ones_like(x)
+
+    z = torch.zeros(3, 2)
+    out = rollout(student, z, 4, None)
+    assert calls == [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)]
+    assert torch.allclose(out, torch.ones(3, 2))  # four jumps of a quarter at unit velocity
+
+
+def test_data_estimate_is_the_end_point_of_the_velocity():
+    x1, x0 = torch.randn(5, 3), torch.randn(5, 3)
+    t = torch.rand(5)
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * x1
+    assert torch.allclose(data_estimate(x_t, t, x1 - x0), x1, atol=1e-6)
+
+
+def test_settings_are_checked_in_one_line():
+    for bad in ({"dm_weight": -1.0}, {"dm_time_min": 0.9, "dm_time_max": 0.5}, {"dm_fake_time": "beta"},
+                {"dm_rollout_steps": [0]}, {"dm_rollout_steps": []}, {"dm_fake_updates": 0},
+                {"dm_weight": 0.5, "lora_rank": 4}, {"init_from": "/nonexistent/run"}):
+        with pytest.raises(ConfigError) as e:
+            RunConfig(**bad).validate()
+        assert "\n" not in str(e.value) and len(str(e.value)) <= 200
+
+
+# ------------------------------------------------------------------------------------------- the run --------
+def tiny_cfg(teacher_dir, out, **kw):
+    base = dict(teacher=str(teacher_dir), output=str(out), batch_size=8, pool_size=32, pool_steps=4,
+                eval_samples=8, reference_steps=4, checkpoint_every=4, log_every=1, dm_weight=0.5, dm_batch=4)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_the_fake_network_starts_as_the_teacher_and_never_applies_guidance(tiny_teacher_dir):
+    from ttfm_distill.fake import FakeVelocity
+    from ttfm_distill.teachers.loading import load_teacher
+
+    teacher = load_teacher(str(tiny_teacher_dir))
+    fake = FakeVelocity.from_teacher(teacher)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0.1, 0.5, 0.9])
+    with torch.no_grad():
+        assert torch.equal(fake(x, t), teacher.velocity(x, t))
+    assert all(p.requires_grad for p in fake.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())  # a copy: the teacher stays frozen
+
+
+def test_dm_state_is_checkpointed_and_resumes_bit_for_bit(tiny_teacher_dir, tmp_path):
+    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "a", max_steps=8), show_progress=False)
+    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "b", max_steps=4), show_progress=False)
+    res = run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "b", max_steps=8), show_progress=False)
+    assert res.resumed_from == 4
+    for name in ("student.safetensors", "ema.safetensors", "fake.safetensors"):
+        a = load_file(tmp_path / "a" / "checkpoints" / "step-00000008" / name)
+        b = load_file(tmp_path / "b" / "checkpoints" / "step-00000008" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    a = torch.load(tmp_path / "a" / "checkpoints" / "step-00000008" / "fake_optimizer.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "step-00000008" / "fake_optimizer.pt", weights_only=True)
+    assert all(torch.equal(a["state"][k]["exp_avg"], b["state"][k]["exp_avg"]) for k in a["state"])
+    # the fake network trained (so equal weights are not vacuous) and is not exported with the student
+    from ttfm_distill.teachers.loading import load_teacher
+
+    teacher = load_teacher(str(tiny_teacher_dir))
+    fake = load_file(tmp_path / "a" / "checkpoints" / "step-00000008" / "fake.safetensors")
+    start = {f"network.{k}": v for k, v in teacher.network.state_dict().items()}
+    assert any(not torch.equal(fake[k], start[k]) for k in start)
+    exported = [p.name for p in (tmp_path / "a" / "student").rglob("*")]
+    assert not any("fake" in n for n in exported)
+    history = res.metrics and (tmp_path / "b" / "checkpoints" / "step-00000008" / "trainer_state.json").read_text()
+    assert "dm_loss" in history and "dm_fake_loss" in history
+
+
+def _final_student(out):
+    return load_file(out / "checkpoints" / "step-00000004" / "student.safetensors")
+
+
+def test_each_setting_changes_the_run(tiny_teacher_dir, tmp_path):
+    """dm_weight, dm_start_step, the time range, rollouts, the fake's lr and updates: each has an effect."""
+    def run(name, **kw):
+        run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / name, max_steps=4, **kw), show_progress=False)
+        return tmp_path / name
+
+    off = _final_student(run("off", dm_weight=0.0))
+    on = _final_student(run("on"))
+    assert any(not torch.equal(off[k], on[k]) for k in off)  # the term reaches the student
+    late = _final_student(run("late", dm_start_step=100))
+    assert all(torch.equal(off[k], late[k]) for k in off)  # not before dm_start_step: the student is ITVM's
+    for name, kw in {"times": dict(dm_time_min=0.5, dm_time_max=0.6), "rollout": dict(dm_rollout_steps=[2])}.items():
+        other = _final_student(run(name, **kw))
+        assert any(not torch.equal(on[k], other[k]) for k in on), name
+    fake = lambda out: load_file(out / "checkpoints" / "step-00000004" / "fake.safetensors")  # noqa: E731
+    base = fake(tmp_path / "on")
+    for name, kw in {"lr": dict(dm_fake_lr=1e-2), "updates": dict(dm_fake_updates=3),
+                     "fake_time": dict(dm_fake_time="logit_normal")}.items():
+        other = fake(run(name, **kw))
+        assert any(not torch.equal(base[k], other[k]) for k in base), name
+    # before dm_start_step the fake network still learns the student's samples
+    start = fake(tmp_path / "late")
+    from ttfm_distill.teachers.loading import load_teacher
+
+    net = {f"network.{k}": v for k, v in load_teacher(str(tiny_teacher_dir)).network.state_dict().items()}
+    assert any(not torch.equal(start[k], net[k]) for k in net)
+
+
+def test_init_from_starts_the_student_from_an_earlier_run(tiny_teacher_dir, tmp_path):
+    first = tmp_path / "first"
+    run_distillation(tiny_cfg(tiny_teacher_dir, first, max_steps=4, dm_weight=0.0, export_weights="raw"),
+                     show_progress=False)
+    second = tmp_path / "second"
+    cfg = tiny_cfg(tiny_teacher_dir, second, max_steps=1, init_from=str(first), lr=1e-12, warmup_steps=1)
+    run_distillation(cfg, show_progress=False)
+    before = load_file(first / "checkpoints" / "step-00000004" / "student.safetensors")
+    after = load_file(second / "checkpoints" / "step-00000001" / "student.safetensors")
+    # one step at a vanishing lr: the second run's student is the first's, not the teacher's
+    key = next(k for k in before if k.startswith("second_time.linear_2.weight"))
+    assert before[key].abs().sum() > 0
+    assert torch.allclose(before[key], after[key], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_with_the_dm_term_checkpoints_its_state_and_resumes(tiny_teacher_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "ttfm_distill", "run", "--teacher", str(tiny_teacher_dir), "--output", str(out),
+            "--max-steps", "100000", "--batch-size", "4", "--set", "pool_size=16", "--set", "pool_steps=2",
+            "--set", "checkpoint_every=100000", "--set", "dm_weight=0.5", "--set", "dm_batch=2", "-q"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "cache").exists():
+        time.sleep(0.5)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    ckpt = list_checkpoints(out)[-1]
+    assert (ckpt / "fake.safetensors").exists() and (ckpt / "fake_optimizer.pt").exists()
