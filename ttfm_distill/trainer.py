@@ -25,6 +25,7 @@ from .errors import ConfigError, Interrupted, NonFiniteLoss, RunError, Terminate
 from .fileio import write_json
 from .objectives import TrainBatch
 from .preflight import check_objective_fits, trajectory_rows  # noqa: F401 - re-exported
+from .tracking import RunTracking, accelerator_trackers
 from .objectives.timesampling import sample_time_pairs
 
 
@@ -167,6 +168,8 @@ class Distillation:
             self.train()
             return self.finish()
         finally:
+            if getattr(self, "tracking", None) is not None:
+                self.tracking.close()
             if self.lock is not None:
                 self.lock.release()
 
@@ -179,7 +182,8 @@ class Distillation:
         resolve_precision(cfg, self.folder.saved)  # "auto": from the teacher's configs and this machine
         on_cpu = not torch.cuda.is_available()
         scale.check_mixed_precision(cfg.mixed_precision, "cpu" if on_cpu else "cuda")
-        self.accelerator = scale.make_accelerator(cfg.mixed_precision, cfg.compile, cpu=on_cpu)
+        self.accelerator = scale.make_accelerator(cfg.mixed_precision, cfg.compile, cpu=on_cpu,
+                                                  **accelerator_trackers(cfg, self.out))
         if cfg.lora_rank > 0 and scale.is_sharded(self.accelerator):
             raise ConfigError("LoRA students under FSDP are not supported yet; use data parallel (the base is frozen, "
                               "so each GPU holds one copy of it plus the adapters)")
@@ -376,8 +380,9 @@ class Distillation:
                 return None
             raise NonFiniteLoss(f"loss became {loss.item()} at step {step}; stopped without saving "
                                 f"(last good checkpoint: step {self.last_saved}); lower --lr or use nan_policy=skip")
-        if cfg.grad_clip > 0:
-            self.accelerator.clip_grad_norm_(self.wrapped.parameters(), cfg.grad_clip)
+        if cfg.grad_clip > 0 or self.tracking.measures_grad_norm(step):  # max_norm inf: the norm alone (grads x 1)
+            self.grad_norm = self.accelerator.clip_grad_norm_(self.wrapped.parameters(), cfg.grad_clip or float("inf"))
+        self.step_metrics = step_metrics
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -397,11 +402,14 @@ class Distillation:
         task = progress.add_task("distilling", total=cfg.total_steps(), completed=self.start_step, loss=float("nan"))
         clock = self.budget_clock(t_start)
         step = self.start_step
+        self.tracking = RunTracking(self)  # train_log.jsonl, trackers, validation (tracking.py)
         try:
             with progress, _SigtermAsInterrupt():
+                self.tracking.start()
                 while step < cfg.total_steps():
                     lv = self.train_step(step)
                     step += 1
+                    self.tracking.after_step(step, lv)
                     if clock is not None and clock.tick(step):
                         self.fit_time_budget(clock)
                         progress.update(task, total=cfg.total_steps())
@@ -410,6 +418,7 @@ class Distillation:
                     progress.update(task, completed=step, loss=lv)
                     if step % cfg.checkpoint_every == 0 and step < cfg.total_steps():
                         self.checkpoint(step)
+                    self.tracking.validate_if_due(step)
         except KeyboardInterrupt as e:
             if step > self.last_saved:
                 self.checkpoint(step)
@@ -459,6 +468,7 @@ class Distillation:
         metrics = {}
         if cfg.total_steps() > self.last_saved:
             self.checkpoint(cfg.total_steps())
+        self.tracking.at_end()  # the last validation and training-curves.png, before the card shows them
         final = self.ema if (cfg.export_weights == "ema" and self.ema is not None) else self.student
         if final is self.student:  # sharded: an unsharded copy holding the gathered weights, built on rank 0
             final = scale.unsharded_copy(self.accelerator, self.wrapped, self.student,
@@ -576,7 +586,8 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
         rows = {k: torch.cat([teacher.decode(c.to(device)).cpu() for c in v.split(64)]) for k, v in rows.items()}
     save_comparison(rows, out / "samples.png", kind=teacher.kind, errors=errors,
                     title=f"{teacher.name}: student ({cfg.loss}, {cfg.total_steps()} steps) vs teacher, same noise")
-    write_model_card(out / "student", metrics, cfg.to_dict(), out / "samples.png")  # the export's README.md
+    write_model_card(out / "student", metrics, cfg.to_dict(), out / "samples.png",  # the export's README.md
+                     curves=out / "training-curves.png")
     fme = metrics["flow_map_error"]
     for k in fme["student"]:  # one short line each: a narrow or non-terminal console must not cut them
         log(f"flow-map error, {k} step: student {fme['student'][k]:.4f}, teacher Euler {fme['teacher_euler'][k]:.4f}")
