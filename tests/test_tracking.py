@@ -85,7 +85,7 @@ def test_tensorboard_holds_the_logs_scalars_and_images_once_across_a_resume(tiny
     train, valid = log_rows(out, "train"), log_rows(out, "validation")
     assert [r["step"] for r in train] == list(range(1, 9)) and [r["step"] for r in valid] == [4, 8]
 
-    ea = EventAccumulator(str(out / "logs" / "ttfm-distill"), size_guidance={"scalars": 0, "images": 0})
+    ea = EventAccumulator(str(out / "trackers" / "ttfm-distill"), size_guidance={"scalars": 0, "images": 0})
     ea.Reload()
     for key in ("loss", "grad_norm", "lr", "terminal"):
         events = ea.Scalars(f"train/{key}")

@@ -122,7 +122,7 @@ def run(
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Classifier-free guidance baked into the student (1 = none)."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt of the baked guidance (text teachers)."),
     sample_size: Optional[int] = typer.Option(None, "--sample-size", help="Latent size for teachers whose config does not fix it (Flux: default 128)."),
-    report_to: Optional[str] = typer.Option(None, "--report-to", help="Accelerate trackers, comma-separated: tensorboard (pip install 'ttfm-distill[tensorboard]'), wandb, trackio, aim, mlflow, ... or all; files under RUN/logs."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="Accelerate trackers, comma-separated: tensorboard (pip install 'ttfm-distill[tensorboard]'), wandb, trackio, aim, mlflow, ... or all; files under RUN/trackers."),
     validate_every: Optional[int] = typer.Option(None, "--validate-every", help="Validate (flow-map error, FD, a sample grid) every N steps; default: at each checkpoint; 0: never."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or TOML file of run settings (flags override it)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Any run setting KEY=VALUE (repeatable), e.g. --set time_sampling=uniform."),

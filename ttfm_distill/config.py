@@ -158,7 +158,7 @@ class RunConfig:
     nan_policy: str = "stop"
     # watching a run (docs/observability.md)
     #: Accelerate trackers, comma-separated (tensorboard, wandb, trackio, aim, mlflow, ...; "all": every one
-    #: installed), or "none"; their files go under logs/ in the run folder
+    #: installed), or "none"; their files go under trackers/ in the run folder
     report_to: str | list = "none"
     #: validate every this many steps (and at the end); unset: at each checkpoint; 0: never
     validate_every: int | None = None

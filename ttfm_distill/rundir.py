@@ -24,7 +24,7 @@ from .errors import ConfigError, OutputInUse
 LOCK_NAME = ".ttfm-distill.lock"
 #: names (glob patterns) a run, ``sample`` or ``eval`` writes at the top of a run folder
 RUN_ENTRIES = ("config.json", "student", "checkpoints", "cache", "metrics.json", "samples.png", "eval.json",
-               "eval.png", "samples-*step.png", "train_log.jsonl", "validation", "training-curves.png", "logs",
+               "eval.png", "samples-*step.png", "train_log.jsonl", "validation", "training-curves.png", "trackers",
                LOCK_NAME)
 #: hidden temporaries left by a kill mid-write (atomic files, folders, moved-aside folders, probes)
 TEMPORARY_PATTERNS = (".*.tmp", ".*.old", ".write-test")
@@ -109,7 +109,7 @@ def sweep_unstarted(out: Path) -> None:
     if (out / "config.json").exists():
         return
     for name in ("checkpoints", "student", "metrics.json", "samples.png", "train_log.jsonl", "validation",
-                 "training-curves.png", "logs"):
+                 "training-curves.png", "trackers"):
         if (out / name).exists() or (out / name).is_symlink():
             _remove(out / name)
 

@@ -10,7 +10,7 @@ What a run writes for it (rank 0 only; docs/observability.md describes every fie
   the validation's first noises.
 * ``training-curves.png``: the loss terms and the validation scores against training samples (the
   end of a run, ``eval --model RUN``), also shown in the exported model card.
-* ``logs/``: the files of the trackers chosen by ``report_to`` (TensorBoard: ``logs/ttfm-distill/``).
+* ``trackers/``: the files of the trackers chosen by ``report_to`` (TensorBoard: ``trackers/ttfm-distill/``).
 
 Validation never draws from the training generators or the global random state (it runs inside
 ``torch.random.fork_rng`` on noises of its own seed), so a run with it trains exactly as one without.
@@ -32,7 +32,7 @@ from .errors import ConfigError
 LOG_NAME = "train_log.jsonl"
 VALIDATION_DIR = "validation"
 CURVES_NAME = "training-curves.png"
-TRACKER_DIR = "logs"
+TRACKER_DIR = "trackers"
 PROJECT_NAME = "ttfm-distill"
 #: the student's step counts scored at each validation
 VALIDATION_STEPS = (1, 2, 4)
