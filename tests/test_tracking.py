@@ -67,6 +67,8 @@ def test_a_killed_and_resumed_run_logs_each_step_once(tiny_teacher_dir, tmp_path
                                                                       [row["step"] for row in valid]]
     assert (out / "training-curves.png").stat().st_size > 10_000
     assert "validation (1/2/4 steps): error" in r.stderr
+    metrics = json.loads((out / "metrics.json").read_text())  # the last validation scored the report's noises
+    assert valid[-1]["flow_map_error"] == metrics["flow_map_error"]["student"]
 
 
 def test_tensorboard_holds_the_logs_scalars_and_images_once_across_a_resume(tiny_teacher_dir, tmp_path):

@@ -162,8 +162,9 @@ class RunConfig:
     report_to: str | list = "none"
     #: validate every this many steps (and at the end); unset: at each checkpoint; 0: never
     validate_every: int | None = None
-    #: fixed noises of each validation (seeded from seed): the student's flow-map error and, for 1x16x16 teachers, FD
-    validation_samples: int = 128
+    #: fixed noises of each validation (seeded from seed): the student's flow-map error and, for 1x16x16 teachers, FD.
+    #: Unset: the run report's (eval_samples; 4096 at least for 2-D teachers), whose noises they then are
+    validation_samples: int | None = None
     # training at scale (docs/scale.md, "Settings")
     #: split each step's batch (per process) into this many micro-batches; memory only, same update
     grad_accum_steps: int = 1
@@ -244,7 +245,7 @@ class RunConfig:
             raise ConfigError(f"lr_final_fraction must be in [0, 1], got {self.lr_final_fraction}")
         if self.validate_every is not None and int(self.validate_every) < 0:
             raise ConfigError(f"validate_every must be >= 0 (0: never), got {self.validate_every}")
-        if int(self.validation_samples) < 2:
+        if self.validation_samples is not None and int(self.validation_samples) < 2:
             raise ConfigError(f"validation_samples must be >= 2 (a covariance needs two), got {self.validation_samples}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ConfigError("weight_decay, grad_clip and warmup_steps must be >= 0")

@@ -36,8 +36,9 @@ TRACKER_DIR = "trackers"
 PROJECT_NAME = "ttfm-distill"
 #: the student's step counts scored at each validation
 VALIDATION_STEPS = (1, 2, 4)
-#: validation noises come from seed + 2: apart from the training draws (seed, rank, step) and the report's seed + 1
-VALIDATION_SEED_OFFSET = 2
+#: validation scores the run report's noises (seed + 1, apart from the training draws of (seed, rank, step)): the
+#: last validation is the report's own reading, and the teacher's fine solve of them is computed once for both
+VALIDATION_SEED_OFFSET = 1
 #: noises shown in each validation figure
 FIGURE_COLUMNS = 8
 #: the measures of a validation row, as eval names them (those the teacher's kind allows)
@@ -283,6 +284,18 @@ class RunTracking:
                 self.file.flush()
             draw_curves(self.out, title=f"{self.out.name}: {cfg.loss}, {cfg.total_steps()} steps")
 
+    def report_reference(self):
+        """The teacher's fine solve of the run report's noises, where this session's validation already made it
+        (the same count, seed and steps), else ``None``."""
+        from .report import REPORT_SEED_OFFSET, report_samples
+
+        ev = getattr(self.validator, "ev", None)
+        cfg = self.cfg
+        if ev is None or ev.num != report_samples(cfg, ev.kind) or ev.seed != cfg.seed + REPORT_SEED_OFFSET or \
+                ev.reference_steps != cfg.reference_steps:
+            return None
+        return ev.reference
+
     def close(self) -> None:
         """Close the log and finish the trackers (not ``end_training``: that also ends the process group)."""
         if self.file is not None:
@@ -424,7 +437,9 @@ class Validator:
 
         self.teacher, self.device = teacher, device
         self.grid = resolve_time_grid(cfg.time_grid, getattr(teacher, "io", None))
-        num = int(cfg.validation_samples) if teacher.kind == "image" else max(int(cfg.validation_samples), 2048)
+        from .report import report_samples
+
+        num = report_samples(cfg, teacher.kind) if cfg.validation_samples is None else int(cfg.validation_samples)
         with torch.random.fork_rng(devices=_rng_devices(device)), torch.no_grad():
             self.ev = Evaluation(teacher, num=num, seed=cfg.seed + VALIDATION_SEED_OFFSET,
                                  reference_steps=cfg.reference_steps, batch_size=128, device=device)

@@ -476,7 +476,8 @@ class Distillation:
         if self.main:
             metrics = finish_run(cfg, self.out, final.eval(), self.teacher, self.objective, self.seconds,
                                  self.history, self.device, self.log, self.skipped, distributed,
-                                 data_report=getattr(self.data, "report", None))
+                                 data_report=getattr(self.data, "report", None),
+                                 reference=self.tracking.report_reference())
         self.accelerator.wait_for_everyone()
         return RunResult(self.out, cfg.total_steps(), self.seconds, metrics, self.start_step, self.main)
 
@@ -552,8 +553,9 @@ def _distributed_report(accelerator, student, first_batch: float) -> dict | None
 
 
 def finish_run(cfg, out, student, teacher, objective, seconds, history, device, log, skipped=0,
-               distributed: dict | None = None, data_report: dict | None = None) -> dict:
-    """Export the student, measure it against the teacher, draw ``samples.png``."""
+               distributed: dict | None = None, data_report: dict | None = None, reference=None) -> dict:
+    """Export the student, measure it against the teacher, draw ``samples.png``; ``reference``: the teacher's fine
+    solve of the report's noises, if the run's validation kept it (tracking.RunTracking.report_reference)."""
     from .export import export_run
     from .report import run_report
     from .pipeline_card import write_model_card
@@ -561,12 +563,13 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
 
     export_run(student, out / "student", cfg, teacher, objective, standalone=cfg.standalone)
     log(f"exported student -> {out / 'student'}")
-    n = cfg.eval_samples if teacher.kind == "image" else max(cfg.eval_samples, 4096)
-    # the evaluation's noises come from seed + 1, apart from the training draws of (seed, rank, step)
+    from .report import REPORT_SEED_OFFSET, report_samples
     from .sampling import resolve_time_grid
 
+    n = report_samples(cfg, teacher.kind)
     grid = resolve_time_grid(cfg.time_grid, getattr(teacher, "io", None))
-    metrics, rows, errors = run_report(student, teacher, n, cfg.seed + 1, cfg.reference_steps, device, grid)
+    metrics, rows, errors = run_report(student, teacher, n, cfg.seed + REPORT_SEED_OFFSET, cfg.reference_steps,
+                                       device, grid, reference)
     metrics["training"] = {"steps": cfg.total_steps(), "seconds": round(seconds, 1), "skipped_steps": skipped,
                            "final_loss": history[-1]["loss"] if history else None}
     if cfg.time_budget is not None:
