@@ -192,13 +192,16 @@ def save_training_curves(rows: list[dict], path: str | Path, title: str = "") ->
         return pts
 
     ax = axes.flat[0]
-    positive = True
+    positive, zero = True, []
     for i, key in enumerate(terms):
+        if train and all(r.get(key) in (0, 0.0, None) for r in train):  # a term this run does not use (ITVM's
+            zero.append(key)  # initial term with no diagonal pairs): named, not drawn, so the axis can be log
+            continue
         pts = line(ax, train, key, lw=1.6 if key == "loss" else 1.0, color=f"C{i}", label=key)
         positive &= all(v > 0 for _, v in pts)
     if positive and train:
         ax.set_yscale("log")
-    ax.set_title("training loss and objective terms", fontsize=9)
+    ax.set_title("training loss and objective terms" + (f" ({', '.join(zero)}: 0)" if zero else ""), fontsize=9)
     ax.legend(fontsize=7)
     ax = axes.flat[1]
     if line(ax, train, "grad_norm", lw=1.0, color="C0", label="gradient norm"):
