@@ -194,7 +194,8 @@ class RunTracking:
         self.seconds0 = self.skipped0 = 0
         self.t0 = self.t_row = time.time()
         self.step_row = run.start_step
-        #: validation seconds, in all and since the last train row (steps_per_second leaves them out)
+        #: validation seconds: scoring in all (the setup not counted: the report would solve the reference
+        #: anyway), and everything since the last train row (steps_per_second leaves it out)
         self.validation_time = self.validation_since_row = 0.0
         self.warned = self.noted = False
 
@@ -325,24 +326,29 @@ class RunTracking:
                             "on each rank; set ema_decay > 0 to validate while training")
                     self.warned = True
             else:
-                begin = time.time()
-                if self.validator is None:
+                setup = None
+                if self.validator is None:  # the fine solve and the teacher's Euler: once a session
+                    begin = time.time()
                     self.validator = Validator(run.teacher, self.cfg, run.device)
-                self.record(step, self.validator.run(model, run.student), begin)
+                    setup = time.time() - begin
+                begin = time.time()
+                self.record(step, self.validator.run(model, run.student), begin, setup)
         self.validated.add(step)
         self.accelerator.wait_for_everyone()
 
-    def record(self, step: int, result: "ValidationResult", begin: float) -> None:
-        """The validation row, its figure, its line on the console and its scalars and image to the trackers."""
+    def record(self, step: int, result: "ValidationResult", begin: float, setup: float | None = None) -> None:
+        """The validation row, its figure, its line on the console and its scalars and image to the trackers;
+        ``setup``: the seconds of the validator's setup, at a session's first validation."""
         image = self.out / VALIDATION_DIR / f"step-{step:08d}.png"
         result.save_figure(image)
         now = time.time()
         seconds = now - begin
         self.validation_time += seconds
-        self.validation_since_row += seconds
+        self.validation_since_row += seconds + (setup or 0.0)
         row = {"kind": "validation", "step": step, "samples": self.samples(step),
                "seconds": round(self.seconds0 + now - self.t0, 3), "time": round(now, 3),
                "validation_seconds": round(seconds, 3), "validation_samples": result.num,
+               **({"setup_seconds": round(setup, 3)} if setup is not None else {}),
                **{k: {n: _finite(v) for n, v in table.items()} for k, table in result.student.items()},
                "teacher_euler": result.teacher, "image": str(image.relative_to(self.out))}
         self.write(row)
