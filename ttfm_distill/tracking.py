@@ -197,7 +197,7 @@ class RunTracking:
         #: validation seconds: scoring in all (the setup not counted: the report would solve the reference
         #: anyway), and everything since the last train row (steps_per_second leaves it out)
         self.validation_time = self.validation_since_row = 0.0
-        self.warned = self.noted = False
+        self.noted = False
 
     # -- hooks ------------------------------------------------------------------
     def start(self) -> None:
@@ -316,23 +316,24 @@ class RunTracking:
         self.file.write(json.dumps(row, allow_nan=False) + "\n")
 
     def validate(self, step: int) -> None:
-        """Score the weights that would be exported on the validation noises; rank 0 works, the rest wait."""
+        """Score the weights that would be exported on the validation noises: rank 0 alone, the rest waiting, or,
+        for a sharded (FSDP) student, every rank alike (its forward is a collective) and rank 0 records."""
         run = self.run
-        if self.main:
-            model = validation_model(run)
-            if model is None:
-                if not self.warned:
-                    run.log("[yellow]warning:[/] no validation: the student is sharded (FSDP) and has no EMA copy "
-                            "on each rank; set ema_decay > 0 to validate while training")
-                    self.warned = True
-            else:
-                setup = None
-                if self.validator is None:  # the fine solve and the teacher's Euler: once a session
-                    begin = time.time()
-                    self.validator = Validator(run.teacher, self.cfg, run.device)
-                    setup = time.time() - begin
+        model, everywhere = validation_model(run)
+        if self.main or everywhere:
+            setup = None
+            if self.validator is None:  # the fine solve and the teacher's Euler: once a session
                 begin = time.time()
-                self.record(step, self.validator.run(model, run.student), begin, setup)
+                self.validator = Validator(run.teacher, self.cfg, run.device)
+                setup = time.time() - begin
+            begin = time.time()
+            import contextlib
+
+            # a sharded student holds its weights in the training precision (FSDP's policy): run it as training does
+            with self.accelerator.autocast() if everywhere else contextlib.nullcontext():
+                result = self.validator.run(model, run.student)
+            if self.main:
+                self.record(step, result, begin, setup)
         self.validated.add(step)
         self.accelerator.wait_for_everyone()
 
@@ -367,15 +368,16 @@ class RunTracking:
             log_image(self.accelerator, "validation/samples", result.image, step)
 
 
-def validation_model(run):
-    """The weights ``finish`` would export (the EMA by default), or ``None`` where they are sharded."""
+def validation_model(run) -> tuple:
+    """``(model, on every rank)``: the weights ``finish`` would export, the EMA by default (whole on each rank);
+    the student itself, which under FSDP is sharded, so every rank runs its forward (a collective)."""
     from . import scale
 
     if run.ema is not None and run.cfg.export_weights == "ema":
-        return run.ema
+        return run.ema, False
     if scale.is_sharded(run.accelerator, run.wrapped):
-        return None
-    return run.student
+        return run.wrapped, True
+    return run.student, False
 
 
 def log_image(accelerator, key: str, image, step: int) -> None:
