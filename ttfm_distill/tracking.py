@@ -283,7 +283,7 @@ class RunTracking:
         if self.main:
             if self.file is not None:
                 self.file.flush()
-            draw_curves(self.out, title=f"{self.out.name}: {cfg.loss}, {cfg.total_steps()} steps")
+            draw_curves(self.out)
 
     def report_reference(self):
         """The teacher's fine solve of the run report's noises, where this session's validation already made it
@@ -503,14 +503,22 @@ def _rng_devices(device) -> list:
 
 
 # --------------------------------------------------------------- curves -----
-def draw_curves(folder: Path, title: str = "") -> Path | None:
-    """``training-curves.png`` in run folder ``folder`` from its training log (``None`` when it has none)."""
+def draw_curves(folder: Path) -> Path | None:
+    """``training-curves.png`` in run folder ``folder`` from its training log (``None`` when it has none); the same
+    log gives the same figure, at the end of the run or from ``eval``."""
     folder = Path(folder)
     rows = read_log(folder / LOG_NAME)
     if not rows:
         return None
     from .plots import save_training_curves
 
+    title = folder.name
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+        steps = saved.get("fitted_steps") or saved.get("max_steps")
+        title += f": {saved.get('loss')}, {steps} steps"
+    except (OSError, ValueError, AttributeError):
+        pass
     path = folder / CURVES_NAME
-    save_training_curves(rows, path, title=title or folder.name)
+    save_training_curves(rows, path, title=title)
     return path
