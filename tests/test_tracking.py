@@ -128,6 +128,10 @@ def test_a_tracker_that_cannot_work_here_is_one_line_before_any_work(tmp_path, m
     from ttfm_distill.tracking import _offline_problem, check_report_to, tracker_names
 
     assert tracker_names("none") == [] and tracker_names("tensorboard, tensorboard") == ["tensorboard"]
+    from ttfm_distill.config import RunConfig, resume_mismatch
+
+    watched = RunConfig(report_to="tensorboard", validate_every=0, validation_samples=16).to_dict()
+    assert resume_mismatch(RunConfig().to_dict(), watched) == []  # what a run shows may change on resume
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     assert "offline" in _offline_problem("wandb") and "WANDB_MODE=offline" in _offline_problem("wandb")
