@@ -298,13 +298,22 @@ class RunTracking:
         return ev.reference
 
     def close(self) -> None:
-        """Close the log and finish the trackers (not ``end_training``: that also ends the process group)."""
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        """Close the log and finish the trackers (not ``end_training``: that also ends the process group).
+
+        Called on the way out of every run, a failed one too, so it raises nothing that would hide why the
+        run ended (a full disk, say): the log's rows are written line by line already."""
+        file, self.file = self.file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass
         if self.main and self.trackers:
             for tracker in self.accelerator.trackers:
-                tracker.finish()
+                try:
+                    tracker.finish()
+                except Exception as e:  # noqa: BLE001 - a tracker's own failure, reported, not raised
+                    self.run.log(f"[yellow]warning:[/] tracker {tracker.name} did not finish: {type(e).__name__}")
             self.accelerator.trackers = []
 
     # -- pieces -----------------------------------------------------------------
