@@ -13,7 +13,8 @@ What a run writes for it (rank 0 only; docs/observability.md describes every fie
 * ``trackers/``: the files of the trackers chosen by ``report_to`` (TensorBoard: ``trackers/ttfm-distill/``).
 
 Validation never draws from the training generators or the global random state (it runs inside
-``torch.random.fork_rng`` on noises of its own seed), so a run with it trains exactly as one without.
+``torch.random.fork_rng``, on the run report's noises from their own generator), so a run with it trains
+exactly as one without.
 """
 
 from __future__ import annotations
