@@ -94,6 +94,8 @@ def test_analytic_teacher_run(tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "g" / "metrics.json").read_text())
     assert "kl" in m and m["kl"]["reference"] < m["kl"]["teacher_euler"]["1"]
+    valid = [json.loads(line) for line in (tmp_path / "g" / "train_log.jsonl").read_text().splitlines()][-1]
+    assert valid["kind"] == "validation" and valid["step"] == 20 and set(valid["kl"]) == {"1", "2", "4"}
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -104,6 +106,8 @@ def test_analytic_teacher_run(tmp_path):
     (["run", "--set", "bach_size=3"], "did you mean 'batch_size'"),
     (["run", "--batch-size", "-4"], "batch_size"),
     (["run", "--lr", "0"], "lr"),
+    (["run", "--validate-every", "-1"], "validate_every must be >= 0"),
+    (["run", "--report-to", "tensorboard,nope"], "unknown tracker 'nope'"),
     (["sample", "--steps", "0"], "--steps"),
     (["sample", "--model", "/tmp"], "not an exported student"),
 ])

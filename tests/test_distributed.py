@@ -47,6 +47,10 @@ def test_two_processes_stay_in_sync_on_different_data(tiny_teacher_dir, tmp_path
     leftovers = [p.name for p in out.rglob("*") if p.name.startswith(".") and p.name != ".ttfm-distill.lock"]
     assert leftovers == []
     assert (out / ".ttfm-distill.lock").read_text() == ""  # held by rank 0 only, released cleanly at the end
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]  # rank 0 wrote once
+    assert [(r["kind"], r["step"]) for r in rows] == [("train", 1), ("validation", 3), ("train", 6), ("validation", 6)]
+    assert all(r["samples"] == r["step"] * 8 * 2 for r in rows)  # both ranks' samples
+    assert r.stderr.count("step 3 validation") == 1
 
 
 @pytest.mark.slow

@@ -248,3 +248,26 @@ def test_cli_eval_bad_input_is_one_line(case, tiny_run, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_16x16_run_validates_with_fd_and_eval_redraws_its_curves(tiny_run, tmp_path):
+    """The classifier's image size: each validation has FD at 1/2/4 steps; the card shows the curves; `eval --model
+    RUN` draws them again from the training log."""
+    rows = [json.loads(line) for line in (tiny_run / "train_log.jsonl").read_text().splitlines()]
+    valid = [r for r in rows if r["kind"] == "validation"]
+    assert [r["step"] for r in valid] == [2]  # the end (no checkpoint before it)
+    for key in ("flow_map_error", "fd_test_images", "fd_teacher_fine"):
+        assert set(valid[0][key]) == {"1", "2", "4"} and all(v >= 0 for v in valid[0][key].values()), key
+        assert set(valid[0]["teacher_euler"][key]) == {"1", "2", "4"}
+    assert valid[0]["validation_samples"] == 4 and (tiny_run / valid[0]["image"]).is_file()  # the report's noises
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    for key in ("flow_map_error", "fd_test_images"):  # so the last validation is the report's own reading
+        assert valid[0][key] == metrics[key]["student"] and valid[0]["teacher_euler"][key] == metrics[key]["teacher_euler"]
+    card = (tiny_run / "student" / "README.md").read_text()
+    assert "![training curves](training-curves.png)" in card
+    assert (tiny_run / "student" / "training-curves.png").read_bytes() == (tiny_run / "training-curves.png").read_bytes()
+    (tiny_run / "training-curves.png").unlink()
+    r = cli("eval", "--model", tiny_run, "--steps", "1", "--num", 4, "--reference-steps", 2,
+            "--output", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    assert (tiny_run / "training-curves.png").stat().st_size > 10_000 and "training-curves.png" in r.stdout

@@ -66,6 +66,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_teacher_dir, tmp_pat
     cfg = tiny_cfg(tiny_teacher_dir, tmp_path / "s", max_steps=10, loss="nan-after", nan_policy="skip")
     res = run_distillation(cfg, show_progress=False)
     assert res.metrics["training"]["skipped_steps"] == 4
+    rows = [json.loads(line) for line in (tmp_path / "s" / "train_log.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 11))  # a skipped step keeps its row ...
+    assert [r["loss"] is None for r in train] == [False] * 6 + [True] * 4  # ... with no loss and no gradient norm
+    assert [r["skipped_steps"] for r in train] == [0] * 6 + [1, 2, 3, 4] and train[-1]["grad_norm"] is None
 
 
 def test_sigterm_during_training_checkpoints_and_resumes(tiny_teacher_dir, tmp_path):

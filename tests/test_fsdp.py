@@ -135,6 +135,15 @@ def test_accelerate_fsdp2_run_with_resume_matches_data_parallel(run):
     assert set(opt["state"]) <= set(fsdp)  # name-keyed under Accelerate's FSDP2 too
     dist = json.loads((out / "fsdp" / "metrics.json").read_text())["distributed"]
     assert dist["processes"] == 2 and dist["ranks_in_sync"]
+    from ttfm_distill.tracking import read_log
+
+    for name, validated in (("fsdp", [2, 4]), ("bf16", [2])):  # the sharded raw student, validated by all ranks
+        rows = read_log(out / name / "train_log.jsonl")
+        assert [r["step"] for r in rows if r["kind"] == "validation"] == validated, name
+        assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, validated[-1] + 1)), name
+    last = [r for r in read_log(out / "fsdp" / "train_log.jsonl") if r["kind"] == "validation"][-1]
+    report = json.loads((out / "fsdp" / "metrics.json").read_text())["flow_map_error"]["student"]
+    assert last["flow_map_error"] == pytest.approx(report, rel=1e-5)  # the same weights, gathered for the report
 
 
 def test_accelerate_fsdp2_export_reloads_as_the_gathered_weights(run):

@@ -122,13 +122,16 @@ def run(
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Classifier-free guidance baked into the student (1 = none)."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt of the baked guidance (text teachers)."),
     sample_size: Optional[int] = typer.Option(None, "--sample-size", help="Latent size for teachers whose config does not fix it (Flux: default 128)."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="Accelerate trackers, comma-separated: tensorboard (pip install 'ttfm-distill[tensorboard]'), wandb, trackio, aim, mlflow, ... or all; files under RUN/trackers."),
+    validate_every: Optional[int] = typer.Option(None, "--validate-every", help="Validate (flow-map error, FD, a sample grid) every N steps; default: at each checkpoint; 0: never."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or TOML file of run settings (flags override it)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Any run setting KEY=VALUE (repeatable), e.g. --set time_sampling=uniform."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run in --output (only what a run wrote; a folder holding anything else is refused) and start over."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything a run would refuse, print the resolved config, and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
-    """Distil a teacher into a two-timed student; writes student/, samples.png, metrics.json."""
+    """Distil a teacher into a two-timed student; writes student/, samples.png, metrics.json, train_log.jsonl,
+    validation/ and training-curves.png."""
 
     def body():
         from .config import RunConfig, load_config_file
@@ -140,7 +143,8 @@ def run(
                      revision=revision, allow_pickle=allow_pickle or None, guidance_scale=guidance_scale,
                      negative_prompt=negative_prompt, sample_size=sample_size, data_image_column=image_column,
                      data_label_column=label_column, data_caption_column=caption_column, prompts=prompts,
-                     data_resolution=resolution, data_crop=crop, data_streaming=streaming or None)
+                     data_resolution=resolution, data_crop=crop, data_streaming=streaming or None,
+                     report_to=report_to, validate_every=validate_every)
         values.update({k: v for k, v in flags.items() if v is not None})
         if time_budget is not None:
             from .budget import parse_duration
@@ -304,11 +308,18 @@ def eval_(
             write_json(target, report)
             save_metric_curves(report["results"], report["floors"], png,
                                title=f"{folder}: student vs teacher {report['teacher']}")
+
+        from .tracking import LOG_NAME, draw_curves
+
+        run_folder, curves = (folder.parent if folder.name == "student" else folder), None
+        if (run_folder / LOG_NAME).is_file():  # a run folder with a training log: its curves, under its lock
+            with writer_lock(run_folder, "eval"):
+                curves = draw_curves(run_folder)
         for line in summary_lines(report):
             typer.echo(line)
         for line in report["warnings"]:
             typer.echo(f"warning: {line}")
-        typer.echo(f"wrote {target} and {png}")
+        typer.echo(f"wrote {target} and {png}" + (f" and {curves}" if curves else ""))
 
     _guard(body)
 

@@ -148,6 +148,7 @@ class RunConfig:
     #: "auto": bf16 autocast for a flow teacher on hardware with native bf16 (a CUDA GPU that has it, a CPU with
     #: AVX512-BF16 or AMX), else "no" (RunConfig.precision_name); resolved before the accelerator is made
     mixed_precision: str = "auto"
+    #: a row of the training log (train_log.jsonl) and of the trackers every this many steps (ttfm_distill/tracking.py)
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -155,6 +156,15 @@ class RunConfig:
     reference_steps: int = 32
     export_weights: str = "ema"
     nan_policy: str = "stop"
+    # watching a run (docs/observability.md)
+    #: Accelerate trackers, comma-separated (tensorboard, wandb, trackio, aim, mlflow, ...; "all": every one
+    #: installed), or "none"; their files go under trackers/ in the run folder
+    report_to: str | list = "none"
+    #: validate every this many steps (and at the end); unset: at each checkpoint; 0: never
+    validate_every: int | None = None
+    #: fixed noises of each validation (seeded from seed): the student's flow-map error and, for 1x16x16 teachers, FD.
+    #: Unset: the run report's (eval_samples; 4096 at least for 2-D teachers), whose noises they then are
+    validation_samples: int | None = None
     # training at scale (docs/scale.md, "Settings")
     #: split each step's batch (per process) into this many micro-batches; memory only, same update
     grad_accum_steps: int = 1
@@ -254,6 +264,10 @@ class RunConfig:
                               "teacher trajectories; set trajectory_fraction=0 or drop --data")
         if self.lr_final_fraction is not None and not 0 <= self.lr_final_fraction <= 1:
             raise ConfigError(f"lr_final_fraction must be in [0, 1], got {self.lr_final_fraction}")
+        if self.validate_every is not None and int(self.validate_every) < 0:
+            raise ConfigError(f"validate_every must be >= 0 (0: never), got {self.validate_every}")
+        if self.validation_samples is not None and int(self.validation_samples) < 2:
+            raise ConfigError(f"validation_samples must be >= 2 (a covariance needs two), got {self.validation_samples}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ConfigError("weight_decay, grad_clip and warmup_steps must be >= 0")
         if self.time_budget is not None:
@@ -568,6 +582,8 @@ def load_config_file(path: str | Path) -> dict:
 RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_samples",
                      "reference_steps", "output", "allow_pickle", "data_cache", "gradient_checkpointing", "compile",
                      "lora_export", "standalone",
+                     # what a run shows while it trains, not what it trains
+                     "report_to", "validate_every", "validation_samples",
                      # what a time budget fitted: a resume keeps it (preflight.adopt_fitted_steps)
                      "fitted_steps",
                      # checked on its own once the teacher is loaded (preflight.check_teacher_unchanged)

@@ -98,7 +98,7 @@ def _yaml_value(value: str) -> str:
 
 
 def card_text(config: StudentConfig, metrics: dict | None = None, run_config: dict | None = None,
-              has_samples: bool = False, standalone: bool = False) -> str:
+              has_samples: bool = False, standalone: bool = False, has_curves: bool = False) -> str:
     teacher = config.teacher or {}
     source = str(teacher.get("source") or teacher.get("name") or "unknown")
     conditioning = teacher.get("conditioning")
@@ -153,6 +153,9 @@ def card_text(config: StudentConfig, metrics: dict | None = None, run_config: di
         if settings:
             lines += ["", f"{settings.get('eval_samples', '?')} samples, reference: {settings.get('reference', '?')}."]
         lines.append("")
+    if has_curves:
+        lines += ["Training: the loss terms and the validation scores at 1, 2 and 4 steps (the teacher's Euler dashed) "
+                  "against training samples:", "", "![training curves](training-curves.png)", ""]
     if has_samples:
         lines += ["## Samples", "", "Student at 1, 2 and 4 steps against the teacher's Euler sampler, same noise:", "",
                   "![samples](samples.png)", ""]
@@ -162,8 +165,10 @@ def card_text(config: StudentConfig, metrics: dict | None = None, run_config: di
 
 
 def write_model_card(folder: str | Path, metrics: dict | None = None, run_config: dict | None = None,
-                     samples: str | Path | None = None, standalone: bool | None = None) -> Path | None:
-    """Write ``folder/README.md`` (and copy the sample grid beside it) for the pipeline export in ``folder``."""
+                     samples: str | Path | None = None, standalone: bool | None = None,
+                     curves: str | Path | None = None) -> Path | None:
+    """Write ``folder/README.md`` (and copy the sample grid and the training curves beside it) for the pipeline
+    export in ``folder``."""
     from .layout import student_folder
     from .fileio import atomic_path
 
@@ -171,14 +176,16 @@ def write_model_card(folder: str | Path, metrics: dict | None = None, run_config
     if not (folder / "model_index.json").exists():
         return None  # a LoRA adapter folder is not a pipeline: no card
     config = StudentConfig.load(student_folder(folder))
-    if samples is not None and Path(samples).exists():
-        with atomic_path(folder / "samples.png") as tmp:
-            shutil.copyfile(samples, tmp)
+    for source, name in ((samples, "samples.png"), (curves, "training-curves.png")):
+        if source is not None and Path(source).exists():
+            with atomic_path(folder / name) as tmp:
+                shutil.copyfile(source, tmp)
     if standalone is None:
         from .standalone import MODULE
 
         standalone = (folder / f"{MODULE}.py").exists()
-    text = card_text(config, metrics, run_config, has_samples=(folder / "samples.png").exists(), standalone=standalone)
+    text = card_text(config, metrics, run_config, has_samples=(folder / "samples.png").exists(), standalone=standalone,
+                     has_curves=(folder / "training-curves.png").exists())
     with atomic_path(folder / "README.md") as tmp:
         tmp.write_text(text)
     return folder / "README.md"

@@ -161,3 +161,67 @@ def _save_figure(fig, path: str | Path, title: str = "", fontsize: int = 10, dpi
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
+
+
+def save_training_curves(rows: list[dict], path: str | Path, title: str = "") -> None:
+    """The training log (tracking.read_log) as one figure against training samples: the loss and each objective
+    term, the gradient norm, and each validation measure at 1, 2 and 4 steps (the teacher's Euler dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .tracking import TRAIN_KEYS, VALIDATION_MEASURES
+
+    train = [r for r in rows if r.get("kind") == "train" and r.get("loss") is not None]
+    valid = [r for r in rows if r.get("kind") == "validation"]
+    terms = ["loss"] + sorted({k for r in train for k, v in r.items()
+                               if k not in TRAIN_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    measures = [m for m in VALIDATION_MEASURES if any(isinstance(r.get(m), dict) for r in valid)]
+    panels = ["terms", "grad_norm", *measures]
+    ncol = 2
+    nrow = int(np.ceil(len(panels) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.2 * nrow), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+
+    def line(ax, data, key, **kw):
+        pts = [(r["samples"], r[key]) for r in data if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], **kw)
+        return pts
+
+    ax = axes.flat[0]
+    positive, zero = True, []
+    for i, key in enumerate(terms):
+        if train and all(r.get(key) in (0, 0.0, None) for r in train):  # a term this run does not use (ITVM's
+            zero.append(key)  # initial term with no diagonal pairs): named, not drawn, so the axis can be log
+            continue
+        pts = line(ax, train, key, lw=1.6 if key == "loss" else 1.0, color=f"C{i}", label=key)
+        positive &= all(v > 0 for _, v in pts)
+    if positive and train:
+        ax.set_yscale("log")
+    ax.set_title("training loss and objective terms" + (f" ({', '.join(zero)}: 0)" if zero else ""), fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes.flat[1]
+    if line(ax, train, "grad_norm", lw=1.0, color="C0", label="gradient norm"):
+        ax.set_yscale("log")
+    ax.set_title("gradient norm (before clipping)", fontsize=9)
+    for ax, measure in zip(axes.flat[2:], measures):
+        for i, n in enumerate(("1", "2", "4")):
+            pts = [(r["samples"], r[measure][n]) for r in valid
+                   if isinstance(r.get(measure), dict) and r[measure].get(n) is not None]
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=f"C{i}", label=f"student {n}")
+            teacher = ((valid[-1].get("teacher_euler") or {}).get(measure) or {}).get(n)
+            if teacher is not None:
+                ax.axhline(teacher, color=f"C{i}", ls="--", lw=0.9, label=f"teacher Euler {n}")
+        if all(v > 0 for r in valid for v in (r.get(measure) or {}).values() if v is not None):
+            ax.set_yscale("log")
+        ax.set_title(f"validation: {CURVE_METRICS.get(measure, measure)} (steps)", fontsize=9)
+        ax.legend(fontsize=6)
+    for ax in axes.flat[: len(panels)]:
+        ax.set_xlabel("training samples")
+        ax.grid(alpha=0.3, which="both")
+    _save_figure(fig, path, title, fontsize=10, dpi=100)

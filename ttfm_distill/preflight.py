@@ -39,6 +39,10 @@ def resolve_settings(cfg: RunConfig):
     from .objectives import make_objective_from
 
     cfg.validate()
+    if cfg.report_to not in ("none", "", None, []):  # a tracker not installed or cut off from its server: now
+        from .tracking import check_report_to
+
+        check_report_to(cfg.report_to)
     objective = make_objective_from(cfg.loss, cfg.loss_options)
     if cfg.diagonal_fraction is None:
         cfg.diagonal_fraction = float(objective.default_diagonal_fraction)

@@ -15,17 +15,26 @@ from .evaluate import Evaluation, student_flow_map_sampler, teacher_euler_sample
 from .sampling import euler, uniform_time_grid
 
 REPORT_STEPS = (1, 2, 4)
+#: the report's noises come from seed + 1, apart from the training draws of (seed, rank, step)
+REPORT_SEED_OFFSET = 1
 #: samples per row of the image figure
 FIGURE_ROWS = 10
 #: the measures copied from the evaluation into metrics.json, each as {"student": {N: v}, "teacher_euler": {N: v}}
 MEASURES = ("flow_map_error", "fd_test_images", "fd_teacher_fine", "kl", "out_of_range")
 
 
+def report_samples(cfg, kind: str) -> int:
+    """How many noises the run report scores: ``eval_samples``, at least 4096 for 2-D teachers (a histogram)."""
+    return int(cfg.eval_samples) if kind == "image" else max(int(cfg.eval_samples), 4096)
+
+
 def run_report(student, teacher, num: int, seed: int, reference_steps: int, device,
-               time_grid: str = "uniform") -> tuple[dict, dict, dict]:
+               time_grid: str = "uniform", reference: torch.Tensor | None = None) -> tuple[dict, dict, dict]:
     """``(metrics, figure rows, figure errors)`` for ``student`` against ``teacher``, from ``num`` shared noises;
-    both samplers step on ``time_grid`` (sampling.time_grid)."""
-    ev = Evaluation(teacher, num=num, seed=seed, reference_steps=reference_steps, batch_size=128, device=device)
+    both samplers step on ``time_grid`` (sampling.time_grid). ``reference``: the teacher's fine solve of these
+    noises, kept by the run's validation (tracking.py), so it is not solved twice."""
+    ev = Evaluation(teacher, num=num, seed=seed, reference_steps=reference_steps, batch_size=128, device=device,
+                    reference=reference)
     shift = float(teacher.shift)
     samples = {"student": {}, "teacher_euler": {}}
     results = {"student": ev.run(student_flow_map_sampler(student, shift, grid=time_grid, io=getattr(teacher, "io", None)),

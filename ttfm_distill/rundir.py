@@ -24,7 +24,8 @@ from .errors import ConfigError, OutputInUse
 LOCK_NAME = ".ttfm-distill.lock"
 #: names (glob patterns) a run, ``sample`` or ``eval`` writes at the top of a run folder
 RUN_ENTRIES = ("config.json", "student", "checkpoints", "cache", "metrics.json", "samples.png", "eval.json",
-               "eval.png", "samples-*step.png", LOCK_NAME)
+               "eval.png", "samples-*step.png", "train_log.jsonl", "validation", "training-curves.png", "trackers",
+               LOCK_NAME)
 #: hidden temporaries left by a kill mid-write (atomic files, folders, moved-aside folders, probes)
 TEMPORARY_PATTERNS = (".*.tmp", ".*.old", ".write-test")
 
@@ -107,7 +108,8 @@ def sweep_unstarted(out: Path) -> None:
     """A folder with no ``config.json`` holds no run: drop what a killed ``--overwrite`` left, keep the caches."""
     if (out / "config.json").exists():
         return
-    for name in ("checkpoints", "student", "metrics.json", "samples.png"):
+    for name in ("checkpoints", "student", "metrics.json", "samples.png", "train_log.jsonl", "validation",
+                 "training-curves.png", "trackers"):
         if (out / name).exists() or (out / name).is_symlink():
             _remove(out / name)
 

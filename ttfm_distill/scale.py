@@ -44,20 +44,22 @@ def dynamo_backend(compile) -> str | None:
     return compile or None
 
 
-def make_accelerator(mixed_precision: str, compile, cpu: bool):
+def make_accelerator(mixed_precision: str, compile, cpu: bool, **trackers):
     """An ``Accelerator`` for one run, honouring this run's precision and compile settings.
 
     Accelerate keeps one process-wide ``AcceleratorState`` and refuses a second
     Accelerator with another precision; a process that runs several configs
     (tests, notebooks) drops the previous run's state first.  The process
-    group (``PartialState``) is kept.
+    group (``PartialState``) is kept.  ``trackers``: ``log_with`` and ``project_dir``
+    (tracking.accelerator_trackers).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, dynamo_backend=dynamo_backend(compile))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, dynamo_backend=dynamo_backend(compile),
+                              **trackers)
     adjust_fsdp_precision(accelerator)
     return accelerator
 

@@ -25,6 +25,7 @@ from .errors import ConfigError, Interrupted, NonFiniteLoss, RunError, Terminate
 from .fileio import write_json
 from .objectives import TrainBatch
 from .preflight import check_objective_fits, trajectory_rows  # noqa: F401 - re-exported
+from .tracking import RunTracking, accelerator_trackers
 from .objectives.timesampling import sample_time_pairs
 
 
@@ -167,6 +168,8 @@ class Distillation:
             self.train()
             return self.finish()
         finally:
+            if getattr(self, "tracking", None) is not None:
+                self.tracking.close()
             if self.lock is not None:
                 self.lock.release()
 
@@ -179,7 +182,8 @@ class Distillation:
         resolve_precision(cfg, self.folder.saved)  # "auto": from the teacher's configs and this machine
         on_cpu = not torch.cuda.is_available()
         scale.check_mixed_precision(cfg.mixed_precision, "cpu" if on_cpu else "cuda")
-        self.accelerator = scale.make_accelerator(cfg.mixed_precision, cfg.compile, cpu=on_cpu)
+        self.accelerator = scale.make_accelerator(cfg.mixed_precision, cfg.compile, cpu=on_cpu,
+                                                  **accelerator_trackers(cfg, self.out))
         if cfg.lora_rank > 0 and scale.is_sharded(self.accelerator):
             raise ConfigError("LoRA students under FSDP are not supported yet; use data parallel (the base is frozen, "
                               "so each GPU holds one copy of it plus the adapters)")
@@ -413,8 +417,8 @@ class Distillation:
         if self.dm is not None:  # the distribution-matching term's gradient joins the objective's
             samples, dm_metrics = self.dm.student_step(self.wrapped, step, batch.cond, batch.generator, self.device)
             step_metrics = {**step_metrics, **dm_metrics}
-        if cfg.grad_clip > 0:
-            self.accelerator.clip_grad_norm_(self.wrapped.parameters(), cfg.grad_clip)
+        if cfg.grad_clip > 0 or self.tracking.measures_grad_norm(step):  # max_norm inf: the norm alone (grads x 1)
+            self.grad_norm = self.accelerator.clip_grad_norm_(self.wrapped.parameters(), cfg.grad_clip or float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -423,6 +427,7 @@ class Distillation:
                                                                cfg.ema_offset_value()))
         if self.dm is not None:  # then the fake network learns the student's samples of this step
             step_metrics = {**step_metrics, **self.dm.fake_step(samples, batch.generator)}
+        self.step_metrics = step_metrics
         lv = loss.item()
         if step % cfg.log_every == 0 or step == cfg.total_steps() - 1:
             self.history.append({"step": step, "loss": lv, **step_metrics})
@@ -436,11 +441,14 @@ class Distillation:
         task = progress.add_task("distilling", total=cfg.total_steps(), completed=self.start_step, loss=float("nan"))
         clock = self.budget_clock(t_start)
         step = self.start_step
+        self.tracking = RunTracking(self)  # train_log.jsonl, trackers, validation (tracking.py)
         try:
             with progress, _SigtermAsInterrupt():
+                self.tracking.start()
                 while step < cfg.total_steps():
                     lv = self.train_step(step)
                     step += 1
+                    self.tracking.after_step(step, lv)
                     if clock is not None and clock.tick(step):
                         self.fit_time_budget(clock)
                         progress.update(task, total=cfg.total_steps())
@@ -449,6 +457,7 @@ class Distillation:
                     progress.update(task, completed=step, loss=lv)
                     if step % cfg.checkpoint_every == 0 and step < cfg.total_steps():
                         self.checkpoint(step)
+                    self.tracking.validate_if_due(step)
         except KeyboardInterrupt as e:
             if step > self.last_saved:
                 self.checkpoint(step)
@@ -498,6 +507,7 @@ class Distillation:
         metrics = {}
         if cfg.total_steps() > self.last_saved:
             self.checkpoint(cfg.total_steps())
+        self.tracking.at_end()  # the last validation and training-curves.png, before the card shows them
         final = self.ema if (cfg.export_weights == "ema" and self.ema is not None) else self.student
         if final is self.student:  # sharded: an unsharded copy holding the gathered weights, built on rank 0
             final = scale.unsharded_copy(self.accelerator, self.wrapped, self.student,
@@ -505,7 +515,8 @@ class Distillation:
         if self.main:
             metrics = finish_run(cfg, self.out, final.eval(), self.teacher, self.objective, self.seconds,
                                  self.history, self.device, self.log, self.skipped, distributed,
-                                 data_report=getattr(self.data, "report", None))
+                                 data_report=getattr(self.data, "report", None),
+                                 reference=self.tracking.report_reference())
         self.accelerator.wait_for_everyone()
         return RunResult(self.out, cfg.total_steps(), self.seconds, metrics, self.start_step, self.main)
 
@@ -581,8 +592,9 @@ def _distributed_report(accelerator, student, first_batch: float) -> dict | None
 
 
 def finish_run(cfg, out, student, teacher, objective, seconds, history, device, log, skipped=0,
-               distributed: dict | None = None, data_report: dict | None = None) -> dict:
-    """Export the student, measure it against the teacher, draw ``samples.png``."""
+               distributed: dict | None = None, data_report: dict | None = None, reference=None) -> dict:
+    """Export the student, measure it against the teacher, draw ``samples.png``; ``reference``: the teacher's fine
+    solve of the report's noises, if the run's validation kept it (tracking.RunTracking.report_reference)."""
     from .export import export_run
     from .report import run_report
     from .pipeline_card import write_model_card
@@ -590,12 +602,13 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
 
     export_run(student, out / "student", cfg, teacher, objective, standalone=cfg.standalone)
     log(f"exported student -> {out / 'student'}")
-    n = cfg.eval_samples if teacher.kind == "image" else max(cfg.eval_samples, 4096)
-    # the evaluation's noises come from seed + 1, apart from the training draws of (seed, rank, step)
+    from .report import REPORT_SEED_OFFSET, report_samples
     from .sampling import resolve_time_grid
 
+    n = report_samples(cfg, teacher.kind)
     grid = resolve_time_grid(cfg.time_grid, getattr(teacher, "io", None))
-    metrics, rows, errors = run_report(student, teacher, n, cfg.seed + 1, cfg.reference_steps, device, grid)
+    metrics, rows, errors = run_report(student, teacher, n, cfg.seed + REPORT_SEED_OFFSET, cfg.reference_steps,
+                                       device, grid, reference)
     metrics["training"] = {"steps": cfg.total_steps(), "seconds": round(seconds, 1), "skipped_steps": skipped,
                            "final_loss": history[-1]["loss"] if history else None}
     if cfg.time_budget is not None:
@@ -615,7 +628,8 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
         rows = {k: torch.cat([teacher.decode(c.to(device)).cpu() for c in v.split(64)]) for k, v in rows.items()}
     save_comparison(rows, out / "samples.png", kind=teacher.kind, errors=errors,
                     title=f"{teacher.name}: student ({cfg.loss}, {cfg.total_steps()} steps) vs teacher, same noise")
-    write_model_card(out / "student", metrics, cfg.to_dict(), out / "samples.png")  # the export's README.md
+    write_model_card(out / "student", metrics, cfg.to_dict(), out / "samples.png",  # the export's README.md
+                     curves=out / "training-curves.png")
     fme = metrics["flow_map_error"]
     for k in fme["student"]:  # one short line each: a narrow or non-terminal console must not cut them
         log(f"flow-map error, {k} step: student {fme['student'][k]:.4f}, teacher Euler {fme['teacher_euler'][k]:.4f}")
