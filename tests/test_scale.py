@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from test_cli import cli
+from tiny_models import TINY_CONFIGS
 from test_faults import tiny_cfg
 from ttfm_distill import scale
 from ttfm_distill.config import ConfigError, RunConfig
@@ -154,6 +155,52 @@ def test_gradient_checkpointing_same_loss_and_gradients(tiny_teacher_dir):
     assert recomputed_a == 0 and recomputed_b == 1  # the block really ran again in backward
     assert loss_a == loss_b
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(grads_a, grads_b))
+
+
+@pytest.mark.parametrize("key", sorted(TINY_CONFIGS))
+def test_gradient_checkpointing_every_family_same_loss_gradients_and_step(key):
+    """Checkpointing on and off: the same ITVM loss, gradients and AdamW step, for a tiny model of each family.
+
+    DiT embeds the time inside each checkpointed block, so backward re-runs its time embedders, and with them
+    the second-time hook; the loss adds a second student call at other times before the one backward, so a
+    recomputation that saw any second time but its own call's would change the gradients.
+    """
+    from tiny_models import SAMPLE_SIZE, build
+
+    from ttfm_distill.convention import interpolate
+    from ttfm_distill.teachers.diffusers_teacher import DiffusersFlowTeacher
+
+    teacher = DiffusersFlowTeacher(build(key), source=key, sample_size=SAMPLE_SIZE.get(key))
+    objective = make_objective("itvm")
+
+    def run(checkpointing):
+        student = build_student(teacher, RunConfig())
+        with torch.no_grad():  # a second time that matters: its embedding's last layer off zero
+            student.second_time.linear_2.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        if checkpointing:
+            scale.enable_gradient_checkpointing(student)
+        g = torch.Generator().manual_seed(5)
+        x1, x0 = teacher.sample_noise(4, generator=g) * 0.5, teacher.sample_noise(4, generator=g)
+        s, t = sample_time_pairs(4, "mixed", 0.0, generator=g)
+        batch = TrainBatch(interpolate(x0, x1, s), s, t, teacher.sample_cond(4, generator=g), g)
+        loss = objective(student, teacher, batch, None).loss
+        loss = loss + student(batch.x_s, s, s + (t - s) / 3, batch.cond).pow(2).mean()
+        calls = []
+        hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in student.network.modules()]
+        loss.backward()
+        for h in hooks:
+            h.remove()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+        torch.optim.AdamW(student.parameters(), lr=1e-3).step()
+        return loss.item(), grads, {n: p.detach().clone() for n, p in student.named_parameters()}, len(calls)
+
+    loss_a, grads_a, after_a, recomputed_a = run(False)
+    loss_b, grads_b, after_b, recomputed_b = run(True)
+    assert recomputed_a == 0 and recomputed_b > 0  # blocks really ran again in backward
+    assert loss_a == loss_b
+    assert grads_a["second_time.linear_1.weight"].abs().sum() > 0  # the second time's embedding is trained too
+    torch.testing.assert_close(grads_b, grads_a, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(after_b, after_a, rtol=1e-5, atol=1e-7)
 
 
 def test_gradient_checkpointing_refused_where_unsupported():

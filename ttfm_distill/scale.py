@@ -107,14 +107,15 @@ def keep_time_embedders_fp32(*models) -> None:
 def enable_gradient_checkpointing(student) -> None:
     """diffusers' activation checkpointing on the student's backbone (recompute block activations in backward).
 
-    The second time is added at the timestep embedder, which runs outside the
-    checkpointed blocks, so recomputation never needs it.
+    The blocks are checkpointed by the student's own ``checkpoint_block`` (torch's non-reentrant
+    checkpoint with the call's second time restored during recomputation), so families whose time
+    embedder sits inside each block (DiT) recompute with the second time they ran with.
     """
     network = getattr(student, "network", None)
     if network is None or not getattr(network, "_supports_gradient_checkpointing", False):
         raise ConfigError(f"gradient_checkpointing: {type(network or student).__name__} does not support it; "
                           "remove --set gradient_checkpointing=true")
-    network.enable_gradient_checkpointing()
+    network.enable_gradient_checkpointing(getattr(student, "checkpoint_block", None))
 
 
 # ------------------------------------------------------ sharded state -------

@@ -207,11 +207,6 @@ class Distillation:
                                negative_prompt=cfg.negative_prompt, guided=cfg.guidance_range is not None)
         if hasattr(teacher, "network"):  # an unsupported time embedding is refused here, before any data work
             teacher.adapter.projection(teacher.network)
-            if cfg.gradient_checkpointing and len(teacher.adapter.time_embedders(teacher.network)) > 1:
-                # DiT embeds the time inside every block: a checkpointed block recomputes it in backward, after
-                # the student's second time is gone
-                raise ConfigError(f"gradient_checkpointing is not supported for {type(teacher.network).__name__} "
-                                  "students yet (time embedded inside each block); leave it off")
         teacher.to(self.device)
         self.objective = resolve_teacher_settings(cfg, self.objective, teacher, self.folder.saved)
         for line in settings_warnings(cfg):
