@@ -47,7 +47,9 @@ def build_student(teacher, cfg: RunConfig):
     if hasattr(teacher, "network"):
         from .student import TwoTimeFlowMap
 
-        network = copy.deepcopy(teacher.network).train().requires_grad_(True)
+        from .scale import trainable_copy
+
+        network = trainable_copy(teacher.network).train().requires_grad_(True)
         guidance = None
         if cfg.guidance_range is not None:
             guidance = {"range": [float(v) for v in cfg.guidance_range], "default": cfg.default_guidance()}
@@ -269,6 +271,8 @@ class Distillation:
         student = student.to(self.device)
         if cfg.mixed_precision != "no":
             scale.keep_time_embedders_fp32(student, self.teacher)
+        if cfg.lora_rank == 0 and hasattr(self.teacher, "network"):  # (a LoRA teacher is the student's own base)
+            scale.prepare_frozen(self.accelerator, self.teacher.network, cfg.mixed_precision)  # bf16; FSDP: sharded
         if cfg.gradient_checkpointing:
             scale.enable_gradient_checkpointing(student)
         self.ema = None
@@ -458,6 +462,8 @@ class Distillation:
         if final is self.student:  # sharded: an unsharded copy holding the gathered weights, built on rank 0
             final = scale.unsharded_copy(self.accelerator, self.wrapped, self.student,
                                          lambda: build_student(self.teacher, cfg).to(self.device))
+        if hasattr(self.teacher, "network"):  # sharded: gathered whole on every rank, so rank 0 evaluates alone
+            scale.unshard_frozen(self.teacher.network)
         if self.main:
             metrics = finish_run(cfg, self.out, final.eval(), self.teacher, self.objective, self.seconds,
                                  self.history, self.device, self.log, self.skipped, distributed,
