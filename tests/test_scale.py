@@ -106,6 +106,7 @@ def test_frozen_teacher_held_in_bf16_computes_as_fp32_weights_under_autocast(key
     embedders = held.adapter.time_embedders(held.network)
     assert all(p.dtype == torch.float32 for e in embedders for p in e.parameters())
     assert held.network.dtype == torch.float32  # what diffusers casts some inputs to (UNet2DModel: the time projection)
+    assert torch.equal(next(held.network.parameters()), next(plain.network.parameters()))  # that layer never rounded
     halved = sum(p.numel() for m in held.network.modules() for p in m.parameters(recurse=False)
                  if p.dtype == torch.bfloat16)
     assert halved > 0 and scale.frozen_bytes(held.network) == before - 2 * halved

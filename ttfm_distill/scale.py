@@ -353,11 +353,18 @@ def hold_frozen(module: nn.Module, mixed_precision: str) -> int:
     layers = [m for m in module.modules() if isinstance(m, LOW_PRECISION_LAYERS) and id(m) not in kept
               and m.weight.dtype != dtype]
     owner = {id(p): m for m in layers for p in m.parameters(recurse=False)}
+    # a diffusers network's ``dtype`` is its first floating parameter's (outside ``_keep_in_fp32_modules``), and
+    # some cast inputs to it (UNet2DModel rounds its sinusoidal time projection to ``self.dtype`` before the fp32
+    # embedder): the layer diffusers reads it from stays fp32 (a small input layer: ``conv_in``, a patch embedding)
+    skip = getattr(module, "_keep_in_fp32_modules", None) or ()
+    anchor = next((p for n, p in module.named_parameters() if p.is_floating_point()
+                   and not any(k in n for k in skip)), None) if hasattr(module, "dtype") else None
+    if anchor is not None and id(anchor) in owner:
+        layers.remove(owner[id(anchor)])
+        owner = {k: v for k, v in owner.items() if v in layers}
     for layer in layers:
         layer.to(dtype)
-    # a diffusers network's ``dtype`` is its first floating parameter's, and some cast inputs to it (UNet2DModel
-    # rounds its sinusoidal time projection to ``self.dtype`` before the fp32 embedder): the layers diffusers
-    # reads it from stay fp32 (a small input layer: ``conv_in``, a patch embedding)
+    # should diffusers read its dtype elsewhere, put that layer back (its weights then rounded once to ``dtype``)
     while isinstance(getattr(module, "dtype", None), torch.dtype) and module.dtype != torch.float32:
         first = next((p for p in module.parameters() if p.dtype == module.dtype and id(p) in owner), None)
         if first is None:
