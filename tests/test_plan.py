@@ -219,6 +219,14 @@ def test_distribution_matching_adds_the_fake_network_and_its_evaluations(sd3_cou
         make_plan(c, ev, gpus=2, dm="half")
 
 
+def test_checkpointed_working_set_is_measured_for_dit():
+    """DiT's time embedder sits inside each checkpointed block: the planner recomputes it with the student's own
+    checkpoint function, as the trainer does, instead of estimating."""
+    c = count(resolve_teacher("tiny-dit"), lora_rank=0)
+    acts = c.full.activations["fp32"]
+    assert acts["checkpoint_note"] == "" and acts["checkpointed"] > 0
+
+
 def test_largest_batch_fits_and_one_more_does_not(sd3_counts):
     ev = objective_evaluations("itvm", {}, 0.0)
     for memory in (2e6, 3e7):
