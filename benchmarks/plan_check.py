@@ -54,6 +54,8 @@ def build_real(name: str, lora_rank: int, mixed_precision: str):
     teacher, student, view = build_models(spec, lora_rank, device="cpu")
     if mixed_precision != "no":
         scale.keep_time_embedders_fp32(student, teacher)
+    if not lora_rank:  # the frozen teacher as the trainer holds it (bf16: its linear/conv weights in bf16)
+        scale.hold_frozen(teacher.network, mixed_precision)
     tokens = spec.text_tokens
 
     def cond(n, g):

@@ -4,6 +4,8 @@
     OMP_NUM_THREADS=1 python benchmarks/step_profile.py --steps 40 -L long_jump_span=0.0
     OMP_NUM_THREADS=1 python benchmarks/step_profile.py --steps 20 --profile     # torch profiler, top operators
     OMP_NUM_THREADS=1 python benchmarks/step_profile.py --steps 80 --join-ab     # trajectory rows joined or apart
+    OMP_NUM_THREADS=1 python benchmarks/step_profile.py --steps 40 --adamw fused  # AdamW's fused path (or foreach)
+    OMP_NUM_THREADS=1 python benchmarks/step_profile.py --adamw-ab               # AdamW's step alone, 3 paths
 
 ``--join-ab`` alternates blocks of 10 steps with the trajectory rows in the objective's gradient forward
 (the default, objectives/trajectory.py ``JoinedForward``) and in a forward of their own, and prints the
@@ -36,6 +38,11 @@ def main():
                    help="a run setting, as `ttfm-distill run --set`")
     p.add_argument("--pool-from", default=None, help="a run folder whose cache/ holds the pool to reuse")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators by self CPU time")
+    p.add_argument("--adamw", choices=("default", "foreach", "fused"), default="default",
+                   help="AdamW's implementation: torch's default for the device (on CPU the per-tensor loop), "
+                        "foreach or fused")
+    p.add_argument("--adamw-ab", action="store_true",
+                   help="time AdamW's step alone on the run's student (default, foreach, fused; interleaved)")
     p.add_argument("--join-ab", action="store_true",
                    help="alternate 10-step blocks with the trajectory rows joined and apart; median s/step of each")
     args = p.parse_args()
@@ -54,15 +61,22 @@ def main():
         run = Distillation(cfg, show_progress=False)
         for step in ("preflight", "setup_accelerator", "setup_teacher", "claim_output", "setup_data", "write_config",
                      "setup_student", "setup_optimizer", "resume"):
+            if step == "resume" and args.adamw != "default":
+                use_adamw(run, args.adamw)
             getattr(run, step)()
         run.skipped, run.first_batch = 0, 0.0
         for k in range(5):
             run.train_step(k)
+        if args.adamw_ab:
+            adamw_ab(run, args.steps)
+            run.lock.release()
+            return
         if args.join_ab:
             join_ab(run, args.steps)
             run.lock.release()
             return
         t0 = time.perf_counter()
+        times = []
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
@@ -71,14 +85,55 @@ def main():
                     run.train_step(k)
         else:
             for k in range(5, 5 + args.steps):
+                t1 = time.perf_counter()
                 run.train_step(k)
+                times.append(time.perf_counter() - t1)
         seconds = (time.perf_counter() - t0) / args.steps
         run.lock.release()
     if args.profile:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    print(f"{seconds:.3f} s/step over {args.steps} steps (1 thread{', under the profiler' if args.profile else ''}); "
+    import statistics
+
+    median = f", median {statistics.median(times):.4f}" if times else ""
+    print(f"{seconds:.3f} s/step over {args.steps} steps{median} (1 thread{', under the profiler' if args.profile else ''}); "
+          f"mixed_precision {run.cfg.mixed_precision}, AdamW {args.adamw}; "
           f"loss options {run.cfg.loss_options}, batch {run.cfg.batch_size}, trajectory_fraction "
           f"{run.cfg.trajectory_fraction}")
+
+
+def use_adamw(run, impl: str) -> None:
+    """Replace the run's AdamW (before ``resume`` prepares it) by the same optimiser on its ``foreach`` or ``fused`` path."""
+    from ttfm_distill.trainer import lr_factor
+
+    cfg = run.cfg
+    params = [p for p in run.student.parameters() if p.requires_grad]
+    run.optimizer = torch.optim.AdamW(params, lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay, **{impl: True})
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda k: lr_factor(k, cfg))
+
+
+def adamw_ab(run, rounds: int) -> None:
+    """Median seconds of one AdamW step on copies of the run's trained parameters (random gradients of their
+    shapes), for torch's default path, foreach and fused, in interleaved rounds; each optimiser on its own copy."""
+    import statistics
+
+    params = [p for p in run.student.parameters() if p.requires_grad]
+    impls = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    copies = {}
+    for name, kw in impls.items():
+        own = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for o, p in zip(own, params):
+            o.grad = torch.randn_like(p) * 1e-3
+        copies[name] = (own, torch.optim.AdamW(own, lr=run.cfg.lr, weight_decay=run.cfg.weight_decay, **kw))
+    times = {name: [] for name in impls}
+    for _ in range(max(rounds, 5)):
+        for name, (_, opt) in copies.items():
+            t0 = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - t0)
+    n = sum(p.numel() for p in params)
+    print("AdamW step alone, " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in times.items())
+          + f" (medians of {len(times['default'])} interleaved rounds, {n} parameters in {len(params)} tensors, 1 thread)")
 
 
 def join_ab(run, steps: int, block: int = 10) -> None:

@@ -187,7 +187,27 @@ def accelerate_part(accelerator, rank, world, report):
         return RunConfig(**base)
 
     plain = scale.make_accelerator
-    trainer.run_distillation(cfg("ddp", 4), show_progress=False)  # the reference: data parallel
+    frozen = report.setdefault("frozen", {})
+    prepare = scale.prepare_frozen
+
+    def spy_frozen(accelerator, module, mixed_precision):  # the teacher as each run holds it
+        whole = scale.frozen_bytes(module)
+        out = prepare(accelerator, module, mixed_precision)
+        conv = module.down_blocks[0].resnets[0].conv1.weight
+        frozen[current["run"]] = {"whole_bytes": whole, "local_bytes": scale.frozen_bytes(module),
+                                  "sharded": scale.module_is_sharded(module), "conv": str(conv.dtype)}
+        return out
+
+    current = {}
+
+    def run(name, steps, **kw):
+        current["run"] = name
+        return trainer.run_distillation(cfg(name, steps, **kw), show_progress=False)
+
+    scale.prepare_frozen = spy_frozen
+    run("ddp", 4)  # the reference: data parallel
+    # bf16 unsharded (data parallel): the reference of the bf16 FSDP run below, teacher held in bf16 whole
+    run("bf16ddp", 2, mixed_precision="bf16", ema_decay=0.0, loss_options={})
     scale.make_accelerator = force_accelerate_fsdp2(plain)
     try:
         seen = {}
@@ -198,8 +218,8 @@ def accelerate_part(accelerator, rank, world, report):
             return spy_next(accelerator, wrapped, model, sharded)
 
         spy_next, scale.full_model_state = scale.full_model_state, spy
-        trainer.run_distillation(cfg("fsdp", 2), show_progress=False)  # interrupted after step 2 ...
-        res = trainer.run_distillation(cfg("fsdp", 4), show_progress=False)  # ... and resumed to 4
+        run("fsdp", 2)  # interrupted after step 2 ...
+        res = run("fsdp", 4)  # ... and resumed to 4
         scale.full_model_state = spy_next
         report["accelerate_sharded"] = seen
         report["resumed_from"] = res.resumed_from
@@ -219,14 +239,14 @@ def accelerate_part(accelerator, rank, world, report):
             return forward(self, x, s, t, cond)
 
         TwoTimeFlowMap.forward = spy_forward
-        res = trainer.run_distillation(cfg("bf16", 2, mixed_precision="bf16", ema_decay=0.0, loss_options={}),
-                                       show_progress=False)
+        res = run("bf16", 2, mixed_precision="bf16", ema_decay=0.0, loss_options={})
         TwoTimeFlowMap.forward = forward
         dtypes.pop("hooked", None)
         report["bf16_dtypes"] = dtypes
         report["bf16_finished"] = res.steps
     finally:
         scale.make_accelerator = plain
+        scale.prepare_frozen = prepare
 
 
 def _recording_replace(src, dst, *a, _replace=os.replace, **kw):

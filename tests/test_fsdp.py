@@ -166,3 +166,28 @@ def test_accelerate_fsdp2_bf16_keeps_times_and_time_embedders_fp32(run):
                                     "conv": "torch.bfloat16"}
     weights = load_file(out / "bf16" / "student" / "flow_map" / "second_time.safetensors")
     assert all(v.dtype == torch.float32 for v in weights.values())
+
+
+def test_accelerate_fsdp2_shards_the_frozen_teacher_and_bf16_holds_it_in_bf16(run):
+    """Under FSDP the frozen teacher is sharded (half of it on each rank), with bf16 also held in bf16; the bf16
+    sharded run's losses are the bf16 data-parallel run's (teacher whole) to bf16 rounding, and it evaluates."""
+    out, ranks, _ = run
+    for r in ranks:
+        f = r["frozen"]
+        assert not f["ddp"]["sharded"] and f["ddp"]["local_bytes"] == f["ddp"]["whole_bytes"]
+        assert not f["bf16ddp"]["sharded"] and f["bf16ddp"]["conv"] == "torch.bfloat16"
+        assert f["ddp"]["conv"] == f["fsdp"]["conv"] == "torch.float32"
+        assert f["fsdp"]["sharded"] and f["bf16"]["sharded"] and f["bf16"]["conv"] == "torch.bfloat16"
+        assert 0.45 < f["fsdp"]["local_bytes"] / f["ddp"]["local_bytes"] < 0.55  # half of the fp32 teacher
+        assert 0.45 < f["bf16"]["local_bytes"] / f["bf16ddp"]["local_bytes"] < 0.55  # half of the bf16 one
+    for name, unsharded in (("fsdp", "ddp"), ("bf16", "bf16ddp")):  # the slices add up to the whole teacher
+        assert sum(r["frozen"][name]["local_bytes"] for r in ranks) == ranks[0]["frozen"][unsharded]["local_bytes"]
+
+    def losses(name):
+        state = json.loads((out / name / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+        return [h["loss"] for h in state["history"]]
+
+    sharded, whole = losses("bf16"), losses("bf16ddp")
+    assert len(sharded) == len(whole) == 2
+    assert sharded == pytest.approx(whole, rel=2e-2)  # bf16 rounding of the student's gathered weights
+    assert json.loads((out / "bf16" / "metrics.json").read_text())["flow_map_error"]  # rank 0 evaluated alone

@@ -155,8 +155,11 @@ def test_memory_terms_add_up(sd3_counts):
         shard = 4 if lay.parallel == "fsdp" else 1
         assert terms["gradients"] == int(sc.trained * f32 / shard)
         assert terms["AdamW m, v"] == int(2 * sc.trained * f32 / shard)
-        teacher = c.teacher_parameters * f32 + c.teacher_buffer_bytes
-        assert terms.get("teacher (whole)", terms.get("teacher = LoRA base")) == teacher  # never sharded
+        if lay.student == "full":  # the frozen teacher as the trainer holds it: bf16 weights with bf16, FSDP-sharded
+            held = c.teacher_held_bytes["bf16" if lay.precision == "bf16" else "fp32"]
+            assert terms["teacher (frozen)"] == int(held / shard + c.teacher_buffer_bytes)
+        else:  # a LoRA student's base: its own fp32 weights (LoRA is refused under FSDP)
+            assert terms["teacher = LoRA base"] == c.teacher_parameters * f32 + c.teacher_buffer_bytes
         if lay.student == "full":
             assert terms["student weights"] == int(sc.student_parameters * f32 / shard + sc.student_buffers)
             assert terms["EMA"] == sc.student_parameters * f32 + sc.student_buffers
@@ -167,6 +170,61 @@ def test_memory_terms_add_up(sd3_counts):
             forward = static + sum(terms[k] for k in FORWARD_ONLY) + lay.activations_per_sample * b
             update = static + sum(terms[k] for k in UPDATE_ONLY)
             assert peak_bytes(terms, lay.activations_per_sample, b) == max(forward, update)
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-unet-cond", "tiny-dit", "fashion16"])
+def test_held_teacher_bytes_equal_a_teacher_held_by_the_trainer(name):
+    """The planned bf16 teacher bytes are those of a real teacher after the trainer's keep_time_embedders_fp32 +
+    prepare_frozen; fp32: 4 bytes a parameter."""
+    from ttfm_distill import scale
+    from ttfm_distill.teachers.diffusers_teacher import DiffusersFlowTeacher
+    from ttfm_distill.teachers.loading import load_teacher
+
+    spec = resolve_teacher(name)
+    c = count(spec, lora_rank=0)
+    teacher = (load_teacher("builtin:fashion16") if name == "fashion16" else
+               DiffusersFlowTeacher(tiny_models.build(spec.class_name), source=name, sample_size=8))
+    scale.keep_time_embedders_fp32(teacher)
+    scale.prepare_frozen(scale.make_accelerator("no", False, cpu=True), teacher.network, "bf16")
+    assert c.teacher_held_bytes["fp32"] == 4 * c.teacher_parameters
+    assert c.teacher_held_bytes["bf16"] == sum(p.numel() * p.element_size() for p in teacher.network.parameters())
+    assert c.teacher_held_bytes["bf16"] < 0.9 * c.teacher_held_bytes["fp32"]
+
+
+def test_distribution_matching_adds_the_fake_network_and_its_evaluations(sd3_counts):
+    """--dm full: a trainable copy of the teacher, held and sharded like the student; per sample one more student
+    row with grad, a teacher and a fake forward, and a fake forward + backward.  --dm lora: adapters only."""
+    c, f32 = sd3_counts, 4
+    ev = objective_evaluations("itvm", {}, 0.0)
+    plain = make_plan(c, ev, gpus=4, gpu_memory=1 * GB, batch_size=1)
+    full = make_plan(c, ev, gpus=4, gpu_memory=1 * GB, batch_size=1, dm="full")
+    lora = make_plan(c, ev, gpus=4, gpu_memory=1 * GB, batch_size=1, dm="lora")
+    assert full.evaluations["train"] == ev.train + 1 and full.evaluations["teacher"] == ev.teacher + 1
+    assert full.evaluations["fake"] == full.evaluations["fake_train"] == 1
+    for a, b, d in zip(plain.layouts, full.layouts, lora.layouts):
+        shard = 4 if a.parallel == "fsdp" else 1
+        assert b.terms["fake gradients"] == int(c.teacher_parameters * f32 / shard)
+        assert b.terms["fake AdamW m, v"] == int(2 * c.teacher_parameters * f32 / shard)
+        adapters = c.lora.trained - c.lora.added_embeddings
+        assert d.terms["fake gradients"] == int(adapters * f32 / shard) and 0 < adapters < c.teacher_parameters
+        assert all(b.terms[k] == a.terms[k] for k in a.terms if not k.startswith("fake"))  # the rest is unchanged
+        assert not any(v for k, v in a.terms.items() if k.startswith("fake"))
+        sc = c.full if a.student == "full" else c.lora
+        assert b.activations_per_sample == int((ev.train + 1) * sc.activations[a.precision][
+            "checkpointed" if a.checkpointing else "plain"])
+        extra = sc.train_flops + 2 * c.teacher_forward_flops + c.full.train_flops
+        assert b.flops_per_sample == pytest.approx(a.flops_per_sample + extra)
+        assert b.peak_bytes >= a.peak_bytes
+    with pytest.raises(PlanError, match="--dm must be one of none, full, lora"):
+        make_plan(c, ev, gpus=2, dm="half")
+
+
+def test_checkpointed_working_set_is_measured_for_dit():
+    """DiT's time embedder sits inside each checkpointed block: the planner recomputes it with the student's own
+    checkpoint function, as the trainer does, instead of estimating."""
+    c = count(resolve_teacher("tiny-dit"), lora_rank=0)
+    acts = c.full.activations["fp32"]
+    assert acts["checkpoint_note"] == "" and acts["checkpointed"] > 0
 
 
 def test_largest_batch_fits_and_one_more_does_not(sd3_counts):
@@ -187,13 +245,15 @@ def test_largest_batch_fits_and_one_more_does_not(sd3_counts):
         assert checked
 
 
-def test_fsdp_shards_the_student_not_the_teacher(sd3_counts):
+def test_fsdp_shards_the_student_and_the_frozen_teacher(sd3_counts):
     ev = objective_evaluations("itvm", {}, 0.0)
     one = make_plan(sd3_counts, ev, gpus=2)
     many = make_plan(sd3_counts, ev, gpus=8)
     pick = lambda p: next(lay for lay in p.layouts if lay.parallel == "fsdp" and lay.precision == "bf16")  # noqa: E731
     assert pick(many).terms["AdamW m, v"] * 4 == pytest.approx(pick(one).terms["AdamW m, v"], abs=4)
-    assert pick(many).terms["teacher (whole)"] == pick(one).terms["teacher (whole)"]
+    buffers = sd3_counts.teacher_buffer_bytes  # FSDP shards parameters; buffers stay whole on every GPU
+    assert (pick(many).terms["teacher (frozen)"] - buffers) * 4 == pytest.approx(
+        pick(one).terms["teacher (frozen)"] - buffers, abs=4)
     assert not any(lay.supported for lay in many.layouts if lay.student == "lora" and lay.parallel == "fsdp")
 
 
@@ -251,7 +311,7 @@ def test_plan_command_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "plan.json"
     r = cli("plan", "--teacher", "tiny-sd3", "--gpus", "2", "--gpu-memory", "50MB", "--json", out)
     assert r.returncode == 0, r.stderr
-    for needle in ("Parameters", "Memory per GPU", "recommendation", "MFU", "teacher (whole)"):
+    for needle in ("Parameters", "Memory per GPU", "recommendation", "MFU", "teacher (frozen)"):
         assert needle in r.stdout, needle
     data = json.loads(out.read_text())
     assert data["counts"]["class_name"] == "SD3Transformer2DModel"
@@ -273,6 +333,8 @@ def test_plan_reads_a_diffusers_folder(tiny_teacher_dir):
     (["--teacher", "tiny-sd3", "-L", "tau=5"], ["tau"]),
     (["--teacher", "tiny-sd3", "--resolution", "7"], ["--resolution", "multiple of 2"]),
     (["--teacher", "tiny-sd3", "--gpus", "0"], ["--gpus"]),
+    (["--teacher", "tiny-sd3", "--dm", "half"], ["--dm", "none, full, lora"]),
+    (["--teacher", "tiny-sd3", "--dm", "lora", "--lora-rank", "0"], ["--dm lora", "--lora-rank"]),
 ])
 def test_plan_bad_input_is_one_line(args, needles):
     line = one_line_error(cli("plan", *args), 2, *needles)

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from test_cli import cli
+from tiny_models import TINY_CONFIGS
 from test_faults import tiny_cfg
 from ttfm_distill import scale
 from ttfm_distill.config import ConfigError, RunConfig
@@ -73,6 +74,109 @@ def test_bf16_run_end_to_end_with_fp32_time_embeddings(tiny_teacher_dir, tmp_pat
     weights = load_file(tmp_path / "bf16" / "student" / "flow_map" / "second_time.safetensors")
     assert all(v.dtype == torch.float32 for v in weights.values())  # master weights stay fp32
     assert any(v.abs().sum() > 0 for k, v in weights.items() if k.startswith("linear_2"))  # it trained
+
+
+# ------------------------------------------------------ frozen networks ----
+@pytest.mark.parametrize("key", ["tiny-unet", "DiTTransformer2DModel", "FluxTransformer2DModel"])
+def test_frozen_teacher_held_in_bf16_computes_as_fp32_weights_under_autocast(key, tiny_teacher_dir):
+    """Held in bf16 (linear and convolution weights; norms, tables and the time embedders fp32): under the run's
+    autocast exactly the fp32-held teacher's velocity (autocast makes those very casts), 2 bytes less for each
+    weight cast; outside autocast an fp32 evaluation from the held weights."""
+    from tiny_models import SAMPLE_SIZE, build
+
+    from ttfm_distill.teachers.diffusers_teacher import DiffusersFlowTeacher
+
+    def make():
+        if key == "tiny-unet":
+            return load_teacher(str(tiny_teacher_dir))
+        return DiffusersFlowTeacher(build(key), source=key, sample_size=SAMPLE_SIZE.get(key))
+
+    plain, held = make(), make()
+    scale.keep_time_embedders_fp32(plain)
+    scale.keep_time_embedders_fp32(held)
+    before = scale.frozen_bytes(held.network)
+    assert scale.hold_frozen(held.network, "bf16") > 0
+    kept = {id(m) for k in held.network.modules() if getattr(k, "_ttfm_keep_fp32", False) for m in k.modules()}
+    dtypes = {}
+    for m in held.network.modules():
+        if id(m) not in kept:
+            dtypes.setdefault(type(m).__name__, set()).update(p.dtype for p in m.parameters(recurse=False))
+    assert dtypes["Linear"] == {torch.bfloat16}
+    assert all(d == {torch.float32} for name, d in dtypes.items() if "Norm" in name and d)
+    embedders = held.adapter.time_embedders(held.network)
+    assert all(p.dtype == torch.float32 for e in embedders for p in e.parameters())
+    assert held.network.dtype == torch.float32  # what diffusers casts some inputs to (UNet2DModel: the time projection)
+    assert torch.equal(next(held.network.parameters()), next(plain.network.parameters()))  # that layer never rounded
+    halved = sum(p.numel() for m in held.network.modules() for p in m.parameters(recurse=False)
+                 if p.dtype == torch.bfloat16)
+    assert halved > 0 and scale.frozen_bytes(held.network) == before - 2 * halved
+
+    g = torch.Generator().manual_seed(2)
+    x = held.sample_noise(4, generator=g)
+    t = torch.rand(4, generator=g)
+    cond = held.sample_cond(4, generator=g)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v_plain, v_held = plain.velocity(x, t, cond), held.velocity(x, t, cond)
+        assert torch.equal(v_held, v_plain)
+        exact, outside = plain.velocity(x, t, cond), held.velocity(x, t, cond)  # no autocast: fp32 arithmetic
+    assert outside.dtype == torch.float32
+    err = lambda a: ((a.float() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert 0 < err(outside) < 0.02 and err(outside) < err(v_held)  # only the weights' rounding, less than autocast's
+
+
+def test_frozen_helpers_refuse_trainable_modules_and_bad_precision():
+    lin = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"^hold_frozen: the module has trainable parameters; freeze it"):
+        scale.hold_frozen(lin, "bf16")
+    with pytest.raises(ValueError, match=r"^shard_frozen: the module has trainable parameters; freeze it"):
+        scale.shard_frozen(lin)
+    with pytest.raises(ValueError, match=r"^hold_frozen: mixed_precision must be no, bf16 or fp16, got 'fp8'"):
+        scale.hold_frozen(lin.requires_grad_(False), "fp8")
+    assert scale.hold_frozen(lin, "no") == 0 and lin.weight.dtype == torch.float32
+
+
+def test_a_student_built_from_a_held_teacher_is_a_fresh_fp32_network(tiny_teacher_dir):
+    """Export under FSDP rebuilds the student from the (held, sharded) teacher, then loads the gathered weights."""
+    teacher = load_teacher(str(tiny_teacher_dir))
+    plain = build_student(teacher, RunConfig())
+    scale.hold_frozen(teacher.network, "bf16")
+    twin = build_student(teacher, RunConfig())
+    assert type(twin.network) is type(teacher.network)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in twin.parameters())
+    twin.load_state_dict(plain.state_dict(), strict=True)  # the same keys and shapes as a student of the plain one
+    assert not any("forward" in vars(m) for m in twin.modules())  # none of the held layers' forwards came along
+
+
+def test_bf16_run_holds_the_teacher_in_bf16_and_trains_bit_for_bit_as_before(tiny_teacher_dir, tmp_path,
+                                                                            monkeypatch):
+    """A bf16 run with the teacher held in bf16 trains exactly as with the teacher held in fp32 (its calls run under
+    autocast), and its resume is exact."""
+    held = {}
+    prepare = scale.prepare_frozen
+
+    def spy(accelerator, module, mixed_precision):
+        out = prepare(accelerator, module, mixed_precision)
+        held["bytes"] = scale.frozen_bytes(module)
+        held["conv"] = module.down_blocks[0].resnets[0].conv1.weight.dtype
+        return out
+
+    def cfg(name, steps):
+        return tiny_cfg(tiny_teacher_dir, tmp_path / name, max_steps=steps, mixed_precision="bf16",
+                        checkpoint_every=2)
+
+    monkeypatch.setattr(scale, "prepare_frozen", spy)
+    run_distillation(cfg("held", 4), show_progress=False)
+    run_distillation(cfg("resumed", 2), show_progress=False)
+    resumed = run_distillation(cfg("resumed", 4), show_progress=False)
+    monkeypatch.setattr(scale, "prepare_frozen", lambda accelerator, module, mixed_precision: module)
+    fp32_held = run_distillation(cfg("fp32-held", 4), show_progress=False)
+    assert held["conv"] == torch.bfloat16
+    assert held["bytes"] < 0.6 * scale.frozen_bytes(load_teacher(str(tiny_teacher_dir)).network)
+    assert resumed.resumed_from == 2
+    step = "checkpoints/step-00000004/student.safetensors"
+    a, b, c = (load_file(tmp_path / name / step) for name in ("held", "fp32-held", "resumed"))
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
 
 
 # -------------------------------------------------- gradient accumulation ----
@@ -154,6 +258,52 @@ def test_gradient_checkpointing_same_loss_and_gradients(tiny_teacher_dir):
     assert recomputed_a == 0 and recomputed_b == 1  # the block really ran again in backward
     assert loss_a == loss_b
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(grads_a, grads_b))
+
+
+@pytest.mark.parametrize("key", sorted(TINY_CONFIGS))
+def test_gradient_checkpointing_every_family_same_loss_gradients_and_step(key):
+    """Checkpointing on and off: the same ITVM loss, gradients and AdamW step, for a tiny model of each family.
+
+    DiT embeds the time inside each checkpointed block, so backward re-runs its time embedders, and with them
+    the second-time hook; the loss adds a second student call at other times before the one backward, so a
+    recomputation that saw any second time but its own call's would change the gradients.
+    """
+    from tiny_models import SAMPLE_SIZE, build
+
+    from ttfm_distill.convention import interpolate
+    from ttfm_distill.teachers.diffusers_teacher import DiffusersFlowTeacher
+
+    teacher = DiffusersFlowTeacher(build(key), source=key, sample_size=SAMPLE_SIZE.get(key))
+    objective = make_objective("itvm")
+
+    def run(checkpointing):
+        student = build_student(teacher, RunConfig())
+        with torch.no_grad():  # a second time that matters: its embedding's last layer off zero
+            student.second_time.linear_2.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        if checkpointing:
+            scale.enable_gradient_checkpointing(student)
+        g = torch.Generator().manual_seed(5)
+        x1, x0 = teacher.sample_noise(4, generator=g) * 0.5, teacher.sample_noise(4, generator=g)
+        s, t = sample_time_pairs(4, "mixed", 0.0, generator=g)
+        batch = TrainBatch(interpolate(x0, x1, s), s, t, teacher.sample_cond(4, generator=g), g)
+        loss = objective(student, teacher, batch, None).loss
+        loss = loss + student(batch.x_s, s, s + (t - s) / 3, batch.cond).pow(2).mean()
+        calls = []
+        hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in student.network.modules()]
+        loss.backward()
+        for h in hooks:
+            h.remove()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+        torch.optim.AdamW(student.parameters(), lr=1e-3).step()
+        return loss.item(), grads, {n: p.detach().clone() for n, p in student.named_parameters()}, len(calls)
+
+    loss_a, grads_a, after_a, recomputed_a = run(False)
+    loss_b, grads_b, after_b, recomputed_b = run(True)
+    assert recomputed_a == 0 and recomputed_b > 0  # blocks really ran again in backward
+    assert loss_a == loss_b
+    assert grads_a["second_time.linear_1.weight"].abs().sum() > 0  # the second time's embedding is trained too
+    torch.testing.assert_close(grads_b, grads_a, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(after_b, after_a, rtol=1e-5, atol=1e-7)
 
 
 def test_gradient_checkpointing_refused_where_unsupported():

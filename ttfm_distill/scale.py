@@ -6,6 +6,7 @@ fp32 run, so that path stays bit-for-bit what it was.
 
 from __future__ import annotations
 
+import copy
 import types
 
 import torch
@@ -109,14 +110,15 @@ def keep_time_embedders_fp32(*models) -> None:
 def enable_gradient_checkpointing(student) -> None:
     """diffusers' activation checkpointing on the student's backbone (recompute block activations in backward).
 
-    The second time is added at the timestep embedder, which runs outside the
-    checkpointed blocks, so recomputation never needs it.
+    The blocks are checkpointed by the student's own ``checkpoint_block`` (torch's non-reentrant
+    checkpoint with the call's second time restored during recomputation), so families whose time
+    embedder sits inside each block (DiT) recompute with the second time they ran with.
     """
     network = getattr(student, "network", None)
     if network is None or not getattr(network, "_supports_gradient_checkpointing", False):
         raise ConfigError(f"gradient_checkpointing: {type(network or student).__name__} does not support it; "
                           "remove --set gradient_checkpointing=true")
-    network.enable_gradient_checkpointing()
+    network.enable_gradient_checkpointing(getattr(student, "checkpoint_block", None))
 
 
 # ------------------------------------------------------ sharded state -------
@@ -304,22 +306,128 @@ def shard_fp32_modules(accelerator, student, optimizer) -> int:
     return made
 
 
-# ------------------------------------------------- a frozen module, sharded ----
+# ------------------------------------------------------- frozen networks ----
+# A frozen network (the teacher's, a distribution-matching "fake" network's frozen base) is never
+# trained: it needs no fp32 master copy, no gradients, no optimizer state.  With mixed precision on it
+# is held in the training precision, and under FSDP it is sharded like the student.  The helpers take
+# any frozen ``nn.Module``.
+
+#: layers whose forward is one op that autocast runs in the low precision (weight and bias included), so
+#: holding their weights in bf16/fp16 changes nothing under autocast: autocast would make that very cast
+LOW_PRECISION_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LOW_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _held_forward(self, x, *args, **kwargs):
+    """``forward`` of a layer held in bf16/fp16: as the layer's own under autocast (which casts the input to
+    the weights' dtype); outside autocast an input of another dtype (an fp32 evaluation) is computed in its
+    own dtype from the held weights, upcast for this call only."""
+    if x.dtype == self.weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return type(self).forward(self, x, *args, **kwargs)
+    w = self.weight.to(x.dtype)
+    b = None if self.bias is None else self.bias.to(x.dtype)
+    return nn.functional.linear(x, w, b) if isinstance(self, nn.Linear) else self._conv_forward(x, w, b)
+
+
+def _check_frozen(module: nn.Module, what: str) -> None:
+    if any(p.requires_grad for p in module.parameters()):
+        raise ValueError(f"{what}: the module has trainable parameters; freeze it (requires_grad_(False))")
+
+
+def hold_frozen(module: nn.Module, mixed_precision: str) -> int:
+    """Hold a frozen module in the training precision (``"bf16"``/``"fp16"``; ``"no"``: unchanged).
+
+    The weights and biases of its linear and convolution layers (nearly all of a diffusion network's
+    bytes) become bf16/fp16; every other parameter and buffer (norms, embedding tables, positional
+    tables) stays fp32, and so does every module kept in fp32 (:func:`keep_in_fp32`: the time embedders;
+    apply that first).  Under the run's autocast the module then computes exactly what it computed with
+    fp32 weights, since autocast casts those layers' weights to that dtype anyway; outside autocast
+    (evaluation) those layers compute in the caller's precision from the held weights.  Returns the
+    number of layers cast.
+    """
+    dtype = LOW_PRECISION_DTYPES.get(mixed_precision)
+    if dtype is None:
+        if mixed_precision != "no":
+            raise ValueError(f"hold_frozen: mixed_precision must be no, bf16 or fp16, got {mixed_precision!r}")
+        return 0
+    _check_frozen(module, "hold_frozen")
+    kept = {id(m) for k in module.modules() if getattr(k, "_ttfm_keep_fp32", False) for m in k.modules()}
+    layers = [m for m in module.modules() if isinstance(m, LOW_PRECISION_LAYERS) and id(m) not in kept
+              and m.weight.dtype != dtype]
+    owner = {id(p): m for m in layers for p in m.parameters(recurse=False)}
+    # a diffusers network's ``dtype`` is its first floating parameter's (outside ``_keep_in_fp32_modules``), and
+    # some cast inputs to it (UNet2DModel rounds its sinusoidal time projection to ``self.dtype`` before the fp32
+    # embedder): the layer diffusers reads it from stays fp32 (a small input layer: ``conv_in``, a patch embedding)
+    skip = getattr(module, "_keep_in_fp32_modules", None) or ()
+    anchor = next((p for n, p in module.named_parameters() if p.is_floating_point()
+                   and not any(k in n for k in skip)), None) if hasattr(module, "dtype") else None
+    if anchor is not None and id(anchor) in owner:
+        layers.remove(owner[id(anchor)])
+        owner = {k: v for k, v in owner.items() if v in layers}
+    for layer in layers:
+        layer.to(dtype)
+    # should diffusers read its dtype elsewhere, put that layer back (its weights then rounded once to ``dtype``)
+    while isinstance(getattr(module, "dtype", None), torch.dtype) and module.dtype != torch.float32:
+        first = next((p for p in module.parameters() if p.dtype == module.dtype and id(p) in owner), None)
+        if first is None:
+            break
+        layer = owner[id(first)]
+        layer.float()
+        layers.remove(layer)
+        owner = {k: v for k, v in owner.items() if v is not layer}
+    for layer in layers:
+        layer.forward = types.MethodType(_held_forward, layer)
+    _mark_frozen(module)
+    module._ttfm_frozen_dtype = dtype
+    return len(layers)
+
+
+def _mark_frozen(module: nn.Module) -> None:
+    """Record that ``module`` no longer holds its loaded fp32 weights (:func:`trainable_copy` reads it)."""
+    if not hasattr(module, "_ttfm_frozen_class"):
+        module._ttfm_frozen_class = type(module)
+
+
+def frozen_bytes(module: nn.Module) -> int:
+    """Bytes of parameters and buffers ``module`` holds on this process (a sharded one: its shards)."""
+    def local(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    return sum(local(t) for t in (*module.parameters(), *module.buffers()))
+
+
+def trainable_copy(network: nn.Module) -> nn.Module:
+    """A copy of a teacher's network to train: its ``deepcopy`` (fp32 weights, as loaded).
+
+    A network held frozen (:func:`hold_frozen`, :func:`shard_frozen`) no longer has its fp32 weights on
+    this process: its copy is a fresh network of the same class and config (diffusers ``from_config``),
+    for callers that load a full state into it (the export of a sharded student).
+    """
+    frozen_class = getattr(network, "_ttfm_frozen_class", None)
+    if frozen_class is None:
+        return copy.deepcopy(network)
+    if not hasattr(frozen_class, "from_config"):
+        raise ValueError(f"trainable_copy: {frozen_class.__name__} is held frozen and has no config to rebuild it")
+    return frozen_class.from_config(network.config)
+
+
 def shard_frozen(module: nn.Module, mesh=None) -> int:
-    """Shard a frozen module (the teacher's network, an EMA) with FSDP2, so each process holds 1/N of it.
+    """Shard a frozen module with FSDP2, so each process holds 1/N of it.
 
     One unit per block of the module's top-level ``ModuleList``s, then the root; under ``no_grad`` a
-    forward gathers one block at a time and frees it after.  Each call of the module is then a collective:
-    every process must evaluate it the same number of times, in the same order (the objectives do, since
-    every rank draws the same number of diagonal pairs).  Parameters keep their dtype (no mixed-precision
-    policy), so fp32 time embedders stay fp32.  Returns the number of units made.
-
-    Not used by the trainer yet: ``ttfm-distill plan`` counts the teacher whole (docs/plan.md).
+    forward gathers one block at a time and frees it after, and a forward hook frees the root's own
+    parameters after each no-grad call (FSDP2 keeps the root gathered for a backward that never comes).
+    Each call of the module is then a collective: every process must evaluate it the same number of
+    times, in the same order (the objectives do, since every rank draws the same number of diagonal
+    pairs; evaluation on one process calls :func:`unshard_frozen` first).  Parameters keep their dtype
+    (no mixed-precision policy), so fp32 time embedders stay fp32 beside bf16 layers.  Returns the number
+    of units made.
     """
     from torch.distributed.fsdp import fully_shard
 
-    if any(p.requires_grad for p in module.parameters()):
-        raise ValueError("shard_frozen: the module has trainable parameters; freeze it (requires_grad_(False))")
+    _check_frozen(module, "shard_frozen")
+    _mark_frozen(module)
     kwargs = {"mesh": mesh} if mesh is not None else {}
     units = 0
     for child in module.children():
@@ -328,4 +436,39 @@ def shard_frozen(module: nn.Module, mesh=None) -> int:
                 fully_shard(block, **kwargs)
                 units += 1
     fully_shard(module, **kwargs)
+    module.register_forward_hook(_reshard_after_no_grad_call)
     return units + 1
+
+
+def _reshard_after_no_grad_call(module, args, output):
+    if not torch.is_grad_enabled() and not getattr(module, "_ttfm_whole", False):
+        module.reshard()
+
+
+def unshard_frozen(module: nn.Module) -> None:
+    """Gather a module sharded by :func:`shard_frozen` whole on every process, and keep it whole: after this
+    collective its forwards are local, so one process alone may evaluate it (the run's final evaluation)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        return
+    module._ttfm_whole = True
+    for unit in [m for m in module.modules() if isinstance(m, FSDPModule)]:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+
+
+def prepare_frozen(accelerator, module: nn.Module, mixed_precision: str) -> nn.Module:
+    """A frozen network as a training run holds it: in the training precision (:func:`hold_frozen`) and,
+    when the student is sharded (FSDP), sharded over the same processes (:func:`shard_frozen`).
+
+    Any frozen module (the teacher's network; a distribution-matching fake network's frozen base);
+    call it after the student has been copied from it.
+    """
+    hold_frozen(module, mixed_precision)
+    if is_sharded(accelerator):
+        mesh = getattr(accelerator, "torch_device_mesh", None)
+        if mesh is not None and getattr(accelerator, "parallelism_config", None) is not None:
+            mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+        shard_frozen(module, mesh)
+    return module

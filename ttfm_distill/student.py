@@ -17,6 +17,7 @@ Every student class owns its format: ``save_pretrained(folder)`` writes it and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -342,6 +343,34 @@ class TwoTimeFlowMap(ModelMixin):
         if self._pending is None:
             raise RuntimeError("second time not set: call TwoTimeFlowMap, not its network")
         return output + self._pending.to(output.dtype)
+
+    def checkpoint_block(self, block: nn.Module, *args):
+        """The network's ``gradient_checkpointing_func`` (diffusers calls it for each block): torch's
+        non-reentrant checkpoint, with this call's second time put back while backward recomputes the block.
+
+        Families that embed the time inside each block (DiT's ``norm1.emb``) re-run the time embedder, and
+        with it the second-time hook, in backward, after :meth:`forward` has cleared ``_pending``; and an
+        objective may call the student several times, at other times, before one backward.  Each block
+        call captures the embedding it ran with (``context_fn`` is called in the forward), so the
+        recomputation sees exactly the forward's value.  Bound to the student, so a ``deepcopy`` (the EMA)
+        captures its own.
+        """
+        import torch.utils.checkpoint as checkpoint
+
+        pending = self._pending
+
+        def contexts():
+            return contextlib.nullcontext(), self._second_time_as(pending)
+
+        return checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, context_fn=contexts)
+
+    @contextlib.contextmanager
+    def _second_time_as(self, pending: torch.Tensor | None):
+        saved, self._pending = self._pending, pending
+        try:
+            yield
+        finally:
+            self._pending = saved
 
     def second_time_value(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.second_time_input == "delta":

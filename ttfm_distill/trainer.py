@@ -48,7 +48,9 @@ def build_student(teacher, cfg: RunConfig):
     if hasattr(teacher, "network"):
         from .student import TwoTimeFlowMap
 
-        network = copy.deepcopy(teacher.network).train().requires_grad_(True)
+        from .scale import trainable_copy
+
+        network = trainable_copy(teacher.network).train().requires_grad_(True)
         guidance = None
         if cfg.guidance_range is not None:
             guidance = {"range": [float(v) for v in cfg.guidance_range], "default": cfg.default_guidance()}
@@ -214,11 +216,6 @@ class Distillation:
                                negative_prompt=cfg.negative_prompt, guided=cfg.guidance_range is not None)
         if hasattr(teacher, "network"):  # an unsupported time embedding is refused here, before any data work
             teacher.adapter.projection(teacher.network)
-            if cfg.gradient_checkpointing and len(teacher.adapter.time_embedders(teacher.network)) > 1:
-                # DiT embeds the time inside every block: a checkpointed block recomputes it in backward, after
-                # the student's second time is gone
-                raise ConfigError(f"gradient_checkpointing is not supported for {type(teacher.network).__name__} "
-                                  "students yet (time embedded inside each block); leave it off")
         teacher.to(self.device)
         self.objective = resolve_teacher_settings(cfg, self.objective, teacher, self.folder.saved)
         for line in settings_warnings(cfg):
@@ -285,6 +282,8 @@ class Distillation:
         student = student.to(self.device)
         if cfg.mixed_precision != "no":
             scale.keep_time_embedders_fp32(student, self.teacher)
+        if cfg.lora_rank == 0 and hasattr(self.teacher, "network"):  # (a LoRA teacher is the student's own base)
+            scale.prepare_frozen(self.accelerator, self.teacher.network, cfg.mixed_precision)  # bf16; FSDP: sharded
         if cfg.gradient_checkpointing:
             scale.enable_gradient_checkpointing(student)
         self.ema = None
@@ -512,6 +511,8 @@ class Distillation:
         if final is self.student:  # sharded: an unsharded copy holding the gathered weights, built on rank 0
             final = scale.unsharded_copy(self.accelerator, self.wrapped, self.student,
                                          lambda: build_student(self.teacher, cfg).to(self.device))
+        if hasattr(self.teacher, "network"):  # sharded: gathered whole on every rank, so rank 0 evaluates alone
+            scale.unshard_frozen(self.teacher.network)
         if self.main:
             metrics = finish_run(cfg, self.out, final.eval(), self.teacher, self.objective, self.seconds,
                                  self.history, self.device, self.log, self.skipped, distributed,

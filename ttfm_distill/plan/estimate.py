@@ -5,14 +5,18 @@ network is built from its config, the two-time student (full copy or LoRA) on to
 of it, and one batch-1 pass measures FLOPs and saved activations.  The memory
 model (per GPU, bytes)::
 
-    static   = student weights + optimizer state + EMA + teacher (+ DDP buckets | FSDP gathered blocks)
+    static   = student weights + optimizer state + EMA + teacher (+ fake network) (+ DDP buckets | FSDP gathered blocks)
     forward  = static + bf16 weight copies + activations_per_sample * batch       (end of the forward)
     update   = static + gradients + optimizer-step temporaries                     (backward done, AdamW step)
     peak     = max(forward, update);   fits when peak <= gpu_memory * (1 - headroom)
 
 Master weights, gradients and AdamW state are fp32 (the trainer's mixed precision is
-bf16 autocast over fp32 weights).  What is an assumption, not a count, is named in
-:data:`ASSUMPTIONS` and printed with the plan.
+bf16 autocast over fp32 weights).  The frozen teacher is held as the trainer holds it
+(``scale.prepare_frozen``): with bf16 its linear and convolution weights in bf16, under
+FSDP sharded.  With distribution matching (``dm``) a fake velocity network trains beside
+the student: a full copy of the teacher (fp32 weights, gradients and AdamW state, sharded
+like the student) or LoRA adapters on the teacher's frozen weights.  What is an
+assumption, not a count, is named in :data:`ASSUMPTIONS` and printed with the plan.
 """
 
 from __future__ import annotations
@@ -42,8 +46,17 @@ ASSUMPTIONS = [
     "no-grad target evaluations run before the student's forward; their transient activations are not counted",
     "communication time (all-reduce, FSDP gathers) is not modelled; FSDP is assumed to overlap it",
     "gradient checkpointing adds one student forward per trained row (counted in step time, not in MFU)",
-    "the frozen teacher (and an EMA) is held whole on every GPU, also under FSDP (see docs/plan.md)",
+    "the frozen teacher is held as the trainer holds it: bf16 linear/conv weights with bf16, sharded under FSDP; "
+    "the block a sharded teacher gathers during its call is transient and not counted; an EMA is held whole",
+    "distribution matching (--dm): one generated sample per training sample (a student row with grad, a teacher and "
+    "a fake forward) and one fake-network flow-matching update (forward + backward); the fake network's pass runs "
+    "apart from the student's, so its activations are not added to the student's, but both gradients are held at "
+    "the update",
 ]
+
+#: how a distribution-matching fake network is held (``--dm``): none, a full trainable copy of the teacher, or
+#: LoRA adapters on the teacher's own frozen weights
+DM_FAKES = ("none", "full", "lora")
 
 
 class PlanError(TTFMError, ValueError):
@@ -183,6 +196,9 @@ class Evaluations:
     student_nograd: float
     teacher: float
     note: str = ""
+    #: distribution matching: fake-network forwards without grad, and its flow-matching updates (forward + backward)
+    fake: float = 0.0
+    fake_train: float = 0.0
 
 
 def objective_evaluations(loss: str, options: dict, diagonal_fraction: float, guidance: bool = False) -> Evaluations:
@@ -230,6 +246,14 @@ def flow_matching_evaluations() -> Evaluations:
     return Evaluations(1, 0, 0, "plain flow matching: 1 row with grad")
 
 
+def with_distribution_matching(ev: Evaluations) -> Evaluations:
+    """``ev`` plus the distribution-matching term, per training sample: the student's generated sample (one row
+    with grad), one teacher and one fake forward at its noised copy, and one fake flow-matching update."""
+    return Evaluations(ev.train + 1, ev.student_nograd, ev.teacher + 1,
+                       ev.note + "; distribution matching: 1 generated row with grad, 1 teacher + 1 fake forward, "
+                       "1 fake update (forward + backward)", fake=ev.fake + 1, fake_train=ev.fake_train + 1)
+
+
 # ------------------------------------------------------------ counting -----
 @dataclass
 class StudentCounts:
@@ -259,6 +283,8 @@ class Counts:
     lora: StudentCounts | None
     lora_rank: int
     published: dict | None = None
+    #: bytes of the teacher's parameters as the trainer holds them frozen: {"fp32": ..., "bf16": ...}
+    teacher_held_bytes: dict = field(default_factory=dict)
 
 
 def _buffer_bytes(module) -> int:
@@ -300,8 +326,7 @@ def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int, autocast_
         except RuntimeError:
             if not ckpt:
                 raise
-            # the recomputation fails (DiT adds the second time inside its checkpointed blocks, after the
-            # student's forward has cleared it): scale the plain working set by the saved-bytes ratio
+            # a recomputation that fails on the meta device: scale the plain working set by the saved-bytes ratio
             ratio = (fp32.activations_checkpointed or fp32.activations) / max(fp32.activations, 1)
             work[True] = (int(work[False][0] * ratio), int(work[False][1] * ratio))
             checkpoint_note = "gradient checkpointing fails in recomputation for this family (estimated)"
@@ -358,6 +383,7 @@ def count(spec: TeacherSpec, lora_rank: int = 16, text_tokens: int | None = None
 
     teacher = build_models(spec, 0)[0]  # the full student is a deepcopy, so this teacher stays plain
     teacher_parameters = sum(p.numel() for p in teacher.network.parameters())
+    held = held_teacher_bytes(teacher)
     teacher_buffers = _buffer_bytes(teacher.network)  # before a LoRA student adds adapters to this network
     x, s, t, cond = example_inputs(teacher, tokens)
     try:
@@ -384,7 +410,21 @@ def count(spec: TeacherSpec, lora_rank: int = 16, text_tokens: int | None = None
         image_tokens=teacher.adapter.image_tokens(teacher.network, tuple(teacher.data_shape)),
         text_tokens=tokens if teacher.adapter.text_inputs(teacher.network) else 0, resolution=spec.resolution,
         teacher_parameters=teacher_parameters, teacher_buffer_bytes=teacher_buffers, teacher_forward_flops=t_flops,
-        full=full, lora=lora, lora_rank=lora_rank, published=published)
+        full=full, lora=lora, lora_rank=lora_rank, published=published, teacher_held_bytes=held)
+
+
+def held_teacher_bytes(teacher) -> dict:
+    """Bytes of the teacher network's parameters as a run holds it frozen: fp32, and in bf16 runs as
+    ``scale.keep_time_embedders_fp32`` + ``scale.hold_frozen`` leave it (on a meta copy: no memory)."""
+    import copy
+
+    from .. import scale
+
+    held = copy.deepcopy(teacher)
+    scale.keep_time_embedders_fp32(held)
+    scale.hold_frozen(held.network, "bf16")
+    nbytes = lambda net: sum(p.numel() * p.element_size() for p in net.parameters())  # noqa: E731
+    return {"fp32": sum(p.numel() * 4 for p in teacher.network.parameters()), "bf16": nbytes(held.network)}
 
 
 def asdict_shallow(obj) -> dict:
@@ -415,16 +455,41 @@ class Layout:
         return f"{self.student} {self.parallel.upper()} {self.precision}{' ckpt' if self.checkpointing else ''}"
 
 
-def sample_flops(sc: StudentCounts, teacher_flops: float, ev: Evaluations) -> float:
-    return ev.train * sc.train_flops + ev.student_nograd * sc.forward_flops + ev.teacher * teacher_flops
+def sample_flops(sc: StudentCounts, teacher_flops: float, ev: Evaluations, fake: StudentCounts | None = None) -> float:
+    """Model FLOPs of one training sample; ``fake``: the counts the fake network's passes are taken from (a full
+    copy: the full student's, whose second-time embedding adds well under 0.1%; LoRA: the LoRA student's)."""
+    flops = ev.train * sc.train_flops + ev.student_nograd * sc.forward_flops + ev.teacher * teacher_flops
+    if fake is not None and (ev.fake or ev.fake_train):
+        flops += ev.fake * (teacher_flops if fake.kind == "full" else fake.forward_flops) + ev.fake_train * fake.train_flops
+    return flops
+
+
+def fake_counts(c: Counts, dm: str) -> StudentCounts | None:
+    """The counts a distribution-matching fake network is planned from (``dm``: :data:`DM_FAKES`)."""
+    if dm not in DM_FAKES:
+        raise PlanError(f"--dm must be one of {', '.join(DM_FAKES)}, got {dm!r}")
+    if dm == "none":
+        return None
+    if dm == "lora" and c.lora is None:
+        raise PlanError("--dm lora plans LoRA adapters on the teacher: give --lora-rank > 0")
+    return c.full if dm == "full" else c.lora
 
 
 def memory_terms(c: Counts, sc: StudentCounts, parallel: str, precision: str, gpus: int, ema: bool,
-                 checkpointing: bool = False) -> dict:
-    """Bytes per GPU of everything but activations, term by term (see the module docstring)."""
+                 checkpointing: bool = False, dm: str = "none") -> dict:
+    """Bytes per GPU of everything but activations, term by term (see the module docstring).
+
+    The frozen teacher of a full student as the trainer holds it (bf16: ``teacher_held_bytes["bf16"]``;
+    FSDP: its parameters sharded, its buffers whole); a LoRA student's base is its own fp32 weights.
+    ``dm``: the distribution-matching fake network (:data:`DM_FAKES`), held and sharded like the student.
+    """
     shard = gpus if parallel == "fsdp" else 1
     f32 = 4
-    teacher = c.teacher_parameters * f32 + c.teacher_buffer_bytes
+    if sc.kind == "full":
+        held = c.teacher_held_bytes.get(precision if precision == "bf16" else "fp32", c.teacher_parameters * f32)
+        teacher = held / shard + c.teacher_buffer_bytes
+    else:
+        teacher = c.teacher_parameters * f32 + c.teacher_buffer_bytes
     if sc.kind == "full":
         weights = sc.student_parameters * f32 / shard + sc.student_buffers
         ema_bytes = (sc.student_parameters * f32 + sc.student_buffers) if ema else 0
@@ -436,7 +501,7 @@ def memory_terms(c: Counts, sc: StudentCounts, parallel: str, precision: str, gp
         "gradients": sc.trained * f32 / shard,
         "AdamW m, v": 2 * sc.trained * f32 / shard,
         "EMA": ema_bytes,
-        "teacher (whole)" if sc.kind == "full" else "teacher = LoRA base": teacher,
+        "teacher (frozen)" if sc.kind == "full" else "teacher = LoRA base": teacher,
         "AdamW step temps": sc.trained * f32 / shard,
         "DDP buckets": sc.trained * f32 if (parallel == "dp" and gpus > 1) else 0,
         "FSDP gathered blocks": (
@@ -446,11 +511,20 @@ def memory_terms(c: Counts, sc: StudentCounts, parallel: str, precision: str, gp
             if (precision == "bf16" and parallel == "dp") else 0),
         "batch-independent tensors": sc.activations[precision]["checkpointed_fixed" if checkpointing else "plain_fixed"],
     }
+    fake = fake_counts(c, dm)  # trained like the student: fp32 weights, gradients and AdamW state, sharded alike
+    trained = 0 if fake is None else c.teacher_parameters if dm == "full" else fake.trained - fake.added_embeddings
+    terms.update({
+        "fake network weights": trained * f32 / shard + (c.teacher_buffer_bytes if dm == "full" else 0),
+        "fake gradients": trained * f32 / shard,
+        "fake AdamW m, v": 2 * trained * f32 / shard,
+        "fake AdamW step temps": trained * f32 / shard,
+        "fake DDP buckets": trained * f32 if (parallel == "dp" and gpus > 1) else 0,
+    })
     return {k: int(v) for k, v in terms.items()}
 
 
 FORWARD_ONLY = ("bf16 weight copies", "batch-independent tensors")
-UPDATE_ONLY = ("gradients", "AdamW step temps")
+UPDATE_ONLY = ("gradients", "AdamW step temps", "fake gradients", "fake AdamW step temps")
 
 
 def peak_bytes(terms: dict, act_per_sample: int, batch: int) -> int:
@@ -491,6 +565,7 @@ class Plan:
     recommendation: str
     assumptions: list
     full_fsdp_min_gpus: int | None = None
+    dm: str = "none"
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -498,7 +573,10 @@ class Plan:
 
 
 def make_plan(c: Counts, ev: Evaluations, gpus: int = 1, gpu: str = "H100", gpu_memory: float | None = None,
-              mfu: float = 0.35, headroom: float = 0.10, ema: bool = False, batch_size: int | None = None) -> Plan:
+              mfu: float = 0.35, headroom: float = 0.10, ema: bool = False, batch_size: int | None = None,
+              dm: str = "none") -> Plan:
+    """``dm``: plan the distribution-matching term with its fake network (:data:`DM_FAKES`); ``ev`` then gains
+    the term's evaluations (:func:`with_distribution_matching`)."""
     if gpu not in GPUS:
         raise PlanError(f"unknown --gpu {gpu!r}; choose one of {', '.join(GPUS)}")
     if gpus < 1:
@@ -509,6 +587,9 @@ def make_plan(c: Counts, ev: Evaluations, gpus: int = 1, gpu: str = "H100", gpu_
         raise PlanError(f"--headroom must be in [0, 1), got {headroom}")
     memory = float(gpu_memory or GPUS[gpu]["memory"])
     usable = memory * (1 - headroom)
+    fake = fake_counts(c, dm)
+    if fake is not None and not ev.fake_train:
+        ev = with_distribution_matching(ev)
     layouts = []
     for sc in [c.full] + ([c.lora] if c.lora else []):
         for parallel in ("dp", "fsdp"):
@@ -521,8 +602,8 @@ def make_plan(c: Counts, ev: Evaluations, gpus: int = 1, gpu: str = "H100", gpu_
                         lay.supported, lay.note = False, "LoRA students are refused under FSDP; use DP"
                     acts = sc.activations[precision]
                     lay.activations_per_sample = int(ev.train * acts["checkpointed" if ckpt else "plain"])
-                    lay.terms = memory_terms(c, sc, parallel, precision, gpus, ema, ckpt)
-                    lay.flops_per_sample = sample_flops(sc, c.teacher_forward_flops, ev)
+                    lay.terms = memory_terms(c, sc, parallel, precision, gpus, ema, ckpt, dm)
+                    lay.flops_per_sample = sample_flops(sc, c.teacher_forward_flops, ev, fake)
                     lay.hardware_flops_per_sample = lay.flops_per_sample + (ev.train * sc.forward_flops if ckpt else 0)
                     if lay.supported:
                         lay.largest_batch = largest_batch(lay.terms, lay.activations_per_sample, usable)
@@ -535,20 +616,21 @@ def make_plan(c: Counts, ev: Evaluations, gpus: int = 1, gpu: str = "H100", gpu_
                         else:
                             lay.peak_bytes = peak_bytes(lay.terms, lay.activations_per_sample, 1)
                     layouts.append(lay)
-    plan = Plan(c, asdict(ev), gpu, gpus, memory, headroom, mfu, ema, batch_size, layouts, "", list(ASSUMPTIONS))
-    plan.full_fsdp_min_gpus = min_gpus_full_fsdp(c, ev, usable, ema, batch_size or 1)
+    plan = Plan(c, asdict(ev), gpu, gpus, memory, headroom, mfu, ema, batch_size, layouts, "", list(ASSUMPTIONS),
+                dm=dm)
+    plan.full_fsdp_min_gpus = min_gpus_full_fsdp(c, ev, usable, ema, batch_size or 1, dm=dm)
     plan.recommendation = recommend(plan)
     return plan
 
 
 def min_gpus_full_fsdp(c: Counts, ev: Evaluations, usable: float, ema: bool, need: int = 1,
-                       limit: int = 4096) -> int | None:
+                       limit: int = 4096, dm: str = "none") -> int | None:
     """The fewest GPUs on which the full student fits with FSDP (bf16, gradient checkpointing); None: never
-    (the whole teacher, EMA and activations alone exceed a GPU)."""
+    (the EMA, the teacher's buffers and activations alone exceed a GPU)."""
     act = int(ev.train * c.full.activations["bf16"]["checkpointed"])
     n = 2
     while n <= limit:
-        if largest_batch(memory_terms(c, c.full, "fsdp", "bf16", n, ema, True), act, usable) >= need:
+        if largest_batch(memory_terms(c, c.full, "fsdp", "bf16", n, ema, True, dm), act, usable) >= need:
             return n
         n += 1 if n < 64 else n // 8
     return None
@@ -574,7 +656,7 @@ def recommend(plan: Plan) -> str:
             if kind == "full":
                 n = plan.full_fsdp_min_gpus
                 more = (f" (FSDP bf16 + checkpointing fits from {n} GPUs)" if n else
-                        " (not on any number of these GPUs while the teacher is held whole)")
+                        " (not on any number of these GPUs: what is not sharded, an EMA and the activations, exceeds one)")
             lines.append(f"{kind}: does not fit {plan.gpus} x {plan.gpu_memory / GB:.3g} GB at batch {need}/GPU{more}")
     return "; ".join(lines) if lines else "nothing fits"
 

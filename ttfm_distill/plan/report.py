@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from .estimate import GB, GPUS, Plan
 
-TEACHER_SHARDING_NOTE = (
-    "Teacher under FSDP: held whole on every GPU (the trainer shards the student only; scale.shard_frozen exists "
-    "but the trainer does not call it yet). Sharding the frozen teacher would save {save:.1f} GB per GPU here "
-    "({per:.1f} GB left of {whole:.1f} GB at {n} GPUs); see docs/plan.md.")
+DM_WHAT = {"full": "a full trainable copy of the teacher (fp32 weights, gradients, AdamW state; sharded like the "
+                   "student under FSDP)",
+           "lora": "LoRA adapters (the LoRA student's rank) on the teacher's own frozen weights"}
+
+TEACHER_NOTE = (
+    "Frozen teacher (full student): {bf16:.1f} GB in bf16 (linear/conv weights; {fp32:.1f} GB in fp32), sharded "
+    "under FSDP: {per:.2f} GB per GPU at {n} GPUs with bf16 (scale.prepare_frozen; docs/plan.md).")
 
 
 def _b(n: float) -> str:
@@ -87,6 +90,8 @@ def render(plan: Plan, console=None) -> None:
     t.add_row("student forward", _flops(c.full.forward_flops), _flops(lora.forward_flops) if lora else "-")
     t.add_row("student forward + backward", _flops(c.full.train_flops), _flops(lora.train_flops) if lora else "-")
     evals = f"{ev['train']:g} grad + {ev['student_nograd']:g} no-grad + {ev['teacher']:g} teacher"
+    if ev.get("fake_train"):
+        evals += f" + {ev['fake']:g} fake + {ev['fake_train']:g} fake update"
     t.add_row("evaluations per sample", evals, evals)
     per = {lay.student: lay.flops_per_sample for lay in plan.layouts}
     t.add_row("per training sample", _flops(per.get("full", 0)), _flops(per["lora"]) if "lora" in per else "-")
@@ -122,9 +127,10 @@ def render(plan: Plan, console=None) -> None:
     for note in unsupported:
         console.print(f"[dim]not shown: {note}[/]")
     console.print(f"[bold green]recommendation[/] (cheapest layout that fits, per student): {plan.recommendation}")
-    if plan.gpus > 1:
-        whole = c.teacher_parameters * 4 + c.teacher_buffer_bytes
-        sharded = c.teacher_parameters * 4 / plan.gpus + c.teacher_buffer_bytes
-        console.print(TEACHER_SHARDING_NOTE.format(save=(whole - sharded) / GB, per=sharded / GB, whole=whole / GB,
-                                                   n=plan.gpus))
+    held = c.teacher_held_bytes or {"fp32": c.teacher_parameters * 4, "bf16": c.teacher_parameters * 4}
+    console.print(TEACHER_NOTE.format(bf16=(held["bf16"] + c.teacher_buffer_bytes) / GB,
+                                      fp32=(held["fp32"] + c.teacher_buffer_bytes) / GB,
+                                      per=(held["bf16"] / plan.gpus + c.teacher_buffer_bytes) / GB, n=plan.gpus))
+    if plan.dm != "none":
+        console.print(f"Distribution matching: the fake network is {DM_WHAT[plan.dm]}; its terms are the 'fake' rows.")
     console.print("[dim]assumptions: " + "; ".join(plan.assumptions) + ".[/]")
