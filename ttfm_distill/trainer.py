@@ -282,6 +282,13 @@ class Distillation:
         student = student.to(self.device)
         if cfg.mixed_precision != "no":
             scale.keep_time_embedders_fp32(student, self.teacher)
+        self.dm = None
+        if cfg.dm_weight > 0:  # the fake network copies the teacher before it is held in the training precision
+            from .fake import FakeVelocity
+
+            self.fake = FakeVelocity.from_teacher(self.teacher, cfg.mlp_width, cfg.mlp_depth).to(self.device)
+            if cfg.mixed_precision != "no":
+                scale.keep_time_embedders_fp32(self.fake)
         if cfg.lora_rank == 0 and hasattr(self.teacher, "network"):  # (a LoRA teacher is the student's own base)
             scale.prepare_frozen(self.accelerator, self.teacher.network, cfg.mixed_precision)  # bf16; FSDP: sharded
         if cfg.gradient_checkpointing:
@@ -291,13 +298,6 @@ class Distillation:
             self.ema = (student.make_ema() if hasattr(student, "make_ema")
                         else copy.deepcopy(student).requires_grad_(False).eval())
         self.student = student
-        self.dm = None
-        if cfg.dm_weight > 0:
-            from .fake import FakeVelocity
-
-            self.fake = FakeVelocity.from_teacher(self.teacher, cfg.mlp_width, cfg.mlp_depth).to(self.device)
-            if cfg.mixed_precision != "no":
-                scale.keep_time_embedders_fp32(self.fake)
 
     def setup_optimizer(self) -> None:
         cfg = self.cfg
