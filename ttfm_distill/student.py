@@ -177,7 +177,9 @@ class StudentConfig:
         return dataclasses.asdict(self)
 
     def save(self, folder: str | Path) -> None:
-        Path(folder, CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        from .fileio import write_json
+
+        write_json(Path(folder, CONFIG_NAME), self.to_dict(), default=str)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "ttfm_config.json") -> "StudentConfig":
@@ -282,9 +284,10 @@ def load_tensors(path: Path) -> dict:
 
 
 def save_tensors_plain(path: Path, tensors: dict) -> None:
-    from safetensors.torch import save_file
+    """A safetensors file with no metadata, written atomically."""
+    from .fileio import save_tensors
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    save_tensors(path, tensors)
 
 
 class TwoTimeFlowMap(ModelMixin):

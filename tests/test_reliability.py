@@ -1,0 +1,145 @@
+"""Damaged resume files, incomplete teachers and students, and refusals that leave nothing behind.
+
+Through the real entry point on folders made inside pytest's ``tmp_path``; every file damaged or deleted here
+is a copy made by the test.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from test_bad_input import one_line_error
+from test_cli import TINY, cli
+
+POOL = ["--set", "pool_size=300"]  # two pool chunks (256 rows each): a resumable build has a finished chunk
+RUN = ["--set", "checkpoint_every=1", "--set", "ema_decay=0.9", *TINY, *POOL]  # POOL after TINY: it wins
+
+
+def _flat(text):
+    """``text`` without whitespace: rich wraps long log lines at any space."""
+    return "".join(text.split())
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def pool_run(tiny_teacher_dir, tmp_path_factory):
+    """A finished 2-step run: a two-chunk pool in ``cache/``, checkpoints at steps 1 and 2 (with an EMA)."""
+    out = tmp_path_factory.mktemp("reliability") / "run"
+    r = cli("run", "--teacher", tiny_teacher_dir, "--output", out, "--max-steps", 2, *RUN)
+    assert r.returncode == 0, r.stderr
+    assert (out / "checkpoints" / "step-00000002" / "ema.safetensors").exists()
+    return out
+
+
+def _copy(run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def _pool_file(run):
+    (pool,) = (run / "cache").glob("pool-*.safetensors")
+    return pool
+
+
+def _interrupted_pool(run):
+    """Turn the finished pool into what a kill during its build leaves: the first chunk done, the entry not yet made."""
+    from ttfm_distill.data.pool import POOL_CHUNK
+
+    pool = _pool_file(run)
+    parts = pool.with_name(pool.name + ".parts")
+    parts.mkdir()
+    save_file({k: v[:POOL_CHUNK].contiguous() for k, v in load_file(pool).items()},
+              str(parts / "chunk-000000.safetensors"))
+    (parts / "seconds").write_text("1.5")
+    pool.unlink()
+    return parts
+
+
+# ---------------------------------------------------------------- damaged resume files ---------------------------
+@pytest.mark.parametrize("damage", ["pool seconds", "pool chunk", "pool entry", "lock"] + [
+    f"checkpoint {name}" for name in ("student.safetensors", "ema.safetensors", "optimizer.pt", "trainer_state.json")])
+def test_an_emptied_resume_file_is_recomputed(pool_run, tiny_teacher_dir, tmp_path, damage):
+    """Each file a rerun reads to resume, emptied (what a kill between truncation and write leaves): the rerun
+    recomputes it, or falls back to the checkpoint before, and ends as the undamaged run would."""
+    run = _copy(pool_run, tmp_path)
+    expected = {k: v.clone() for k, v in load_file(_pool_file(run)).items()}  # not a view of the file damaged below
+    if damage.startswith("pool") and damage != "pool entry":
+        parts = _interrupted_pool(run)
+        (parts / ("seconds" if damage == "pool seconds" else "chunk-000000.safetensors")).write_bytes(b"")
+    elif damage == "pool entry":
+        _pool_file(run).write_bytes(b"")
+    elif damage == "lock":
+        (run / ".ttfm-distill.lock").write_bytes(b"")
+    else:
+        (run / "checkpoints" / "step-00000002" / damage.split()[1]).write_bytes(b"")
+    r = cli("run", "--teacher", tiny_teacher_dir, "--output", run, "--max-steps", 3, *RUN)
+    assert r.returncode == 0, r.stderr
+    assert "internal error" not in r.stderr and "Traceback" not in r.stderr
+    pool = load_file(_pool_file(run))
+    assert pool.keys() == expected.keys() and all(torch.equal(pool[k], expected[k]) for k in pool)
+    assert not list((run / "cache").glob("*.parts"))
+    log = _flat(r.stderr)
+    if damage == "pool seconds":
+        assert "256of300rowswerealreadydone" in log
+    if damage == "pool chunk":
+        assert "alreadydone" not in log  # the emptied chunk is rebuilt, not counted as done
+    if damage == "pool entry":
+        assert "damagedorstale;rebuilding" in log
+    if damage.startswith("checkpoint"):
+        assert "damaged" in log and "step-00000001(step1)" in log
+    else:
+        assert "step-00000002(step2)" in log
+    assert json.loads((run / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())["step"] == 3
+
+
+def test_emptied_checkpoints_and_config_are_named_in_one_line(pool_run, tiny_teacher_dir, tmp_path):
+    run = _copy(pool_run, tmp_path)
+    for ckpt in (run / "checkpoints").iterdir():
+        (ckpt / "trainer_state.json").write_bytes(b"")
+    r = cli("run", "--teacher", tiny_teacher_dir, "--output", run, "--max-steps", 3, *RUN)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]  # after a warning for each damaged checkpoint
+    assert last.startswith("error: no checkpoint in") and "could be read; pass --overwrite" in last
+    (run / "config.json").write_bytes(b"")
+    one_line_error(cli("run", "--teacher", tiny_teacher_dir, "--output", run, "--max-steps", 3, *RUN), 2,
+                   "config.json", "not a ttfm-distill run config")
+
+
+@pytest.mark.parametrize("damage", ["seconds", "chunk", "entry", "entry metadata"])
+def test_a_damaged_data_cache_is_rebuilt(tmp_path, damage):
+    """The caches of real data and prompts share the pool's resumable builder (``build_chunked``)."""
+    from ttfm_distill.data.cache import build_chunked
+
+    def make(start, stop):
+        return {"x": torch.arange(start, stop, dtype=torch.float32)}
+
+    path = tmp_path / "pixels-abc.safetensors"
+    logs = []
+    full, _ = build_chunked(path, 10, 4, make, log=logs.append)
+    if damage == "entry":
+        path.write_bytes(b"")
+    elif damage == "entry metadata":
+        save_file(full, str(path), metadata={"build_seconds": ""})
+    else:
+        parts = path.with_name(path.name + ".parts")
+        parts.mkdir()
+        save_file(make(0, 4), str(parts / "chunk-000000.safetensors"))
+        save_file(make(4, 8), str(parts / "chunk-000001.safetensors"))
+        (parts / "seconds").write_text("2.0")
+        path.unlink()
+        (parts / ("seconds" if damage == "seconds" else "chunk-000001.safetensors")).write_bytes(b"")
+    tensors, report = build_chunked(path, 10, 4, make, log=logs.append)
+    assert torch.equal(tensors["x"], full["x"])
+    assert report.first_build_seconds is not None and report.first_build_seconds >= 0
+    if damage == "seconds":
+        assert report.resumed_rows == 8
+    if damage == "chunk":
+        assert report.resumed_rows == 4
+    assert torch.equal(load_file(path)["x"], full["x"]) and not path.with_name(path.name + ".parts").exists()
