@@ -143,3 +143,65 @@ def test_a_damaged_data_cache_is_rebuilt(tmp_path, damage):
     if damage == "chunk":
         assert report.resumed_rows == 4
     assert torch.equal(load_file(path)["x"], full["x"]) and not path.with_name(path.name + ".parts").exists()
+
+
+# ---------------------------------------------------------------- incomplete teachers and students ----------------
+def _edit_weights(src, dst, weights, drop=None, add=None):
+    """Copy the model folder ``src`` to ``dst`` with tensor ``drop`` removed from (or ``add`` put into) ``weights``."""
+    shutil.copytree(src, dst)
+    f = dst / weights
+    w = {k: v.clone() for k, v in load_file(f).items()}
+    if drop is not None:
+        del w[next(k for k in w if k.endswith(drop))]
+    if add is not None:
+        w[add] = torch.zeros(3)
+    save_file(w, str(f))
+    return dst
+
+
+@pytest.mark.parametrize("drop, add, needles", [
+    ("conv_out.weight", None, ["lack tensor 'conv_out.weight'", "random values"]),
+    (None, "extra.weight", ["hold tensor 'extra.weight'", "no place for it"]),
+])
+def test_a_teacher_missing_or_with_an_unexpected_tensor_is_refused_at_load(tiny_teacher_dir, tmp_path, drop, add,
+                                                                           needles):
+    bad = _edit_weights(tiny_teacher_dir, tmp_path / "teacher", "unet/diffusion_pytorch_model.safetensors", drop, add)
+    out = tmp_path / "run"
+    line = one_line_error(cli("run", "--teacher", bad, "--output", out, "--max-steps", 2, *TINY), 2, *needles)
+    assert str(bad / "unet") in line or len(line) > 180  # the folder, unless the line was cut at its end
+    assert not out.exists()
+    one_line_error(cli("inspect", "--teacher", bad), 2, *needles)
+
+
+def test_a_student_missing_a_tensor_is_refused_by_sample_and_eval(pool_run, tiny_teacher_dir, tmp_path):
+    bad = _edit_weights(pool_run / "student", tmp_path / "student",
+                        "flow_map/unet/diffusion_pytorch_model.safetensors", drop="conv_out.weight")
+    one_line_error(cli("sample", "--model", bad, "--num", 2, "--output", tmp_path / "x.png"), 2,
+                   "lack tensor 'conv_out.weight'", "export it again")
+    assert not (tmp_path / "x.png").exists()
+    one_line_error(cli("eval", "--model", bad, "--teacher", tiny_teacher_dir, "--output", tmp_path / "eval.json"), 2,
+                   "lack tensor 'conv_out.weight'")
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_a_vae_missing_a_tensor_is_refused_for_teachers_and_exports(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from ttfm_distill.pipeline import _check_vae
+    from ttfm_distill.student import StudentLoadError
+    from ttfm_distill.teachers.pipeline import IncompleteWeights, load_vae
+
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  layers_per_block=1, norm_num_groups=4).save_pretrained(tmp_path / "good")
+    assert load_vae(tmp_path / "good").latent_channels == 4
+    _check_vae(tmp_path / "good")  # a whole VAE passes
+    bad = _edit_weights(tmp_path / "good", tmp_path / "vae", "diffusion_pytorch_model.safetensors",
+                        drop="decoder.conv_out.weight")
+    with pytest.raises(IncompleteWeights, match="lack tensor 'decoder.conv_out.weight'"):
+        load_vae(bad)
+    with pytest.raises(StudentLoadError, match="lack tensor 'decoder.conv_out.weight'"):
+        _check_vae(bad)  # what TTFMPipeline.from_pretrained does for an export's vae/, before diffusers loads it
+    extra = _edit_weights(tmp_path / "good", tmp_path / "vae2", "diffusion_pytorch_model.safetensors", add="extra.w")
+    with pytest.raises(StudentLoadError, match="hold tensor 'extra.w'"):
+        _check_vae(extra)

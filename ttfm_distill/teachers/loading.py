@@ -225,10 +225,13 @@ def _load_folder(root: Path, subfolder: str | None, source: str | None = None, a
     import diffusers
 
     from .diffusers_teacher import DiffusersFlowTeacher
+    from .pipeline import IncompleteWeights, load_complete
 
     cls = getattr(diffusers, class_name)
     try:
-        network = cls.from_pretrained(denoiser, use_safetensors=use_safetensors, low_cpu_mem_usage=False)
+        network = load_complete(cls, denoiser, use_safetensors=use_safetensors)
+    except IncompleteWeights as e:
+        raise TeacherLoadError(str(e)) from None
     except Exception as e:  # diffusers raises many types for bad files
         raise TeacherLoadError(f"cannot load {class_name} from {denoiser}: {_first_line(e)}") from None
     rel = denoiser.relative_to(root).as_posix() if denoiser != root else ""
@@ -251,6 +254,8 @@ def _pipeline_parts(root: Path, denoiser: Path, class_name: str, use_safetensors
     if (root / "vae" / "config.json").exists():
         try:
             codec = load_vae(root / "vae", use_safetensors)
+        except TTFMError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise TeacherLoadError(f"cannot load the VAE in {root / 'vae'}: {_first_line(e)}") from None
     prompts = None
