@@ -103,10 +103,13 @@ def test_emptied_checkpoints_and_config_are_named_in_one_line(pool_run, tiny_tea
     run = _copy(pool_run, tmp_path)
     for ckpt in (run / "checkpoints").iterdir():
         (ckpt / "trainer_state.json").write_bytes(b"")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".ttfm-distill.lock"}
     r = cli("run", "--teacher", tiny_teacher_dir, "--output", run, "--max-steps", 3, *RUN)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     last = r.stderr.strip().splitlines()[-1]  # after a warning for each damaged checkpoint
     assert last.startswith("error: no checkpoint in") and "could be read; pass --overwrite" in last
+    # refused after the pool and config.json were seen to: the folder keeps exactly what it had (max_steps 2)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".ttfm-distill.lock"} == before
     (run / "config.json").write_bytes(b"")
     one_line_error(cli("run", "--teacher", tiny_teacher_dir, "--output", run, "--max-steps", 3, *RUN), 2,
                    "config.json", "not a ttfm-distill run config")
@@ -205,3 +208,34 @@ def test_a_vae_missing_a_tensor_is_refused_for_teachers_and_exports(tmp_path):
     extra = _edit_weights(tmp_path / "good", tmp_path / "vae2", "diffusion_pytorch_model.safetensors", add="extra.w")
     with pytest.raises(StudentLoadError, match="hold tensor 'extra.w'"):
         _check_vae(extra)
+
+
+# ---------------------------------------------------------------- refusals leave the folder as found ---------------
+#: refused in setup_data, after the output folder is locked (and, with --overwrite, the previous run set aside)
+REFUSED_AFTER_CLAIM = ["--teacher", "builtin:checkerboard", "--set", "trajectory_fraction=0.25", "--max-steps", 2]
+
+
+def test_a_refusal_after_the_claim_leaves_no_new_folder(tmp_path):
+    (tmp_path / "work").mkdir()
+    out = tmp_path / "work" / "new" / "deeper" / "run"
+    one_line_error(cli("run", "--output", out, *REFUSED_AFTER_CLAIM, "-q"), 2, "trajectory_fraction")
+    assert _tree(tmp_path / "work") == []  # neither the folder, its lock, nor the parents made for it
+
+
+def test_a_refusal_leaves_an_existing_run_exactly_as_it_was_even_with_overwrite(pool_run, tiny_teacher_dir,
+                                                                                 tmp_path):
+    run = _copy(pool_run, tmp_path)
+    (run / ".ttfm-distill.lock").write_text("pid 1 run\n")  # as a run killed with -9 leaves it
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".ttfm-distill.lock"}
+    tree = _tree(run)
+    # without --overwrite, other settings are a different run, refused before the claim; an existing run refused
+    # after it: the emptied checkpoints above
+    r = cli("run", "--output", run, *REFUSED_AFTER_CLAIM, "-q", "--overwrite")
+    assert r.returncode == 2 and "trajectory_fraction" in r.stderr.strip().splitlines()[-1], r.stderr
+    assert _tree(run) == tree
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".ttfm-distill.lock"} == before
+    # the same --overwrite with usable data deletes the previous run (once training starts) and nothing else
+    r = cli("run", "--teacher", tiny_teacher_dir, "--output", run, "--max-steps", 1, *RUN, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001"]
+    assert not (run / ".overwritten.tmp").exists() and "resuming" not in r.stderr
