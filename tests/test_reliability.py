@@ -239,3 +239,43 @@ def test_a_refusal_leaves_an_existing_run_exactly_as_it_was_even_with_overwrite(
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001"]
     assert not (run / ".overwritten.tmp").exists() and "resuming" not in r.stderr
+
+
+# ---------------------------------------------------------------- custom-code pipelines ---------------------------
+def test_a_custom_code_pipeline_is_refused_with_the_reason_and_its_denoiser_loads_alone(tmp_path):
+    pytest.importorskip("transformers")
+    from tiny_models import tiny_sd3_pipeline
+
+    root = tiny_sd3_pipeline(tmp_path / "evil")
+    index = json.loads((root / "model_index.json").read_text())
+    (root / "model_index.json").write_text(json.dumps({**index, "_class_name": ["evil_pipeline", "EvilPipeline"]}))
+    marker = tmp_path / "the-custom-code-ran"
+    (root / "evil_pipeline.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    out = tmp_path / "run"
+    for args in (["run", "--output", out, "--max-steps", 2, *TINY], ["run", "--output", out, "--dry-run"],
+                 ["inspect"]):
+        line = one_line_error(cli(args[0], "--teacher", root, *args[1:]), 2, "custom code (evil_pipeline.EvilPipeline)",
+                              "never runs", "--subfolder transformer")
+        assert len(line) <= 200
+    assert not out.exists() and not marker.exists()
+    # the fix the line gives: the denoiser alone (and the VAE, a diffusers class); the text encoders are left out
+    r = cli("inspect", "--teacher", root, "--subfolder", "transformer")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["class_name"] == "SD3Transformer2DModel" and "text encoders are not loaded" in r.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("index, code", [
+    ({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+      "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"], "image_encoder": [None, None],
+      "feature_extractor": ["transformers", "CLIPImageProcessor"], "_diffusers_version": "0.21.0"}, None),
+    ({"_class_name": "DiffusionPipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}, None),
+    ({"_class_name": ["evil_pipeline", "EvilPipeline"]}, "evil_pipeline.EvilPipeline"),
+    ({"_class_name": "NoSuchPipeline"}, "NoSuchPipeline"),
+    ({"_class_name": "StableDiffusionPipeline", "unet": ["evil_unet", "EvilUNet"]}, "evil_unet.EvilUNet"),
+])
+def test_custom_code_is_told_from_diffusers_pipelines(tmp_path, index, code):
+    from ttfm_distill.teachers.loading import custom_code
+
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    assert custom_code(tmp_path) == code
