@@ -279,3 +279,34 @@ def test_custom_code_is_told_from_diffusers_pipelines(tmp_path, index, code):
 
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     assert custom_code(tmp_path) == code
+
+
+def test_sigterm_while_the_pool_is_written_resumes_it(tiny_teacher_dir, tmp_path):
+    """The issue's battery: SIGTERM while the pool's chunks are written, then the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = ["run", "--teacher", str(tiny_teacher_dir), "--output", str(out), "--max-steps", "1", *map(str, TINY),
+            "--set", "pool_size=2048", "--set", "pool_steps=8"]
+    proc = subprocess.Popen([sys.executable, "-m", "ttfm_distill", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((out / "cache").glob("*.parts/chunk-000000.safetensors")):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    parts = list((out / "cache").glob("*.parts"))
+    assert parts and (parts[0] / "chunk-000000.safetensors").exists()  # killed mid-pool: finished chunks are kept
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "resumingdata-freepool" in _flat(r.stderr) and not list((out / "cache").glob("*.parts"))
