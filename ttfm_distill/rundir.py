@@ -268,26 +268,35 @@ class OutputClaim:
         if self.lock is not None and aside.is_dir():
             _remove(aside, ignore_errors=True)  # what will not go is swept as a temporary next time
 
+    def _put_back(self) -> None:
+        aside = self.out / SET_ASIDE
+        if aside.is_dir():
+            for p in sorted(aside.iterdir()):
+                if (self.out / p.name).exists() or (self.out / p.name).is_symlink():
+                    _remove(self.out / p.name)  # made by this run after the previous one was set aside
+                os.replace(p, self.out / p.name)
+            aside.rmdir()
+        new = {rel for rel in _walk(self.out) - self.before if rel.split(os.sep)[0] != SET_ASIDE}
+        for rel in sorted(new, key=lambda r: r.count(os.sep), reverse=True):
+            p = self.out / rel
+            if p.exists() or p.is_symlink():
+                _remove(p)
+        config = self.out / "config.json"
+        if self.config is not None and config.is_file() and config.read_bytes() != self.config:
+            from .fileio import atomic_path
+
+            with atomic_path(config) as tmp:
+                tmp.write_bytes(self.config)
+
     def undo(self) -> None:
         """Leave the folder as it was found (a refusal before training); never touches what was there before."""
         if self.lock is not None:  # only under the lock: without it, new paths may be another run's
-            aside = self.out / SET_ASIDE
-            if aside.is_dir():
-                for p in sorted(aside.iterdir()):
-                    if (self.out / p.name).exists() or (self.out / p.name).is_symlink():
-                        _remove(self.out / p.name)  # made by this run after the previous one was set aside
-                    os.replace(p, self.out / p.name)
-                aside.rmdir()
-            for rel in sorted(_walk(self.out) - self.before, key=lambda r: r.count(os.sep), reverse=True):
-                p = self.out / rel
-                if p.exists() or p.is_symlink():
-                    _remove(p)
-            config = self.out / "config.json"
-            if self.config is not None and config.is_file() and config.read_bytes() != self.config:
-                from .fileio import atomic_path
-
-                with atomic_path(config) as tmp:
-                    tmp.write_bytes(self.config)
+            try:
+                self._put_back()
+            except OSError as e:  # the refusal is what the user must see; this is said beside it
+                self.warn(f"could not put {self.out} back as it was ({e.strerror or e}); "
+                          f"the previous run, if any, is in {self.out / SET_ASIDE}")
+                return
         for folder in self.created:
             if not folder.is_dir():
                 continue  # a parent made before a deeper mkdir failed
