@@ -210,6 +210,23 @@ def test_a_vae_missing_a_tensor_is_refused_for_teachers_and_exports(tmp_path):
         _check_vae(extra)
 
 
+def test_a_lora_adapter_folder_missing_a_tensor_is_refused(tiny_teacher_dir, tmp_path):
+    from ttfm_distill.config import RunConfig
+    from ttfm_distill.trainer import run_distillation
+
+    run_distillation(RunConfig(teacher=str(tiny_teacher_dir), output=str(tmp_path / "a"), max_steps=2, batch_size=8,
+                               pool_size=32, pool_steps=4, eval_samples=8, reference_steps=4, lora_rank=4,
+                               lora_export="adapters"), show_progress=False)
+    good = tmp_path / "a" / "student"
+    assert cli("sample", "--model", good, "--num", 2, "--output", tmp_path / "ok.png").returncode == 0
+    weights = load_file(good / "adapter" / "adapter_model.safetensors")
+    name = sorted(k for k in weights if ".lora_A" in k)[0]
+    bad = _edit_weights(good, tmp_path / "bad", "adapter/adapter_model.safetensors", drop=name)
+    one_line_error(cli("sample", "--model", bad, "--num", 2, "--output", tmp_path / "x.png"), 2,
+                   "adapter weights lack tensor", name.split(".lora_A")[0], "export it again")
+    assert not (tmp_path / "x.png").exists()
+
+
 # ---------------------------------------------------------------- refusals leave the folder as found ---------------
 #: refused in setup_data, after the output folder is locked (and, with --overwrite, the previous run set aside)
 REFUSED_AFTER_CLAIM = ["--teacher", "builtin:checkerboard", "--set", "trajectory_fraction=0.25", "--max-steps", 2]
