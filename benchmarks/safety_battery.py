@@ -5,8 +5,8 @@
 Each case runs ``python -m ttfm_distill ...`` in a fresh temporary folder with ``HOME`` pointed at a decoy
 home that holds a fake ``.ssh/id_rsa``; decoy "user" files are placed where a careless tool could delete
 them.  A case passes when the exit code is the expected one, stderr's last line is one ``error:`` line of at
-most 200 characters with no traceback, and every decoy file is still there, byte for byte.  Nothing outside
-the temporary folders is touched.
+most 200 characters with no traceback, every decoy file is still there, byte for byte, and no refused run
+left its output folder (or custom code a trace).  Nothing outside the temporary folders is touched.
 """
 
 from __future__ import annotations
@@ -60,6 +60,12 @@ def cases(teacher: Path, root: Path) -> list[tuple[str, list, Path, int]]:
     bad_index = root / "badindex"
     bad_index.mkdir()
     (bad_index / "config.json").write_text(json.dumps({"_class_name": ["UNet2DModel"]}))
+    incomplete = damaged_teacher(teacher, root / "incomplete", drop="conv_out.weight")
+    unexpected = damaged_teacher(teacher, root / "unexpected", add="extra.weight")
+    custom = damaged_teacher(teacher, root / "custom")
+    (custom / "model_index.json").write_text(json.dumps({"_class_name": ["evil_pipeline", "EvilPipeline"],
+                                                         "unet": ["diffusers", "UNet2DModel"]}))
+    (custom / "evil_pipeline.py").write_text(f"open({str(root / 'custom-code-ran')!r}, 'w').close()\n")
     return [
         ("overwrite home", [*run, "--output", str(home), "--overwrite"], work, 2),
         ("overwrite cwd", [*run, "--output", ".", "--overwrite"], work, 2),
@@ -87,7 +93,40 @@ def cases(teacher: Path, root: Path) -> list[tuple[str, list, Path, int]]:
         ("unknown loss", [*dry, "--loss", "nope", "--dry-run"], work, 2),
         ("offline hub id", ["run", "--teacher", "some-org/some-model-with-a-long-name", "--output",
                             str(root / "r-hub")], work, 2),
+        ("teacher lacks a tensor", ["run", "--teacher", str(incomplete), *run[3:], "--output", str(root / "r-inc")],
+         work, 2),
+        ("teacher extra tensor", ["run", "--teacher", str(unexpected), *run[3:], "--output", str(root / "r-unx")],
+         work, 2),
+        ("custom-code pipeline", ["run", "--teacher", str(custom), *run[3:], "--output", str(root / "r-custom")],
+         work, 2),
+        ("refused after the lock", ["run", "--teacher", "builtin:checkerboard", "--set", "trajectory_fraction=0.25",
+                                    "--max-steps", "2", "-q", "--output", str(root / "r-new" / "deeper" / "run")],
+         work, 2),
     ]
+
+
+def must_not_exist(root: Path) -> list[Path]:
+    """What no case may leave: the output folders of refused runs (and their new parents), custom code's trace."""
+    return [root / "r-big", root / "r-hub", root / "r-inc", root / "r-unx", root / "r-custom", root / "r-new",
+            root / "custom-code-ran"]
+
+
+def damaged_teacher(teacher: Path, dst: Path, drop: str | None = None, add: str | None = None) -> Path:
+    """A copy of ``teacher`` whose weights lack ``drop`` or hold the extra tensor ``add``."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(teacher, dst)
+    f = dst / "unet" / "diffusion_pytorch_model.safetensors"
+    w = {k: v.clone() for k, v in load_file(f).items()}
+    if drop:
+        del w[drop]
+    if add:
+        w[add] = torch.zeros(3)
+    save_file(w, str(f))
+    return dst
 
 
 def one(argv, cwd, env) -> dict:
@@ -112,9 +151,11 @@ def main() -> None:
         for name, argv, cwd, code in cases(teacher, root):
             res = one(argv, cwd, env)
             intact = all(p.exists() and p.read_bytes() == b for p, b in files.items())
+            left = [str(p.relative_to(root)) for p in must_not_exist(root) if p.exists()]
             ok = (res["code"] == code and not res["traceback"] and res["last"].startswith("error: ")
-                  and len(res["last"]) <= 200 and intact)
-            rows.append({"case": name, "expected_exit": code, **res, "decoys_intact": intact, "ok": ok})
+                  and len(res["last"]) <= 200 and intact and not left)
+            rows.append({"case": name, "expected_exit": code, **res, "decoys_intact": intact, "left_behind": left,
+                         "ok": ok})
             print(f"{'ok ' if ok else 'BAD'} {name:24s} exit {res['code']} ({len(res['last'])} chars) {res['last'][:110]}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"command": "OMP_NUM_THREADS=1 python benchmarks/safety_battery.py",

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import RunError
-from .fileio import atomic_dir, save_tensors, save_torch
+from .fileio import atomic_dir, save_tensors, save_torch, write_json
 
 
 def list_checkpoints(out: Path) -> list[Path]:
@@ -38,7 +38,8 @@ def save_checkpoint(out: Path, step: int, student_state: dict, ema, optimizer_st
         if dm_state is not None:
             save_tensors(tmp / "fake.safetensors", dm_state["fake"])
             save_torch(tmp / "fake_optimizer.pt", dm_state["optimizer"])
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history[-1000:]}))
+        # written last: list_checkpoints counts a folder holding it as a checkpoint
+        write_json(tmp / "trainer_state.json", {"step": step, "history": history[-1000:]})
     for old in list_checkpoints(out)[:-keep]:
         # renamed away first (one atomic step), so a kill mid-delete never leaves a half checkpoint that
         # still looks like one; the hidden leftover is swept at the next start

@@ -541,6 +541,6 @@ def run_data_report(folder: Path) -> dict | None:
     for candidate in (folder.parent / "metrics.json", folder / "metrics.json"):
         try:
             return json.loads(candidate.read_text()).get("data")
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # missing, damaged, or not a JSON object
             continue
     return None

@@ -48,9 +48,15 @@ def atomic_path(path: str | Path):
             os.unlink(tmp)
 
 
-def write_json(path: str | Path, data) -> None:
+def write_text(path: str | Path, text: str) -> None:
+    """``Path.write_text`` atomically: a kill leaves the old text or the new, never an empty file."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, data, **dumps) -> None:
+    """``data`` as indented JSON, atomically; ``dumps``: more ``json.dumps`` options (``default=str``)."""
+    write_text(path, json.dumps(data, indent=2, **{"sort_keys": False, **dumps}) + "\n")
 
 
 def save_tensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:

@@ -164,6 +164,7 @@ class LoraFlowMap(TwoTimeFlowMap):
         the base weights are the teacher's, named in the config."""
         from peft import get_peft_model_state_dict
 
+        from .fileio import write_text
         from .student import save_tensors_plain
 
         folder = Path(save_directory)
@@ -171,7 +172,7 @@ class LoraFlowMap(TwoTimeFlowMap):
         weights = get_peft_model_state_dict(self.network, adapter_name=ADAPTER_NAME)
         save_tensors_plain(folder / ADAPTER_SUBFOLDER / ADAPTER_WEIGHTS, weights)
         peft_cfg = self.network.peft_config[ADAPTER_NAME].to_dict()
-        (folder / ADAPTER_SUBFOLDER / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2, default=list))
+        write_text(folder / ADAPTER_SUBFOLDER / "adapter_config.json", json.dumps(peft_cfg, indent=2, default=list))
         save_tensors_plain(folder / "second_time.safetensors", self.second_time.state_dict())
         if self.guidance_embed is not None:
             save_tensors_plain(folder / "guidance_embed.safetensors", self.guidance_embed.state_dict())
@@ -213,6 +214,12 @@ class LoraFlowMap(TwoTimeFlowMap):
             result = set_peft_model_state_dict(teacher.network, weights, adapter_name=ADAPTER_NAME)
             if getattr(result, "unexpected_keys", None):
                 raise StudentLoadError(f"{folder}: adapter weights do not fit the base ({result.unexpected_keys[:3]})")
+            # the base's own tensors are missing by design (they are the teacher's); an adapter's never are
+            missing = sorted(k for k in getattr(result, "missing_keys", None) or () if ".lora_" in k)
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise StudentLoadError(f"the adapter weights lack tensor {missing[0][:70]!r}{more}: the folder is "
+                                       f"damaged, export it again; in {folder}")
             student.second_time.load_state_dict(load_tensors(folder / "second_time.safetensors"), strict=True)
             if student.guidance_embed is not None:
                 student.guidance_embed.load_state_dict(load_tensors(folder / "guidance_embed.safetensors"), strict=True)

@@ -37,6 +37,36 @@ TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
 OUTPUT_TYPES = ("pil", "np", "pt", "latent", "raw")
 
 
+def _load_vae(folder: Path):
+    """The VAE of an older student folder, every tensor present (a ``StudentLoadError`` in one line otherwise)."""
+    from .errors import TTFMError
+    from .teachers.pipeline import load_vae
+
+    try:
+        return load_vae(folder).vae
+    except TTFMError as e:
+        raise StudentLoadError(str(e)) from None
+    except Exception as e:  # noqa: BLE001
+        raise StudentLoadError(f"cannot load the VAE in {folder}: {str(e).splitlines()[0]}") from None
+
+
+def _check_vae(folder: Path) -> None:
+    """Refuse an export's ``vae/`` whose weights lack a tensor (or hold an unexpected one), in one line."""
+    import diffusers
+
+    from .errors import TTFMError
+    from .teachers.pipeline import VAE_CLASSES, check_complete
+
+    try:
+        name = json.loads((folder / "config.json").read_text()).get("_class_name")
+        if name in VAE_CLASSES:  # any other class: diffusers' own load reports it
+            check_complete(getattr(diffusers, name), folder)
+    except TTFMError as e:
+        raise StudentLoadError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - an unreadable config or weights header
+        raise StudentLoadError(f"cannot load the VAE in {folder}: {str(e).splitlines()[0]}") from None
+
+
 class TTFMPipeline(DiffusionPipeline):
     """Few-step sampling from a two-time flow map ``phi(x, s, t)`` distilled by ttfm-distill.
 
@@ -68,6 +98,8 @@ class TTFMPipeline(DiffusionPipeline):
             # a standalone folder: read its student with this module's classes, not with the copy shipped in it
             sys.modules.setdefault(spec[0], sys.modules[cls.__module__])
             kwargs[COMPONENT] = load_student(folder / COMPONENT, torch_dtype=kwargs.get("dtype") or kwargs.get("torch_dtype"))
+        if folder.is_dir() and (folder / "vae" / "config.json").exists() and "vae" not in kwargs:
+            _check_vae(folder / "vae")  # diffusers would load a VAE lacking a tensor with a warning, random values there
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
@@ -98,12 +130,7 @@ class TTFMPipeline(DiffusionPipeline):
             folder = Path(student)
             student = load_student(folder, device=device)
             if vae is None and (folder / "vae" / "config.json").exists():
-                from .teachers.pipeline import load_vae
-
-                try:
-                    vae = load_vae(folder / "vae").vae
-                except Exception as e:  # noqa: BLE001
-                    raise StudentLoadError(f"cannot load the VAE in {folder / 'vae'}: {str(e).splitlines()[0]}") from None
+                vae = _load_vae(folder / "vae")
         config = student.student_config()
         if text_components is None and config.conditioning == "text":
             text_components, pipeline_name = _teacher_text_components(config)

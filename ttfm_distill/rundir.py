@@ -201,3 +201,108 @@ def writer_lock(folder: Path, what: str):
     if (folder / "config.json").is_file() or (folder / LOCK_NAME).exists():
         return RunLock(folder, what)
     return contextlib.nullcontext()
+
+
+#: where ``--overwrite`` moves the previous run until training starts (hidden; swept as a temporary after a kill)
+SET_ASIDE = ".overwritten.tmp"
+
+
+def _walk(root: Path) -> set[str]:
+    """Every path under ``root``, relative (links are entries, never followed)."""
+    found = set()
+    for folder, dirs, files in os.walk(root):
+        rel = Path(folder).relative_to(root)
+        found.update(str(rel / name) for name in dirs + files)
+    return found
+
+
+class OutputClaim:
+    """A run's claim on its output folder, undone by a refusal before training starts.
+
+    Made before anything is written: it notes whether the folder existed (and which of its parents did not),
+    every path in it and the bytes of ``config.json``.  :meth:`acquire` creates the folder, takes its lock,
+    sweeps what a killed run left, and for ``--overwrite`` moves the previous run aside (not yet deleted).
+    :meth:`undo` puts the folder back as it was found: it removes only paths that were not there (everything
+    created since, under the lock), moves the previous run back, restores ``config.json``, and removes the
+    folders it created.  :meth:`commit` (training starts) deletes the previous run for good.
+    """
+
+    def __init__(self, out: Path, warn=lambda msg: None):
+        self.out, self.warn = Path(out), warn
+        self.created = []  # folders this claim creates: ``out`` and its missing parents, deepest first
+        p = self.out
+        while not p.exists() and not p.is_symlink() and p != p.parent:
+            self.created.append(p)
+            p = p.parent
+        self.before = _walk(self.out) if self.out.is_dir() else set()
+        config = self.out / "config.json"
+        self.config = config.read_bytes() if config.is_file() and not config.is_symlink() else None
+        self.lock = None
+
+    def acquire(self, overwrite: bool) -> RunLock:
+        """Create and probe the folder, lock it, sweep a killed run's leftovers; ``overwrite``: set the run aside."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"cannot write to output folder {self.out}: {e.strerror}") from None
+        self.lock = RunLock(self.out, "run", self.warn).acquire()
+        sweep_temporaries(self.out)
+        if overwrite:
+            self._set_aside()
+        sweep_unstarted(self.out)
+        return self.lock
+
+    def _set_aside(self) -> None:
+        """What :func:`clear_run` deletes, moved into :data:`SET_ASIDE` instead (``config.json`` first)."""
+        aside = self.out / SET_ASIDE
+        aside.mkdir()
+        names = sorted(p.name for p in self.out.iterdir() if p.name not in (LOCK_NAME, SET_ASIDE)
+                       and is_run_entry(p.name))
+        for name in sorted(names, key=lambda n: n != "config.json"):
+            os.replace(self.out / name, aside / name)
+
+    def commit(self) -> None:
+        """Training starts: the previous run set aside by ``--overwrite`` is deleted."""
+        aside = self.out / SET_ASIDE
+        if self.lock is not None and aside.is_dir():
+            _remove(aside, ignore_errors=True)  # what will not go is swept as a temporary next time
+
+    def _put_back(self) -> None:
+        aside = self.out / SET_ASIDE
+        if aside.is_dir():
+            for p in sorted(aside.iterdir()):
+                if (self.out / p.name).exists() or (self.out / p.name).is_symlink():
+                    _remove(self.out / p.name)  # made by this run after the previous one was set aside
+                os.replace(p, self.out / p.name)
+            aside.rmdir()
+        new = {rel for rel in _walk(self.out) - self.before if rel.split(os.sep)[0] != SET_ASIDE}
+        for rel in sorted(new, key=lambda r: r.count(os.sep), reverse=True):
+            p = self.out / rel
+            if p.exists() or p.is_symlink():
+                _remove(p)
+        config = self.out / "config.json"
+        if self.config is not None and config.is_file() and config.read_bytes() != self.config:
+            from .fileio import atomic_path
+
+            with atomic_path(config) as tmp:
+                tmp.write_bytes(self.config)
+
+    def undo(self) -> None:
+        """Leave the folder as it was found (a refusal before training); never touches what was there before."""
+        if self.lock is not None:  # only under the lock: without it, new paths may be another run's
+            try:
+                self._put_back()
+            except OSError as e:  # the refusal is what the user must see; this is said beside it
+                self.warn(f"could not put {self.out} back as it was ({e.strerror or e}); "
+                          f"the previous run, if any, is in {self.out / SET_ASIDE}")
+                return
+        for folder in self.created:
+            if not folder.is_dir():
+                continue  # a parent made before a deeper mkdir failed
+            try:
+                folder.rmdir()  # only an empty folder: anything else in it is not this run's
+            except OSError:
+                break

@@ -64,14 +64,15 @@ def bundle_source() -> str:
 
 def write_standalone(folder: str | Path) -> None:
     """Add the module files to a pipeline export in ``folder`` and point ``model_index.json`` at them."""
+    from .fileio import write_text
     from .student import COMPONENT
 
     folder = Path(folder)
     source = bundle_source()
-    (folder / f"{MODULE}.py").write_text(source)
-    (folder / COMPONENT / f"{COMPONENT_MODULE}.py").write_text(source)
+    write_text(folder / f"{MODULE}.py", source)
+    write_text(folder / COMPONENT / f"{COMPONENT_MODULE}.py", source)
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text())
     index["_class_name"] = [MODULE, "TTFMPipeline"]
     index[COMPONENT] = [COMPONENT_MODULE, index[COMPONENT][1]]
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -178,7 +178,9 @@ class StudentConfig:
         return dataclasses.asdict(self)
 
     def save(self, folder: str | Path) -> None:
-        Path(folder, CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        from .fileio import write_json
+
+        write_json(Path(folder, CONFIG_NAME), self.to_dict(), default=str)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "ttfm_config.json") -> "StudentConfig":
@@ -252,8 +254,15 @@ def load_student(folder: str | Path, device="cpu", torch_dtype=None, **kwargs):
 
 def damaged(folder, e: Exception) -> StudentLoadError:
     """One line for a student whose files do not load (truncated weights, missing tensors, wrong shapes)."""
+    import re
+
     if isinstance(e, StudentLoadError):
         return e
+    key = re.search(r'(Missing|Unexpected) key\(s\) in state_dict: "([^"]+)"|size mismatch for ([^:\s]+)', str(e))
+    if key:  # torch's strict load_state_dict: name the first tensor before the (long) folder path
+        what = {"Missing": "lack tensor", "Unexpected": "hold unexpected tensor"}.get(key.group(1), "have another shape for")
+        return StudentLoadError(f"the student's weights {what} {(key.group(2) or key.group(3))[:60]!r}: the folder is "
+                                f"damaged, export it again; in {folder}")
     msg = " ".join(line.strip() for line in str(e).strip().splitlines())[:300] or type(e).__name__
     return StudentLoadError(f"cannot load the student in {folder}: {msg}")
 
@@ -283,9 +292,10 @@ def load_tensors(path: Path) -> dict:
 
 
 def save_tensors_plain(path: Path, tensors: dict) -> None:
-    from safetensors.torch import save_file
+    """A safetensors file with no metadata, written atomically."""
+    from .fileio import save_tensors
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    save_tensors(path, tensors)
 
 
 class TwoTimeFlowMap(ModelMixin):

@@ -157,16 +157,25 @@ class Distillation:
         self.lock = None
 
     def run(self) -> RunResult:
+        from .errors import TTFMError
+
         try:
-            self.preflight()
-            self.setup_accelerator()
-            self.setup_teacher()
-            self.claim_output()
-            self.setup_data()
-            self.write_config()
-            self.setup_student()
-            self.setup_optimizer()
-            self.resume()
+            try:
+                self.preflight()
+                self.setup_accelerator()
+                self.setup_teacher()
+                self.claim_output()
+                self.setup_data()
+                self.write_config()
+                self.setup_student()
+                self.setup_optimizer()
+                self.resume()
+            except TTFMError:  # a refusal before training leaves the output folder as it found it
+                if getattr(self, "claim", None) is not None:
+                    self.claim.undo()
+                raise
+            if getattr(self, "claim", None) is not None:
+                self.claim.commit()  # training starts: what --overwrite set aside goes
             self.train()
             return self.finish()
         finally:
@@ -227,23 +236,13 @@ class Distillation:
         self.teacher = teacher
 
     def claim_output(self) -> None:
-        """Lock the folder (main process), clear it for ``--overwrite``, sweep what a killed run left."""
-        from .rundir import RunLock, clear_run, sweep_temporaries, sweep_unstarted
+        """Lock the folder (main process), set the run aside for ``--overwrite``, sweep what a killed run left
+        (:class:`~ttfm_distill.rundir.OutputClaim`: a refusal before training undoes it)."""
+        from .rundir import OutputClaim
 
         if self.main:
-            try:
-                self.out.mkdir(parents=True, exist_ok=True)
-                probe = self.out / ".write-test"
-                probe.write_text("")
-                probe.unlink()
-            except OSError as e:
-                raise ConfigError(f"cannot write to output folder {self.out}: {e.strerror}") from None
-            warn = lambda msg: self.log(f"[yellow]warning:[/] {msg}")  # noqa: E731
-            self.lock = RunLock(self.out, "run", warn).acquire()
-            if self.overwrite:
-                clear_run(self.out)
-            sweep_temporaries(self.out)
-            sweep_unstarted(self.out)
+            self.claim = OutputClaim(self.out, lambda msg: self.log(f"[yellow]warning:[/] {msg}"))
+            self.lock = self.claim.acquire(self.overwrite)
         self.accelerator.wait_for_everyone()
 
     def setup_data(self) -> None:

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from ..fileio import save_tensors
+from ..fileio import save_tensors, write_text
 
 
 def default_cache_dir() -> Path:
@@ -82,6 +82,17 @@ def _load(path: Path) -> tuple[dict, dict]:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
+def _read_seconds(path: Path) -> float:
+    """The build time an interrupted build recorded; 0 when there is none or it is damaged (it is only reported)."""
+    import math
+
+    try:
+        seconds = float(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return 0.0
+    return seconds if math.isfinite(seconds) and seconds >= 0 else 0.0
+
+
 def build_chunked(path: Path, n_rows: int, chunk_rows: int, make_chunk: Callable[[int, int], dict],
                   metadata: dict | None = None, progress=None, description: str = "preparing data",
                   log=lambda msg: None) -> tuple[dict, BuildReport]:
@@ -117,7 +128,7 @@ def build_chunked(path: Path, n_rows: int, chunk_rows: int, make_chunk: Callable
     resumed = sum(min(chunk_rows, n_rows - starts[i]) for i in chunks)
     if resumed:
         log(f"resuming {description}: {resumed} of {n_rows} rows were already done in {parts}")
-    previous = float((parts / "seconds").read_text()) if (parts / "seconds").exists() else 0.0
+    previous = _read_seconds(parts / "seconds")
     t0 = time.time()
     task = progress.add_task(description, total=n_rows, completed=resumed) if progress is not None else None
     try:
@@ -127,7 +138,7 @@ def build_chunked(path: Path, n_rows: int, chunk_rows: int, make_chunk: Callable
             stop = min(start + chunk_rows, n_rows)
             chunk = {k: v.detach().cpu().contiguous() for k, v in make_chunk(start, stop).items()}
             save_tensors(parts / f"chunk-{i:06d}.safetensors", chunk)
-            (parts / "seconds").write_text(str(previous + time.time() - t0))
+            write_text(parts / "seconds", str(previous + time.time() - t0))
             chunks[i] = chunk
             if task is not None:
                 progress.update(task, advance=stop - start)

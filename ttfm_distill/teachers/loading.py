@@ -86,6 +86,7 @@ def check_teacher_spec(spec: str | None, subfolder: str | None = None) -> str:
     path = Path(spec).expanduser()
     if path.exists():
         denoiser = _locate_denoiser(path, subfolder)
+        _check_custom_code(path, denoiser, subfolder)
         class_name = _denoiser_class(denoiser)
         _check_scheduler(_scheduler_config(path, denoiser), path)
         return f"{class_name} in {denoiser}"
@@ -158,6 +159,59 @@ def _locate_denoiser(root: Path, subfolder: str | None) -> Path:
     )
 
 
+#: the libraries a pipeline's components may come from; any other name is code the folder brings
+KNOWN_LIBRARIES = ("diffusers", "transformers", None)
+
+
+def custom_code(root: Path) -> str | None:
+    """The custom code ``root/model_index.json`` names (``module.Class``), or ``None``: a ``_class_name`` given
+    as ``[module, class]`` or naming no diffusers pipeline, or a component from a library other than diffusers
+    and transformers.  Loading such a pipeline would import that code; ttfm-distill never does."""
+    import diffusers
+
+    try:
+        spec = json.loads((Path(root) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None  # none, or unreadable: the loaders that need it report it
+    if not isinstance(spec, dict):
+        return None
+    name = spec.get("_class_name")
+    if isinstance(name, list) or (isinstance(name, str) and name not in dir(diffusers)):  # dir: imports nothing
+        return ".".join(str(n) for n in name) if isinstance(name, list) else str(name)
+    for part in spec.values():
+        if isinstance(part, list) and len(part) == 2 and not _known_library(part[0]):
+            return f"{part[0]}.{part[1]}"
+    return None
+
+
+def _known_library(name) -> bool:
+    """diffusers, transformers, none, or a module of ``diffusers.pipelines`` (SD 1.5 names its safety checker's
+    library ``stable_diffusion``)."""
+    import importlib.util
+
+    if name in KNOWN_LIBRARIES:
+        return True
+    if not isinstance(name, str) or not name.isidentifier():
+        return False
+    try:
+        return importlib.util.find_spec(f"diffusers.pipelines.{name}") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _check_custom_code(root: Path, denoiser: Path, subfolder: str | None) -> bool:
+    """Refuse a pipeline folder naming custom code, unless ``--subfolder`` asks for its denoiser alone (then the
+    parts that need the pipeline's class, the text encoders, are left out); returns whether it names some."""
+    if denoiser == root:
+        return False
+    code = custom_code(root)
+    if code and not subfolder:
+        raise TeacherLoadError(  # the folder last: a long path is what a cut line loses
+            f"the pipeline names custom code ({code[:50]}) that ttfm-distill never runs; load its denoiser alone "
+            f"with --subfolder {denoiser.relative_to(root).as_posix()} (--teacher {root})")
+    return code is not None
+
+
 def _denoiser_class(denoiser: Path) -> str:
     """The diffusers class named in ``denoiser/config.json``, if it is one we can distil."""
     config = _read_json(denoiser / "config.json")
@@ -204,6 +258,7 @@ def _load_folder(root: Path, subfolder: str | None, source: str | None = None, a
                  guided: bool = False) -> Teacher:
     root = Path(root)
     denoiser = _locate_denoiser(root, subfolder)
+    custom = _check_custom_code(root, denoiser, subfolder)
     class_name = _denoiser_class(denoiser)
     sched = _scheduler_config(root, denoiser)
     _check_scheduler(sched, root)
@@ -225,14 +280,17 @@ def _load_folder(root: Path, subfolder: str | None, source: str | None = None, a
     import diffusers
 
     from .diffusers_teacher import DiffusersFlowTeacher
+    from .pipeline import IncompleteWeights, load_complete
 
     cls = getattr(diffusers, class_name)
     try:
-        network = cls.from_pretrained(denoiser, use_safetensors=use_safetensors, low_cpu_mem_usage=False)
+        network = load_complete(cls, denoiser, use_safetensors=use_safetensors)
+    except IncompleteWeights as e:
+        raise TeacherLoadError(str(e)) from None
     except Exception as e:  # diffusers raises many types for bad files
         raise TeacherLoadError(f"cannot load {class_name} from {denoiser}: {_first_line(e)}") from None
     rel = denoiser.relative_to(root).as_posix() if denoiser != root else ""
-    codec, prompts = _pipeline_parts(root, denoiser, class_name, use_safetensors)
+    codec, prompts = _pipeline_parts(root, denoiser, class_name, use_safetensors, text=not custom)
     try:
         return DiffusersFlowTeacher(network, source or str(root), sched, subfolder=rel, sample_size=sample_size,
                                     codec=codec, prompts=prompts, guidance_scale=guidance_scale,
@@ -241,8 +299,9 @@ def _load_folder(root: Path, subfolder: str | None, source: str | None = None, a
         raise TeacherLoadError(f"cannot use the {class_name} in {denoiser}: {_first_line(e)}") from None
 
 
-def _pipeline_parts(root: Path, denoiser: Path, class_name: str, use_safetensors: bool):
-    """The VAE and the text encoders of a pipeline folder (``None`` for what it lacks)."""
+def _pipeline_parts(root: Path, denoiser: Path, class_name: str, use_safetensors: bool, text: bool = True):
+    """The VAE and the text encoders of a pipeline folder (``None`` for what it lacks); ``text=False``: no text
+    encoders (they are read through the pipeline's class, which a custom-code pipeline brings itself)."""
     from .pipeline import PromptEncoder, load_vae, text_components
 
     if denoiser == root:
@@ -251,10 +310,18 @@ def _pipeline_parts(root: Path, denoiser: Path, class_name: str, use_safetensors
     if (root / "vae" / "config.json").exists():
         try:
             codec = load_vae(root / "vae", use_safetensors)
+        except TTFMError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise TeacherLoadError(f"cannot load the VAE in {root / 'vae'}: {_first_line(e)}") from None
     prompts = None
     if text_components(root) and (root / "model_index.json").exists():
+        if not text:
+            import sys
+
+            print(f"warning: {root}'s text encoders are not loaded (its pipeline names custom code); the teacher "
+                  "sees the conditioning a bare denoiser folder gets", file=sys.stderr)
+            return codec, None
         prompts = PromptEncoder(root, class_name, denoiser.name, use_safetensors)
     return codec, prompts
 
@@ -291,6 +358,9 @@ def prompt_encoder_for(teacher_info: dict):
 
     source = str(teacher_info.get("source", ""))
     root = Path(source).expanduser()
+    if root.is_dir() and custom_code(root):
+        raise TeacherLoadError(f"--prompt needs the teacher's text encoders, but its pipeline {source!r} names custom "
+                               "code that ttfm-distill never runs; sample without --prompt")
     if not (root.is_dir() and text_components(root)):
         raise TeacherLoadError(
             f"--prompt needs the teacher's text encoders, but the teacher {source!r} is not a local pipeline folder "

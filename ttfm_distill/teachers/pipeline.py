@@ -53,6 +53,61 @@ class LatentCodec(nn.Module):
                 "parameters": sum(p.numel() for p in self.vae.parameters())}
 
 
+class IncompleteWeights(InputError):
+    """A model folder whose weights lack a tensor of the model, or hold one it has no place for."""
+
+
+def load_complete(cls, folder: Path, use_safetensors: bool = True):
+    """``cls.from_pretrained(folder)``, refused when the weights lack a tensor of the model or hold one it has no
+    place for: diffusers would only warn and leave the missing tensors at their random initial values."""
+    import diffusers
+
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # its "newly initialized" warning: refused below in one line
+    try:
+        model, info = cls.from_pretrained(folder, use_safetensors=use_safetensors, low_cpu_mem_usage=False,
+                                          output_loading_info=True)
+    finally:
+        diffusers.utils.logging.set_verbosity(level)
+    names = {k: sorted(n[0] if isinstance(n, tuple) else n for n in info.get(k) or ())
+             for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    _refuse_incomplete(folder, names["missing_keys"], names["unexpected_keys"], names["mismatched_keys"])
+    return model
+
+
+def check_complete(cls, folder: Path) -> None:
+    """Refuse a model folder (diffusers layout, safetensors) whose weights files lack a tensor of ``cls`` built
+    from its ``config.json``, or hold one it has no place for, before diffusers loads it with only a warning.
+    The model is built without memory (accelerate's empty weights) and only the files' headers are read."""
+    import re
+
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return  # nothing to compare: diffusers' own load reports a folder without weights
+    with init_empty_weights():
+        expected = set(cls.from_config(cls.load_config(folder)).state_dict())
+    found = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            found.update(h.keys())
+    ignored = getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ()
+    unexpected = [k for k in found - expected if not any(re.search(p, k) for p in ignored)]
+    _refuse_incomplete(folder, sorted(expected - found), sorted(unexpected), [])
+
+
+def _refuse_incomplete(folder, missing, unexpected, mismatched) -> None:
+    for names, what in ((missing, "lack tensor"), (unexpected, "hold tensor"), (mismatched, "have another shape for")):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            why = "its config.json has no place for it" if names is unexpected else "it would run on random values"
+            # the tensor first: a long folder path is what a cut line loses
+            raise IncompleteWeights(f"the weights {what} {names[0][:60]!r}{more} ({why}); restore the weights and "
+                                    f"config.json of {folder}")
+
+
 def load_vae(folder: Path, use_safetensors: bool = True) -> LatentCodec:
     import json
 
@@ -61,8 +116,7 @@ def load_vae(folder: Path, use_safetensors: bool = True) -> LatentCodec:
     name = json.loads((folder / "config.json").read_text()).get("_class_name")
     if name not in VAE_CLASSES:
         raise InputError(f"{folder} holds a {name}, not a supported VAE ({', '.join(VAE_CLASSES)})")
-    vae = getattr(diffusers, name).from_pretrained(folder, use_safetensors=use_safetensors, low_cpu_mem_usage=False)
-    return LatentCodec(vae)
+    return LatentCodec(load_complete(getattr(diffusers, name), folder, use_safetensors=use_safetensors))
 
 
 def _text_dict(family: str, out) -> dict:
