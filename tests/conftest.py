@@ -110,6 +110,15 @@ def _starts_integration(fn) -> bool:
     return any(mark in source for mark in _INTEGRATION_MARKS)
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Every test starts with the session's torch thread count and leaves it as it found it: a test that pins
+    one thread (for a timing or a bit-for-bit comparison) cannot leak it into the tests after it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         fns = [getattr(item, "function", None)]

@@ -69,13 +69,18 @@ def test_sample_is_reproducible_and_steps_matter(finished_run, tmp_path):
     assert np.array_equal(a, b) and not np.allclose(a, c)
 
 
-def test_a_different_teacher_in_the_same_folder_is_refused(finished_run):
+def test_a_different_teacher_in_the_same_folder_is_refused(finished_run, tiny_teacher_dir, tmp_path):
+    import shutil
+
     cwd, out, _ = finished_run
-    before = (out / "config.json").read_text()
-    r = cli("run", "--teacher", finished_run[0].parent / "x", cwd=cwd)  # a teacher that does not exist
+    other = tmp_path / "other-teacher"  # a real, loadable teacher at another path: only the refusal stops it
+    shutil.copytree(tiny_teacher_dir, other)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    r = cli("run", "--teacher", other, "--max-steps", 12, "--set", "checkpoint_every=5", *TINY, cwd=cwd)
     assert r.returncode != 0
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
-    assert (out / "config.json").read_text() == before
+    assert "holds a different run" in r.stderr and "teacher" in r.stderr, r.stderr
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_resume_extends_a_run(tiny_teacher_dir, tmp_path):
