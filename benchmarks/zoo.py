@@ -217,7 +217,10 @@ def one_thread_env() -> dict:
 
 
 def run_finished(run: Path) -> bool:
-    return (run / "metrics.json").exists() and (run / "student" / "ttfm_config.json").exists()
+    """The run wrote its metrics and exported its student (a pipeline folder, or the older bare layout)."""
+    student = run / "student"
+    return (run / "metrics.json").exists() and ((student / "model_index.json").exists()
+                                                or (student / "ttfm_config.json").exists())
 
 
 def _call(cmd: list[str], log: Path) -> tuple[int, float]:
@@ -348,7 +351,11 @@ def write_table(results: Path) -> Path:
                 r = res.get(str(n))
                 cells.append("" if not r else f"{_f(r.get('fd_test_images'))} ({r.get('flow_map_error', float('nan')):.3g})")
             lines.append(f"| {name} | {sampler} | " + " | ".join(cells) + " |")
-    lines += ["", "Teacher folders and settings: each row's JSON (`folder`, `weights_sha256`, `settings`).", ""]
+    noises = sorted({(r["eval"]["report"]["settings"]["num"], r["eval"]["report"]["settings"]["seed"])
+                     for r in students if "eval" in r} | {(t["settings"]["num"], t["settings"]["seed"])
+                                                          for t in teachers.values() if "settings" in t})
+    lines += ["", "Noises (seed): " + (", ".join(f"{n} ({s})" for n, s in noises) or "-")
+              + ". Teacher folders and settings: each row's JSON (`folder`, `weights_sha256`, `settings`).", ""]
     path = results / "table.md"
     path.write_text("\n".join(lines))
     return path
