@@ -117,7 +117,8 @@ def main() -> None:
         args.ema_max = SCRIPT_OPTIM["ema_max"] if script else 0.999
     vpred = args.prediction_type == "v_prediction"
     if args.results is None:
-        args.results = str(RESULTS.with_name(f"ddpm{'-script' if script else ''}{'-vpred' if vpred else ''}-teacher.json"))
+        name = f"ddpm{'-script' if script else ''}{'-vpred' if vpred else ''}-teacher.json"
+        args.results = str(RESULTS.with_name(name))
     scheduler_config = {**SCHEDULER_CONFIG, "prediction_type": args.prediction_type}
     from diffusers import DDPMScheduler, UNet2DModel
 

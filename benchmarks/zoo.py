@@ -190,7 +190,8 @@ def score_teacher(name: str, spec: str, args, out: Path) -> None:
         results[sampler.name] = ev.run(sampler, args.teacher_nfe)
         fd = {n: round(r["fd_test_images"], 2) for n, r in results[sampler.name].items() if r and "fd_test_images" in r}
         print(f"{name}: {sampler.name} FD {fd} ({time.perf_counter() - s0:.0f} s)", flush=True)
-    report = {"teacher": name, "folder": spec, "weights_sha256": weights_hash(spec), "describe": _plain(teacher.describe()),
+    report = {"teacher": name, "folder": spec, "weights_sha256": weights_hash(spec),
+              "describe": _plain(teacher.describe()),
               "results": results, "floors": ev.floors(), "settings": ev.settings(), "not_computed": ev.not_computed,
               "samplers": {"teacher_euler": "Euler on the tool's grid (evaluate.teacher_euler_sampler)",
                            "teacher_heun": "Heun, NFE/2 steps on the tool's grid (evaluate.teacher_heun_sampler)",
@@ -258,7 +259,8 @@ def distill_and_score(name: str, spec: str, row: str, args, out: Path) -> bool:
     eval_cmd = [sys.executable, "-m", "ttfm_distill", "eval", "--model", str(run),
                 "--steps", ",".join(map(str, args.student_steps)),
                 "--teacher-steps", ",".join(map(str, args.teacher_nfe)), "--num", str(args.num),
-                "--seed", str(args.seed), "--reference-steps", str(args.reference_steps), "-q", "--output", str(eval_json)]
+                "--seed", str(args.seed), "--reference-steps", str(args.reference_steps), "-q",
+                "--output", str(eval_json)]
     eval_seconds = None
     if not eval_json.exists():
         print(f"{row}: {' '.join(eval_cmd[1:])}", flush=True)
@@ -349,7 +351,8 @@ def write_table(results: Path) -> Path:
             cells = []
             for n in TEACHER_NFE:
                 r = res.get(str(n))
-                cells.append("" if not r else f"{_f(r.get('fd_test_images'))} ({r.get('flow_map_error', float('nan')):.3g})")
+                fme = r.get("flow_map_error", float("nan")) if r else None
+                cells.append("" if not r else f"{_f(r.get('fd_test_images'))} ({fme:.3g})")
             lines.append(f"| {name} | {sampler} | " + " | ".join(cells) + " |")
     noises = sorted({(r["eval"]["report"]["settings"]["num"], r["eval"]["report"]["settings"]["seed"])
                      for r in students if "eval" in r} | {(t["settings"]["num"], t["settings"]["seed"])
@@ -378,7 +381,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--teachers", default=",".join(ZOO), help=f"comma-separated names (default: all: {', '.join(ZOO)})")
     p.add_argument("--teacher-dir", action="append", default=[], metavar="NAME=FOLDER",
                    help="use FOLDER for teacher NAME (a new NAME adds a teacher)")
-    p.add_argument("--variant", default=None, help="A/B variant name: its own run folders and rows (ROW = NAME--VARIANT)")
+    p.add_argument("--variant", default=None,
+                   help="A/B variant name: its own run folders and rows (ROW = NAME--VARIANT)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to ttfm-distill run")
     p.add_argument("--max-steps", type=int, default=None, help="passed to ttfm-distill run (recorded in the row)")
     p.add_argument("--num", type=int, default=1024)
@@ -388,7 +392,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--student-steps", default=",".join(map(str, STUDENT_STEPS)))
     p.add_argument("--stages", default="teacher,student", help="teacher (its samplers), student (run + eval), or both")
     p.add_argument("--runs-dir", default=str(REPO / "runs" / "zoo"), help="run folders (default runs/zoo, git-ignored)")
-    p.add_argument("--results-dir", default=str(RESULTS), help="row JSONs and table.md (default benchmarks/results/zoo)")
+    p.add_argument("--results-dir", default=str(RESULTS),
+                   help="row JSONs and table.md (default benchmarks/results/zoo)")
     p.add_argument("--table", action="store_true", help="only write RESULTS/table.md from the rows there")
     args = p.parse_args(argv)
     from ttfm_distill.evaluate import parse_steps
