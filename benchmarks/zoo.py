@@ -53,7 +53,7 @@ SHIPPED = REPO / "benchmarks" / "results" / "zoo-teachers"
 ZOO: dict[str, list[str]] = {
     "embedded": ["builtin:fashion16"],
     "ddpm-project": [str(REPO / "benchmarks" / "results" / "ddpm-teacher")],
-    "ddpm-script": [str(SHIPPED / "ddpm-script"), "/work/zoo/ddpm-script"],
+    "ddpm-script": [str(SHIPPED / "ddpm-script"), "/work/zoo/ddpm-script", "/work/zoo/ddpm-script-2000"],
     "vpred": [str(SHIPPED / "vpred"), "/work/zoo/vpred"],
     "dit": [str(SHIPPED / "dit"), "/work/zoo/dit"],
 }

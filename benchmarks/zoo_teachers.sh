@@ -8,21 +8,25 @@
 #
 #   ZOO=/work/zoo BUDGET=840 WAIT_PID=2830 nohup bash benchmarks/zoo_teachers.sh > /work/zoo/teachers.log 2>&1 &
 #
-# `bash benchmarks/zoo_teachers.sh ship` copies each finished teacher in $ZOO (vpred, dit, ddpm-script) to
-# benchmarks/results/zoo-teachers/NAME/ (the pipeline folder without its resume state) and its training record
-# to benchmarks/results/zoo-teachers/NAME-teacher.json, ready to commit.
+# `bash benchmarks/zoo_teachers.sh ship [NAME[=FOLDER] ...]` copies each finished teacher (default: vpred, dit and
+# ddpm-script from $ZOO/NAME) to benchmarks/results/zoo-teachers/NAME/ (the pipeline folder without its resume
+# state) and its training record $ZOO/NAME-teacher.json, where there is one, beside it, ready to commit.
 set -u
 cd "$(dirname "$0")/.."
 ZOO=${ZOO:-/work/zoo}
 if [ "${1:-}" = ship ]; then
-  for name in vpred dit ddpm-script; do
-    src=$ZOO/$name dst=benchmarks/results/zoo-teachers/$name
-    if [ ! -f "$src/model_index.json" ] || [ ! -f "$ZOO/$name-teacher.json" ]; then echo "$name: not finished"; continue; fi
-    rm -rf "$dst" && mkdir -p "$dst"
-    cp -r "$src/model_index.json" "$src/scheduler" "$dst/"
-    for sub in unet transformer; do [ -d "$src/$sub" ] && cp -r "$src/$sub" "$dst/"; done
-    cp "$ZOO/$name-teacher.json" "benchmarks/results/zoo-teachers/$name-teacher.json"
-    echo "$name: $(du -sh "$dst" | cut -f1) -> $dst"
+  shift
+  for item in "${@:-vpred dit ddpm-script}"; do
+    for it in $item; do
+      name=${it%%=*} src=$ZOO/${it%%=*}; [ "$it" != "$name" ] && src=${it#*=}
+      dst=benchmarks/results/zoo-teachers/$name
+      if [ ! -f "$src/model_index.json" ]; then echo "$name: no finished pipeline in $src"; continue; fi
+      rm -rf "$dst" && mkdir -p "$dst"
+      cp -r "$src/model_index.json" "$src/scheduler" "$dst/"
+      for sub in unet transformer; do [ -d "$src/$sub" ] && cp -r "$src/$sub" "$dst/"; done
+      [ -f "$ZOO/$name-teacher.json" ] && cp "$ZOO/$name-teacher.json" "benchmarks/results/zoo-teachers/$name-teacher.json"
+      echo "$name: $(du -sh "$dst" | cut -f1) from $src -> $dst"
+    done
   done
   exit 0
 fi
