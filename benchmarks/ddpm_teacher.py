@@ -15,6 +15,10 @@ saves.  Settings and training seconds go to ``benchmarks/results/ddpm-teacher.js
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/ddpm_teacher.py --output /work/ddpm-runs/teacher
     python benchmarks/ddpm_teacher.py --time-steps 20     # measure the seconds per step only
+
+``--prediction-type v_prediction`` trains the same network on the v target instead (Salimans & Ho's
+``v = alpha * noise - sigma * x``, what diffusers' ``DDPMScheduler(prediction_type="v_prediction")`` reads),
+with the scheduler saved accordingly: the teacher zoo's v-prediction DDPM (benchmarks/zoo.py).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ SCRIPT_OPTIM = {"betas": (0.95, 0.999), "grad_clip": 1.0, "ema_max": 0.9999}
 LAYOUTS = {"project": UNET_CONFIG, "script": SCRIPT_UNET_CONFIG}
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
                     "prediction_type": "epsilon", "clip_sample": True, "clip_sample_range": 1.0}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 RESULTS = Path(__file__).resolve().parent / "results" / "ddpm-teacher.json"
 
 
@@ -77,6 +82,9 @@ def parse() -> argparse.Namespace:
                    help="project: blocks 32/48/48, no attention, 8 groups; script: diffusers' train_unconditional.py "
                         "layout at 16x16 (32/64/64, two layers a block, attention at 4x4, 32 groups) with its "
                         "AdamW betas (0.95, 0.999), gradient clip 1 and EMA cap 0.9999")
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="epsilon",
+                   help="epsilon: MSE to the noise; v_prediction: MSE to alpha * noise - sigma * x (the scheduler's "
+                        "prediction_type is saved to match)")
     p.add_argument("--steps", type=int, default=10000, help="length of the learning-rate schedule")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -89,7 +97,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--time-steps", type=int, default=0, help="only time this many steps and exit")
     p.add_argument("--results", default=None, help="default: results/ddpm-teacher.json, or ddpm-script-teacher.json "
-                                                       "for --layout script")
+                                                       "for --layout script; with --prediction-type v_prediction "
+                                                       "ddpm-vpred-teacher.json (ddpm-script-vpred-teacher.json)")
     return p.parse_args()
 
 
@@ -106,8 +115,11 @@ def main() -> None:
     unet_config = LAYOUTS[args.layout]
     if args.ema_max is None:
         args.ema_max = SCRIPT_OPTIM["ema_max"] if script else 0.999
+    vpred = args.prediction_type == "v_prediction"
     if args.results is None:
-        args.results = str(RESULTS.with_name("ddpm-script-teacher.json") if script else RESULTS)
+        name = f"ddpm{'-script' if script else ''}{'-vpred' if vpred else ''}-teacher.json"
+        args.results = str(RESULTS.with_name(name))
+    scheduler_config = {**SCHEDULER_CONFIG, "prediction_type": args.prediction_type}
     from diffusers import DDPMScheduler, UNet2DModel
 
     from ttfm_distill.data.fashion_mnist import load_fashion_mnist
@@ -117,7 +129,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     images, _ = load_fashion_mnist("train", resolution=16)
     data = torch.from_numpy(images)
-    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    scheduler = DDPMScheduler(**scheduler_config)
     acp = scheduler.alphas_cumprod.float()
     model = UNet2DModel(**unet_config)
     ema = UNet2DModel(**unet_config)
@@ -130,7 +142,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     if state_path.exists() and not args.time_steps:
         state = torch.load(state_path, weights_only=False)
-        if state["args"]["steps"] != args.steps or state["args"]["lr"] != args.lr:
+        if (state["args"]["steps"] != args.steps or state["args"]["lr"] != args.lr
+                or state["args"].get("prediction_type", "epsilon") != args.prediction_type
+                or state["args"].get("layout", "project") != args.layout):
             raise SystemExit(f"{state_path} was trained with other settings; use another --output")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -162,7 +176,8 @@ def main() -> None:
         a = acp[k].sqrt()[:, None, None, None]
         s = (1 - acp[k]).sqrt()[:, None, None, None]
         pred = model(a * x + s * noise, k).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        target = a * noise - s * x if vpred else noise
+        loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if script:
@@ -193,12 +208,14 @@ def main() -> None:
     seconds += elapsed
     ema.eval()
     save_pipeline(ema, scheduler, out)
-    record = {"recipe": "DDPM epsilon-prediction, MSE on the noise, uniform integer timesteps (diffusers' "
+    target = "the v target alpha * noise - sigma * x" if vpred else "the noise"
+    record = {"recipe": f"DDPM {args.prediction_type}, MSE on {target}, uniform integer timesteps (diffusers' "
                         "unconditional training example's set-up, written here)",
               "command": "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/ddpm_teacher.py "
-                         f"--output {args.output} --steps {args.steps} --layout {args.layout}",
+                         f"--output {args.output} --steps {args.steps} --layout {args.layout}"
+                         + (f" --prediction-type {args.prediction_type}" if vpred else ""),
               "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in unet_config.items()},
-              "scheduler": SCHEDULER_CONFIG, "params": n_params,
+              "scheduler": scheduler_config, "params": n_params,
               "settings": {k: v for k, v in vars(args).items() if k not in ("time_steps", "results")},
               "steps_done": step, "train_seconds": round(seconds, 1), "threads": args.threads,
               "final_loss_mean_last_500": round(sum(losses[-500:]) / max(1, len(losses[-500:])), 5),
