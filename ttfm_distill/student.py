@@ -39,6 +39,12 @@ SECOND_TIME_INPUTS = ("delta", "t")
 #: conversion down to :data:`VELOCITY_GAIN_CAP` where its gain is larger (an epsilon teacher near noise)
 STUDENT_OUTPUTS = ("native", "velocity")
 VELOCITY_GAIN_CAP = 2.0
+#: where the velocity head reads the backbone's features: "pre_norm", the input of the output GroupNorm
+#: (``conv_norm_out``), whose per-channel scale still varies with the time; "conv_out", after that norm and its
+#: activation. With as many groups as channels (diffusers' default 32 on a 32-channel UNet) that norm divides every
+#: channel by its own spatial scale, so a head behind it sees nearly the same features at every time and its one
+#: correction lands on every jump: it broke the 2- and 4-step students of such a teacher (docs/results.md)
+VELOCITY_HEAD_INPUTS = ("pre_norm", "conv_out")
 #: a guidance scale ``w`` enters its embedding as ``100 * w`` (the projection's frequencies suit 0..1000)
 GUIDANCE_EMBED_SCALE = 100.0
 
@@ -140,6 +146,10 @@ class StudentConfig:
     teacher_pipeline: str | None = None
     #: "native" or "velocity" (STUDENT_OUTPUTS; a "velocity" student carries velocity_head.safetensors)
     student_output: str = "native"
+    #: what a velocity head reads (VELOCITY_HEAD_INPUTS): "pre_norm" (the features entering the network's output
+    #: norm; every student since the teacher zoo), or "conv_out" (the normalised features entering ``conv_out``: a
+    #: folder written before, which lacks the field)
+    velocity_head_input: str = "conv_out"
     #: the time grid its sampler steps on (sampling.TIME_GRIDS)
     time_grid: str = "uniform"
     vae: dict | None = None
@@ -308,7 +318,8 @@ class TwoTimeFlowMap(ModelMixin):
 
     def __init__(self, network: nn.Module, second_time_input: str = "delta", adapter: FamilyAdapter | None = None,
                  io=None, null_text: dict | None = None, guidance: dict | None = None,
-                 config: StudentConfig | None = None, student_output: str = "native"):
+                 config: StudentConfig | None = None, student_output: str = "native",
+                 velocity_head_input: str = "pre_norm"):
         super().__init__()
         if second_time_input not in SECOND_TIME_INPUTS:
             raise ValueError(f"second_time_input must be one of {SECOND_TIME_INPUTS}")
@@ -341,10 +352,18 @@ class TwoTimeFlowMap(ModelMixin):
             if not isinstance(conv, nn.Conv2d):
                 raise InputError(f"student_output=velocity needs a UNet backbone (a conv_out layer); "
                                  f"{type(network).__name__} has none: use student_output=native")
+            if velocity_head_input not in VELOCITY_HEAD_INPUTS:
+                raise InputError(f"velocity_head_input must be one of {', '.join(VELOCITY_HEAD_INPUTS)}, got "
+                                 f"{velocity_head_input!r}")
+            norm = getattr(network, "conv_norm_out", None)
+            if velocity_head_input == "pre_norm" and not isinstance(norm, nn.GroupNorm):
+                velocity_head_input = "conv_out"  # no output norm to read before: its input is the same features
             self.velocity_head = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1)
             nn.init.zeros_(self.velocity_head.weight)
             nn.init.zeros_(self.velocity_head.bias)
-            conv.register_forward_hook(self._run_head)
+            (norm if velocity_head_input == "pre_norm" else conv).register_forward_hook(self._run_head)
+        #: what the velocity head reads (VELOCITY_HEAD_INPUTS), recorded in the student's config
+        self.velocity_head_input = velocity_head_input if self.velocity_head is not None else None
 
     def _run_head(self, module, args, output):
         self._head = self.velocity_head(args[0].to(self.velocity_head.weight.dtype))
@@ -443,6 +462,7 @@ class TwoTimeFlowMap(ModelMixin):
             null_text=("null_text.safetensors: the empty prompt's embeddings, used when no prompt is given"
                        if self.null_text else None),
             student_output=self.student_output,
+            velocity_head_input=self.velocity_head_input or "conv_out",
             format=FORMAT, format_version=FORMAT_VERSION, package_versions=package_versions())
 
     def save_pretrained(self, save_directory: str | Path, config: StudentConfig | None = None) -> Path:
@@ -487,7 +507,8 @@ class TwoTimeFlowMap(ModelMixin):
             null = folder / "null_text.safetensors"
             student = cls(network, second_time_input=config.second_time_input, adapter=adapter, io=io,
                           null_text=load_tensors(null) if null.exists() else None, guidance=config.guidance,
-                          config=config, student_output=config.student_output)
+                          config=config, student_output=config.student_output,
+                          velocity_head_input=config.velocity_head_input)
             student.second_time.load_state_dict(load_tensors(folder / "second_time.safetensors"), strict=True)
             if student.velocity_head is not None:
                 student.velocity_head.load_state_dict(load_tensors(folder / "velocity_head.safetensors"), strict=True)
