@@ -253,3 +253,63 @@ def test_the_dry_run_of_a_hub_teacher_says_its_automatic_settings_wait_for_it(tm
     r = cli("run", "--teacher", "some-org/model", "--output", tmp_path / "r", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["lr"] is None and "filled in once it is loaded" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def script_layout_ddpm_dir(tmp_path_factory):
+    """A tiny epsilon UNet in the layout of diffusers' own train_unconditional.py: attention at the lowest
+    resolution, two layers a block, and as many norm groups as the first block has channels."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    root = tmp_path_factory.mktemp("ddpm-script")
+    torch.manual_seed(0)
+    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                layers_per_block=2, norm_num_groups=8, attention_head_dim=4).save_pretrained(root / "unet")
+    DDPMScheduler(beta_schedule="linear", clip_sample=True).save_pretrained(root / "scheduler")
+    return root
+
+
+def test_the_velocity_head_reads_features_whose_scale_follows_the_time(script_layout_ddpm_dir):
+    """Regression (the diffusers-script DDPM of the teacher zoo): with one channel per norm group the features
+    entering ``conv_out`` are normalised per channel at every time, so a head reading them cannot tell a jump
+    from noise from one near the data, and its one correction broke the 2- and 4-step students. The head reads
+    the output norm's input, whose per-channel scale changes with the time."""
+    from ttfm_distill.teachers.loading import load_teacher
+    from ttfm_distill.trainer import build_student
+
+    teacher = load_teacher(str(script_layout_ddpm_dir))
+    student = build_student(teacher, RunConfig(teacher=str(script_layout_ddpm_dir), student_output="velocity"))
+    assert student.velocity_head_input == "pre_norm"
+    net = student.network
+    seen = {}
+    student.velocity_head.register_forward_pre_hook(lambda m, a: seen.__setitem__("head", a[0].detach()))
+    net.conv_norm_out.register_forward_pre_hook(lambda m, a: seen.__setitem__("pre", a[0].detach()))
+    net.conv_out.register_forward_pre_hook(lambda m, a: seen.__setitem__("post", a[0].detach()))
+    torch.manual_seed(1)
+    x = torch.randn(1, 1, 8, 8).expand(2, 1, 8, 8).contiguous()
+    with torch.no_grad():
+        student(x, torch.tensor([0.02, 0.9]), torch.tensor([0.5, 0.95]))
+    assert torch.equal(seen["head"], seen["pre"])
+    assert not torch.allclose(seen["pre"], seen["post"])  # so the equality above is not vacuous
+    # behind one group per channel every channel of the normalised features has the same spatial spread (before
+    # the activation), whatever the time: what the head used to read
+    normed = torch.nn.functional.group_norm(seen["pre"], net.conv_norm_out.num_groups)
+    spread = normed.std(dim=(2, 3))
+    assert torch.allclose(spread, spread[0, 0].expand_as(spread), atol=1e-3)
+
+
+def test_a_velocity_student_written_before_keeps_its_head_input(script_layout_ddpm_dir, tmp_path):
+    from ttfm_distill.student import TwoTimeFlowMap
+    from ttfm_distill.teachers.loading import load_teacher
+    from ttfm_distill.trainer import build_student
+
+    teacher = load_teacher(str(script_layout_ddpm_dir))
+    student = build_student(teacher, RunConfig(teacher=str(script_layout_ddpm_dir), student_output="velocity"))
+    student.save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "ttfm_config.json").read_text())["velocity_head_input"] == "pre_norm"
+    assert TwoTimeFlowMap.from_pretrained(tmp_path / "new").velocity_head_input == "pre_norm"
+    old = json.loads((tmp_path / "new" / "ttfm_config.json").read_text())
+    del old["velocity_head_input"]  # a folder from before the field
+    (tmp_path / "new" / "ttfm_config.json").write_text(json.dumps(old))
+    assert TwoTimeFlowMap.from_pretrained(tmp_path / "new").velocity_head_input == "conv_out"
