@@ -97,6 +97,7 @@ def test_run_metrics_and_pool_warnings():
     lines = quality_warnings(metrics)
     assert len(lines) == 3
     assert "WORSE" in lines[0] and "at 2 step(s)" in lines[0]
+    assert "try: more steps" in lines[0] and "student_output=" in lines[0]  # and what to do about it
     assert "above 1 at 1 step(s)" in lines[1]
     assert "38 of 100" in lines[2] and "26.6" in lines[2]
 

@@ -486,6 +486,12 @@ def worse_than_teacher(student: dict, teachers: dict[str, dict], key: str | None
             f"({key}, lower is better: {detail})")
 
 
+#: what to try when the student is worse than the teacher's own sampler (docs/results.md, "When the student is
+#: worse than its teacher"), appended to that warning
+WORSE_ADVICE = ("; try: more steps (--max-steps), a lower --lr, the other student output (--set "
+                "student_output=native|velocity), and compare the run's validation rows in train_log.jsonl")
+
+
 def quality_warnings(report: dict) -> list[str]:
     """The plain warnings of an ``eval`` report (or of a run's ``metrics.json``), one line each.
 
@@ -514,7 +520,7 @@ def quality_warnings(report: dict) -> list[str]:
         teachers = {"teacher_euler": rows("teacher_euler")}
     line = worse_than_teacher(student, teachers)
     if line:
-        lines.append(line)
+        lines.append(line + WORSE_ADVICE)
     big = {n: r["flow_map_error"] for n, r in student.items() if r and (r.get("flow_map_error") or 0) > 1}
     if big:
         lines.append("flow-map error above 1 at " + ", ".join(f"{n} step(s) ({v:.3g})" for n, v in big.items())
