@@ -125,3 +125,39 @@ def test_frechet_from_features_estimates_the_gaussian_distance():
     f2 = 1.5 * torch.randn(50_000, d, generator=g, dtype=F64) + 1.0
     expected = d * 1.0 + d * (1.0 - 1.5) ** 2
     assert frechet_distance_from_features(f1, f2) == pytest.approx(expected, rel=0.03)
+
+
+def test_coverage_is_high_for_the_same_law_and_low_for_a_collapsed_one():
+    from ttfm_distill.metrics import coverage
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(600, 8, generator=g, dtype=torch.float64)
+    same = torch.randn(600, 8, generator=g, dtype=torch.float64)
+    collapsed = 0.05 * torch.randn(600, 8, generator=g, dtype=torch.float64) + ref[0]
+    assert coverage(same, ref) > 0.85
+    assert coverage(collapsed, ref) < 0.1
+
+
+def test_class_entropy_of_a_histogram():
+    import math
+
+    from ttfm_distill.metrics import class_entropy
+
+    even = torch.eye(10).repeat(5, 1)  # every class five times
+    assert abs(class_entropy(even, 10) - math.log(10)) < 1e-9
+    one = torch.zeros(50, 10)
+    one[:, 3] = 1
+    assert class_entropy(one, 10) == 0.0
+
+
+def test_a_student_that_lost_diversity_is_said_so_in_one_line():
+    from ttfm_distill.evaluate import quality_warnings
+
+    report = {"results": {"student": {"1": {"fd_test_images": 9.0, "coverage": 0.41},
+                                      "2": {"fd_test_images": 8.0, "coverage": 0.9}},
+                          "teacher_euler": {"1": {"fd_test_images": 900.0, "coverage": 0.05},
+                                            "2": {"fd_test_images": 400.0, "coverage": 0.93}}}}
+    lines = [line for line in quality_warnings(report) if "LESS DIVERSE" in line]
+    assert len(lines) == 1 and "0.41 at 1 step(s)" in lines[0] and "2 step(s)" not in lines[0]
+    report["results"]["student"]["1"]["coverage"] = 0.8
+    assert not any("LESS DIVERSE" in line for line in quality_warnings(report))

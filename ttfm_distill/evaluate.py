@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .metrics import flow_map_error, frechet_distance, gaussian_stats, histogram_kl
+from .metrics import class_entropy, coverage, flow_map_error, frechet_distance, gaussian_stats, histogram_kl, knn_radii
 from .sampling import (euler, fine_reference, heun, sample_flow_map, student_sampler, time_grid,  # noqa: F401
                        uniform_time_grid)
 from .errors import TTFMError
@@ -46,7 +46,13 @@ METRIC_DESCRIPTIONS = {
     "ms_per_sample": "sampling wall time per sample (milliseconds), in batches of --batch-size",
     "samples_per_second": "samples per second, same timing",
     "out_of_range": "fraction of samples with a pixel beyond +-1.5 (pixel image teachers, whose data lie in [-1, 1])",
+    "coverage": "diversity: the share of the teacher's fine-solve samples with a sample in their 5-nearest-neighbour "
+                "ball, in the classifier's features (Naeem et al.; a collapsed sampler covers few)",
+    "class_entropy": "diversity: entropy (nats) of the classifier's class histogram of the samples (log 10 = 2.30 "
+                     "when every class is equally frequent); the teacher's fine solve: settings.reference_class_entropy",
 }
+#: a student whose coverage is below this share of the best teacher sampler's is said to lose diversity
+DIVERSITY_SHARE = 0.8
 from .metrics import PIXEL_RANGE, out_of_range  # noqa: E402,F401 - re-exported (the pool reports it too)
 #: defaults by teacher kind: samples per sampler, and samples per network call
 DEFAULT_NUM = {"image": 512, "points": 65536}
@@ -208,7 +214,10 @@ class Evaluation:
             self.ref_pixels = self._pixels(self.reference)
         if shape == CLASSIFIER_IMAGE_SHAPE:
             self.classifier = load_feature_classifier()
-            self.ref_stats = gaussian_stats(self.classifier.features(self.ref_pixels))
+            ref_features = self.classifier.features(self.ref_pixels)
+            self.ref_stats = gaussian_stats(ref_features)
+            self.ref_features, self.ref_radii = ref_features, knn_radii(ref_features)
+            self.info["reference_class_entropy"] = class_entropy(self.classifier.logits(self.ref_pixels), 10)
             card = self.classifier.card
             self.info["classifier"] = {
                 "file": "ttfm_distill/assets/fashion16_classifier/model.safetensors",
@@ -275,10 +284,13 @@ class Evaluation:
     def _score_pixels(self, pixels: torch.Tensor, against_reference: bool = True) -> dict:
         out = {}
         if self.classifier is not None:
-            stats = gaussian_stats(self.classifier.features(pixels))
+            features = self.classifier.features(pixels)
+            stats = gaussian_stats(features)
             out["fd_test_images"] = frechet_distance(*stats, self.classifier.test_mu, self.classifier.test_sigma)
+            out["class_entropy"] = class_entropy(self.classifier.logits(pixels), 10)
             if against_reference:
                 out["fd_teacher_fine"] = frechet_distance(*stats, *self.ref_stats)
+                out["coverage"] = coverage(features, self.ref_features, radii=self.ref_radii)
         if self.inception is not None:
             from .features import inception_features
 
@@ -486,6 +498,22 @@ def worse_than_teacher(student: dict, teachers: dict[str, dict], key: str | None
             f"({key}, lower is better: {detail})")
 
 
+def lost_diversity(student: dict, teachers: dict[str, dict]) -> str | None:
+    """One line when the student's coverage at some step count is well below the best of the teacher's samplers
+    (``DIVERSITY_SHARE`` of it): the known failure of distribution matching, mode collapse."""
+    best = max((r["coverage"] for rows in teachers.values() for r in rows.values() if r and r.get("coverage")),
+               default=None)
+    if best is None:
+        return None
+    low = [(n, r["coverage"]) for n, r in sorted(student.items(), key=lambda kv: int(kv[0]))
+           if r and r.get("coverage") is not None and r["coverage"] < DIVERSITY_SHARE * best]
+    if not low:
+        return None
+    return ("the student's samples are much LESS DIVERSE than the teacher's (coverage of the teacher's fine solve "
+            f"{', '.join(f'{c:.2f} at {n} step(s)' for n, c in low)} against the teacher's best {best:.2f}): "
+            "lower dm_weight, or raise dm_fake_updates")
+
+
 #: what to try when the student is worse than the teacher's own sampler (docs/results.md, "When the student is
 #: worse than its teacher"), appended to that warning
 WORSE_ADVICE = ("; try: more steps (--max-steps), a lower --lr, the other student output (--set "
@@ -506,7 +534,8 @@ def quality_warnings(report: dict) -> list[str]:
         student = res.get("student", {})
         teachers = {k: v for k, v in res.items() if k.startswith("teacher")}
     else:  # a run's metrics.json: {measure: {"student": {N: v}, "teacher_euler": {N: v}}}
-        tables = {m: report[m] for m in ("flow_map_error", "fd_test_images", "fd_teacher_fine", "out_of_range")
+        tables = {m: report[m] for m in ("flow_map_error", "fd_test_images", "fd_teacher_fine", "out_of_range",
+                                         "coverage")
                   if isinstance(report.get(m), dict)}
 
         def rows(who):
@@ -526,6 +555,9 @@ def quality_warnings(report: dict) -> list[str]:
         lines.append("flow-map error above 1 at " + ", ".join(f"{n} step(s) ({v:.3g})" for n, v in big.items())
                      + ": the samples are further from the teacher's fine solve than it is from zero; "
                      "compare FD or the pictures, not the ratio of errors")
+    line = lost_diversity(student, teachers)
+    if line:
+        lines.append(line)
     bad = {n: r["out_of_range"] for n, r in student.items() if r and (r.get("out_of_range") or 0) > 0}
     if bad:
         lines.append(f"student samples out of range (a pixel beyond +-{PIXEL_RANGE}) at "

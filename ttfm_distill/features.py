@@ -72,6 +72,12 @@ class FeatureClassifier:
         return torch.cat(out)
 
 
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """``(N, 1, 16, 16)`` images in [-1, 1] (clamped here) -> ``(N, classes)`` class logits."""
+        return torch.cat([self.net(c.float().clamp(-1, 1)) for c in images.cpu().split(batch_size)])
+
+
 def load_feature_classifier(folder: str | Path = CLASSIFIER_DIR) -> FeatureClassifier:
     """Load the shipped classifier strictly (``model.safetensors`` + ``card.json``)."""
     from safetensors.torch import load_file

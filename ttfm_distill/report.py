@@ -20,7 +20,7 @@ REPORT_SEED_OFFSET = 1
 #: samples per row of the image figure
 FIGURE_ROWS = 10
 #: the measures copied from the evaluation into metrics.json, each as {"student": {N: v}, "teacher_euler": {N: v}}
-MEASURES = ("flow_map_error", "fd_test_images", "fd_teacher_fine", "kl", "out_of_range")
+MEASURES = ("flow_map_error", "fd_test_images", "fd_teacher_fine", "kl", "out_of_range", "coverage", "class_entropy")
 
 
 def report_samples(cfg, kind: str) -> int:
