@@ -157,14 +157,15 @@ def student_section(name: str, spec, plan, rank: int, batch: int, device, steps:
     return out
 
 
-def end_to_end(device, steps: int, budget: Budget) -> dict:
-    """``ttfm-distill run`` for ``steps`` steps on the embedded teacher, then evaluation on ``device``."""
+def end_to_end(device, steps: int, budget: Budget, extra: tuple = ()) -> dict:
+    """``ttfm-distill run`` for ``steps`` steps on the embedded teacher (with ``extra`` flags: the
+    distribution-matching term's row adds ``--set dm_weight=...``), then evaluation on ``device``."""
     from ttfm_distill.evaluate import evaluate_student, load_student_and_teacher
 
     out_dir = Path(tempfile.mkdtemp(prefix="ttfm-gpu-check-")) / "run"
     cmd = [sys.executable, "-m", "ttfm_distill", "run", "--teacher", "builtin:fashion16", "--output", str(out_dir),
            "--max-steps", str(steps), "--batch-size", "32", "--set", "pool_size=256", "--set", "eval_samples=64",
-           "--set", "reference_steps=16", "--set", "checkpoint_every=1000", "-q"]
+           "--set", "reference_steps=16", "--set", "checkpoint_every=1000", "-q", *extra]
     env = dict(os.environ)
     if device.type == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -245,6 +246,9 @@ def main(argv=None):
         print(json.dumps({key: result["sections"][key]}, default=str), flush=True)
     if budget.left() > 60:
         result["end_to_end"] = end_to_end(device, args.run_steps, budget)
+        # the distribution-matching term: a fake network beside the student, its state in the checkpoint
+        result["end_to_end_dm"] = end_to_end(device, args.run_steps, budget,
+                                             ("--set", "dm_weight=0.1", "--set", "dm_batch=16"))
     else:
         result["end_to_end"] = {"skipped": "time budget"}
     result["wall_seconds"] = round(time.time() - budget.start, 1)
