@@ -187,7 +187,8 @@ class RunConfig:
     #: spaces them; the uniform grid for flow teachers). Uniform was better on the DDPM teacher measured
     time_grid: str = "uniform"
     #: how the student's network output becomes its average velocity: "native" (the teacher's conversion),
-    #: "velocity" (plus a zero-initialised gain-1 velocity head, conversion gradient capped), or "auto" (by teacher kind)
+    #: "velocity" (plus a zero-initialised gain-1 velocity head, conversion gradient capped), or "auto" (native for
+    #: every teacher since the teacher zoo: student.AUTO_STUDENT_OUTPUT, docs/results.md)
     student_output: str = "auto"
     # distribution matching beside the objective (objectives/dm.py; docs/method.md, "Distribution matching")
     #: weight of the term; 0 = off (no fake network is made)
