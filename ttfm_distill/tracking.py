@@ -241,7 +241,7 @@ class RunTracking:
         cfg, run = self.cfg, self.run
         if not logs_at(step, cfg.log_every, cfg.total_steps()):
             return
-        metrics = dict(getattr(run, "step_metrics", None) or {}) if loss is not None else {}
+        metrics = dict(run.step_metrics) if loss is not None else {}
         values = [loss, *metrics.values()] if loss is not None else []
         if values and self.accelerator.num_processes > 1:  # every rank's mean (all ranks take the same branch)
             t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=run.device)
@@ -257,9 +257,9 @@ class RunTracking:
                "loss": _finite(values[0]) if values else None}
         for key, value in zip(metrics, values[1:]):
             row[f"term_{key}" if key in TRAIN_KEYS else key] = _finite(float(value))
-        norm = getattr(run, "grad_norm", None) if loss is not None else None
+        norm = run.grad_norm if loss is not None else None
         row.update(lr=float(cfg.lr) * lr_factor(step - 1, cfg), grad_norm=_finite(norm),
-                   skipped_steps=self.skipped0 + int(getattr(run, "skipped", 0)),
+                   skipped_steps=self.skipped0 + int(run.skipped),
                    steps_per_second=round((step - self.step_row) / busy, 4) if busy > 0 else None)
         self.t_row, self.step_row, self.validation_since_row = now, step, 0.0
         self.write(row)

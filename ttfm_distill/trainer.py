@@ -155,6 +155,10 @@ class Distillation:
         self.cfg, self.overwrite, self.show_progress = cfg, overwrite, show_progress
         self.console = console or Console(stderr=True)
         self.lock = None
+        #: set by the steps that make them (claim_output, train); None until then
+        self.claim = self.tracking = None
+        #: the last step's objective metrics and gradient norm, and the skipped steps, for the training log
+        self.step_metrics, self.grad_norm, self.skipped = {}, None, 0
 
     def run(self) -> RunResult:
         from .errors import TTFMError
@@ -171,15 +175,15 @@ class Distillation:
                 self.setup_optimizer()
                 self.resume()
             except TTFMError:  # a refusal before training leaves the output folder as it found it
-                if getattr(self, "claim", None) is not None:
+                if self.claim is not None:
                     self.claim.undo()
                 raise
-            if getattr(self, "claim", None) is not None:
+            if self.claim is not None:
                 self.claim.commit()  # training starts: what --overwrite set aside goes
             self.train()
             return self.finish()
         finally:
-            if getattr(self, "tracking", None) is not None:
+            if self.tracking is not None:
                 self.tracking.close()
             if self.lock is not None:
                 self.lock.release()
