@@ -201,7 +201,7 @@ def memory_probe(args) -> dict:
 def model_state_bytes(teacher, student, optimizer) -> dict:
     """Exact bytes of the weights held (teacher and student, shared storage counted once), gradients and AdamW state."""
     seen, weights = set(), 0
-    for module in (getattr(teacher, "network", None), student):
+    for module in (teacher.network, student):
         for p in (module.parameters() if module is not None else []):
             if p.data_ptr() not in seen:
                 seen.add(p.data_ptr())

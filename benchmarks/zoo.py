@@ -110,7 +110,7 @@ def scheduler_samplers(teacher, seed: int) -> list:
     cfg = dict(teacher.scheduler_config or {})
     name = cfg.pop("_class_name", None)
     cfg.pop("_diffusers_version", None)
-    if not name or not hasattr(teacher, "network"):
+    if not name or not teacher.has_network:
         return []
     if teacher.io.prediction_type == "flow":
         if name != "FlowMatchEulerDiscreteScheduler":

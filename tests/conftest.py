@@ -2,9 +2,21 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+#: under pytest-xdist (pyproject's addopts: a worker a core) every worker and the subprocesses it starts use one
+#: thread: two workers of two threads each on two cores run several times slower than one thread each
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest
 import torch
+
+if XDIST_WORKER:
+    torch.set_num_threads(1)
+
+from ttfm_distill.student import FlowMapStudent  # noqa: E402 - the test doubles are real students and teachers
+from ttfm_distill.teachers.base import Teacher  # noqa: E402
 
 
 def tiny_unet(sample_size=8, channels=(8, 16), in_channels=1):
@@ -34,7 +46,7 @@ def tiny_teacher_dir(tmp_path_factory):
     return root
 
 
-class ExactGaussianMap(torch.nn.Module):
+class ExactGaussianMap(FlowMapStudent):
     """The exact average velocity of the Gaussian-to-Gaussian flow: a 'perfect student'."""
 
     def __init__(self, mean, std, sigma0=1.0, error=0.0):
@@ -58,7 +70,7 @@ class ExactGaussianMap(torch.nn.Module):
         return u + self.error * torch.sin(3 * x) * gap + 0 * self.dummy
 
 
-class GaussianVelocity(torch.nn.Module):
+class GaussianVelocity(Teacher):
     """Exact teacher for N(mean, std^2 I) data: v(x, t) = u_exact(x, t, t)."""
 
     def __init__(self, mean, std, sigma0=1.0):

@@ -108,7 +108,7 @@ def test_a_run_fills_in_the_long_jumps_for_flow_teachers_and_keeps_what_a_resume
     from ttfm_distill.pipeline_card import run_command
     from ttfm_distill.preflight import resolve_settings, resolve_teacher_settings
 
-    flow, epsilon = SimpleNamespace(io=None), SimpleNamespace(io=SimpleNamespace(prediction_type="epsilon"))
+    flow, epsilon = SimpleNamespace(prediction_type="flow"), SimpleNamespace(prediction_type="epsilon")
 
     def resolved(loaded, saved=None, **kw):
         cfg, objective = resolve_settings(RunConfig(**kw))

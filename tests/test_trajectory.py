@@ -269,7 +269,7 @@ def test_trajectory_rows_and_the_heun_pool_are_automatic_only_on_a_data_free_poo
 
     from ttfm_distill.preflight import resolve_teacher_settings
 
-    flow, epsilon = SimpleNamespace(io=None), SimpleNamespace(io=SimpleNamespace(prediction_type="epsilon"))
+    flow, epsilon = SimpleNamespace(prediction_type="flow"), SimpleNamespace(prediction_type="epsilon")
     cfg, objective = resolve_settings(RunConfig(batch_size=32))
     assert cfg.trajectory_fraction is None and not isinstance(objective, TrajectorySupervised)
     objective = resolve_teacher_settings(cfg, objective, flow, None)

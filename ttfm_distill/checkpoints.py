@@ -58,10 +58,7 @@ def load_checkpoint(path: Path, student, ema, scheduler) -> tuple[int, list, dic
 
     try:
         weights = load_file(path / "student.safetensors")
-        if hasattr(student, "load_trainable_state_dict"):  # LoRA: adapters + second time only
-            student.load_trainable_state_dict(weights)
-        else:
-            student.load_state_dict(weights, strict=True)
+        student.load_trainable_state_dict(weights)  # LoRA: adapters + second time only
         if ema is not None:
             ema.load_state_dict(load_file(path / "ema.safetensors"), strict=True)
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)

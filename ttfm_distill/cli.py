@@ -294,7 +294,7 @@ def eval_(
         if time_grid is not None and time_grid not in TIME_GRIDS:
             raise EvalError(f"--time-grid must be one of {', '.join(TIME_GRIDS)}, got {time_grid!r}")
         folder, student, config, t = load_student_and_teacher(model or DEFAULT_OUTPUT, teacher, allow_pickle)
-        grid = resolve_time_grid(time_grid or config.time_grid, getattr(t, "io", None))
+        grid = resolve_time_grid(time_grid or config.time_grid, t.io)
         target = output or (folder.parent if folder.name == "student" else folder) / "eval.json"
         png = plot or target.with_suffix(".png")
         with writer_lock(target.parent, "eval"):  # refused while a run trains in that folder

@@ -143,6 +143,8 @@ class NetworkIO:
     """
 
     prediction_type = "flow"
+    #: the network was trained on a discrete timestep schedule (``timestep_grid`` gives its grid)
+    discrete_timesteps = False
 
     def __init__(self, units: TimestepUnits):
         self.units = units
@@ -188,6 +190,8 @@ class DiffusionIO(NetworkIO):
     output through the same clamp, so the student still equals the teacher at
     initialisation.
     """
+
+    discrete_timesteps = True
 
     def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
                  clip_sample: float | None = None):

@@ -21,6 +21,7 @@ from .metrics import class_entropy, coverage, flow_map_error, frechet_distance, 
 from .sampling import (euler, fine_reference, heun, sample_flow_map, student_sampler, time_grid,  # noqa: F401
                        uniform_time_grid)
 from .errors import TTFMError
+from .teachers.analytic import AnalyticTeacher
 
 
 def split_cond(cond: dict | None, batch_size: int, n: int, device) -> list[dict | None]:
@@ -92,7 +93,7 @@ class Sampler:
 def student_flow_map_sampler(student, shift: float = 1.0, name: str = "student", grid: str = "uniform",
                              io=None) -> Sampler:
     """The student's N jumps on the (teacher-shifted) ``grid`` (sampling.time_grid): N evaluations."""
-    io = io if io is not None else getattr(student, "io", None)
+    io = io if io is not None else student.io
     return Sampler(name, lambda x, n, cond=None: sample_flow_map(student_sampler(student, cond), x,
                                                                  time_grid(n, shift, grid, io).to(x.device)),
                    conditional=True)
@@ -103,7 +104,7 @@ def _bound(teacher, cond):
 
 
 def teacher_euler_sampler(teacher, grid: str = "uniform") -> Sampler:
-    shift, io = float(teacher.shift), getattr(teacher, "io", None)
+    shift, io = float(teacher.shift), teacher.io
     return Sampler("teacher_euler", lambda x, n, cond=None: euler(_bound(teacher, cond), x,
                                                                   time_grid(n, shift, grid, io).to(x.device)),
                    conditional=True)
@@ -111,7 +112,7 @@ def teacher_euler_sampler(teacher, grid: str = "uniform") -> Sampler:
 
 def teacher_heun_sampler(teacher, grid: str = "uniform") -> Sampler:
     """Heun with ``nfe / 2`` steps; only even ``nfe >= 2`` (the report gives ``null`` for the rest)."""
-    shift, io = float(teacher.shift), getattr(teacher, "io", None)
+    shift, io = float(teacher.shift), teacher.io
     return Sampler("teacher_heun", lambda x, n, cond=None: heun(_bound(teacher, cond), x,
                                                                 time_grid(n // 2, shift, grid, io).to(x.device)),
                    accepts=lambda n: n >= 2 and n % 2 == 0, conditional=True)
@@ -161,7 +162,7 @@ class Evaluation:
         g = torch.Generator().manual_seed(seed)
         self.x0 = teacher.sample_noise(self.num, generator=g)
         #: conditioning shared by every sampler: random class labels, or ``None`` (the empty prompt)
-        self.cond = teacher.sample_cond(self.num, generator=g) if hasattr(teacher, "sample_cond") else None
+        self.cond = teacher.sample_cond(self.num, generator=g)
         if self.cond:
             self.info["conditioning"] = {k: f"{tuple(v.shape)} from teacher.sample_cond, seed {seed}"
                                          for k, v in self.cond.items()}
@@ -198,11 +199,11 @@ class Evaluation:
         self.fid_real = None
         self.ref_pixels = None
         images = self.kind == "image"
-        shape = tuple(getattr(self.teacher, "image_shape", self.teacher.data_shape)) if images else None
-        self.pixel_teacher = images and not getattr(self.teacher, "is_latent", False)
+        shape = tuple(self.teacher.image_shape) if images else None
+        self.pixel_teacher = images and not self.teacher.is_latent
         if not self.pixel_teacher:
             self.not_computed["out_of_range"] = "only for pixel image teachers (data in [-1, 1])"
-        if self.kind == "points" and hasattr(self.teacher, "bin_masses"):
+        if self.kind == "points" and isinstance(self.teacher, AnalyticTeacher):
             self.kl_teacher = self.teacher
         else:
             self.not_computed["kl"] = "only for 2-D analytic teachers (kind 'points' with an exact density)"
@@ -224,7 +225,7 @@ class Evaluation:
                 "test_accuracy": card["test_accuracy"], "feature_dim": card["config"]["feature_dim"],
                 "real_images": "Fashion-MNIST test split, 10k images and their 10k mirror images (16x16, [-1, 1])",
                 "recipe": card["recipe"]}
-            if str(getattr(self.teacher, "source", "")) != "builtin:fashion16":
+            if str(self.teacher.source) != "builtin:fashion16":
                 self.info["classifier"]["note"] = ("the teacher is not the embedded Fashion-MNIST teacher; "
                                                    "fd_test_images still compares with Fashion-MNIST")
         else:
@@ -251,7 +252,7 @@ class Evaluation:
         from .data.fashion_mnist import DatasetUnavailable, load_fashion_mnist
         from .features import CLASSIFIER_IMAGE_SHAPE
 
-        shape = tuple(getattr(self.teacher, "image_shape", self.teacher.data_shape))
+        shape = tuple(self.teacher.image_shape)
         if shape != CLASSIFIER_IMAGE_SHAPE:
             return f"real images exist here only for 1x16x16 Fashion-MNIST; this teacher makes {'x'.join(map(str, shape))}"
         try:
@@ -345,7 +346,7 @@ class Evaluation:
     def settings(self) -> dict:
         return {"num": self.num, "seed": self.seed, "reference": f"rk4, {self.reference_steps} steps",
                 "batch_size": self.batch_size, "device": str(self.device), "torch_threads": torch.get_num_threads(),
-                "time_grid": f"uniform, shift {float(getattr(self.teacher, 'shift', 1.0))}"}
+                "time_grid": f"uniform, shift {float(self.teacher.shift)}"}
 
 
 def evaluate_student(student, teacher, steps=(1, 2, 4, 8), teacher_steps=None, num: int | None = None, seed: int = 0,
@@ -385,7 +386,7 @@ def evaluate_student(student, teacher, steps=(1, 2, 4, 8), teacher_steps=None, n
         "teacher": str(teacher.source or teacher.name),
         "kind": kind,
         "settings": {**ev.settings(), "steps": list(steps), "teacher_steps": list(teacher_steps),
-                     "time_grid": f"{time_grid}, shift {float(getattr(teacher, 'shift', 1.0))}"},
+                     "time_grid": f"{time_grid}, shift {float(teacher.shift)}"},
         "results": results,
         "floors": floors,
         "not_computed": ev.not_computed,

@@ -39,7 +39,7 @@ def run_record(cfg, teacher, objective) -> StudentConfig:
         shift=float(teacher.shift), sample_size=cfg.sample_size, teacher=teacher.describe(),
         scheduler_config=teacher.scheduler_config, loss=objective.config(),
         weights=cfg.export_weights if cfg.ema_decay > 0 else "raw",
-        time_grid=resolve_time_grid(getattr(cfg, "time_grid", "uniform"), getattr(teacher, "io", None)),
+        time_grid=resolve_time_grid(cfg.time_grid, teacher.io),
         training={"steps": cfg.total_steps(), "seed": cfg.seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
                   "ema_decay": cfg.ema_decay, "time_sampling": cfg.time_sampling,
                   "diagonal_fraction": cfg.diagonal_fraction, "data": cfg.data})
@@ -49,12 +49,10 @@ def teacher_parts(teacher) -> tuple[object | None, dict, str | None]:
     """``(vae, text components, pipeline class name)`` of a diffusers teacher (``None``/empty for what it lacks)."""
     from .pipeline import TEXT_COMPONENTS
 
-    codec = getattr(teacher, "codec", None)
-    vae = codec.vae if codec is not None else None
-    prompts = getattr(teacher, "prompts", None)
-    if prompts is None:
-        return vae, {}, _pipeline_class_of(getattr(teacher, "source", None))
-    pipe = prompts.pipeline()
+    vae = teacher.codec.vae if teacher.codec is not None else None
+    if teacher.prompts is None:
+        return vae, {}, _pipeline_class_of(teacher.source)
+    pipe = teacher.prompts.pipeline()
     text = {k: v for k, v in pipe.components.items() if k in TEXT_COMPONENTS and v is not None}
     return vae, text, type(pipe).__name__
 

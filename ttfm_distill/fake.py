@@ -46,6 +46,10 @@ class FakeVelocity(nn.Module):
         x_in, timestep = self.io.network_input(x, t)
         return self.io.velocity(self.adapter.call(self.network, x_in, timestep, full), x, t)
 
+    def time_embedders(self) -> list[nn.Module]:
+        """The copied network's timestep embedders (kept fp32 in bf16 runs); none for the MLP."""
+        return list(self.adapter.time_embedders(self.network)) if self.adapter is not None else []
+
     def output_gain(self, t: torch.Tensor) -> torch.Tensor:
         """``|d velocity / d output|`` of the network's conversion (1 for flow networks and the MLP)."""
         return torch.ones_like(t, dtype=torch.float64) if self.io is None else self.io.output_gain(t)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, RunConfig
+from .teachers.base import Teacher
 from .student import (ADAPTER_FORMAT, StudentConfig, StudentLoadError, TwoTimeFlowMap, damaged, package_versions,
                       placed)
 
@@ -78,6 +79,8 @@ class LoraFlowMap(TwoTimeFlowMap):
     def __init__(self, network: nn.Module, second_time_input: str = "delta", **kwargs):
         super().__init__(network, second_time_input=second_time_input, **kwargs)
         self._teacher_mode = False
+        #: the layer names the adapters were put on (``add_lora``)
+        self.lora_targets: list[str] = []
 
     def _add_second_time(self, module, args, output):
         if self._teacher_mode:
@@ -130,7 +133,7 @@ class LoraFlowMap(TwoTimeFlowMap):
     def lora_record(self) -> dict:
         peft_cfg = self.network.peft_config[ADAPTER_NAME]
         return {"rank": int(peft_cfg.r), "alpha": float(peft_cfg.lora_alpha),
-                "targets": list(getattr(self, "lora_targets", [])), "export": "adapters"}
+                "targets": list(self.lora_targets), "export": "adapters"}
 
     def merged(self) -> TwoTimeFlowMap:
         """A plain two-time student with every adapter folded into its base layer (a new network)."""
@@ -245,8 +248,17 @@ class AdapterEma(nn.Module):
     def forward(self, x, s, t, cond=None):
         return torch.func.functional_call(self.student, self.shadow, (x, s, t, cond), strict=False)
 
+    @property
+    def io(self):
+        """The student's (the samplers read it as they read a student's)."""
+        return self.student.io
+
+    @property
+    def student_output(self) -> str:
+        return self.student.student_output
+
     @torch.no_grad()
-    def update(self, model: LoraFlowMap, decay: float) -> None:
+    def follow(self, model: LoraFlowMap, decay: float) -> None:
         params = dict(model.named_parameters())
         for name, value in self.shadow.items():
             value.lerp_(params[name].detach().to(value.dtype), 1.0 - decay)
@@ -286,23 +298,56 @@ class _EmaAdapters:
             return self.ema.student.save_pretrained(save_directory, config)
 
 
-class BaseWeightsTeacher:
-    """The teacher as seen by the objectives when the student is a LoRA student.
+class BaseWeightsTeacher(Teacher):
+    """The teacher as seen by the objectives when the student is a LoRA student: a :class:`Teacher` whose
+    ``velocity`` evaluates the one shared network with the adapters off and no second time.
 
-    ``velocity`` evaluates the shared network with adapters off and no second
-    time; everything else is the wrapped teacher's.
+    Its declared attributes are the wrapped teacher's, and its modules (network, VAE, text encoders) are the same
+    objects, not copies; the data-space hooks go to the wrapped teacher.
     """
 
-    def __init__(self, teacher, student: LoraFlowMap):
-        self._teacher = teacher
-        self._student = student
+    _SHARED = ("name", "data_shape", "sigma0", "shift", "kind", "source", "scheduler_config", "null_text", "io",
+               "adapter", "fingerprint", "conditioning", "num_classes")
+
+    def __init__(self, teacher: Teacher, student: LoraFlowMap):
+        super().__init__()
+        for name in self._SHARED:
+            setattr(self, name, getattr(teacher, name))
+        self.network, self.codec, self.prompts = teacher.network, teacher.codec, teacher.prompts
+        # plain references (a bound method and a list), so neither is registered as a submodule of this view
+        self._base_weights = student.base_weights
+        self._wrapped = [teacher]
+
+    @property
+    def wrapped(self) -> Teacher:
+        return self._wrapped[0]
 
     def velocity(self, x, t, cond=None):
-        with self._student.base_weights():
-            return self._teacher.velocity(x, t, cond)
+        with self._base_weights():
+            return self.wrapped.velocity(x, t, cond)
 
-    def __getattr__(self, name):
-        return getattr(self._teacher, name)
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return self.wrapped.image_shape
+
+    @property
+    def is_latent(self) -> bool:
+        return self.wrapped.is_latent
+
+    def encode_images(self, images):
+        return self.wrapped.encode_images(images)
+
+    def decode(self, x):
+        return self.wrapped.decode(x)
+
+    def sample_cond(self, n, generator=None):
+        return self.wrapped.sample_cond(n, generator)
+
+    def encode_prompts(self, prompts):
+        return self.wrapped.encode_prompts(prompts)
+
+    def describe(self) -> dict:
+        return self.wrapped.describe()
 
 
 def set_adapters_enabled(network: nn.Module, enabled: bool) -> None:
@@ -337,7 +382,7 @@ def add_lora(network: nn.Module, rank: int, alpha: float, targets, time_embedder
 
 def build_lora_student(teacher, cfg: RunConfig):
     """``(student, teacher_view)``: a LoRA student on ``teacher.network`` and the teacher evaluated on its base."""
-    if not hasattr(teacher, "network"):
+    if not teacher.has_network:
         raise ConfigError(f"LoRA students need a diffusers teacher; {teacher.name} has no network (use lora_rank=0)")
     require_peft()
     torch.manual_seed(cfg.seed)
@@ -353,7 +398,7 @@ def build_lora_student(teacher, cfg: RunConfig):
 def _student_kwargs(teacher, second_time_input: str) -> dict:
     """What :func:`ttfm_distill.trainer.build_student` passes to the student, taken from the teacher."""
     return dict(second_time_input=second_time_input, adapter=teacher.adapter, io=teacher.io,
-                null_text=getattr(teacher, "null_text", None))
+                null_text=teacher.null_text)
 
 
 # ------------------------------------------------------------- export -------

@@ -12,16 +12,15 @@ import math
 from pathlib import Path
 
 import torch
-from diffusers import ModelMixin
 from torch import nn
 
-from .student import (StudentConfig, damaged, load_tensors, package_versions, placed, save_tensors_plain,
+from .student import (FlowMapStudent, StudentConfig, damaged, load_tensors, package_versions, placed, save_tensors_plain,
                       scheduler_model_output)
 
 WEIGHTS = "model.safetensors"
 
 
-class MlpFlowMap(ModelMixin):
+class MlpFlowMap(FlowMapStudent):
     """``forward(x (B, D), s (B,), t (B,), cond=None) -> u (B, D)``.
 
     Saved as ``model.safetensors`` + ``ttfm_config.json`` (``backbone.config``: the sizes).

@@ -310,8 +310,8 @@ class TTFMPipeline(DiffusionPipeline):
 
         The grid is the student's network reading's (convention.DiffusionIO.timestep_grid), the same as ``eval``'s.
         """
-        io = getattr(self.flow_map, "io", None)
-        if getattr(self.student_config, "time_grid", "uniform") != "timesteps" or not hasattr(io, "timestep_grid"):
+        io = self.flow_map.io
+        if self.student_config.time_grid != "timesteps" or io is None or not io.discrete_timesteps:
             return None
         from .convention import sigma_from_t
 

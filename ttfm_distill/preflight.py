@@ -64,7 +64,7 @@ def with_trajectory_rows(objective, cfg: RunConfig):
 def resolve_teacher_settings(cfg: RunConfig, objective, teacher, saved: dict | None):
     """The automatic settings that depend on the teacher (its prediction type), filled in once it is loaded, so
     config.json records what ran; a resumed run keeps its own. Returns the objective, wrapped if need be."""
-    prediction_type = getattr(getattr(teacher, "io", None), "prediction_type", "flow")
+    prediction_type = teacher.prediction_type
     given = dict(cfg.loss_options)
     cfg.resolve_automatic(prediction_type, saved)
     trajectory_rows(cfg)

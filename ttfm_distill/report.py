@@ -37,7 +37,7 @@ def run_report(student, teacher, num: int, seed: int, reference_steps: int, devi
                     reference=reference)
     shift = float(teacher.shift)
     samples = {"student": {}, "teacher_euler": {}}
-    results = {"student": ev.run(student_flow_map_sampler(student, shift, grid=time_grid, io=getattr(teacher, "io", None)),
+    results = {"student": ev.run(student_flow_map_sampler(student, shift, grid=time_grid, io=teacher.io),
                                  REPORT_STEPS, samples["student"]),
                "teacher_euler": ev.run(teacher_euler_sampler(teacher, time_grid), REPORT_STEPS, samples["teacher_euler"])}
     metrics = {}

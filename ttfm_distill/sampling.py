@@ -54,7 +54,7 @@ def resolve_time_grid(kind: str, io=None) -> str:
     only where the network has discrete timesteps (a diffusion network), else ``uniform`` (the same grid)."""
     if kind not in TIME_GRIDS:
         raise InputError(f"time_grid must be one of {', '.join(TIME_GRIDS)}, got {kind!r}")
-    return kind if hasattr(io, "timestep_grid") else "uniform"
+    return kind if io is not None and io.discrete_timesteps else "uniform"
 
 
 def time_grid(steps: int, shift: float = 1.0, kind: str = "uniform", io=None, device=None) -> torch.Tensor:
@@ -68,7 +68,7 @@ def time_grid(steps: int, shift: float = 1.0, kind: str = "uniform", io=None, de
     """
     if kind not in TIME_GRIDS:
         raise InputError(f"time_grid must be one of {', '.join(TIME_GRIDS)}, got {kind!r}")
-    if kind == "uniform" or not hasattr(io, "timestep_grid"):
+    if kind == "uniform" or io is None or not io.discrete_timesteps:
         return uniform_time_grid(steps, shift, device)
     if steps < 1:
         raise InputError(f"steps must be >= 1, got {steps}")

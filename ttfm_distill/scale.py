@@ -92,19 +92,11 @@ def keep_in_fp32(module: nn.Module) -> nn.Module:
 
 
 def keep_time_embedders_fp32(*models) -> None:
-    """Keep the second-time embedding and the family's timestep embedder of every
-    two-time student / diffusers teacher in ``models`` in fp32 (others are skipped)."""
+    """Keep the time embedders of every student, teacher or fake network in ``models`` in fp32 (their own
+    ``time_embedders()``: the family's timestep embedder, the second time, the guidance embedding)."""
     for model in models:
-        network = getattr(model, "network", None)
-        adapter = getattr(model, "adapter", None)
-        if network is None or adapter is None:
-            continue
-        for embedder in adapter.time_embedders(network):
+        for embedder in model.time_embedders():
             keep_in_fp32(embedder)
-        if hasattr(model, "second_time"):
-            keep_in_fp32(model.second_time)
-        if getattr(model, "guidance_embed", None) is not None:
-            keep_in_fp32(model.guidance_embed)
 
 
 def enable_gradient_checkpointing(student) -> None:
@@ -114,11 +106,7 @@ def enable_gradient_checkpointing(student) -> None:
     checkpoint with the call's second time restored during recomputation), so families whose time
     embedder sits inside each block (DiT) recompute with the second time they ran with.
     """
-    network = getattr(student, "network", None)
-    if network is None or not getattr(network, "_supports_gradient_checkpointing", False):
-        raise ConfigError(f"gradient_checkpointing: {type(network or student).__name__} does not support it; "
-                          "remove --set gradient_checkpointing=true")
-    network.enable_gradient_checkpointing(getattr(student, "checkpoint_block", None))
+    student.enable_gradient_checkpointing()
 
 
 # ------------------------------------------------------ sharded state -------
@@ -175,9 +163,7 @@ def full_model_state(accelerator, wrapped, model, sharded: bool | None = None) -
 
         full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.detach().cpu() for k, v in full.items()} if _is_main_rank() else {}
-    if hasattr(model, "trainable_state_dict"):
-        return model.trainable_state_dict()
-    return model.state_dict()
+    return model.trainable_state_dict()
 
 
 def load_full_model_state(accelerator, wrapped, model, state: dict, sharded: bool | None = None) -> None:
@@ -194,10 +180,7 @@ def load_full_model_state(accelerator, wrapped, model, state: dict, sharded: boo
     """
     sharded = is_sharded(accelerator, wrapped) if sharded is None else sharded
     if not sharded:
-        if hasattr(model, "load_trainable_state_dict"):
-            model.load_trainable_state_dict(state)
-        else:
-            model.load_state_dict(state, strict=True)
+        model.load_trainable_state_dict(state)
         return
     if not state:
         raise ValueError("load_full_model_state: every process must pass the full state dict")

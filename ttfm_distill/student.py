@@ -28,7 +28,7 @@ import torch
 from diffusers import ModelMixin
 from torch import nn
 
-from .errors import InputError, TTFMError
+from .errors import ConfigError, InputError, TTFMError
 from .convention import TIME_CONVENTION, NetworkIO, broadcast_time, network_io, diffusers_from_velocity, t_from_scheduler_timestep
 from .teachers.families import ADAPTERS, FamilyAdapter, ProjectionSpec, adapter_for
 
@@ -222,9 +222,9 @@ class StudentConfig:
 
 
 #: the class that reads each ``student_class`` (module, name): one table instead of checks for attributes
-STUDENT_CLASSES = {"TwoTimeFlowMap": ("ttfm_distill.student", "TwoTimeFlowMap"),
-                   "MlpFlowMap": ("ttfm_distill.mlp", "MlpFlowMap"),
-                   "LoraFlowMap": ("ttfm_distill.lora", "LoraFlowMap")}
+#: every student kind by class name (``ttfm_config.json``'s ``student_class``): filled by
+#: :class:`FlowMapStudent` as each kind is defined
+STUDENT_CLASSES: dict[str, type] = {}
 
 
 #: what student_output=auto means, by how the teacher's network is read (NetworkIO.prediction_type). The velocity
@@ -247,13 +247,13 @@ def resolve_student_output(kind: str, io=None, network: nn.Module | None = None)
     return kind
 
 
-def student_class(name: str):
-    import importlib
-
+def student_class(name: str) -> type:
+    """The student kind saved as ``name``."""
+    if name not in STUDENT_CLASSES:  # the kinds defined outside this module register when first imported
+        from . import lora, mlp  # noqa: F401
     if name not in STUDENT_CLASSES:
         raise StudentLoadError(f"unknown student class {name!r}; this version reads {', '.join(STUDENT_CLASSES)}")
-    module, attr = STUDENT_CLASSES[name]
-    return getattr(importlib.import_module(module), attr)
+    return STUDENT_CLASSES[name]
 
 
 def load_student(folder: str | Path, device="cpu", torch_dtype=None, **kwargs):
@@ -309,7 +309,56 @@ def save_tensors_plain(path: Path, tensors: dict) -> None:
     save_tensors(path, tensors)
 
 
-class TwoTimeFlowMap(ModelMixin):
+class FlowMapStudent(ModelMixin):
+    """What every student kind declares, so the trainer, checkpoints, EMA, precision and export read it without
+    asking which kind it is: ``forward(x, s, t, cond)`` is the average velocity ``u(x, s, t)`` in package time.
+
+    The defaults are a whole-network student (every parameter trained, saved and averaged); the LoRA student
+    overrides the state and EMA methods, the diffusers-backed one the time embedders and checkpointing.
+    """
+
+    #: how the backbone's input and output map to package time (``convention.NetworkIO``); ``None``: the MLP
+    #: reads package time directly
+    io = None
+    #: what the backbone's output means (STUDENT_OUTPUTS)
+    student_output: str = "native"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        STUDENT_CLASSES[cls.__name__] = cls
+
+    def time_embedders(self) -> list[nn.Module]:
+        """The modules a bf16 run keeps in fp32 (the time embeddings: bf16 would round the times)."""
+        return []
+
+    def enable_gradient_checkpointing(self) -> None:
+        raise ConfigError(f"gradient_checkpointing: {type(self).__name__} does not support it; "
+                         "remove --set gradient_checkpointing=true")
+
+    def trainable_state_dict(self) -> dict:
+        """The trained tensors a checkpoint saves, by name."""
+        return self.state_dict()
+
+    def load_trainable_state_dict(self, state: dict) -> None:
+        self.load_state_dict(state, strict=True)
+
+    def make_ema(self) -> nn.Module:
+        """The exponential moving average's holder: a frozen copy, moved by :meth:`follow`."""
+        import copy
+
+        return copy.deepcopy(self).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def follow(self, model: nn.Module, decay: float) -> None:
+        """One EMA step of this copy towards ``model``'s parameters (an FSDP shard's full tensor)."""
+        from torch.distributed.tensor import DTensor
+
+        for pe, pm in zip(self.parameters(), model.parameters()):
+            pm = pm.detach()
+            pe.lerp_((pm.full_tensor() if isinstance(pm, DTensor) else pm).to(pe.dtype), 1.0 - decay)
+
+
+class TwoTimeFlowMap(FlowMapStudent):
     """``phi(x, s, t)`` built on a diffusers denoiser.
 
     ``forward(x, s, t, cond)`` returns the average velocity ``u(x, s, t)``
@@ -365,6 +414,16 @@ class TwoTimeFlowMap(ModelMixin):
             (norm if velocity_head_input == "pre_norm" else conv).register_forward_hook(self._run_head)
         #: what the velocity head reads (VELOCITY_HEAD_INPUTS), recorded in the student's config
         self.velocity_head_input = velocity_head_input if self.velocity_head is not None else None
+
+    def time_embedders(self) -> list[nn.Module]:
+        extra = [self.guidance_embed] if self.guidance_embed is not None else []
+        return [*self.adapter.time_embedders(self.network), self.second_time, *extra]
+
+    def enable_gradient_checkpointing(self) -> None:
+        """diffusers' activation checkpointing on the backbone, each block through :meth:`checkpoint_block`."""
+        if not self.network._supports_gradient_checkpointing:
+            super().enable_gradient_checkpointing()
+        self.network.enable_gradient_checkpointing(self.checkpoint_block)
 
     def _run_head(self, module, args, output):
         self._head = self.velocity_head(args[0].to(self.velocity_head.weight.dtype))

@@ -454,7 +454,7 @@ class Validator:
         from .sampling import resolve_time_grid
 
         self.teacher, self.device = teacher, device
-        self.grid = resolve_time_grid(cfg.time_grid, getattr(teacher, "io", None))
+        self.grid = resolve_time_grid(cfg.time_grid, teacher.io)
         from .report import report_samples
 
         num = report_samples(cfg, teacher.kind) if cfg.validation_samples is None else int(cfg.validation_samples)
@@ -462,7 +462,7 @@ class Validator:
             self.ev = Evaluation(teacher, num=num, seed=cfg.seed + VALIDATION_SEED_OFFSET,
                                  reference_steps=cfg.reference_steps, batch_size=128, device=device)
             self.teacher_scores = _table(self.ev.run(teacher_euler_sampler(teacher, self.grid), VALIDATION_STEPS))
-        self.title = f"{getattr(teacher, 'name', 'teacher')}: student at {'/'.join(map(str, VALIDATION_STEPS))} steps"
+        self.title = f"{teacher.name}: student at {'/'.join(map(str, VALIDATION_STEPS))} steps"
 
     def run(self, model, student) -> ValidationResult:
         """Score ``model`` (the EMA or ``student`` itself); ``student`` is put in eval mode meanwhile."""
@@ -474,7 +474,7 @@ class Validator:
             with torch.random.fork_rng(devices=_rng_devices(self.device)), torch.no_grad():
                 samples = {}
                 sampler = student_flow_map_sampler(model, float(self.teacher.shift), grid=self.grid,
-                                                   io=getattr(self.teacher, "io", None))
+                                                   io=self.teacher.io)
                 scores = _table(self.ev.run(sampler, VALIDATION_STEPS, samples))
                 rows = self._figure_rows(samples)
         finally:

@@ -9,7 +9,6 @@ output folder resumes from the latest checkpoint.
 from __future__ import annotations
 
 import contextlib
-import copy
 import signal
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from .objectives import TrainBatch
 from .preflight import check_objective_fits, trajectory_rows  # noqa: F401 - re-exported
 from .tracking import RunTracking, accelerator_trackers
 from .objectives.timesampling import sample_time_pairs
+from .teachers.analytic import AnalyticTeacher
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -45,7 +45,7 @@ def cond_to(cond: dict | None, device) -> dict | None:
 def build_student(teacher, cfg: RunConfig):
     """The student initialised from the teacher (diffusers) or fresh (analytic), seeded by ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
-    if hasattr(teacher, "network"):
+    if teacher.has_network:
         from .student import TwoTimeFlowMap
 
         from .scale import trainable_copy
@@ -88,11 +88,7 @@ def ema_decay_at(step: int, decay: float, warmup: bool, offset: float = EMA_OFFS
 
 @torch.no_grad()
 def ema_update(ema, model, decay: float) -> None:
-    if hasattr(ema, "update"):  # a LoRA student's EMA covers its trained tensors only
-        ema.update(model, decay)
-        return
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(_unsharded(pm.detach()).to(pe.dtype), 1.0 - decay)
+    ema.follow(model, decay)  # (a LoRA student's EMA covers its trained tensors only)
 
 
 def _unsharded(p: torch.Tensor) -> torch.Tensor:
@@ -227,7 +223,7 @@ class Distillation:
         teacher = load_teacher(cfg.teacher, cfg.subfolder, cfg.revision, allow_pickle=cfg.allow_pickle,
                                sample_size=cfg.sample_size, guidance_scale=cfg.default_guidance(),
                                negative_prompt=cfg.negative_prompt, guided=cfg.guidance_range is not None)
-        if hasattr(teacher, "network"):  # an unsupported time embedding is refused here, before any data work
+        if teacher.has_network:  # an unsupported time embedding is refused here, before any data work
             teacher.adapter.projection(teacher.network)
         teacher.to(self.device)
         self.objective = resolve_teacher_settings(cfg, self.objective, teacher, self.folder.saved)
@@ -252,7 +248,7 @@ class Distillation:
     def setup_data(self) -> None:
         cfg, teacher, out, device = self.cfg, self.teacher, self.out, self.device
         data = build_data(teacher, cfg, out, device, self.log, self.console, self.show_progress) if (
-            self.main or hasattr(teacher, "sample_data")) else None
+            self.main or isinstance(teacher, AnalyticTeacher)) else None
         if data is None or self.accelerator.num_processes > 1:
             self.accelerator.wait_for_everyone()
             if data is None:
@@ -292,14 +288,13 @@ class Distillation:
             self.fake = FakeVelocity.from_teacher(self.teacher, cfg.mlp_width, cfg.mlp_depth).to(self.device)
             if cfg.mixed_precision != "no":
                 scale.keep_time_embedders_fp32(self.fake)
-        if cfg.lora_rank == 0 and hasattr(self.teacher, "network"):  # (a LoRA teacher is the student's own base)
+        if cfg.lora_rank == 0 and self.teacher.has_network:  # (a LoRA teacher is the student's own base)
             scale.prepare_frozen(self.accelerator, self.teacher.network, cfg.mixed_precision)  # bf16; FSDP: sharded
         if cfg.gradient_checkpointing:
             scale.enable_gradient_checkpointing(student)
         self.ema = None
         if (self.objective.needs_ema or cfg.export_weights == "ema") and cfg.ema_decay > 0:
-            self.ema = (student.make_ema() if hasattr(student, "make_ema")
-                        else copy.deepcopy(student).requires_grad_(False).eval())
+            self.ema = student.make_ema()
         self.student = student
 
     def setup_optimizer(self) -> None:
@@ -514,7 +509,7 @@ class Distillation:
         if final is self.student:  # sharded: an unsharded copy holding the gathered weights, built on rank 0
             final = scale.unsharded_copy(self.accelerator, self.wrapped, self.student,
                                          lambda: build_student(self.teacher, cfg).to(self.device))
-        if hasattr(self.teacher, "network"):  # sharded: gathered whole on every rank, so rank 0 evaluates alone
+        if self.teacher.has_network:  # sharded: gathered whole on every rank, so rank 0 evaluates alone
             scale.unshard_frozen(self.teacher.network)
         if self.main:
             metrics = finish_run(cfg, self.out, final.eval(), self.teacher, self.objective, self.seconds,
@@ -610,7 +605,7 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     from .sampling import resolve_time_grid
 
     n = report_samples(cfg, teacher.kind)
-    grid = resolve_time_grid(cfg.time_grid, getattr(teacher, "io", None))
+    grid = resolve_time_grid(cfg.time_grid, teacher.io)
     metrics, rows, errors = run_report(student, teacher, n, cfg.seed + REPORT_SEED_OFFSET, cfg.reference_steps,
                                        device, grid, reference)
     metrics["training"] = {"steps": cfg.total_steps(), "seconds": round(seconds, 1), "skipped_steps": skipped,
@@ -623,7 +618,7 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     if data_report:
         metrics["data"] = data_report
     metrics["settings"] = {"eval_samples": n, "reference": f"rk4 {cfg.reference_steps} steps", "seed": cfg.seed + 1,
-                           "time_grid": grid, "student_output": getattr(student, "student_output", "native")}
+                           "time_grid": grid, "student_output": student.student_output}
     from .evaluate import quality_warnings  # one plain line each: worse than the teacher, samples out of range
 
     metrics["warnings"] = quality_warnings(metrics)

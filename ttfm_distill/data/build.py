@@ -19,6 +19,7 @@ from .errors import DataError
 from .images import describe_value, prepare_image, to_unit_range
 from .pool import build_pool
 from .sources import StreamingSource, TensorSource, crop_batch
+from ..teachers.analytic import AnalyticTeacher
 
 
 CACHE_VERSION = 1
@@ -43,7 +44,7 @@ def build_data(teacher, cfg, out: Path, device, log, console=None, show_progress
     progress = data_progress(console, show_progress and console is not None)
     with progress:
         if cfg.data == "teacher":
-            if hasattr(teacher, "sample_data"):
+            if isinstance(teacher, AnalyticTeacher):
                 return ExactData(teacher)
             return build_pool(teacher, cfg, Path(out) / "cache", device, log, progress=progress,
                               cache_dir=_cache_dir(cfg))
@@ -51,7 +52,7 @@ def build_data(teacher, cfg, out: Path, device, log, console=None, show_progress
 
 
 def _cache_dir(cfg) -> Path:
-    return Path(cfg.data_cache).expanduser() if getattr(cfg, "data_cache", None) else default_cache_dir()
+    return Path(cfg.data_cache).expanduser() if cfg.data_cache else default_cache_dir()
 
 
 @dataclass
@@ -199,7 +200,7 @@ class DataBuilder:
         labels = prompts = None
         if label_col:
             labels, names = label_ids(ds[label_col], self._label_names(ds, label_col),
-                                      getattr(self.teacher, "num_classes", 0), f"{where.split(',')[0]}, column {label_col!r}")
+                                      self.teacher.num_classes, f"{where.split(',')[0]}, column {label_col!r}")
         if self.conditioning == "text":
             prompts = self.prompts_for(list(ds[caption_col]) if caption_col else None, n)
         info.update({"source": name, "kind": opened.kind, "rows": n, "image_column": image_col,
@@ -220,7 +221,7 @@ class DataBuilder:
 
     def prepared_rows(self, identity, n, values, where) -> tuple[torch.Tensor, dict]:
         """Decode (and encode, for latent teachers) all rows once, through the on-disk cache."""
-        latent = bool(getattr(self.teacher, "is_latent", False))
+        latent = self.teacher.is_latent
 
         def make(start, stop):
             u8 = torch.from_numpy(np.stack([self.prepare(v, start + i, where) for i, v in enumerate(values(start, stop))]))
@@ -249,7 +250,7 @@ class DataBuilder:
         from .fashion_mnist import find_fashion_mnist, load_fashion_mnist, read_idx
 
         c, (h, w) = self.geometry.channels, self.geometry.base
-        latent = bool(getattr(self.teacher, "is_latent", False))
+        latent = self.teacher.is_latent
         info = {"source": "fashion-mnist"}
         if not latent and c == 1 and h == w and h in (16, 28) and tuple(self.teacher.data_shape) == (1, h, w):
             images, labels = load_fashion_mnist("train", resolution=h)  # the embedded teacher's exact recipe
@@ -265,7 +266,7 @@ class DataBuilder:
         info["rows"] = len(base)
         labels_t = torch.from_numpy(labels) if self.conditioning == "class" else None
         if labels_t is not None:
-            label_ids(labels_t.tolist(), None, getattr(self.teacher, "num_classes", 0), "fashion-mnist labels")
+            label_ids(labels_t.tolist(), None, self.teacher.num_classes, "fashion-mnist labels")
         if self.conditioning == "text":
             raise DataError("fashion-mnist has no captions for a text-conditioned teacher; use --data teacher "
                             "--prompts FILE or a dataset with a caption column")
@@ -285,7 +286,7 @@ class DataBuilder:
 
         if isinstance((getattr(ds, "features", None) or {}).get(image_col), Image):
             ds = ds.cast_column(image_col, Image(decode=False))
-        num_classes = getattr(self.teacher, "num_classes", 0)
+        num_classes = self.teacher.num_classes
         seed = self.cfg.seed
         if torch.distributed.is_available() and torch.distributed.is_initialized():  # each rank its own shard
             from datasets.distributed import split_dataset_by_node
@@ -306,7 +307,7 @@ class DataBuilder:
                                         f"class id in 0..{num_classes - 1}")
                 yield self.prepare(row[image_col], i, where), label, (row[caption_col] if caption_col else None)
 
-        latent = bool(getattr(self.teacher, "is_latent", False))
+        latent = self.teacher.is_latent
         memo = PromptMemo(self.teacher) if caption_col else None
         target, crop = self.geometry.target, self.cfg.data_crop
 

@@ -55,14 +55,13 @@ def teacher_fingerprint(teacher) -> str:
     once per teacher object (a pass over every weight) and kept on it: the run's
     resume check, the pool and the data caches all ask for it.
     """
-    cached = getattr(teacher, "_ttfm_fingerprint", None)
-    if cached is not None:
-        return cached
+    if teacher.fingerprint is not None:
+        return teacher.fingerprint
     state = teacher.state_dict()
     sums = [(k, list(v.shape), float(v.detach().double().sum())) for k, v in sorted(state.items())
             if torch.is_tensor(v) and v.is_floating_point()]
     key = content_key(type(teacher).__name__, teacher.source or teacher.name, teacher.describe(), sums)
-    teacher._ttfm_fingerprint = key
+    teacher.fingerprint = key
     return key
 
 

@@ -95,7 +95,7 @@ def trajectory_states(cfg) -> list[int]:
 
 def prompt_conditioning(teacher, cfg, n: int, cache_dir: Path | None, progress, log):
     """For a text teacher given ``--prompts``: ``(PromptRows of n random lines, cache-name tag)``, else ``(None, "")``."""
-    if teacher.conditioning != "text" or not getattr(cfg, "prompts", None):
+    if teacher.conditioning != "text" or not cfg.prompts:
         return None, ""
     from .cache import default_cache_dir, teacher_fingerprint
 
@@ -108,8 +108,6 @@ def prompt_conditioning(teacher, cfg, n: int, cache_dir: Path | None, progress, 
 
 def sampled_conditioning(teacher, seed: int, n: int, log) -> dict | None:
     """``teacher.sample_cond(n)`` drawn from the pool's stream just after its noise (as a one-shot pool draws it)."""
-    if not hasattr(teacher, "sample_cond"):
-        return None
     if teacher.conditioning == "text":
         log("data-free pool of a text teacher without --prompts: every sample uses the empty prompt")
     return teacher.sample_cond(n, generator=_NoiseStream(teacher, seed).skip_to(n)) or None
@@ -120,7 +118,7 @@ def pool_file_name(cfg, grid_kind: str = "uniform", tag: str = "") -> str:
     trajectory states, precision (bf16 only; fp32 pools keep their earlier names), seed, prompts (``tag``) and the
     teacher's weights (``cfg.teacher_fingerprint``)."""
     # keyed on the teacher's weights too: a teacher replaced at the same path never reuses an old pool
-    key = f"-t{cfg.teacher_fingerprint[:12]}" if getattr(cfg, "teacher_fingerprint", None) else ""
+    key = f"-t{cfg.teacher_fingerprint[:12]}" if cfg.teacher_fingerprint else ""
     states = trajectory_states(cfg)
     traj = f"-traj{len(states)}" if states else ""
     gtag = "" if grid_kind == "uniform" else f"-{grid_kind}"
@@ -156,8 +154,8 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
     solver = cfg.pool_solver_name()
     states = trajectory_states(cfg)
     keep = bool(states)
-    io = getattr(teacher, "io", None)
-    kind = resolve_time_grid(getattr(cfg, "time_grid", "uniform"), io)
+    io = teacher.io
+    kind = resolve_time_grid(cfg.time_grid, io)
     path = Path(cache) / pool_file_name(cfg, kind, tag)
     grid = time_grid(cfg.pool_steps, teacher.shift, kind, io).to(device)
     noise = _NoiseStream(teacher, cfg.seed + 7919)

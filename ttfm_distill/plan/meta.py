@@ -247,9 +247,9 @@ def working_set(student, inputs, checkpointing: bool, bf16: bool = False, autoca
     diffusers' own gradient checkpointing (real recomputation) when ``checkpointing``; ``bf16``: autocast
     emulated (not with checkpointing: the recomputation in backward runs outside the emulation)."""
     network = student.network
-    on = checkpointing and bool(getattr(network, "_supports_gradient_checkpointing", False))
-    if on:  # as the trainer: the student's own checkpoint function (scale.enable_gradient_checkpointing)
-        network.enable_gradient_checkpointing(getattr(student, "checkpoint_block", None))
+    on = checkpointing and bool(network._supports_gradient_checkpointing)
+    if on:  # as the trainer: the student's own checkpoint function
+        student.enable_gradient_checkpointing()
     plan_mode = PlanMode(bf16=bf16, autocast_device=autocast_device)
     tracker = LiveTracker(weight_storages(student), list(student.parameters()), plan_mode=plan_mode if bf16 else None)
     try:

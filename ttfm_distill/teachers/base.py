@@ -27,8 +27,39 @@ class Teacher(nn.Module):
     scheduler_config: dict | None = None
     #: the empty prompt's embeddings (one row each) of text teachers with encoders; ``None`` otherwise
     null_text: dict | None = None
-    # ``codec`` (the VAE of latent teachers) is an ``nn.Module``: a class default would shadow the submodule,
-    # so callers read it with ``getattr(teacher, "codec", None)``
+    #: how the network's input and output map to the package convention (``convention.NetworkIO``: prediction
+    #: type, timestep units, scheduler grid); ``None``: ``velocity`` is in the convention already (exact teachers)
+    io = None
+    #: the diffusers family adapter (``families.FamilyAdapter``) of ``network``; ``None`` without a network
+    adapter = None
+    #: the key of the teacher's description and weights (``data.cache.teacher_fingerprint`` fills it once)
+    fingerprint: str | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        # modules (``nn.Module`` registers them on assignment), so they are declared here and not as class
+        # attributes, which would shadow the registered submodules
+        #: the frozen diffusers denoiser behind ``velocity``; ``None`` for a teacher without one (the exact ones)
+        self.network: nn.Module | None = None
+        #: the VAE of a latent teacher (``teachers.pipeline.LatentCodec``); ``None`` in pixel space
+        self.codec = None
+        #: the pipeline's text encoders (``teachers.pipeline.PromptEncoder``); ``None`` without them
+        self.prompts = None
+
+    @property
+    def prediction_type(self) -> str:
+        """What the network predicts (``"flow"``, ``"epsilon"``, ``"v_prediction"``, ``"sample"``); ``"flow"``
+        for a teacher whose ``velocity`` needs no conversion."""
+        return self.io.prediction_type if self.io is not None else "flow"
+
+    def time_embedders(self) -> list[nn.Module]:
+        """The network's timestep embedders, which a bf16 run keeps in fp32 (none without a network)."""
+        return list(self.adapter.time_embedders(self.network)) if self.has_network else []
+
+    @property
+    def has_network(self) -> bool:
+        """A diffusers denoiser stands behind ``velocity`` (a student can be made from it, held, sharded)."""
+        return self.network is not None
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         raise NotImplementedError
