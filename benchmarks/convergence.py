@@ -674,7 +674,7 @@ class Scorer:
         from safetensors.torch import load_file
 
         from ttfm_distill.config import RunConfig
-        from ttfm_distill.trainer import build_student
+        from ttfm_distill.factory import build_student
 
         student = build_student(self.teacher, RunConfig.from_dict(cfg))
         student.load_state_dict(load_file(ckpt / ("ema.safetensors" if weights == "ema" else "student.safetensors")),

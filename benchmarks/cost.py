@@ -52,7 +52,8 @@ from ttfm_distill.fileio import write_json
 from ttfm_distill.objectives import TrainBatch, make_objective
 from ttfm_distill.objectives.base import per_sample_mse
 from ttfm_distill.objectives.timesampling import sample_time_pairs
-from ttfm_distill.trainer import backward_micro_batches, build_student
+from ttfm_distill.step import backward_micro_batches
+from ttfm_distill.factory import build_student
 
 H100_BF16_DENSE_TFLOPS = 989.0
 

@@ -43,7 +43,8 @@ def training_rate(teacher, batch: int, steps: int) -> float:
     from ttfm_distill.convention import interpolate
     from ttfm_distill.objectives import TrainBatch, make_objective
     from ttfm_distill.objectives.timesampling import sample_time_pairs
-    from ttfm_distill.trainer import build_student, step_generator
+    from ttfm_distill.factory import build_student
+    from ttfm_distill.batch import step_generator
 
     cfg = RunConfig()
     objective = make_objective(cfg.loss, **cfg.loss_options)

@@ -14,7 +14,7 @@ import torch
 
 from ttfm_distill.config import RunConfig
 from ttfm_distill.teachers.loading import load_teacher
-from ttfm_distill.trainer import build_student
+from ttfm_distill.factory import build_student
 
 
 def main() -> None:

@@ -72,7 +72,7 @@ def main():
     from ttfm_distill.metrics import flow_map_error, frechet_distance, gaussian_stats
     from ttfm_distill.sampling import flow_map
     from ttfm_distill.teachers.loading import load_teacher
-    from ttfm_distill.trainer import build_student
+    from ttfm_distill.factory import build_student
 
     run = args.run.resolve()
     raw_cfg = json.loads((run / "config.json").read_text())

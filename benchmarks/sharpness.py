@@ -52,7 +52,7 @@ def main():
     from ttfm_distill.fileio import write_json
     from ttfm_distill.sampling import sample_flow_map, student_sampler, uniform_time_grid
     from ttfm_distill.teachers.loading import load_teacher
-    from ttfm_distill.trainer import build_student
+    from ttfm_distill.factory import build_student
 
     run = args.run.resolve()
     cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))

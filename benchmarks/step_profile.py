@@ -103,7 +103,7 @@ def main():
 
 def use_adamw(run, impl: str) -> None:
     """Replace the run's AdamW (before ``resume`` prepares it) by the same optimiser on its ``foreach`` or ``fused`` path."""
-    from ttfm_distill.trainer import lr_factor
+    from ttfm_distill.schedules import lr_factor
 
     cfg = run.cfg
     params = [p for p in run.student.parameters() if p.requires_grad]

@@ -30,12 +30,13 @@ from ttfm_distill.convention import interpolate
 from ttfm_distill.fileio import atomic_path, write_json
 from ttfm_distill.metrics import histogram_kl
 from ttfm_distill.mlp import MlpFlowMap
-from ttfm_distill.objectives import TrainBatch, make_objective
+from ttfm_distill.objectives import make_objective
 from ttfm_distill.objectives.base import flow_map
-from ttfm_distill.objectives.timesampling import sample_time_pairs
 from ttfm_distill.sampling import euler, sample_flow_map, uniform_time_grid
 from ttfm_distill.teachers.analytic import get_analytic_teacher
-from ttfm_distill.trainer import ema_decay_at, ema_update, lr_factor, step_generator
+from ttfm_distill.schedules import ema_decay_at, ema_update, lr_factor
+from ttfm_distill.batch import BatchPath, step_generator
+from ttfm_distill.data.build import ExactData
 
 STEPS = (1, 2, 4, 8, 16)
 # name -> (loss, options, run settings)
@@ -117,13 +118,13 @@ def train(teacher, loss, options, settings, steps, batch, lr, seed, width, depth
     nonfinite = 0
     counted, ct = CountingModel(student), CountingTeacher(teacher)
     counted_ema = CountingModel(ema) if ema is not None else counted
+    # the trainer's batch path on the teacher's exact data (draws: data, noise, then the time pairs)
+    batches = BatchPath(teacher, ExactData(teacher), settings.get("time_sampling", "mixed"),
+                        settings.get("diagonal_fraction", 0.0))
     t0 = time.perf_counter()
     for step in range(steps):
         g = step_generator(seed, 0, step)
-        x1, x0 = teacher.sample_data(batch, generator=g), teacher.sample_noise(batch, generator=g)
-        s, t = sample_time_pairs(batch, settings.get("time_sampling", "mixed"),
-                                 settings.get("diagonal_fraction", 0.0), generator=g)
-        out = obj(counted, ct, TrainBatch(interpolate(x0, x1, s), s, t, None, g), counted_ema)
+        out = obj(counted, ct, batches(batch, g), counted_ema)
         opt.zero_grad(set_to_none=True)
         if not torch.isfinite(out.loss):
             nonfinite += 1

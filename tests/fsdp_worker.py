@@ -33,7 +33,13 @@ from ttfm_distill.convention import interpolate
 from ttfm_distill.objectives import TrainBatch, make_objective
 from ttfm_distill.objectives.timesampling import sample_time_pairs
 from ttfm_distill.teachers.loading import load_teacher
-from ttfm_distill.trainer import backward_micro_batches, build_student, save_checkpoint
+from ttfm_distill.step import backward_micro_batches
+
+#: shared with the single-process reference in test_fsdp.py
+from ttfm_distill.factory import build_student
+
+#: shared with the single-process reference in test_fsdp.py
+from ttfm_distill.checkpoints import save_checkpoint
 
 #: shared with the single-process reference in test_fsdp.py
 LR, STEPS, BATCH = 1e-3, 3, 8

@@ -14,7 +14,8 @@ from ttfm_distill.config import ConfigError, RunConfig
 from ttfm_distill.convention import data_estimate
 from ttfm_distill.objectives.dm import (DistributionMatching, DmSettings, dm_direction, dm_loss, draw_times,
                                         fake_flow_matching_loss, rollout)
-from ttfm_distill.trainer import list_checkpoints, run_distillation
+from ttfm_distill.checkpoints import list_checkpoints
+from ttfm_distill.trainer import run_distillation
 
 
 def gaussian_velocity(mean: float, std: float):

@@ -39,7 +39,7 @@ def test_family_loads_starts_as_teacher_and_round_trips(key, tmp_path):
     from ttfm_distill.export import export_student, load_student
     from ttfm_distill.student import StudentConfig
     from ttfm_distill.teachers.loading import load_teacher
-    from ttfm_distill.trainer import build_student
+    from ttfm_distill.factory import build_student
 
     save_family(key, tmp_path / "teacher")
     teacher = load_teacher(str(tmp_path / "teacher"), sample_size=SAMPLE_SIZE.get(key))
@@ -194,7 +194,7 @@ def test_student_samples_with_diffusers_flow_map_scheduler(tmp_path):
     from ttfm_distill.generate import generate
     from ttfm_distill.student import StudentConfig
     from ttfm_distill.teachers.loading import load_teacher
-    from ttfm_distill.trainer import build_student
+    from ttfm_distill.factory import build_student
 
     root = tmp_path / "sd3"
     save_family("SD3Transformer2DModel", root, pipeline=True,
@@ -260,7 +260,8 @@ def test_guidance_range_is_a_student_input(tmp_path):
     from ttfm_distill.config import ConfigError, RunConfig
     from ttfm_distill.export import load_student
     from ttfm_distill.teachers.loading import load_teacher
-    from ttfm_distill.trainer import build_student, run_distillation
+    from ttfm_distill.factory import build_student
+    from ttfm_distill.trainer import run_distillation
 
     save_family("DiTTransformer2DModel", tmp_path / "dit")
     cfg = RunConfig(teacher=str(tmp_path / "dit"), output=str(tmp_path / "run"), guidance_range=[1.0, 5.0],

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from ttfm_distill.config import RunConfig
 from ttfm_distill.objectives import OBJECTIVES
 from ttfm_distill.objectives.itvm import ItvmObjective
-from ttfm_distill.trainer import NonFiniteLoss, list_checkpoints, run_distillation
+from ttfm_distill.errors import NonFiniteLoss
+from ttfm_distill.checkpoints import list_checkpoints
+from ttfm_distill.trainer import run_distillation
 
 
 def tiny_cfg(teacher_dir, out, **kw):

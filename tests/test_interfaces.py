@@ -88,7 +88,7 @@ def test_every_student_kind_is_registered_by_its_class_and_implements_the_protoc
     for a, b in zip(fresh.parameters(), mlp.parameters()):
         torch.testing.assert_close(a, b)
     # a diffusers-backed student keeps its added embeddings with the family's time embedders
-    from ttfm_distill.trainer import build_student
+    from ttfm_distill.factory import build_student
 
     teacher = load_teacher(str(tiny_teacher_dir))
     student = build_student(teacher, RunConfig(teacher=str(tiny_teacher_dir)))
@@ -109,3 +109,27 @@ def test_the_package_reads_declared_attributes_instead_of_probing_its_teachers_a
             if m and not (m.group(1) == "getattr" and re.search(r"getattr\([\w.]+, name\)", line)):
                 found.append(f"{path.relative_to(PACKAGE)}:{i}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+def test_one_batch_path_draws_data_noise_pairs_and_guidance_from_one_generator_in_that_order():
+    from ttfm_distill.batch import BatchPath, step_generator
+    from ttfm_distill.convention import interpolate
+    from ttfm_distill.data.build import ExactData
+    from ttfm_distill.objectives.timesampling import sample_time_pairs
+
+    teacher = get_analytic_teacher("checkerboard")
+    cfg = RunConfig(teacher="builtin:checkerboard", time_sampling="mixed", diagonal_fraction=0.25,
+                    guidance_range=None)
+    path = BatchPath.from_run(cfg, teacher, ExactData(teacher))
+    batch, x1 = path.draw(16, step_generator(3, 1, 7))
+    g = step_generator(3, 1, 7)
+    want_x1 = teacher.sample_data(16, generator=g)
+    x0 = teacher.sample_noise(16, generator=g)
+    s, t = sample_time_pairs(16, "mixed", 0.25, cfg.dyadic_levels, generator=g)
+    torch.testing.assert_close(x1, want_x1)
+    torch.testing.assert_close(batch.x_s, interpolate(x0, want_x1, s))
+    assert torch.equal(batch.s, s) and torch.equal(batch.t, t) and batch.cond is None and batch.trajectory is None
+    assert not torch.equal(path(16, step_generator(3, 0, 7)).x_s, batch.x_s)  # another rank, another batch
+    guided = BatchPath(teacher, ExactData(teacher), "mixed", 0.25, guidance_range=(1.0, 3.0))
+    scales = guided(64, step_generator(3, 1, 7)).cond["cfg_scale"]
+    assert scales.shape == (64,) and 1.0 <= scales.min() and scales.max() <= 3.0 and scales.std() > 0.3

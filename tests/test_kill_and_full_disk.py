@@ -15,7 +15,7 @@ WRITER = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
     from ttfm_distill.fileio import atomic_dir, save_tensors
-    from ttfm_distill.trainer import save_checkpoint
+    from ttfm_distill.checkpoints import save_checkpoint
     out = Path(sys.argv[1])
     i = 0
     print("ready", flush=True)
@@ -117,7 +117,7 @@ def test_full_disk_in_torch_save_is_enospc(tiny_disk):
 CHECKPOINTER = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from ttfm_distill.trainer import save_checkpoint
+    from ttfm_distill.checkpoints import save_checkpoint
     class Sched:
         def state_dict(self):
             return {"k": 1}
@@ -134,7 +134,7 @@ CHECKPOINTER = textwrap.dedent("""
 def test_sigkill_during_checkpoint_writes_keeps_readable_checkpoints(tmp_path, trial):
     from safetensors.torch import load_file
 
-    from ttfm_distill.trainer import list_checkpoints
+    from ttfm_distill.checkpoints import list_checkpoints
 
     proc = subprocess.Popen([sys.executable, "-c", CHECKPOINTER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"

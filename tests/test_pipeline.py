@@ -49,7 +49,7 @@ def unet_export(tiny_teacher_dir, tmp_path_factory):
     from ttfm_distill.export import export_student, run_record
     from ttfm_distill.objectives import make_objective
     from ttfm_distill.teachers.loading import load_teacher
-    from ttfm_distill.trainer import build_student
+    from ttfm_distill.factory import build_student
 
     teacher = load_teacher(str(tiny_teacher_dir))
     cfg = RunConfig(teacher=str(tiny_teacher_dir))
@@ -151,7 +151,7 @@ def dit_export(tmp_path_factory):
     from ttfm_distill.export import export_student, run_record
     from ttfm_distill.objectives import make_objective
     from ttfm_distill.teachers.loading import load_teacher
-    from ttfm_distill.trainer import build_student
+    from ttfm_distill.factory import build_student
 
     root = tmp_path_factory.mktemp("dit")
     build("DiTTransformer2DModel").save_pretrained(root / "teacher")
@@ -241,7 +241,7 @@ def sd3_export(tmp_path_factory):
     from ttfm_distill.export import export_student, run_record
     from ttfm_distill.objectives import make_objective
     from ttfm_distill.teachers.loading import load_teacher
-    from ttfm_distill.trainer import build_student
+    from ttfm_distill.factory import build_student
 
     root = tmp_path_factory.mktemp("sd3")
     teacher_dir = tiny_sd3_pipeline(root / "teacher")
@@ -462,7 +462,7 @@ def test_every_family_exports_a_pipeline_that_samples_like_our_sampler(key, tmp_
     from ttfm_distill.pipeline import TTFMPipeline
     from ttfm_distill.sampling import sample_flow_map, uniform_time_grid
     from ttfm_distill.teachers.loading import load_teacher
-    from ttfm_distill.trainer import build_student
+    from ttfm_distill.factory import build_student
 
     save_family(key, tmp_path / "teacher")
     cfg = RunConfig(teacher=str(tmp_path / "teacher"), sample_size=SAMPLE_SIZE.get(key))
@@ -542,7 +542,7 @@ def test_a_reloaded_student_reads_its_network_as_the_teacher_does_clip_included(
     from ttfm_distill.export import export_student, load_student, run_record
     from ttfm_distill.objectives import make_objective
     from ttfm_distill.teachers.loading import load_teacher
-    from ttfm_distill.trainer import build_student
+    from ttfm_distill.factory import build_student
 
     torch.manual_seed(0)
     tiny_unet().save_pretrained(tmp_path / "t" / "unet")

@@ -34,7 +34,7 @@ def test_counts_equal_the_real_models_numel(name):
     from ttfm_distill.lora import build_lora_student
     from ttfm_distill.teachers.diffusers_teacher import DiffusersFlowTeacher
     from ttfm_distill.teachers.loading import load_teacher
-    from ttfm_distill.trainer import build_student
+    from ttfm_distill.factory import build_student
 
     spec = resolve_teacher(name)
     c = count(spec, lora_rank=RANK)

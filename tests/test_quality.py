@@ -162,7 +162,8 @@ def test_a_short_run_beats_the_teachers_one_step_euler_and_the_untrained_student
     from ttfm_distill.config import RunConfig
     from ttfm_distill.report import run_report
     from ttfm_distill.teachers.analytic import get_analytic_teacher
-    from ttfm_distill.trainer import build_student, run_distillation
+    from ttfm_distill.factory import build_student
+    from ttfm_distill.trainer import run_distillation
 
     torch.set_num_threads(1)
     cfg = RunConfig(teacher="builtin:gaussian-mixture", output=str(tmp_path / "run"), max_steps=500,
@@ -185,7 +186,7 @@ def test_a_short_run_beats_the_teachers_one_step_euler_and_the_untrained_student
 
 # ------------------------------------------------------------- EMA warm-up --
 def test_ema_warmup_schedule():
-    from ttfm_distill.trainer import ema_decay_at
+    from ttfm_distill.schedules import ema_decay_at
 
     assert ema_decay_at(0, 0.999, True) == 0.1 and ema_decay_at(90, 0.999, True) == 0.91
     assert ema_decay_at(100_000, 0.999, True) == 0.999 and ema_decay_at(0, 0.999, False) == 0.999
@@ -201,7 +202,7 @@ def test_automatic_ema_offset_by_teacher_kept_on_resume():
     decay follows the resolved value."""
     from ttfm_distill.config import RunConfig, resume_mismatch
     from ttfm_distill.pipeline_card import run_command
-    from ttfm_distill.trainer import ema_decay_at
+    from ttfm_distill.schedules import ema_decay_at
 
     assert RunConfig().ema_warmup_offset is None and RunConfig().validate().ema_warmup_offset is None
     flow = RunConfig().resolve_automatic("flow")
@@ -271,7 +272,7 @@ def test_ema_warmup_makes_a_short_runs_ema_follow_the_weights(tmp_path):
 # ------------------------------------------------------------ lr schedule --
 def test_lr_schedule_cosine_and_constant():
     from ttfm_distill.config import ConfigError, RunConfig
-    from ttfm_distill.trainer import lr_factor
+    from ttfm_distill.schedules import lr_factor
 
     plain = RunConfig(max_steps=1000, warmup_steps=50, lr_schedule="constant").validate()
     assert [lr_factor(k, plain) for k in (0, 24, 49, 500, 999)] == [1 / 50, 25 / 50, 1.0, 1.0, 1.0]  # as before
@@ -313,7 +314,7 @@ def test_automatic_lr_final_fraction_by_teacher_kept_on_resume():
     folder from before it existed ran to 0. The schedule follows the resolved value."""
     from ttfm_distill.config import RunConfig, resume_mismatch
     from ttfm_distill.pipeline_card import run_command
-    from ttfm_distill.trainer import lr_factor
+    from ttfm_distill.schedules import lr_factor
 
     assert RunConfig().lr_final_fraction is None and RunConfig().validate().lr_final_fraction is None
     assert RunConfig().resolve_automatic("flow").lr_final_fraction == 0.25

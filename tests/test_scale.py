@@ -16,7 +16,9 @@ from ttfm_distill.objectives import OBJECTIVES, TrainBatch, make_objective
 from ttfm_distill.objectives.itvm import ItvmObjective
 from ttfm_distill.objectives.timesampling import sample_time_pairs
 from ttfm_distill.teachers.loading import load_teacher
-from ttfm_distill.trainer import backward_micro_batches, build_student, run_distillation
+from ttfm_distill.step import backward_micro_batches
+from ttfm_distill.factory import build_student
+from ttfm_distill.trainer import run_distillation
 
 CPU_ONLY = not torch.cuda.is_available()
 

@@ -96,7 +96,7 @@ def test_euler_on_the_timesteps_grid_is_diffusers_ddim():
 # ---------------------------------------------------------- student output --
 def test_velocity_output_equals_the_teacher_at_init_for_every_pair(ddpm_teacher_dir):
     from ttfm_distill.teachers.loading import load_teacher
-    from ttfm_distill.trainer import build_student
+    from ttfm_distill.factory import build_student
 
     teacher = load_teacher(str(ddpm_teacher_dir))
     assert teacher.io.prediction_type == "epsilon" and teacher.io.clip_sample == 1.0
@@ -113,7 +113,7 @@ def test_velocity_output_equals_the_teacher_at_init_for_every_pair(ddpm_teacher_
 def test_velocity_output_caps_the_conversion_gradient_and_adds_a_gain_one_head(ddpm_teacher_dir):
     from ttfm_distill.student import VELOCITY_GAIN_CAP
     from ttfm_distill.teachers.loading import load_teacher
-    from ttfm_distill.trainer import build_student
+    from ttfm_distill.factory import build_student
 
     teacher = load_teacher(str(ddpm_teacher_dir))
     grads = {}
@@ -143,7 +143,7 @@ def test_velocity_student_round_trip_and_missing_head_is_one_line(ddpm_teacher_d
     )
     from ttfm_distill.objectives import make_objective
     from ttfm_distill.teachers.loading import load_teacher
-    from ttfm_distill.trainer import build_student
+    from ttfm_distill.factory import build_student
 
     teacher = load_teacher(str(ddpm_teacher_dir))
     cfg = RunConfig(teacher=str(ddpm_teacher_dir), student_output="velocity", time_grid="timesteps")
@@ -181,7 +181,7 @@ def test_velocity_student_round_trip_and_missing_head_is_one_line(ddpm_teacher_d
 def test_native_default_and_old_configs_read_as_native(ddpm_teacher_dir):
     from ttfm_distill.student import StudentConfig, resolve_student_output
     from ttfm_distill.teachers.loading import load_teacher
-    from ttfm_distill.trainer import build_student
+    from ttfm_distill.factory import build_student
 
     teacher = load_teacher(str(ddpm_teacher_dir))
     assert resolve_student_output("native", teacher.io) == "native"
@@ -278,7 +278,7 @@ def test_the_velocity_head_reads_features_whose_scale_follows_the_time(script_la
     from noise from one near the data, and its one correction broke the 2- and 4-step students. The head reads
     the output norm's input, whose per-channel scale changes with the time."""
     from ttfm_distill.teachers.loading import load_teacher
-    from ttfm_distill.trainer import build_student
+    from ttfm_distill.factory import build_student
 
     teacher = load_teacher(str(script_layout_ddpm_dir))
     student = build_student(teacher, RunConfig(teacher=str(script_layout_ddpm_dir), student_output="velocity"))
@@ -304,7 +304,7 @@ def test_the_velocity_head_reads_features_whose_scale_follows_the_time(script_la
 def test_a_velocity_student_written_before_keeps_its_head_input(script_layout_ddpm_dir, tmp_path):
     from ttfm_distill.student import TwoTimeFlowMap
     from ttfm_distill.teachers.loading import load_teacher
-    from ttfm_distill.trainer import build_student
+    from ttfm_distill.factory import build_student
 
     teacher = load_teacher(str(script_layout_ddpm_dir))
     student = build_student(teacher, RunConfig(teacher=str(script_layout_ddpm_dir), student_output="velocity"))

@@ -8,7 +8,7 @@ from ttfm_distill.export import StudentLoadError, export_student, load_student
 from ttfm_distill.student import StudentConfig
 from ttfm_distill.objectives.base import flow_map
 from ttfm_distill.teachers.loading import load_teacher
-from ttfm_distill.trainer import build_student
+from ttfm_distill.factory import build_student
 
 
 def pairs(n=6, seed=0):

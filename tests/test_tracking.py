@@ -23,7 +23,7 @@ def log_rows(out, kind):
 
 
 def test_a_killed_and_resumed_run_logs_each_step_once(tiny_teacher_dir, tmp_path):
-    from ttfm_distill.trainer import list_checkpoints
+    from ttfm_distill.checkpoints import list_checkpoints
 
     out = tmp_path / "run"
     args = ["run", "--teacher", tiny_teacher_dir, "--output", out, "--set", "checkpoint_every=4", "--set",

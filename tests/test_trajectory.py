@@ -221,6 +221,9 @@ def test_batches_carry_rows_of_the_stored_solves(tiny_teacher_dir, tmp_path):
     assert not torch.equal(run.make_batch(1).trajectory.x_s, rows.x_s)  # a new draw each step
     # on the 1- and 2-step samplers' jumps only: (0, 1), (0, 1/2), (1/2, 1)
     run.cfg.trajectory_time_sampling, run.cfg.trajectory_dyadic_levels = "dyadic", 1
+    from ttfm_distill.batch import BatchPath
+
+    run.batches = BatchPath.from_run(run.cfg, run.teacher, run.data)  # the path is fixed when the data is ready
     pairs = set()
     for step in range(30):
         b = run.make_batch(step).trajectory

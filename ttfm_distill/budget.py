@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 
 from .errors import ConfigError
 
@@ -48,3 +49,50 @@ def fit_steps(budget: float, elapsed: float, done: int, seconds_per_step: float,
         return int(cap)
     more = math.floor(max(0.0, budget - elapsed) / seconds_per_step)
     return int(min(cap, max(done + 1, done + more)))
+
+
+class BudgetClock:
+    """Times the steps before the fit point; ``tick(done)`` is true once, when ``done`` reaches it."""
+
+    @classmethod
+    def for_run(cls, cfg, t_start: float, start_step: int, log) -> "BudgetClock | None":
+        """The clock of ``cfg.time_budget``'s fit, or ``None``: no budget, a count fitted already, or a resume past
+        the fit point (a changed max_steps: that count is trained)."""
+        if cfg.time_budget is None or cfg.fitted_steps is not None:
+            return None
+        fit_at = fit_point(cfg.warmup_steps)
+        if start_step >= fit_at:
+            log(f"time budget: the run is past its warm-up with no fitted step count; training to max_steps "
+                f"{cfg.max_steps}")
+            return None
+        return cls(t_start, start_step, fit_at)
+
+    def __init__(self, t_start: float, start_step: int, fit_at: int):
+        self.t_start, self.fit_at = t_start, fit_at
+        self.mark_at = min(start_step + UNTIMED_STEPS, fit_at - 1)
+        self.mark_step, self.mark_time = start_step, t_start
+        #: seconds a step between the mark and the fit point, once ``tick`` has reached it
+        self.pace = 0.0
+
+    def tick(self, done: int) -> bool:
+        now = time.time()
+        if done == self.mark_at:
+            self.mark_step, self.mark_time = done, now
+        if done != self.fit_at:
+            return False
+        self.pace = (now - self.mark_time) / max(1, done - self.mark_step)
+        return True
+
+    def fitted(self, cfg, accelerator) -> tuple[int, str]:
+        """``(step count, the line that says so)`` from the pace so far; rank 0's count on every rank."""
+        elapsed = time.time() - self.t_start
+        count = fit_steps(cfg.time_budget, elapsed, self.fit_at, self.pace, cfg.max_steps)
+        if accelerator.num_processes > 1:
+            import torch
+            from accelerate.utils import broadcast
+
+            count = int(broadcast(torch.tensor([count], device=accelerator.device), from_process=0).item())
+        cap = "" if count < cfg.max_steps else " (max_steps)"
+        return count, (f"time budget {cfg.time_budget:g} s: {self.pace:.3f} s a step over the first {self.fit_at} "
+                       f"steps -> {count} steps{cap}, about {elapsed + (count - self.fit_at) * self.pace:.0f} s of "
+                       "training")

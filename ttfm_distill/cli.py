@@ -26,12 +26,6 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _raise_terminated(signum, frame):
-    from .errors import Terminated
-
-    raise Terminated
-
-
 def _guard(fn):
     """Run a command body: the tool's own errors become one line and a non-zero exit, never a traceback.
 
@@ -39,26 +33,22 @@ def _guard(fn):
     ``TTFMError`` (or an OS error such as a full disk) is a bug: one line says so
     and where the traceback is (``TTFM_DEBUG=1``), and the exit code is 1.
     """
-    import signal
-
     from .errors import TTFMError
+    from .signals import SigtermAsInterrupt, interrupt_signal
 
     try:
-        old = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread
-        old = None
-    try:
-        return fn()
+        with SigtermAsInterrupt():
+            return fn()
     except typer.Exit:
         raise
     except KeyboardInterrupt as e:
-        signum = int(getattr(e, "signum", 2))
+        signum = interrupt_signal(e)
         _fail("interrupted" + (" (SIGTERM)" if signum == 15 else ""), 128 + signum)
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into messages
         if os.environ.get("TTFM_DEBUG"):
             raise
         if isinstance(e, TTFMError):
-            _fail(_one_line(str(e)) or type(e).__name__, int(getattr(e, "exit_code", 2)))
+            _fail(_one_line(str(e)) or type(e).__name__, int(e.exit_code))
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             _fail(f"disk full while writing {e.filename or 'the output'}; free some space or choose another "
                   "--output (files written before are intact)", 1)
@@ -68,9 +58,6 @@ def _guard(fn):
             _fail("out of memory; lower --batch-size (or --num) and try again", 1)
         _fail(_one_line(f"internal error, a bug in ttfm-distill: {type(e).__name__}: {str(e)}", 150)
               + " (TTFM_DEBUG=1 shows the traceback)", 1)
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
 
 
 def _one_line(text: str, limit: int = 190) -> str:

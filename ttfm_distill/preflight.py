@@ -248,3 +248,13 @@ def _size(nbytes: float) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1024
     return f"{nbytes:.1f} EB"
+
+
+def check_parallelism(cfg: RunConfig, sharded: bool) -> None:
+    """What FSDP does not carry yet: a LoRA student, the distribution-matching term's fake network."""
+    if cfg.lora_rank > 0 and sharded:
+        raise ConfigError("LoRA students under FSDP are not supported yet; use data parallel (the base is frozen, "
+                          "so each GPU holds one copy of it plus the adapters)")
+    if cfg.dm_weight > 0 and sharded:
+        raise ConfigError("dm_weight under FSDP is not supported yet: the fake network is not sharded; use data "
+                          "parallel or set dm_weight=0")

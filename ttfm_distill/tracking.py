@@ -532,3 +532,14 @@ def draw_curves(folder: Path) -> Path | None:
     path = folder / CURVES_NAME
     save_training_curves(rows, path, title=title)
     return path
+
+
+def training_progress(console, enabled: bool):
+    """The training bar (rich): steps, loss, elapsed and left; off when ``enabled`` is false."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4g}"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+        console=console, disable=not enabled, transient=False,
+    )

@@ -8,93 +8,27 @@ output folder resumes from the latest checkpoint.
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .batch import BatchPath, step_generator
+from .budget import BudgetClock
 from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
-from .config import EMA_OFFSET_OTHER, RunConfig
-from .convention import interpolate
+from .config import RunConfig
 from .data import build_data
-from .errors import ConfigError, Interrupted, NonFiniteLoss, RunError, Terminated  # noqa: F401 - re-exported
+from .errors import ConfigError, Interrupted, NonFiniteLoss, RunError
+from .factory import build_student, student_for_run
 from .fileio import write_json
+from .finish import distributed_report, finish_run
 from .objectives import TrainBatch
-from .preflight import check_objective_fits, trajectory_rows  # noqa: F401 - re-exported
-from .tracking import RunTracking, accelerator_trackers
-from .objectives.timesampling import sample_time_pairs
+from .schedules import ema_decay_at, ema_update, lr_factor
+from .signals import SigtermAsInterrupt, interrupt_signal
+from .step import backward_micro_batches
 from .teachers.analytic import AnalyticTeacher
-
-
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """The generator for every draw of (seed, rank, step)."""
-    key = (int(seed) * 1_000_003 + int(rank)) * 1_000_000_007 + int(step)
-    return torch.Generator().manual_seed(key % (2**63 - 1))
-
-
-def cond_to(cond: dict | None, device) -> dict | None:
-    if not cond:
-        return None
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in cond.items()}
-
-
-# -------------------------------------------------------------- models ------
-def build_student(teacher, cfg: RunConfig):
-    """The student initialised from the teacher (diffusers) or fresh (analytic), seeded by ``cfg.seed``."""
-    torch.manual_seed(cfg.seed)
-    if teacher.has_network:
-        from .student import TwoTimeFlowMap
-
-        from .scale import trainable_copy
-
-        network = trainable_copy(teacher.network).train().requires_grad_(True)
-        guidance = None
-        if cfg.guidance_range is not None:
-            guidance = {"range": [float(v) for v in cfg.guidance_range], "default": cfg.default_guidance()}
-        from .student import resolve_student_output
-
-        return TwoTimeFlowMap(network, second_time_input=cfg.second_time_input, adapter=teacher.adapter, io=teacher.io,
-                              null_text=teacher.null_text, guidance=guidance,
-                              student_output=resolve_student_output(cfg.student_output, teacher.io, network))
-    if cfg.student_output not in ("auto", "native"):
-        raise ConfigError(f"student_output={cfg.student_output} is for diffusers teachers; {teacher.name} trains an "
-                          "MLP student: use student_output=native")
-    from .mlp import MlpFlowMap
-
-    return MlpFlowMap(dim=teacher.data_shape[0], width=cfg.mlp_width, depth=cfg.mlp_depth)
-
-
-def lr_factor(k: int, cfg: RunConfig) -> float:
-    """The learning-rate multiplier at step ``k``: linear warm-up, then constant or a cosine to the final fraction."""
-    import math
-
-    warm = max(1, cfg.warmup_steps)
-    factor = min(1.0, (k + 1) / warm)
-    if cfg.lr_schedule_name() == "cosine" and k + 1 > warm:
-        progress = min(1.0, (k + 1 - warm) / max(1, cfg.total_steps() - warm))
-        low = cfg.lr_final_value()
-        factor = low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
-
-
-def ema_decay_at(step: int, decay: float, warmup: bool, offset: float = EMA_OFFSET_OTHER) -> float:
-    """The EMA decay used after step ``step`` (0-based): ``decay``, or with warm-up
-    ``min(decay, (1 + k) / (offset + k))``."""
-    return min(decay, (1.0 + step) / (offset + step)) if warmup else decay
-
-
-@torch.no_grad()
-def ema_update(ema, model, decay: float) -> None:
-    ema.follow(model, decay)  # (a LoRA student's EMA covers its trained tensors only)
-
-
-def _unsharded(p: torch.Tensor) -> torch.Tensor:
-    """The full tensor of an FSDP-sharded parameter (a collective), else ``p``."""
-    return p.full_tensor() if hasattr(p, "full_tensor") else p
-
+from .tracking import RunTracking, accelerator_trackers, training_progress
 
 # ---------------------------------------------------------------- run -------
 @dataclass
@@ -105,29 +39,6 @@ class RunResult:
     metrics: dict
     resumed_from: int
     is_main: bool = True
-
-
-class _SigtermAsInterrupt:
-    def __enter__(self):
-        self.old = None
-        try:
-            self.old = signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not the main thread
-            pass
-        return self
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise Terminated
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGTERM, self.old)
-
-
-def interrupt_signal(exc: BaseException) -> int:
-    """The signal number behind a ``KeyboardInterrupt`` (SIGINT unless it is a :class:`Terminated`)."""
-    return int(getattr(exc, "signum", signal.SIGINT))
 
 
 def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True, console=None) -> RunResult:
@@ -187,7 +98,7 @@ class Distillation:
     # -- steps -----------------------------------------------------------------
     def setup_accelerator(self) -> None:
         from . import scale
-        from .preflight import resolve_precision
+        from .preflight import check_parallelism, resolve_precision
 
         cfg = self.cfg  # validated by preflight
         resolve_precision(cfg, self.folder.saved)  # "auto": from the teacher's configs and this machine
@@ -195,12 +106,7 @@ class Distillation:
         scale.check_mixed_precision(cfg.mixed_precision, "cpu" if on_cpu else "cuda")
         self.accelerator = scale.make_accelerator(cfg.mixed_precision, cfg.compile, cpu=on_cpu,
                                                   **accelerator_trackers(cfg, self.out))
-        if cfg.lora_rank > 0 and scale.is_sharded(self.accelerator):
-            raise ConfigError("LoRA students under FSDP are not supported yet; use data parallel (the base is frozen, "
-                              "so each GPU holds one copy of it plus the adapters)")
-        if cfg.dm_weight > 0 and scale.is_sharded(self.accelerator):
-            raise ConfigError("dm_weight under FSDP is not supported yet: the fake network is not sharded; use data "
-                              "parallel or set dm_weight=0")
+        check_parallelism(cfg, scale.is_sharded(self.accelerator))
         self.main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.log = (lambda msg: self.console.print(msg)) if self.main else (lambda msg: None)
@@ -253,10 +159,11 @@ class Distillation:
             self.accelerator.wait_for_everyone()
             if data is None:
                 data = build_data(teacher, cfg, out, device, self.log)
-        if cfg.trajectory_share() > 0 and getattr(data, "trajectories", None) is None:
+        if cfg.trajectory_share() > 0 and data.trajectories is None:
             raise ConfigError("trajectory_fraction needs a data-free pool of teacher solves; this teacher's data is "
                               "exact (analytic) or real, so set trajectory_fraction=0")
         self.data = data
+        self.batches = BatchPath.from_run(cfg, teacher, data, device)
 
     def write_config(self) -> None:
         """The resolved config, written once the data is ready: a refused run leaves none behind."""
@@ -268,12 +175,8 @@ class Distillation:
         from . import scale
 
         cfg = self.cfg
-        if cfg.lora_rank > 0:  # adapters on the teacher's own network; the teacher becomes its base-weights view
-            from .lora import build_lora_student
-
-            student, self.teacher = build_lora_student(self.teacher, cfg)
-        else:
-            student = build_student(self.teacher, cfg)
+        # a LoRA student's adapters sit on the teacher's own network; the teacher becomes its base-weights view
+        student, self.teacher = student_for_run(self.teacher, cfg)
         if cfg.init_from:
             from .warmstart import init_student_from
 
@@ -366,36 +269,10 @@ class Distillation:
 
     def make_batch(self, step: int) -> TrainBatch:
         """The batch of ``step`` on this rank: every draw from the generator of (seed, rank, step)."""
-        cfg = self.cfg
-        g = step_generator(cfg.seed, self.accelerator.process_index, step)
-        m = trajectory_rows(cfg)
-        n = cfg.batch_size - m
-        x1, cond = self.data.sample(n, g)  # a data.sources.DataSource
-        x0 = self.teacher.sample_noise(n, generator=g)
-        s, t = sample_time_pairs(n, cfg.time_sampling, cfg.diagonal_fraction, cfg.dyadic_levels, generator=g)
-        if cfg.guidance_range is not None:  # one guidance scale per sample, seen by teacher and student
-            lo, hi = cfg.guidance_range
-            cond = {**(cond or {}), "cfg_scale": lo + (hi - lo) * torch.rand(n, generator=g)}
+        batch, x1 = self.batches.draw(self.cfg.batch_size, step_generator(self.cfg.seed, self.accelerator.process_index, step))
         if step == self.start_step:
             self.first_batch = x1.double().sum().item()
-        return TrainBatch(interpolate(x0, x1, s).to(self.device), s.to(self.device), t.to(self.device),
-                          cond_to(cond, self.device), g, self.trajectory_batch(m, g) if m else None)
-
-    def trajectory_batch(self, m: int, g: torch.Generator):
-        """``m`` rows on the pool's stored solves: grid pairs drawn like the objective's pairs (no diagonal)."""
-        from .objectives.timesampling import grid_pairs
-        from .objectives.trajectory import TrajectoryRows
-
-        cfg = self.cfg
-        rows = torch.randint(0, self.data.trajectories.shape[0], (m,), generator=g)
-        mode, levels = cfg.trajectory_pairs()
-        su, tu = sample_time_pairs(m, mode, 0.0, levels, generator=g)
-        i, j = grid_pairs(su, tu, self.data.trajectories.shape[1] - 1)
-        x_s, x_t, s, t, cond = self.data.trajectory_rows(rows, i, j)
-        if cfg.guidance_range is not None:  # the pool was solved at the default scale: so are its targets
-            cond = {**(cond or {}), "cfg_scale": torch.full((m,), cfg.default_guidance())}
-        d = self.device
-        return TrajectoryRows(x_s.to(d), x_t.to(d), s.to(d), t.to(d), cond_to(cond, d))
+        return batch
 
     def train_step(self, step: int) -> float | None:
         """One optimiser step; returns the loss, or ``None`` for a non-finite step skipped by ``nan_policy``."""
@@ -434,13 +311,13 @@ class Distillation:
         cfg = self.cfg
         self.skipped, self.first_batch = 0, 0.0
         t_start = time.time()
-        progress = _progress(self.console, self.show_progress and self.main)
+        progress = training_progress(self.console, self.show_progress and self.main)
         task = progress.add_task("distilling", total=cfg.total_steps(), completed=self.start_step, loss=float("nan"))
-        clock = self.budget_clock(t_start)
+        clock = BudgetClock.for_run(self.cfg, t_start, self.start_step, self.log)
         step = self.start_step
         self.tracking = RunTracking(self)  # train_log.jsonl, trackers, validation (tracking.py)
         try:
-            with progress, _SigtermAsInterrupt():
+            with progress, SigtermAsInterrupt():
                 self.tracking.start()
                 while step < cfg.total_steps():
                     lv = self.train_step(step)
@@ -462,45 +339,20 @@ class Distillation:
                               "re-run the same command to resume", interrupt_signal(e)) from None
         self.seconds = time.time() - t_start
 
-    def budget_clock(self, t_start: float):
-        """The clock of ``time_budget``'s fit, or ``None``: no budget, a count fitted already, or a resume past the
-        fit point (a changed max_steps: that count is trained)."""
-        from .budget import fit_point
-
-        cfg = self.cfg
-        if cfg.time_budget is None or cfg.fitted_steps is not None:
-            return None
-        fit_at = fit_point(cfg.warmup_steps)
-        if self.start_step >= fit_at:
-            self.log(f"time budget: the run is past its warm-up with no fitted step count; training to max_steps "
-                     f"{cfg.max_steps}")
-            return None
-        return _BudgetClock(t_start, self.start_step, fit_at)
-
-    def fit_time_budget(self, clock: "_BudgetClock") -> None:
+    def fit_time_budget(self, clock: BudgetClock) -> None:
         """Fix the step count from the pace so far (rank 0's on every rank) and record it in config.json."""
-        from .budget import fit_steps
-
         cfg = self.cfg
-        elapsed, pace = time.time() - clock.t_start, clock.pace
-        fitted = fit_steps(cfg.time_budget, elapsed, clock.fit_at, pace, cfg.max_steps)
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast
-
-            fitted = int(broadcast(torch.tensor([fitted], device=self.device), from_process=0).item())
-        cfg.fitted_steps = fitted
+        cfg.fitted_steps, message = clock.fitted(cfg, self.accelerator)
         if self.main:
             write_json(self.out / "config.json", cfg.to_dict())
-        cap = "" if fitted < cfg.max_steps else " (max_steps)"
-        self.log(f"time budget {cfg.time_budget:g} s: {pace:.3f} s a step over the first {clock.fit_at} steps -> "
-                 f"{fitted} steps{cap}, about {elapsed + (fitted - clock.fit_at) * pace:.0f} s of training")
+        self.log(message)
 
     def finish(self) -> RunResult:
         """Last checkpoint, export and report; a kill here is finished by re-running the same command."""
         from . import scale
 
         cfg = self.cfg
-        distributed = _distributed_report(self.accelerator, self.student, self.first_batch)
+        distributed = distributed_report(self.accelerator, self.student, self.first_batch)
         metrics = {}
         if cfg.total_steps() > self.last_saved:
             self.checkpoint(cfg.total_steps())
@@ -514,134 +366,9 @@ class Distillation:
         if self.main:
             metrics = finish_run(cfg, self.out, final.eval(), self.teacher, self.objective, self.seconds,
                                  self.history, self.device, self.log, self.skipped, distributed,
-                                 data_report=getattr(self.data, "report", None),
+                                 data_report=self.data.report,
                                  reference=self.tracking.report_reference())
         self.accelerator.wait_for_everyone()
         return RunResult(self.out, cfg.total_steps(), self.seconds, metrics, self.start_step, self.main)
 
 
-class _BudgetClock:
-    """Times the steps before the fit point; ``tick(done)`` is true once, when ``done`` reaches it."""
-
-    def __init__(self, t_start: float, start_step: int, fit_at: int):
-        from .budget import UNTIMED_STEPS
-
-        self.t_start, self.fit_at = t_start, fit_at
-        self.mark_at = min(start_step + UNTIMED_STEPS, fit_at - 1)
-        self.mark_step, self.mark_time = start_step, t_start
-        #: seconds a step between the mark and the fit point, once ``tick`` has reached it
-        self.pace = 0.0
-
-    def tick(self, done: int) -> bool:
-        now = time.time()
-        if done == self.mark_at:
-            self.mark_step, self.mark_time = done, now
-        if done != self.fit_at:
-            return False
-        self.pace = (now - self.mark_time) / max(1, done - self.mark_step)
-        return True
-
-
-def backward_micro_batches(accelerator, model, objective, teacher, batch: TrainBatch, ema, n_micro: int):
-    """Forward and backward over ``n_micro`` equal slices of ``batch`` (gradient accumulation).
-
-    Each slice's loss is divided by ``n_micro``, so the summed gradients are those of the
-    whole batch's mean loss (exactly, up to rounding, for objectives whose loss is a
-    per-sample mean).  Gradients are all-reduced on the last slice only.  Returns
-    ``(loss, metrics, finite)`` averaged over the slices; at the first non-finite slice loss
-    (checked on every rank together) it stops before that slice's backward.
-    """
-    slices = batch.split(n_micro)
-    losses, metrics = [], []
-    for i, micro in enumerate(slices):
-        sync = contextlib.nullcontext() if i == len(slices) - 1 else accelerator.no_sync(model)
-        with sync:
-            with accelerator.autocast():
-                result = objective(model, teacher, micro, ema)
-            if not _all_finite(result.loss, accelerator):
-                return result.loss, result.metrics, False
-            accelerator.backward(result.loss if len(slices) == 1 else result.loss / len(slices))
-        losses.append(result.loss.detach())
-        metrics.append(result.metrics)
-    if len(slices) == 1:
-        return losses[0], metrics[0], True
-    mean = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
-    return torch.stack(losses).mean(), mean, True
-
-
-def _all_finite(loss: torch.Tensor, accelerator) -> bool:
-    """Whether the loss is finite on every process (all ranks take the same branch)."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, "sum")
-    return bad.item() == 0
-
-
-def _distributed_report(accelerator, student, first_batch: float) -> dict | None:
-    """Per-rank parameter checksums (equal if data parallel works) and first-batch checksums (different)."""
-    if accelerator.num_processes == 1:
-        return None
-    with torch.no_grad():
-        params = sum(_unsharded(p).double().sum() for p in student.parameters())
-        row = torch.stack([params, torch.tensor(first_batch, dtype=torch.float64)]).to(accelerator.device)[None]
-    rows = accelerator.gather(row).cpu()
-    return {"processes": accelerator.num_processes,
-            "param_checksums": rows[:, 0].tolist(), "first_batch_checksums": rows[:, 1].tolist(),
-            "ranks_in_sync": bool(torch.allclose(rows[:, 0], rows[0, 0].expand(len(rows)), rtol=0, atol=0))}
-
-
-def finish_run(cfg, out, student, teacher, objective, seconds, history, device, log, skipped=0,
-               distributed: dict | None = None, data_report: dict | None = None, reference=None) -> dict:
-    """Export the student, measure it against the teacher, draw ``samples.png``; ``reference``: the teacher's fine
-    solve of the report's noises, if the run's validation kept it (tracking.RunTracking.report_reference)."""
-    from .export import export_run
-    from .report import run_report
-    from .pipeline_card import write_model_card
-    from .plots import save_comparison
-
-    export_run(student, out / "student", cfg, teacher, objective, standalone=cfg.standalone)
-    log(f"exported student -> {out / 'student'}")
-    from .report import REPORT_SEED_OFFSET, report_samples
-    from .sampling import resolve_time_grid
-
-    n = report_samples(cfg, teacher.kind)
-    grid = resolve_time_grid(cfg.time_grid, teacher.io)
-    metrics, rows, errors = run_report(student, teacher, n, cfg.seed + REPORT_SEED_OFFSET, cfg.reference_steps,
-                                       device, grid, reference)
-    metrics["training"] = {"steps": cfg.total_steps(), "seconds": round(seconds, 1), "skipped_steps": skipped,
-                           "final_loss": history[-1]["loss"] if history else None}
-    if cfg.time_budget is not None:
-        metrics["training"]["time_budget"] = {"seconds": cfg.time_budget, "max_steps": cfg.max_steps,
-                                              "fitted_steps": cfg.fitted_steps}
-    if distributed is not None:
-        metrics["distributed"] = distributed
-    if data_report:
-        metrics["data"] = data_report
-    metrics["settings"] = {"eval_samples": n, "reference": f"rk4 {cfg.reference_steps} steps", "seed": cfg.seed + 1,
-                           "time_grid": grid, "student_output": student.student_output}
-    from .evaluate import quality_warnings  # one plain line each: worse than the teacher, samples out of range
-
-    metrics["warnings"] = quality_warnings(metrics)
-    write_json(out / "metrics.json", metrics)
-    if teacher.is_latent:  # the grid shows images: decode the latents with the teacher's VAE
-        rows = {k: torch.cat([teacher.decode(c.to(device)).cpu() for c in v.split(64)]) for k, v in rows.items()}
-    save_comparison(rows, out / "samples.png", kind=teacher.kind, errors=errors,
-                    title=f"{teacher.name}: student ({cfg.loss}, {cfg.total_steps()} steps) vs teacher, same noise")
-    write_model_card(out / "student", metrics, cfg.to_dict(), out / "samples.png",  # the export's README.md
-                     curves=out / "training-curves.png")
-    fme = metrics["flow_map_error"]
-    for k in fme["student"]:  # one short line each: a narrow or non-terminal console must not cut them
-        log(f"flow-map error, {k} step: student {fme['student'][k]:.4f}, teacher Euler {fme['teacher_euler'][k]:.4f}")
-    for line in metrics["warnings"]:
-        log(f"[yellow]warning:[/] {line}")
-    return metrics
-
-
-def _progress(console, enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4g}"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-        console=console, disable=not enabled, transient=False,
-    )

@@ -31,6 +31,8 @@ IMAGE_COLUMNS = ("image", "img", "images", "pixels", "pixel_values", "png", "jpg
 class ExactData:
     """An analytic teacher's exact data distribution."""
 
+    trajectories = None
+
     def __init__(self, teacher):
         self.teacher = teacher
         self.report = {"source": "teacher (exact distribution)"}

@@ -28,6 +28,8 @@ class DataSource(Protocol):
     """
 
     report: dict
+    #: the pool's stored teacher solves ``(N, K + 1, *shape)`` (a data-free pool that keeps them), else ``None``
+    trajectories: torch.Tensor | None
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, dict | None]: ...
 
@@ -54,6 +56,9 @@ class TensorSource:
     per-row tensors ``(N, ...)`` (e.g. ``class_labels``) or None.
     ``prompts``: a :class:`PromptRows` or None.
     """
+
+    #: no stored solves (a data-free pool that keeps them sets its own)
+    trajectories: torch.Tensor | None = None
 
     def __init__(self, base: torch.Tensor, shape, crop: str = "center", cond: dict | None = None, prompts=None,
                  report=None):
@@ -85,6 +90,8 @@ class StreamingSource:
     ``rows``: a callable ``epoch -> iterator of (uint8 (C, Hb, Wb), label or None, prompt or None)``.
     ``finish``: ``(uint8 batch, labels, prompts, generator) -> (x1, cond or None)`` (encodes latents, prompts).
     """
+
+    trajectories = None
 
     def __init__(self, rows, finish, prefetch: int = 1024, report=None, name: str = "data"):
         self.rows, self.finish, self.name = rows, finish, name
