@@ -149,3 +149,51 @@ def test_sigkill_during_checkpoint_writes_keeps_readable_checkpoints(tmp_path, t
         assert ckpt.name == f"step-{step:08d}"
         assert bool((load_file(ckpt / "student.safetensors")["w"] == float(step)).all())
         torch.load(ckpt / "optimizer.pt", weights_only=True)
+
+
+def test_a_disk_that_fills_mid_run_with_the_dm_state_resumes_to_the_same_student(tiny_teacher_dir, tmp_path):
+    """The distribution-matching term's fake network and its optimiser make each checkpoint larger: a disk that
+    fills while one is written stops the run with one line (exit 1) and no temporaries, the checkpoint before
+    stays whole, and once there is room the same command resumes from it, the training log has each step once,
+    and the student is the one an uninterrupted run makes."""
+    from safetensors.torch import load_file
+
+    from ttfm_distill.tracking import read_log
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        def run(out):
+            return subprocess.run(
+                [sys.executable, "-m", "ttfm_distill", "run", "--teacher", str(tiny_teacher_dir), "--output", str(out),
+                 "--max-steps", "4", "--batch-size", "4", "--set", "pool_size=8", "--set", "pool_steps=2",
+                 "--set", "checkpoint_every=2", "--set", "dm_weight=0.3", "--set", "eval_samples=4",
+                 "--set", "reference_steps=2", "--set", "mixed_precision=no", "--quiet"],
+                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+        out = mnt / "run"
+        first = run(out)  # a checkpoint is ~1.4 MB here: the second does not fit in 2 MB
+        errors = [line for line in first.stderr.strip().splitlines() if line.startswith("error:")]
+        assert first.returncode == 1 and len(errors) == 1 and "disk full" in errors[0], first.stderr
+        assert "Traceback" not in first.stderr and not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+        kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+        assert kept == ["step-00000002"]
+        assert (out / "checkpoints" / "step-00000002" / "fake.safetensors").exists()
+        subprocess.run(["mount", "-o", "remount,size=32m", str(mnt)], check=True)
+        second = run(out)
+        assert second.returncode == 0, second.stderr
+        assert "resuming from" in second.stderr and "step 2" in second.stderr
+        steps = [r["step"] for r in read_log(out / "train_log.jsonl") if r["kind"] == "train"]
+        assert steps == sorted(set(steps)) and steps[-1] == 4
+        whole = run(tmp_path / "whole")
+        assert whole.returncode == 0, whole.stderr
+        a = load_file(out / "checkpoints" / "step-00000004" / "student.safetensors")
+        b = load_file(tmp_path / "whole" / "checkpoints" / "step-00000004" / "student.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        fa = load_file(out / "checkpoints" / "step-00000004" / "fake.safetensors")
+        fb = load_file(tmp_path / "whole" / "checkpoints" / "step-00000004" / "fake.safetensors")
+        assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

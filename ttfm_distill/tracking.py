@@ -248,7 +248,7 @@ class RunTracking:
             values = self.accelerator.reduce(t, "mean").tolist()
         if not self.main:
             return
-        from .trainer import lr_factor
+        from .schedules import lr_factor
 
         now = time.time()
         busy = now - self.t_row - self.validation_since_row
