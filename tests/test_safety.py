@@ -64,8 +64,10 @@ def test_overwrite_refuses_a_folder_holding_anything_a_run_did_not_write(tmp_pat
 def test_overwrite_of_a_run_folder_deletes_only_the_run_and_starts_over(tmp_path, tiny_teacher_dir):
     out = tmp_path / "run"
     args = ["run", "--teacher", tiny_teacher_dir, "--output", out, "--set", "checkpoint_every=2", *TINY]
-    assert cli(*args, "--max-steps", 4).returncode == 0
-    assert (out / "checkpoints" / "step-00000004").is_dir()
+    # this round's state too: the fake network in the checkpoints, validation rows and images, the curves
+    assert cli(*args, "--max-steps", 4, "--set", "dm_weight=0.3", "--validate-every", 2).returncode == 0
+    assert (out / "checkpoints" / "step-00000004" / "fake.safetensors").exists()
+    assert (out / "validation").is_dir() and (out / "train_log.jsonl").exists()
     (out / "mine.txt").write_text("keep me")
     one_line_error(cli(*args, "--max-steps", 2, "--overwrite"), 2, "mine.txt")
     assert (out / "checkpoints" / "step-00000004").is_dir() and (out / "mine.txt").exists()
@@ -75,6 +77,8 @@ def test_overwrite_of_a_run_folder_deletes_only_the_run_and_starts_over(tmp_path
     assert "resuming" not in r.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
     assert json.loads((out / "config.json").read_text())["max_steps"] == 2
+    assert not (out / "checkpoints" / "step-00000002" / "fake.safetensors").exists()  # dm_weight 0 now
+    assert not (out / "validation").exists() or not any("00000004" in p.name for p in (out / "validation").iterdir())
 
 
 # ---------------------------------------------------------------- one run per folder -----------------------------
@@ -247,6 +251,18 @@ def test_a_replaced_teacher_never_resumes_and_never_reuses_the_pool(tmp_path, ti
     (["--set", "allow_pickle=1"], ["allow_pickle", "true or false"]),
     (["--loss", "nope"], ["unknown loss", "itvm"]),
     (["-L", "tau=0.1", "--loss", "lsd"], ["tau", "lsd"]),
+    # the distribution-matching term's settings, its warm start, and the run's watching (this round's state)
+    (["--set", "dm_weight=-1"], ["dm_weight", ">= 0"]),
+    (["--set", "dm_weight=nan"], ["dm_weight", "finite"]),
+    (["--set", "dm_fake_lr=-1"], ["dm_fake_lr", "> 0"]),
+    (["--set", "dm_fake_updates=0"], ["dm_fake_updates", ">= 1"]),
+    (["--set", "dm_fake_time=sideways"], ["dm_fake_time", "sideways", "logit_normal"]),
+    (["--set", "dm_time_min=0.99"], ["dm_time_min", "dm_time_max", "0.99"]),
+    (["--set", "dm_rollout_steps=[0]"], ["dm_rollout_steps", "[0]"]),
+    (["--set", "dm_weight=0.3", "--set", "lora_rank=4"], ["dm_weight", "LoRA", "lora_rank=0"]),
+    (["--set", "init_from=/nonexistent/run"], ["init_from", "/nonexistent/run", "does not exist"]),
+    (["--validate-every", "-1"], ["validate_every", "-1"]),
+    (["--report-to", "nope"], ["report_to", "nope", "tensorboard"]),
 ])
 def test_every_bad_setting_is_named(args, needles, tmp_path):
     line = one_line_error(cli("run", "--dry-run", *args, cwd=tmp_path), 2, *needles)
