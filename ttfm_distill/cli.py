@@ -96,13 +96,13 @@ def run(
     lr: Optional[float] = typer.Option(None, "--lr"),
     ema_decay: Optional[float] = typer.Option(None, "--ema-decay"),
     data: Optional[str] = typer.Option(None, "--data", help="'teacher' (data-free: samples of the teacher's ODE), 'fashion-mnist', an image folder, parquet/arrow file(s), a save_to_disk folder, or a hub dataset id."),
-    image_column: Optional[str] = typer.Option(None, "--image-column", help="Image column of --data (default: the first image column)."),
-    label_column: Optional[str] = typer.Option(None, "--label-column", help="Class-label column (class-conditioned teachers; default: 'label')."),
-    caption_column: Optional[str] = typer.Option(None, "--caption-column", help="Caption column (text teachers; default: 'text'/'caption'/'prompt')."),
+    data_image_column: Optional[str] = typer.Option(None, "--image-column", help="Image column of --data (default: the first image column)."),
+    data_label_column: Optional[str] = typer.Option(None, "--label-column", help="Class-label column (class-conditioned teachers; default: 'label')."),
+    data_caption_column: Optional[str] = typer.Option(None, "--caption-column", help="Caption column (text teachers; default: 'text'/'caption'/'prompt')."),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Text file of prompts, one per line (text teachers)."),
-    resolution: Optional[int] = typer.Option(None, "--resolution", help="Resize images to this shorter side before cropping to the teacher's size."),
-    crop: Optional[str] = typer.Option(None, "--crop", help="center (default) or random."),
-    streaming: bool = typer.Option(False, "--streaming", help="Stream --data instead of preparing it once (sets larger than memory or disk)."),
+    data_resolution: Optional[int] = typer.Option(None, "--resolution", help="Resize images to this shorter side before cropping to the teacher's size."),
+    data_crop: Optional[str] = typer.Option(None, "--crop", help="center (default) or random."),
+    data_streaming: bool = typer.Option(False, "--streaming", help="Stream --data instead of preparing it once (sets larger than memory or disk)."),
     subfolder: Optional[str] = typer.Option(None, "--subfolder", help="Denoiser subfolder of a pipeline folder."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle teacher weights (.bin/.pt/.ckpt) when there are no safetensors; they can run code."),
@@ -119,20 +119,18 @@ def run(
 ):
     """Distil a teacher into a two-timed student; writes student/, samples.png, metrics.json, train_log.jsonl,
     validation/ and training-curves.png."""
+    given = dict(locals())  # every flag whose parameter is named as a setting is that setting
 
     def body():
+        from dataclasses import fields
+
         from .config import RunConfig, load_config_file
 
         values = load_config_file(config) if config else {}
         values.update(_parse_options(set_, "--set"))
-        flags = dict(teacher=teacher, output=output, max_steps=max_steps, loss=loss, seed=seed,
-                     batch_size=batch_size, lr=lr, ema_decay=ema_decay, data=data, subfolder=subfolder,
-                     revision=revision, allow_pickle=allow_pickle or None, guidance_scale=guidance_scale,
-                     negative_prompt=negative_prompt, sample_size=sample_size, data_image_column=image_column,
-                     data_label_column=label_column, data_caption_column=caption_column, prompts=prompts,
-                     data_resolution=resolution, data_crop=crop, data_streaming=streaming or None,
-                     report_to=report_to, validate_every=validate_every)
-        values.update({k: v for k, v in flags.items() if v is not None})
+        settings = {f.name for f in fields(RunConfig)}
+        # a switch left off is not given (False would override a config file's true)
+        values.update({k: v for k, v in given.items() if k in settings and v is not None and v is not False})
         if time_budget is not None:
             from .budget import parse_duration
 
