@@ -338,6 +338,28 @@ def write_table(results: Path) -> Path:
             fds = [sm["student_fd"].get(str(n), sm["student_fd"].get(n)) for n in STUDENT_STEPS]
             lines.append(f"| {name} | {s['variant']} | {trained} | " + " | ".join(_f(v) for v in fds)
                          + f" | {_f(sm['teacher_euler_50_fd'])} | " + " | ".join(ratio) + f" | {best} |")
+    lines += ["", "## The students' flow-map error and FD to the teacher's fine solve", "",
+              "Flow-map error: the student's N-step samples against the teacher's RK4 solve of the same noises "
+              "(the teacher's own Euler at the same NFE in brackets); FD fine: FD to that solve's samples in the "
+              "classifier's features. Wall: the run and the eval, seconds, one thread.", "",
+              "| teacher | variant | FME 1 | FME 2 | FME 4 | FME 8 | FD fine 1 | FD fine 2 | FD fine 4 | FD fine 8 | "
+              "wall run / eval |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in order:
+        for s in sorted((s for s in students if s["teacher"] == name),
+                        key=lambda s: (s["variant"] != "default", s["variant"])):
+            sm, res = s["summary"], s["eval"]["report"]["results"]
+
+            def fme(n):
+                mine = sm["student_fme"].get(str(n), sm["student_fme"].get(n))
+                euler = (res.get("teacher_euler", {}).get(str(n)) or {}).get("flow_map_error")
+                return f"{_f(mine, 3)} ({_f(euler, 3)})"
+
+            fine = [sm["student_fd_teacher_fine"].get(str(n), sm["student_fd_teacher_fine"].get(n))
+                    for n in STUDENT_STEPS]
+            lines.append(f"| {name} | {s['variant']} | " + " | ".join(fme(n) for n in STUDENT_STEPS) + " | "
+                         + " | ".join(_f(v) for v in fine)
+                         + f" | {_f(s['run']['wall_seconds'], 0)} / {_f(s['eval']['wall_seconds'], 0)} |")
     lines += ["", "## The teachers' own samplers", "",
               "FD to the test images (flow-map error against the teacher's RK4 solve in brackets) at each NFE, from "
               "the `teacher-NAME.json` rows (`scheduler_*`: diffusers' own scheduler, see benchmarks/zoo.py).", "",
