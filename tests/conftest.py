@@ -105,6 +105,36 @@ def make_pair_batch(n=512, seed=0, diag=0.25, mode="uniform"):
     return TrainBatch(x, s, t, None, g)
 
 
+# ---------------------------------------------------------------- fixtures of both layers -------------------------
+# module-scoped fixtures that more than one test file uses (once per file)
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    from helpers import StandInInception
+
+    path = tmp_path_factory.mktemp("inception") / "inception-2015-12-05.pt"
+    torch.jit.script(StandInInception()).save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    from tiny_models import tiny_sd3_pipeline
+
+    return tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def ddpm_teacher_dir(tmp_path_factory):
+    """A tiny random epsilon UNet with diffusers' DDPMScheduler (linear betas, clip_sample on)."""
+    from diffusers import DDPMScheduler
+
+    root = tmp_path_factory.mktemp("ddpm")
+    torch.manual_seed(0)
+    tiny_unet().save_pretrained(root / "unet")
+    DDPMScheduler(beta_schedule="linear", clip_sample=True).save_pretrained(root / "scheduler")
+    return root
+
+
 # ---------------------------------------------------------------- layers -------------------------------------------
 # Two layers: unit tests of the maths and modules, and integration tests that go through the real entry point
 # (a subprocess of the CLI), the whole trainer, or several processes.  `pytest -m "not slow"` (or "not integration")

@@ -8,17 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_cli import TINY, cli
-
-
-def one_line_error(r, code=2, *needles):
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == code, (r.returncode, r.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+from helpers import TINY, cli, one_line_error
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from helpers import budget_cfg as _cfg
 from ttfm_distill.budget import fit_point, fit_steps, parse_duration
 from ttfm_distill.errors import ConfigError
 
@@ -34,15 +35,6 @@ def test_fit_steps_fills_the_budget_between_the_floor_and_the_cap():
     assert fit_steps(100.0, 5.0, 49, 0.0, cap=500) == 500  # no pace measured: the cap
     # the fit happens one step before the warm-up ends, when nothing has read the total yet
     assert fit_point(50) == 49 and fit_point(1) == 0
-
-
-def _cfg(out, **kw):
-    from ttfm_distill.config import RunConfig
-
-    base = dict(teacher="builtin:gaussian-mixture", output=str(out), batch_size=64, lr=1e-3, mlp_width=32, mlp_depth=2,
-                lr_schedule="cosine", warmup_steps=10, eval_samples=16, reference_steps=2, checkpoint_every=40,
-                loss_options={"long_jump_span": 0.0})
-    return RunConfig(**{**base, **kw})
 
 
 def _weights(out, step):
@@ -104,7 +96,7 @@ def test_a_budget_needs_warmup_steps_to_time():
 
 
 def test_the_cli_takes_a_duration_and_refuses_a_bad_one_in_one_line(tmp_path):
-    from test_cli import cli
+    from helpers import cli
 
     r = cli("run", "--teacher", "builtin:gaussian-mixture", "--output", tmp_path / "r", "--time-budget", "soon")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--time-budget" in r.stderr

@@ -1,22 +1,12 @@
 """The real entry point, end to end, on a tiny budget."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-TINY = ["--set", "pool_size=32", "--set", "pool_steps=4", "--set", "eval_samples=12",
-        "--set", "reference_steps=8", "--batch-size", "8", "-q"]
-
-
-def cli(*args, cwd=None, env=None):
-    e = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "ttfm_distill", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=e, timeout=600)
+from helpers import TINY, cli
 
 
 @pytest.fixture(scope="module")

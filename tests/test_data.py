@@ -5,7 +5,6 @@ teachers count their encode calls, so the tests can tell a cache hit from a
 rebuild.
 """
 
-import hashlib
 import io
 import json
 import os
@@ -18,57 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from helpers import FakeTeacher, prompt_vector
 from ttfm_distill.config import RunConfig
 from ttfm_distill.data import DataError, build_data
 from ttfm_distill.data.pool import POOL_CHUNK, build_pool
-from ttfm_distill.teachers.base import Teacher
-
-
-# ------------------------------------------------------------------ fakes --
-class FakeTeacher(Teacher):
-    """A pixel or 'latent' teacher: the 'VAE' 2x2-average-pools; prompts hash to 4-vectors."""
-
-    def __init__(self, image_shape=(3, 8, 8), latent=False, conditioning=None, num_classes=0):
-        super().__init__()
-        self.name = self.source = "fake-teacher"
-        self._image_shape = tuple(image_shape)
-        c, h, w = image_shape
-        self.data_shape = (c, h // 2, w // 2) if latent else tuple(image_shape)
-        self.latent, self.conditioning, self.num_classes = latent, conditioning, num_classes
-        self.weight = torch.nn.Parameter(torch.tensor(0.5))
-        self.encode_calls = self.prompt_calls = self.velocity_calls = 0
-        self.fail_after = None  # raise KeyboardInterrupt after this many velocity calls
-        self.seen_cond = []
-
-    @property
-    def image_shape(self):
-        return self._image_shape
-
-    @property
-    def is_latent(self):
-        return self.latent
-
-    def encode_images(self, images):
-        self.encode_calls += 1
-        assert images.min() >= -1 and images.max() <= 1
-        return F.avg_pool2d(images, 2)
-
-    def encode_prompts(self, prompts):
-        self.prompt_calls += 1
-        return {"prompt_embeds": torch.stack([prompt_vector(p) for p in prompts])}
-
-    def velocity(self, x, t, cond=None):
-        self.velocity_calls += 1
-        if self.fail_after is not None and self.velocity_calls > self.fail_after:
-            raise KeyboardInterrupt
-        self.seen_cond.append(cond)
-        shift = 0.0 if not cond or "class_labels" not in cond else cond["class_labels"].float().view(-1, 1, 1, 1)
-        return self.weight * (1.0 + shift) - x
-
-
-def prompt_vector(text):
-    digest = hashlib.sha256(text.encode()).digest()
-    return torch.tensor(list(digest[:4]), dtype=torch.float32)
 
 
 def config(tmp_path, **kw):

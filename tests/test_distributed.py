@@ -1,20 +1,13 @@
 """Real data parallel on CPU: two processes under `accelerate launch` (gloo)."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from test_cli import TINY
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import TINY, free_port
 
 
 def launch_two(run_args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

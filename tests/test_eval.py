@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ExactGaussianMap, tiny_unet
+from helpers import StandInInception
 
 from ttfm_distill.evaluate import (Evaluation, Sampler, evaluate_student, parse_steps, student_flow_map_sampler,
                                    teacher_euler_sampler, teacher_heun_sampler)
@@ -119,23 +120,6 @@ def test_parse_steps():
 
 
 # ------------------------------------------------------------ Inception ----
-class StandInInception(torch.nn.Module):
-    """Stands in for inception-2015-12-05.pt: uint8 (B, 3, H, W) -> (B, 12) features."""
-
-    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        if img.dtype != torch.uint8 or img.shape[1] != 3:
-            raise RuntimeError("expected uint8 RGB images")
-        x = img.to(torch.float32) / 255.0
-        return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
-
-
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("inception") / "inception-2015-12-05.pt"
-    torch.jit.script(StandInInception()).save(str(path))
-    return path
-
-
 def test_inception_stand_in_loads_and_identical_sets_give_fid_zero(inception_file):
     model = load_inception(inception_file)
     g = torch.Generator().manual_seed(0)

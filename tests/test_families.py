@@ -5,32 +5,10 @@ import json
 import pytest
 import torch
 
+from helpers import cond_for, save_family
 from tiny_models import SAMPLE_SIZE, TINY_CONFIGS, build, class_name
 
 FAMILIES = sorted(TINY_CONFIGS)
-
-
-def save_family(key, root, pipeline=False, scheduler=None):
-    net = build(key)
-    with torch.no_grad():  # non-trivial outputs: the final projections of random tiny models are small
-        for name, p in net.named_parameters():
-            if "proj_out" in name or "conv_out" in name or "norm_out" in name:
-                p.normal_(0, 0.2)
-    if pipeline:
-        sub = "unet" if class_name(key).startswith("UNet") else "transformer"
-        net.save_pretrained(root / sub)
-        (root / "model_index.json").write_text(json.dumps({"_class_name": "DiffusionPipeline", sub: ["diffusers", class_name(key)]}))
-        if scheduler:
-            (root / "scheduler").mkdir()
-            (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
-    else:
-        net.save_pretrained(root)
-    return net
-
-
-def cond_for(teacher, n):
-    g = torch.Generator().manual_seed(3)
-    return teacher.sample_cond(n, generator=g)
 
 
 @pytest.mark.parametrize("key", FAMILIES)

@@ -10,19 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ttfm_distill.config import RunConfig
+from helpers import tiny_cfg
 from ttfm_distill.objectives import OBJECTIVES
 from ttfm_distill.objectives.itvm import ItvmObjective
 from ttfm_distill.errors import NonFiniteLoss
 from ttfm_distill.checkpoints import list_checkpoints
 from ttfm_distill.trainer import run_distillation
-
-
-def tiny_cfg(teacher_dir, out, **kw):
-    base = dict(teacher=str(teacher_dir), output=str(out), batch_size=8, pool_size=32, pool_steps=4,
-                eval_samples=8, reference_steps=4, checkpoint_every=4, log_every=1)
-    base.update(kw)
-    return RunConfig(**base)
 
 
 def test_resumed_run_matches_uninterrupted_bit_for_bit(tiny_teacher_dir, tmp_path):

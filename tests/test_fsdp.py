@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import fsdp_worker as worker
-from test_distributed import free_port
+from helpers import free_port
 from ttfm_distill import scale
 from ttfm_distill.export import load_student
 from ttfm_distill.objectives import make_objective

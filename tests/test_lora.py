@@ -9,25 +9,13 @@ from safetensors.torch import load_file
 
 pytest.importorskip("peft")
 
-from test_cli import TINY, cli  # noqa: E402
-from test_faults import tiny_cfg  # noqa: E402
+from helpers import TINY, cli, lora_inputs as _inputs, lora_student as _lora, tiny_cfg  # noqa: E402
 from ttfm_distill.config import ConfigError, RunConfig  # noqa: E402
 from ttfm_distill.export import load_student  # noqa: E402
 from ttfm_distill.lora import build_lora_student, load_lora_student, require_peft  # noqa: E402
 from ttfm_distill.objectives.base import flow_map  # noqa: E402
 from ttfm_distill.teachers.loading import load_teacher  # noqa: E402
 from ttfm_distill.trainer import run_distillation  # noqa: E402
-
-
-def _inputs(n=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 8, 8, generator=g)
-    s = torch.rand(n, generator=g) * 0.5
-    return x, s, s + torch.rand(n, generator=g) * 0.5
-
-
-def _lora(tiny_teacher_dir, **kw):
-    return build_lora_student(load_teacher(str(tiny_teacher_dir)), RunConfig(lora_rank=4, **kw))
 
 
 def test_only_adapters_and_second_time_train_and_the_base_is_shared(tiny_teacher_dir):

@@ -345,7 +345,7 @@ def test_standalone_folder_loads_where_ttfm_distill_cannot_be_imported(which, re
 def test_run_export_has_a_hub_model_card(tiny_teacher_dir, tmp_path):
     import shutil
 
-    from test_faults import tiny_cfg
+    from helpers import tiny_cfg
 
     from ttfm_distill.trainer import run_distillation
 
@@ -452,7 +452,7 @@ def test_half_precision_pipeline_samples_close_to_float32(unet_export, dtype):
 
 @pytest.mark.parametrize("key", sorted(__import__("tiny_models").TINY_CONFIGS))
 def test_every_family_exports_a_pipeline_that_samples_like_our_sampler(key, tmp_path):
-    from test_families import cond_for, save_family
+    from helpers import cond_for, save_family
     from tiny_models import SAMPLE_SIZE
 
     from ttfm_distill.config import RunConfig
@@ -487,7 +487,7 @@ def test_every_family_exports_a_pipeline_that_samples_like_our_sampler(key, tmp_
 
 
 def test_run_with_standalone_writes_a_folder_diffusers_loads_alone(tiny_teacher_dir, tmp_path):
-    from test_cli import TINY, cli
+    from helpers import TINY, cli
 
     out = tmp_path / "run"
     r = cli("run", "--teacher", tiny_teacher_dir, "--output", out, "--max-steps", 2, "--set", "standalone=true", *TINY)

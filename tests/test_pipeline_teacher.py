@@ -8,13 +8,6 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tiny_models import tiny_sd3_pipeline  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe")
-
 
 def test_pipeline_teacher_is_latent_text_conditioned_and_guided(sd3_dir):
     from ttfm_distill.teachers.loading import load_teacher

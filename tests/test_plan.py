@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import tiny_models
-from test_bad_input import one_line_error
-from test_cli import cli
+from helpers import cli, one_line_error
 from ttfm_distill.config import RunConfig
 from ttfm_distill.objectives import TrainBatch, make_objective
 from ttfm_distill.plan import count, make_plan, objective_evaluations, parse_memory, resolve_teacher
@@ -348,44 +347,17 @@ def test_plan_bad_config_file_is_one_line(tmp_path):
 
 
 # ------------------------------------------- the frozen teacher, sharded (2 processes, gloo) ----
-def _shard_teacher_worker(out):
-    """Run under torchrun: the tiny SD3 teacher sharded with ``scale.shard_frozen`` gives the unsharded velocity."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-
-    from ttfm_distill import scale
-    from ttfm_distill.teachers.diffusers_teacher import DiffusersFlowTeacher
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    teacher = DiffusersFlowTeacher(tiny_models.build("SD3Transformer2DModel", seed=0), source="tiny", sample_size=8)
-    g = torch.Generator().manual_seed(3)
-    x, _, t, cond = example_inputs(teacher, 8, batch=4, device="cpu", generator=g)
-    with torch.no_grad():
-        ref = teacher.velocity(x, t, cond)
-        full = sum(p.numel() for p in teacher.network.parameters())
-        units = scale.shard_frozen(teacher.network)
-        local = sum(p.to_local().numel() for p in teacher.network.parameters() if isinstance(p, DTensor))
-        v = teacher.velocity(x, t, cond)
-        v2 = teacher.velocity(x, t, cond)  # a second call: the blocks were freed and are gathered again
-    report = {"rank": rank, "units": units, "full": full, "local": local,
-              "max_diff": (v - ref).abs().max().item(), "repeat_diff": (v2 - ref).abs().max().item()}
-    (out / f"teacher-rank-{rank}.json").write_text(json.dumps(report))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def test_frozen_teacher_sharded_gives_the_same_velocity(tmp_path):
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    from test_distributed import free_port
+    from helpers import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(Path(__file__)), str(tmp_path)]
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           str(Path(__file__).resolve().parent / "shard_teacher_worker.py"), str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -402,10 +374,3 @@ def test_shard_frozen_refuses_a_trainable_module():
 
     with pytest.raises(ValueError, match="trainable"):
         scale.shard_frozen(torch.nn.Linear(2, 2))
-
-
-if __name__ == "__main__":  # the worker of test_frozen_teacher_sharded_gives_the_same_velocity, under torchrun
-    import sys
-    from pathlib import Path
-
-    _shard_teacher_worker(Path(sys.argv[1]))

@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_bad_input import one_line_error
-from test_cli import TINY, cli
+from helpers import TINY, cli, edit_weights as _edit_weights, one_line_error
 
 POOL = ["--set", "pool_size=300"]  # two pool chunks (256 rows each): a resumable build has a finished chunk
 RUN = ["--set", "checkpoint_every=1", "--set", "ema_decay=0.9", *TINY, *POOL]  # POOL after TINY: it wins
@@ -149,19 +148,6 @@ def test_a_damaged_data_cache_is_rebuilt(tmp_path, damage):
 
 
 # ---------------------------------------------------------------- incomplete teachers and students ----------------
-def _edit_weights(src, dst, weights, drop=None, add=None):
-    """Copy the model folder ``src`` to ``dst`` with tensor ``drop`` removed from (or ``add`` put into) ``weights``."""
-    shutil.copytree(src, dst)
-    f = dst / weights
-    w = {k: v.clone() for k, v in load_file(f).items()}
-    if drop is not None:
-        del w[next(k for k in w if k.endswith(drop))]
-    if add is not None:
-        w[add] = torch.zeros(3)
-    save_file(w, str(f))
-    return dst
-
-
 @pytest.mark.parametrize("drop, add, needles", [
     ("conv_out.weight", None, ["lack tensor 'conv_out.weight'", "random values"]),
     (None, "extra.weight", ["hold tensor 'extra.weight'", "no place for it"]),

@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from test_bad_input import one_line_error
-from test_cli import TINY, cli
+from helpers import TINY, cli, one_line_error
 
 
 def _tree(root):

@@ -7,9 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_cli import cli
+from helpers import cli, tiny_cfg
 from tiny_models import TINY_CONFIGS
-from test_faults import tiny_cfg
 from ttfm_distill import scale
 from ttfm_distill.config import ConfigError, RunConfig
 from ttfm_distill.objectives import OBJECTIVES, TrainBatch, make_objective

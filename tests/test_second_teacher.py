@@ -19,19 +19,6 @@ def _acp():
     return DDPMScheduler(beta_schedule="linear").alphas_cumprod
 
 
-@pytest.fixture(scope="module")
-def ddpm_teacher_dir(tmp_path_factory):
-    """A tiny random epsilon UNet with diffusers' DDPMScheduler (linear betas, clip_sample on)."""
-    from conftest import tiny_unet
-    from diffusers import DDPMScheduler
-
-    root = tmp_path_factory.mktemp("ddpm")
-    torch.manual_seed(0)
-    tiny_unet().save_pretrained(root / "unet")
-    DDPMScheduler(beta_schedule="linear", clip_sample=True).save_pretrained(root / "scheduler")
-    return root
-
-
 def _pairs(n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     s = torch.rand(n, generator=g) * 0.9
@@ -224,7 +211,7 @@ def test_a_runs_metrics_warn_of_student_samples_out_of_range():
 # ------------------------------------------------------------------ dry run --
 @pytest.mark.parametrize("which", ["flow", "ddpm"])
 def test_the_dry_run_prints_the_automatic_settings_the_run_writes(which, tiny_teacher_dir, ddpm_teacher_dir, tmp_path):
-    from test_cli import TINY, cli
+    from helpers import TINY, cli
 
     from ttfm_distill.config import AUTOMATIC
 
@@ -247,7 +234,7 @@ def test_the_dry_run_prints_the_automatic_settings_the_run_writes(which, tiny_te
 
 
 def test_the_dry_run_of_a_hub_teacher_says_its_automatic_settings_wait_for_it(tmp_path):
-    from test_cli import cli
+    from helpers import cli
 
     from ttfm_distill.teachers.loading import teacher_prediction_type
 

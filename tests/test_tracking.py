@@ -12,8 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_cli import TINY, cli
-from test_faults import tiny_cfg
+from helpers import TINY, cli, tiny_cfg
 
 
 def log_rows(out, kind):

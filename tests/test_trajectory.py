@@ -4,8 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_data import FakeTeacher
-from test_faults import tiny_cfg
+from helpers import FakeTeacher, tiny_cfg
 from ttfm_distill.config import AUTO_TRAJECTORY_FRACTION, ConfigError, RunConfig
 from ttfm_distill.data.pool import build_pool, kept_states, trajectory_states
 from ttfm_distill.objectives import TrainBatch, make_objective
