@@ -1,4 +1,4 @@
-"""One rank of the 2-process frozen-teacher sharding test (``tests/test_plan.py``,
+"""One rank of the 2-process frozen-teacher sharding test (``tests/integration/test_plan.py``,
 test_frozen_teacher_sharded_gives_the_same_velocity, launches it under torchrun, gloo).
 
     torchrun --nproc-per-node 2 tests/shard_teacher_worker.py OUT_DIR

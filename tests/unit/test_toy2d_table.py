@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
 @pytest.mark.parametrize("name", ["toy2d.json", "toy2d-gaussian-mixture.json"])

@@ -13,7 +13,7 @@ from ttfm_distill.teachers.analytic import AnalyticTeacher, get_analytic_teacher
 from ttfm_distill.teachers.base import Teacher
 from ttfm_distill.teachers.loading import load_teacher
 
-PACKAGE = Path(__file__).resolve().parent.parent / "ttfm_distill"
+PACKAGE = Path(__file__).resolve().parents[2] / "ttfm_distill"
 
 
 def test_an_exact_teacher_declares_no_network_and_a_flow_velocity():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-ZOO = Path(__file__).resolve().parent.parent / "benchmarks" / "zoo.py"
+ZOO = Path(__file__).resolve().parents[2] / "benchmarks" / "zoo.py"
 
 
 @pytest.fixture(scope="module")

@@ -208,42 +208,6 @@ def test_a_runs_metrics_warn_of_student_samples_out_of_range():
     assert lines == ["student samples out of range (a pixel beyond +-1.5) at 1 step(s): 59.8%"]
 
 
-# ------------------------------------------------------------------ dry run --
-@pytest.mark.parametrize("which", ["flow", "ddpm"])
-def test_the_dry_run_prints_the_automatic_settings_the_run_writes(which, tiny_teacher_dir, ddpm_teacher_dir, tmp_path):
-    from helpers import TINY, cli
-
-    from ttfm_distill.config import AUTOMATIC
-
-    teacher = tiny_teacher_dir if which == "flow" else ddpm_teacher_dir
-    args = ["run", "--teacher", teacher, "--output", tmp_path / "r", "--max-steps", 2, *TINY]
-    dry = cli(*args, "--dry-run")
-    assert dry.returncode == 0, dry.stderr
-    shown = json.loads(dry.stdout)
-    assert not (tmp_path / "r").exists()  # a dry run writes nothing
-    r = cli(*args)
-    assert r.returncode == 0, r.stderr
-    ran = json.loads((tmp_path / "r" / "config.json").read_text())
-    for key in AUTOMATIC:
-        assert shown[key] == ran[key] and ran[key] not in AUTOMATIC[key], key
-    assert shown["loss_options"] == ran["loss_options"]
-    # the two teachers resolve differently: the flow teacher's lr and long jumps, the diffusion teacher's own
-    assert (shown["lr"], shown["loss_options"]["long_jump_span"]) == ((4e-4, 0.5) if which == "flow" else (2e-4, 0.0))
-    again = cli(*args, "--dry-run")  # on the finished folder: what a resumed run keeps
-    assert json.loads(again.stdout)["lr"] == ran["lr"]
-
-
-def test_the_dry_run_of_a_hub_teacher_says_its_automatic_settings_wait_for_it(tmp_path):
-    from helpers import cli
-
-    from ttfm_distill.teachers.loading import teacher_prediction_type
-
-    assert teacher_prediction_type("builtin:fashion16") == "flow" and teacher_prediction_type("some-org/model") is None
-    r = cli("run", "--teacher", "some-org/model", "--output", tmp_path / "r", "--dry-run")
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["lr"] is None and "filled in once it is loaded" in r.stderr
-
-
 @pytest.fixture(scope="module")
 def script_layout_ddpm_dir(tmp_path_factory):
     """A tiny epsilon UNet in the layout of diffusers' own train_unconditional.py: attention at the lowest
@@ -259,6 +223,7 @@ def script_layout_ddpm_dir(tmp_path_factory):
     return root
 
 
+# ------------------------------------------------------------------ dry run --
 def test_the_velocity_head_reads_features_whose_scale_follows_the_time(script_layout_ddpm_dir):
     """Regression (the diffusers-script DDPM of the teacher zoo): with one channel per norm group the features
     entering ``conv_out`` are normalised per channel at every time, so a head reading them cannot tell a jump
