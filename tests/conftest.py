@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -105,21 +106,43 @@ def make_pair_batch(n=512, seed=0, diag=0.25, mode="uniform"):
     return TrainBatch(x, s, t, None, g)
 
 
+# ---------------------------------------------------------------- fixtures of both layers -------------------------
+# module-scoped fixtures that a unit and an integration file of the same name both use (once per file)
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    from helpers import StandInInception
+
+    path = tmp_path_factory.mktemp("inception") / "inception-2015-12-05.pt"
+    torch.jit.script(StandInInception()).save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    from tiny_models import tiny_sd3_pipeline
+
+    return tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def ddpm_teacher_dir(tmp_path_factory):
+    """A tiny random epsilon UNet with diffusers' DDPMScheduler (linear betas, clip_sample on)."""
+    from diffusers import DDPMScheduler
+
+    root = tmp_path_factory.mktemp("ddpm")
+    torch.manual_seed(0)
+    tiny_unet().save_pretrained(root / "unet")
+    DDPMScheduler(beta_schedule="linear", clip_sample=True).save_pretrained(root / "scheduler")
+    return root
+
+
 # ---------------------------------------------------------------- layers -------------------------------------------
-# Two layers: unit tests of the maths and modules, and integration tests that go through the real entry point
-# (a subprocess of the CLI), the whole trainer, or several processes.  `pytest -m "not slow"` (or "not integration")
-# is the quick check; CI runs both.  A test is an integration test when it, or a fixture it uses, starts one of those.
-_INTEGRATION_MARKS = ("cli(", "subprocess", "Popen", "run_distillation(", "torch.distributed.run", "families_run(")
-
-
-def _starts_integration(fn) -> bool:
-    import inspect
-
-    try:
-        source = inspect.getsource(fn)
-    except (OSError, TypeError):
-        return False
-    return any(mark in source for mark in _INTEGRATION_MARKS)
+# Two layers, one folder each: tests/unit holds the fast tests of the maths and modules, tests/integration the tests
+# that go through the real entry point (the CLI in a subprocess), the whole trainer, or several processes.  The
+# marker comes from the folder: `pytest -m "not slow"` (or "not integration", or `pytest tests/unit`) is the quick
+# check; CI runs both.  Helpers both layers use are in helpers.py (and the fixtures above).
+TESTS = Path(__file__).resolve().parent
+UNIT, INTEGRATION = TESTS / "unit", TESTS / "integration"
 
 
 @pytest.fixture(autouse=True)
@@ -133,11 +156,9 @@ def _keep_torch_threads():
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        fns = [getattr(item, "function", None)]
-        for defs in getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}).values():
-            fns.extend(d.func for d in defs)
-        if any(fn is not None and _starts_integration(fn) for fn in fns):
+        path = Path(item.path).resolve()
+        if path.is_relative_to(INTEGRATION):
             item.add_marker(pytest.mark.integration)
             item.add_marker(pytest.mark.slow)  # so `-m "not slow"` is the quick check too
-        else:
+        elif path.is_relative_to(UNIT):
             item.add_marker(pytest.mark.unit)

@@ -1,4 +1,4 @@
-"""One rank of the 2-process CPU FSDP2 test (``tests/test_fsdp.py`` launches it under torchrun, gloo).
+"""One rank of the 2-process CPU FSDP2 test (``tests/integration/test_fsdp.py`` launches it under torchrun, gloo).
 
     torchrun --nproc-per-node 2 tests/fsdp_worker.py TEACHER_DIR OUT_DIR [shard,accelerate]
 

@@ -4,7 +4,7 @@ Each public entry holds the values of the model's published diffusers ``config.j
 (the keys that differ from the class defaults), the latent geometry its pipeline
 uses (VAE downsampling factor, native resolution), the text tokens its pipeline
 feeds the denoiser, and the parameter count its authors publish, with where that
-figure is stated.  ``tests/test_plan.py`` checks the meta-device count against it.
+figure is stated.  ``tests/unit/test_plan.py`` checks the meta-device count against it.
 
 The ``tiny-*`` entries are the shrunk configs of ``tests/tiny_models.py`` (a test
 keeps the two equal) and ``fashion16`` is the embedded teacher.

@@ -1,0 +1,44 @@
+"""A second teacher unlike the embedded one (issue 14, part 4; docs/second-teacher.md): an epsilon DDPM UNet.
+
+The DDIM-like time grid (uniform in the scheduler's timesteps) and the ``velocity`` student output.
+"""
+
+import json
+
+import pytest
+
+
+# ------------------------------------------------------------------ dry run --
+@pytest.mark.parametrize("which", ["flow", "ddpm"])
+def test_the_dry_run_prints_the_automatic_settings_the_run_writes(which, tiny_teacher_dir, ddpm_teacher_dir, tmp_path):
+    from helpers import TINY, cli
+
+    from ttfm_distill.config import AUTOMATIC
+
+    teacher = tiny_teacher_dir if which == "flow" else ddpm_teacher_dir
+    args = ["run", "--teacher", teacher, "--output", tmp_path / "r", "--max-steps", 2, *TINY]
+    dry = cli(*args, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    shown = json.loads(dry.stdout)
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    ran = json.loads((tmp_path / "r" / "config.json").read_text())
+    for key in AUTOMATIC:
+        assert shown[key] == ran[key] and ran[key] not in AUTOMATIC[key], key
+    assert shown["loss_options"] == ran["loss_options"]
+    # the two teachers resolve differently: the flow teacher's lr and long jumps, the diffusion teacher's own
+    assert (shown["lr"], shown["loss_options"]["long_jump_span"]) == ((4e-4, 0.5) if which == "flow" else (2e-4, 0.0))
+    again = cli(*args, "--dry-run")  # on the finished folder: what a resumed run keeps
+    assert json.loads(again.stdout)["lr"] == ran["lr"]
+
+
+def test_the_dry_run_of_a_hub_teacher_says_its_automatic_settings_wait_for_it(tmp_path):
+    from helpers import cli
+
+    from ttfm_distill.teachers.loading import teacher_prediction_type
+
+    assert teacher_prediction_type("builtin:fashion16") == "flow" and teacher_prediction_type("some-org/model") is None
+    r = cli("run", "--teacher", "some-org/model", "--output", tmp_path / "r", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["lr"] is None and "filled in once it is loaded" in r.stderr

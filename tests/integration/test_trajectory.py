@@ -1,0 +1,84 @@
+"""Trajectory supervision (trajectory_fraction) and the pool's solver (pool_solver)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import tiny_cfg
+from ttfm_distill.config import AUTO_TRAJECTORY_FRACTION, ConfigError, RunConfig
+from ttfm_distill.objectives import make_objective
+from ttfm_distill.objectives.trajectory import TrajectorySupervised
+from ttfm_distill.preflight import resolve_settings, trajectory_rows
+from ttfm_distill.trainer import run_distillation
+
+
+def test_a_run_with_trajectories_trains_logs_and_resumes_bit_for_bit(tiny_teacher_dir, tmp_path):
+    kw = dict(trajectory_fraction=0.25, batch_size=8)
+    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "a", max_steps=8, **kw), show_progress=False)
+    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "b", max_steps=4, **kw), show_progress=False)
+    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "b", max_steps=8, **kw), show_progress=False)
+    a = load_file(tmp_path / "a" / "checkpoints" / "step-00000008" / "student.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "step-00000008" / "student.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "c", max_steps=8, batch_size=8, trajectory_fraction=0.0),
+                     show_progress=False)
+    c = load_file(tmp_path / "c" / "checkpoints" / "step-00000008" / "student.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the trajectory rows change the update
+    import json
+
+    history = json.loads((tmp_path / "a" / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())["history"]
+    assert len(history) == 8 and all(h["trajectory"] > 0 for h in history)
+
+
+def test_an_analytic_teacher_has_no_pool_to_supervise_from(tmp_path):
+    cfg = RunConfig(teacher="builtin:checkerboard", output=str(tmp_path / "x"), trajectory_fraction=0.25,
+                    max_steps=2)
+    with pytest.raises(ConfigError, match="needs a data-free pool"):
+        run_distillation(cfg, show_progress=False)
+    assert not (tmp_path / "x" / "config.json").exists()
+    make_objective("itvm")  # the registry is untouched by the wrapper
+
+
+def test_trajectory_rows_and_the_heun_pool_are_automatic_only_on_a_data_free_pool(tmp_path):
+    auto = RunConfig()
+    assert auto.trajectory_fraction is None and auto.trajectory_share() == AUTO_TRAJECTORY_FRACTION > 0
+    assert auto.pool_solver_name() == "heun" and auto.trajectory_pairs() == ("dyadic", 0)
+    assert RunConfig(data="/some/images").trajectory_share() == 0  # real data: no solves to supervise from
+    exact = RunConfig(teacher="builtin:checkerboard")
+    assert exact.trajectory_share() == 0 and exact.pool_solver_name() == "euler"
+    assert RunConfig(trajectory_fraction=0.0).pool_solver_name() == "euler"
+    assert RunConfig(pool_solver="euler").pool_solver_name() == "euler"  # an explicit solver is kept
+    # resolved once the teacher is loaded: numbers in config.json, the objective wrapped where there are rows
+    from types import SimpleNamespace
+
+    from ttfm_distill.preflight import resolve_teacher_settings
+
+    flow, epsilon = SimpleNamespace(prediction_type="flow"), SimpleNamespace(prediction_type="epsilon")
+    cfg, objective = resolve_settings(RunConfig(batch_size=32))
+    assert cfg.trajectory_fraction is None and not isinstance(objective, TrajectorySupervised)
+    objective = resolve_teacher_settings(cfg, objective, flow, None)
+    assert cfg.trajectory_fraction == AUTO_TRAJECTORY_FRACTION and cfg.pool_solver == "heun"
+    assert isinstance(objective, TrajectorySupervised) and trajectory_rows(cfg) == 4
+    # a noise-predicting (diffusion) teacher: none, an Euler pool (the rows destabilised the DDPM teacher)
+    cfg, objective = resolve_settings(RunConfig())
+    objective = resolve_teacher_settings(cfg, objective, epsilon, None)
+    assert cfg.trajectory_fraction == 0 and cfg.pool_solver == "euler" and not isinstance(objective, TrajectorySupervised)
+    cfg, objective = resolve_settings(RunConfig(teacher="builtin:checkerboard"))
+    objective = resolve_teacher_settings(cfg, objective, flow, None)
+    assert cfg.trajectory_fraction == 0 and cfg.pool_solver == "euler" and not isinstance(objective, TrajectorySupervised)
+    # a resumed run keeps what it resolved to; a folder from before the settings ran without rows
+    cfg, objective = resolve_settings(RunConfig())
+    resolve_teacher_settings(cfg, objective, flow, {"trajectory_fraction": 0.25, "pool_solver": "euler"})
+    assert (cfg.trajectory_fraction, cfg.pool_solver) == (0.25, "euler")
+    cfg, objective = resolve_settings(RunConfig())
+    resolve_teacher_settings(cfg, objective, flow, {"seed": 0})
+    assert (cfg.trajectory_fraction, cfg.pool_solver) == (0.0, "euler")
+    from ttfm_distill.config import resume_mismatch
+
+    assert resume_mismatch({"trajectory_fraction": 0.125, "pool_solver": "heun"}, RunConfig().to_dict()) == []
+    assert resume_mismatch({"trajectory_fraction": 0.125}, RunConfig(trajectory_fraction=0.0).to_dict()) == [
+        "trajectory_fraction"]
+    # an exact teacher runs with the defaults (no pool, no rows) instead of being refused
+    res = run_distillation(RunConfig(teacher="builtin:checkerboard", output=str(tmp_path / "x"), max_steps=2,
+                                     batch_size=16, eval_samples=16, reference_steps=4), show_progress=False)
+    assert res is not None and (tmp_path / "x" / "config.json").exists()

@@ -1,0 +1,113 @@
+"""The distribution-matching term (objectives/dm.py, fake.py): its maths, its settings' effects, its state."""
+
+import pytest
+import torch
+
+from ttfm_distill.config import ConfigError, RunConfig
+from ttfm_distill.convention import data_estimate
+from ttfm_distill.objectives.dm import (DistributionMatching, DmSettings, dm_direction, dm_loss, draw_times,
+                                        fake_flow_matching_loss, rollout)
+
+
+def gaussian_velocity(mean: float, std: float):
+    """The exact velocity of the flow from N(0, I) noise to N(mean, std^2 I) data, package time."""
+
+    def v(x, t, cond=None):
+        tb = t.reshape(-1, *([1] * (x.ndim - 1)))
+        var = tb**2 * std**2 + (1 - tb) ** 2
+        x1 = mean + tb * std**2 / var * (x - tb * mean)  # E[x1 | x_t]
+        return (x1 - x) / (1 - tb).clamp_min(1e-6)
+
+    return v
+
+
+def test_the_direction_moves_student_samples_towards_the_teacher_distribution():
+    g = torch.Generator().manual_seed(0)
+    teacher, fake = gaussian_velocity(2.0, 1.0), gaussian_velocity(-1.0, 1.0)  # the fake knows the student's law
+    x_hat = -1.0 + torch.randn(512, 4, generator=g)  # the student's samples
+    dm = DistributionMatching(DmSettings(weight=1.0))
+    x = x_hat.clone().requires_grad_(True)
+    loss, metrics = dm.student_loss(x, teacher, fake, None, None, g)
+    loss.backward()
+    assert (-x.grad).mean() > 0  # a descent step raises the samples' mean towards the teacher's 2.0
+    assert metrics["dm_direction"] > 0
+    # the same law on both sides: no direction at all
+    x2 = x_hat.clone().requires_grad_(True)
+    loss2, _ = dm.student_loss(x2, teacher, teacher, None, None, g)
+    loss2.backward()
+    assert torch.allclose(x2.grad, torch.zeros_like(x2.grad), atol=1e-7)
+
+
+def test_the_loss_gradient_is_the_normalised_direction():
+    g = torch.Generator().manual_seed(1)
+    x_hat = torch.randn(6, 3, 2, 2, generator=g, requires_grad=True)
+    x1_t, x1_f = torch.randn(6, 3, 2, 2, generator=g), torch.randn(6, 3, 2, 2, generator=g)
+    d = dm_direction(x_hat, x1_t, x1_f)
+    scale = (x_hat.detach() - x1_t).abs().flatten(1).mean(1)
+    assert torch.allclose(d, (x1_f - x1_t) / scale[:, None, None, None])
+    dm_loss(x_hat, d).sum().backward()
+    assert torch.allclose(x_hat.grad, d / 12, atol=1e-7)  # 12 elements a sample
+    bad = dm_direction(x_hat, x1_t, torch.full_like(x1_f, float("nan")))
+    assert torch.isfinite(bad).all()
+
+
+def test_the_fake_loss_divides_out_the_output_gain():
+    v, target = torch.ones(2, 4), torch.zeros(2, 4)
+    per = fake_flow_matching_loss(v, target, torch.tensor([1.0, 10.0], dtype=torch.float64))
+    assert torch.allclose(per, torch.tensor([1.0, 0.01]))
+    # a gain below 1 is not amplified
+    assert torch.allclose(fake_flow_matching_loss(v, target, torch.tensor([0.5, 0.5])), torch.ones(2))
+
+
+def test_time_draws_stay_in_range_for_both_modes():
+    g = torch.Generator().manual_seed(2)
+    for mode in ("uniform", "logit_normal"):
+        t = draw_times(4000, 0.2, 0.7, mode, g)
+        assert t.min() >= 0.2 and t.max() <= 0.7
+    # logit-normal concentrates in the middle of the range
+    mid = draw_times(4000, 0.0, 1.0, "logit_normal", g)
+    uni = draw_times(4000, 0.0, 1.0, "uniform", g)
+    assert ((mid - 0.5).abs() < 0.25).float().mean() > ((uni - 0.5).abs() < 0.25).float().mean() + 0.1
+
+
+def test_a_rollout_of_n_steps_calls_the_student_n_times_on_the_uniform_grid():
+    calls = []
+
+    def student(x, s, t, cond=None):
+        calls.append((float(s[0]), float(t[0])))
+        return torch.ones_like(x)
+
+    z = torch.zeros(3, 2)
+    out = rollout(student, z, 4, None)
+    assert calls == [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)]
+    assert torch.allclose(out, torch.ones(3, 2))  # four jumps of a quarter at unit velocity
+
+
+def test_data_estimate_is_the_end_point_of_the_velocity():
+    x1, x0 = torch.randn(5, 3), torch.randn(5, 3)
+    t = torch.rand(5)
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * x1
+    assert torch.allclose(data_estimate(x_t, t, x1 - x0), x1, atol=1e-6)
+
+
+def test_settings_are_checked_in_one_line():
+    for bad in ({"dm_weight": -1.0}, {"dm_time_min": 0.9, "dm_time_max": 0.5}, {"dm_fake_time": "beta"},
+                {"dm_rollout_steps": [0]}, {"dm_rollout_steps": []}, {"dm_fake_updates": 0},
+                {"dm_weight": 0.5, "lora_rank": 4}, {"init_from": "/nonexistent/run"}):
+        with pytest.raises(ConfigError) as e:
+            RunConfig(**bad).validate()
+        assert "\n" not in str(e.value) and len(str(e.value)) <= 200
+
+
+# ------------------------------------------------------------------------------------------- the run --------
+def test_the_fake_network_starts_as_the_teacher_and_never_applies_guidance(tiny_teacher_dir):
+    from ttfm_distill.fake import FakeVelocity
+    from ttfm_distill.teachers.loading import load_teacher
+
+    teacher = load_teacher(str(tiny_teacher_dir))
+    fake = FakeVelocity.from_teacher(teacher)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0.1, 0.5, 0.9])
+    with torch.no_grad():
+        assert torch.equal(fake(x, t), teacher.velocity(x, t))
+    assert all(p.requires_grad for p in fake.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())  # a copy: the teacher stays frozen
