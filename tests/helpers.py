@@ -4,6 +4,7 @@ The fixtures both layers share are in conftest.py; this module holds plain funct
 """
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -12,7 +13,9 @@ import subprocess
 import sys
 
 import torch
+import numpy as np
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tiny_models import build, class_name
@@ -170,3 +173,40 @@ def edit_weights(src, dst, weights, drop=None, add=None):
         w[add] = torch.zeros(3)
     save_file(w, str(f))
     return dst
+
+
+# ------------------------------------------------------ data sets (test_data) --
+def png_bytes(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_image_folder(root):
+    """cat/: 3 bright RGB 12x10 images; dog/: 3 dark greyscale 8x8 images."""
+    rng = np.random.default_rng(0)
+    for cls, level in (("cat", 220), ("dog", 30)):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            if cls == "cat":
+                arr = np.clip(rng.normal(level, 10, (10, 12, 3)), 0, 255).astype(np.uint8)
+            else:
+                arr = np.clip(rng.normal(level, 10, (8, 8)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i}.png")
+    return root
+
+
+def make_parquet(path):
+    """8 RGB 8x8 images with labels 0..3, a caption per row, and the raw pixels to compare against."""
+    from datasets import ClassLabel, Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
+    ds = Dataset.from_dict(
+        {"picture": [{"bytes": png_bytes(p), "path": None} for p in pixels], "kind": [i % 4 for i in range(8)],
+         "caption": [f"a photo of thing {i % 3}" for i in range(8)]},
+        features=Features({"picture": ImageFeature(), "kind": ClassLabel(names=list("abcd")),
+                           "caption": Value("string")}))
+    ds.to_parquet(str(path))
+    return path, pixels

@@ -9,7 +9,7 @@ from ttfm_distill.config import AUTO_TRAJECTORY_FRACTION, ConfigError, RunConfig
 from ttfm_distill.objectives import make_objective
 from ttfm_distill.objectives.trajectory import TrajectorySupervised
 from ttfm_distill.preflight import resolve_settings, trajectory_rows
-from ttfm_distill.trainer import run_distillation
+from ttfm_distill.trainer import Distillation, run_distillation
 
 
 def test_a_run_with_trajectories_trains_logs_and_resumes_bit_for_bit(tiny_teacher_dir, tmp_path):
@@ -82,3 +82,35 @@ def test_trajectory_rows_and_the_heun_pool_are_automatic_only_on_a_data_free_poo
     res = run_distillation(RunConfig(teacher="builtin:checkerboard", output=str(tmp_path / "x"), max_steps=2,
                                      batch_size=16, eval_samples=16, reference_steps=4), show_progress=False)
     assert res is not None and (tmp_path / "x" / "config.json").exists()
+
+
+def test_batches_carry_rows_of_the_stored_solves(tiny_teacher_dir, tmp_path):
+    cfg = tiny_cfg(tiny_teacher_dir, tmp_path / "r", batch_size=8, trajectory_fraction=0.25, max_steps=2,
+                   trajectory_time_sampling=None, trajectory_dyadic_levels=None)  # the objective's pairs: all states
+    run = Distillation(cfg, show_progress=False)
+    run.preflight()
+    run.setup_accelerator()
+    run.setup_teacher()
+    run.claim_output()
+    run.setup_data()
+    run.start_step = 0
+    batch = run.make_batch(0)
+    rows = batch.trajectory
+    assert batch.x_s.shape[0] == 6 and len(rows) == 2
+    times = run.data.times
+    for k in range(2):  # each row is a pair of states of one stored solve at grid times
+        i, j = int((times - rows.s[k]).abs().argmin()), int((times - rows.t[k]).abs().argmin())
+        assert i < j and times[i] == rows.s[k] and times[j] == rows.t[k]
+        match = [(torch.equal(tr[i], rows.x_s[k]) and torch.equal(tr[j], rows.x_t[k])) for tr in run.data.trajectories]
+        assert any(match)
+    assert not torch.equal(run.make_batch(1).trajectory.x_s, rows.x_s)  # a new draw each step
+    # on the 1- and 2-step samplers' jumps only: (0, 1), (0, 1/2), (1/2, 1)
+    run.cfg.trajectory_time_sampling, run.cfg.trajectory_dyadic_levels = "dyadic", 1
+    from ttfm_distill.batch import BatchPath
+
+    run.batches = BatchPath.from_run(run.cfg, run.teacher, run.data)  # the path is fixed when the data is ready
+    pairs = set()
+    for step in range(30):
+        b = run.make_batch(step).trajectory
+        pairs |= {(round(float(s), 4), round(float(t), 4)) for s, t in zip(b.s, b.t)}
+    assert pairs == {(0.0, 1.0), (0.0, 0.5), (0.5, 1.0)}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import FakeTeacher, tiny_cfg
+from helpers import FakeTeacher
 from ttfm_distill.config import ConfigError, RunConfig
 from ttfm_distill.data.pool import build_pool, kept_states, trajectory_states
 from ttfm_distill.objectives import TrainBatch, make_objective
@@ -11,7 +11,6 @@ from ttfm_distill.objectives.timesampling import grid_pairs, sample_time_pairs
 from ttfm_distill.objectives.trajectory import TrajectoryRows, TrajectorySupervised, trajectory_loss
 from ttfm_distill.preflight import resolve_settings, trajectory_rows
 from ttfm_distill.sampling import euler, heun, solve_trajectory, uniform_time_grid
-from ttfm_distill.trainer import Distillation
 
 
 def _field(x, t):
@@ -195,35 +194,3 @@ def test_trajectory_settings_are_checked():
         RunConfig(pool_solver="rk4").validate()
     cfg, objective = resolve_settings(RunConfig(trajectory_fraction=0.25, trajectory_weight=2.0))
     assert isinstance(objective, TrajectorySupervised) and objective.weight == 2.0 and objective.name == "itvm"
-
-
-def test_batches_carry_rows_of_the_stored_solves(tiny_teacher_dir, tmp_path):
-    cfg = tiny_cfg(tiny_teacher_dir, tmp_path / "r", batch_size=8, trajectory_fraction=0.25, max_steps=2,
-                   trajectory_time_sampling=None, trajectory_dyadic_levels=None)  # the objective's pairs: all states
-    run = Distillation(cfg, show_progress=False)
-    run.preflight()
-    run.setup_accelerator()
-    run.setup_teacher()
-    run.claim_output()
-    run.setup_data()
-    run.start_step = 0
-    batch = run.make_batch(0)
-    rows = batch.trajectory
-    assert batch.x_s.shape[0] == 6 and len(rows) == 2
-    times = run.data.times
-    for k in range(2):  # each row is a pair of states of one stored solve at grid times
-        i, j = int((times - rows.s[k]).abs().argmin()), int((times - rows.t[k]).abs().argmin())
-        assert i < j and times[i] == rows.s[k] and times[j] == rows.t[k]
-        match = [(torch.equal(tr[i], rows.x_s[k]) and torch.equal(tr[j], rows.x_t[k])) for tr in run.data.trajectories]
-        assert any(match)
-    assert not torch.equal(run.make_batch(1).trajectory.x_s, rows.x_s)  # a new draw each step
-    # on the 1- and 2-step samplers' jumps only: (0, 1), (0, 1/2), (1/2, 1)
-    run.cfg.trajectory_time_sampling, run.cfg.trajectory_dyadic_levels = "dyadic", 1
-    from ttfm_distill.batch import BatchPath
-
-    run.batches = BatchPath.from_run(run.cfg, run.teacher, run.data)  # the path is fixed when the data is ready
-    pairs = set()
-    for step in range(30):
-        b = run.make_batch(step).trajectory
-        pairs |= {(round(float(s), 4), round(float(t), 4)) for s, t in zip(b.s, b.t)}
-    assert pairs == {(0.0, 1.0), (0.0, 0.5), (0.5, 1.0)}
