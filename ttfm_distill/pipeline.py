@@ -145,7 +145,7 @@ class TTFMPipeline(DiffusionPipeline):
         ``load_lora_weights``, and the student's second-time embedding from ``lora_folder``."""
         import diffusers
 
-        from .convention import network_io
+        from .teachers.schedulers import network_io
         from .student import ADAPTERS, FORMAT, load_tensors
 
         lora_folder = Path(lora_folder)

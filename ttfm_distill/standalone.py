@@ -20,7 +20,8 @@ from pathlib import Path
 MODULE = "ttfm_pipeline"
 COMPONENT_MODULE = "ttfm_flow_map"
 #: the modules bundled, in dependency order (paths under ttfm_distill/)
-BUNDLED = ("errors.py", "convention.py", "teachers/families.py", "teachers/pipeline.py", "student.py", "mlp.py", "pipeline.py")
+BUNDLED = ("errors.py", "convention.py", "teachers/families.py", "teachers/schedulers.py", "teachers/pipeline.py",
+           "student.py", "mlp.py", "pipeline.py")
 PACKAGE = Path(__file__).resolve().parent
 
 

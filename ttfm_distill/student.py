@@ -29,7 +29,8 @@ from diffusers import ModelMixin
 from torch import nn
 
 from .errors import ConfigError, InputError, TTFMError
-from .convention import TIME_CONVENTION, NetworkIO, broadcast_time, network_io, diffusers_from_velocity, t_from_scheduler_timestep
+from .convention import TIME_CONVENTION, NetworkIO, broadcast_time, diffusers_from_velocity, t_from_scheduler_timestep
+from .teachers.schedulers import network_io
 from .teachers.families import ADAPTERS, FamilyAdapter, ProjectionSpec, adapter_for
 
 SECOND_TIME_INPUTS = ("delta", "t")

@@ -49,7 +49,7 @@ def test_clipped_euler_solve_of_a_bad_epsilon_net_stays_in_range():
 
 
 def test_teacher_takes_clip_sample_from_its_scheduler():
-    from ttfm_distill.teachers.diffusers_teacher import network_io
+    from ttfm_distill.teachers.schedulers import network_io
 
     adapter = SimpleNamespace(default_scheduler={"_class_name": "DDPMScheduler", "beta_schedule": "linear",
                                                  "prediction_type": "epsilon"})

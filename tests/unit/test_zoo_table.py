@@ -45,13 +45,17 @@ def test_table_has_every_teacher_a_row(zoo, tmp_path):
     (tmp_path / "teacher-dit.json").write_text(json.dumps(teacher))
     report = eval_report({1: 60.0, 2: 29.0, 4: 26.0, 8: 19.0}, 20.0)
     for variant in ("default", "dm"):
-        row = {"teacher": "vpred", "variant": variant, "run": {"config": {"max_steps": 3000}},
+        row = {"teacher": "vpred", "variant": variant, "run": {"config": {"max_steps": 3000}, "wall_seconds": 100.0},
+               "eval": {"report": {**report, "settings": {"num": 1024, "seed": 7}}, "wall_seconds": 12.0},
                "summary": json.loads(json.dumps(zoo.summary(report)))}  # as read back from the row file
         (tmp_path / f"vpred{'' if variant == 'default' else '--' + variant}.json").write_text(json.dumps(row))
     text = zoo.write_table(tmp_path).read_text()
     lines = [line for line in text.splitlines() if line.startswith("| vpred | default")]
     assert lines == ["| vpred | default | 3000 | 60.0 | 29.0 | 26.0 | 19.0 | 20.0 | **3.00x** | **1.45x** | 1.30x "
-                     "| scheduler_ddim 18.5 |"]
+                     "| scheduler_ddim 18.5 |",
+                     # the second table: flow-map error (the teacher's Euler at the same NFE), FD to the fine solve
+                     "| vpred | default | 0.100 (-) | 0.100 (-) | 0.100 (-) | 0.100 (0.100) | 30.0 | 14.5 | 13.0 | 9.5 "
+                     "| 100 / 12 |"]
     assert "| vpred | dm |" in text and "| dit | (not distilled yet) |" in text
     assert "| dit | scheduler_ddim | " in text
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..convention import (FLOW_SCHEDULERS, SchedulerError, broadcast_time, network_io,  # noqa: F401 - re-exported
-                          scheduler_kind)
+from ..convention import broadcast_time
+from .schedulers import FLOW_SCHEDULERS, SchedulerError, network_io, scheduler_kind  # noqa: F401 - re-exported
 from .base import Teacher
 from .families import FamilyAdapter, adapter_for
 from ..errors import InputError

@@ -102,7 +102,7 @@ def teacher_prediction_type(spec: str | None, subfolder: str | None = None, revi
     the small JSON files) with ``fetch``; ``None`` for a hub id without it, or one that cannot be fetched.
     The automatic settings depend on it (``RunConfig.resolve_automatic``), so ``--dry-run`` can show them,
     and the run can choose its precision before the teacher's weights are loaded."""
-    from ..convention import prediction_type_of
+    from .schedulers import prediction_type_of
 
     spec = spec or DEFAULT_TEACHER
     if spec.startswith("builtin:"):
@@ -241,7 +241,7 @@ def _scheduler_config(root: Path, denoiser: Path) -> dict | None:
 
 def _check_scheduler(cfg: dict | None, where: Path) -> None:
     """A flow-matching scheduler, or a diffusion one read through its probability-flow ODE."""
-    from .diffusers_teacher import FLOW_SCHEDULERS, SchedulerError, scheduler_kind
+    from .schedulers import FLOW_SCHEDULERS, SchedulerError, scheduler_kind
 
     if cfg is not None and not isinstance(cfg, dict):
         raise TeacherLoadError(f"{where}: scheduler_config.json is not a JSON object")
