@@ -13,12 +13,11 @@ import math
 import re
 import time
 
+from .config import MIN_WARMUP_STEPS  # noqa: F401 - re-exported
 from .errors import ConfigError
 
 #: the steps at the start of a run that are not timed (lazy initialisation, allocator warm-up)
 UNTIMED_STEPS = 3
-#: the fewest warm-up steps a time budget can be fitted on: the steps timed are those of the warm-up
-MIN_WARMUP_STEPS = 10
 
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 

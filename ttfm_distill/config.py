@@ -10,6 +10,11 @@ from pathlib import Path
 
 from .errors import ConfigError  # noqa: F401 - re-exported: most callers import it from here
 
+#: the fewest warm-up steps a time budget can be fitted on: the steps timed are those of the warm-up (budget.py)
+MIN_WARMUP_STEPS = 10
+#: the built-in 2-D teachers with an exact flow (``builtin:NAME``; teachers/analytic.py registers them by these)
+EXACT_TEACHERS = ("checkerboard", "gaussian-mixture", "gaussian")
+
 DEFAULT_OUTPUT = "ttfm-output"
 #: how the (s, t) pairs of a batch are drawn (objectives/timesampling.py draws them)
 TIME_SAMPLINGS = ("uniform", "dyadic", "mixed")
@@ -272,8 +277,6 @@ class RunConfig:
         if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ConfigError("weight_decay, grad_clip and warmup_steps must be >= 0")
         if self.time_budget is not None:
-            from .budget import MIN_WARMUP_STEPS
-
             if not self.time_budget > 0:
                 raise ConfigError(f"time_budget must be a positive number of seconds, got {self.time_budget}")
             if self.warmup_steps < MIN_WARMUP_STEPS:
@@ -346,10 +349,8 @@ class RunConfig:
 
     def exact_teacher(self) -> bool:
         """Whether the teacher is one of the analytic 2-D teachers (``builtin:NAME``), whose flow is exact."""
-        from .teachers.analytic import ANALYTIC_TEACHERS
-
         spec = self.teacher or ""
-        return spec.startswith("builtin:") and spec.split(":", 1)[1] in ANALYTIC_TEACHERS
+        return spec.startswith("builtin:") and spec.split(":", 1)[1] in EXACT_TEACHERS
 
     def pool_solver_name(self, prediction_type: str = "flow") -> str:
         """The pool's solver: ``pool_solver``, with ``auto`` read as heun when there are trajectory rows."""
@@ -393,7 +394,7 @@ class RunConfig:
         faster on this project's CPU (docs/quality.md). A diffusion teacher's velocity divides its noise estimate
         by alpha near the noise end, which could magnify bf16's rounding; on the DDPM teacher measured bf16 was even
         with fp32 on one seed, too little to change its default, so it stays fp32."""
-        from .scale import native_bf16
+        from .machine import native_bf16
 
         if self.mixed_precision != "auto":
             return self.mixed_precision

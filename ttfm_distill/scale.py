@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .machine import native_bf16  # noqa: F401 - re-exported
 
 
 def check_mixed_precision(mode: str, device_type: str) -> None:
@@ -24,18 +25,6 @@ def check_mixed_precision(mode: str, device_type: str) -> None:
     """
     if mode == "fp16" and device_type == "cpu":
         raise ConfigError("fp16 needs a GPU; use bf16 (--set mixed_precision=bf16)")
-
-
-def native_bf16(device_type: str | None = None) -> bool:
-    """Whether ``device_type`` ("cuda" or "cpu"; this machine's when ``None``) computes in bf16 natively: a CUDA
-    GPU that supports it, or a CPU with AVX512-BF16 or AMX (oneDNN's bf16 kernels; elsewhere bf16 is emulated and
-    slower than fp32)."""
-    if device_type is None:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check is not None and bool(check()) for check in checks)
 
 
 def dynamo_backend(compile) -> str | None:

@@ -504,12 +504,12 @@ def test_run_with_standalone_writes_a_folder_diffusers_loads_alone(tiny_teacher_
 
 def test_model_card_command_leaves_out_what_the_run_filled_in(monkeypatch):
     """The card's command: the objective's own diagonal default and the teacher fingerprint are not settings."""
-    from ttfm_distill import scale
+    from ttfm_distill import machine
     from ttfm_distill.config import RunConfig
     from ttfm_distill.pipeline_card import run_command
     from ttfm_distill.preflight import resolve_settings
 
-    monkeypatch.setattr(scale, "native_bf16", lambda device_type=None: True)  # a machine where flow runs are bf16
+    monkeypatch.setattr(machine, "native_bf16", lambda device_type=None: True)  # a machine where flow runs are bf16
 
     cfg, _ = resolve_settings(RunConfig(loss="lsd", max_steps=300))
     cfg.teacher_fingerprint = "0123456789abcdef"

@@ -223,10 +223,10 @@ def test_automatic_lr_final_fraction_by_teacher_kept_on_resume():
 def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings(monkeypatch):
     """What a command that leaves one automatic setting alone would run with, given the run's others: the card
     leaves a setting out exactly when it equals this."""
-    from ttfm_distill import scale
+    from ttfm_distill import machine
     from ttfm_distill.config import AUTOMATIC, RunConfig
 
-    monkeypatch.setattr(scale, "native_bf16", lambda device_type=None: True)
+    monkeypatch.setattr(machine, "native_bf16", lambda device_type=None: True)
     settings, options = RunConfig.automatic_defaults(RunConfig().to_dict())
     assert set(settings) == set(AUTOMATIC)
     assert settings == {"trajectory_fraction": 0.125, "pool_solver": "heun", "lr_schedule": "cosine", "lr": 4e-4,
@@ -275,14 +275,14 @@ def test_automatic_lr_by_teacher_kept_on_resume_and_left_out_of_the_card():
 def test_automatic_precision_by_teacher_and_hardware_kept_on_resume(monkeypatch, tiny_teacher_dir, tmp_path):
     """mixed_precision "auto": bf16 for a flow teacher where the hardware has native bf16, fp32 for a diffusion
     teacher, the exact 2-D teachers and hardware without it; a given value and a resumed run's are kept."""
-    from ttfm_distill import scale
+    from ttfm_distill import machine
     from ttfm_distill.config import RunConfig, resume_mismatch
     from ttfm_distill.pipeline_card import run_command
     from ttfm_distill.preflight import resolve_precision
 
     assert RunConfig().mixed_precision == "auto" and RunConfig().validate().mixed_precision == "auto"
     for native in (True, False):
-        monkeypatch.setattr(scale, "native_bf16", lambda device_type=None, native=native: native)
+        monkeypatch.setattr(machine, "native_bf16", lambda device_type=None, native=native: native)
         assert RunConfig().resolve_automatic("flow").mixed_precision == ("bf16" if native else "no")
         assert RunConfig().resolve_automatic("epsilon").mixed_precision == "no"
         assert RunConfig(teacher="builtin:checkerboard").resolve_automatic("flow").mixed_precision == "no"
@@ -315,12 +315,12 @@ def test_the_pool_solves_in_bf16_when_the_run_trains_in_bf16_and_keeps_its_fp32_
     kept, a folder from before ran fp32. A bf16 pool has a file of its own (an fp32 pool keeps its earlier name),
     runs the teacher under autocast with its time embedders in fp32, keeps fp32 states, and moves the embedded
     teacher's samples by far less than their own size."""
-    from ttfm_distill import scale
+    from ttfm_distill import machine
     from ttfm_distill.config import ConfigError, RunConfig, resume_mismatch
     from ttfm_distill.data.pool import build_pool, pool_file_name
     from ttfm_distill.teachers.loading import load_teacher
 
-    monkeypatch.setattr(scale, "native_bf16", lambda device_type=None: True)
+    monkeypatch.setattr(machine, "native_bf16", lambda device_type=None: True)
     assert RunConfig().pool_precision == "auto" and RunConfig().resolve_automatic("flow").pool_precision == "bf16"
     assert RunConfig().resolve_automatic("epsilon").pool_precision == "no"
     assert RunConfig(teacher="builtin:checkerboard").resolve_automatic("flow").pool_precision == "no"

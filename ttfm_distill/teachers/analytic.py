@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import torch
 from torch.special import log_ndtr
 
+from ..config import EXACT_TEACHERS
 from ..convention import broadcast_time
 from .base import Teacher
 from ..errors import InputError, TTFMError
@@ -514,11 +515,8 @@ class Checkerboard(AnalyticTeacher):
 # Registry
 # --------------------------------------------------------------------------
 
-ANALYTIC_TEACHERS: dict[str, Callable[..., AnalyticTeacher]] = {
-    "checkerboard": Checkerboard,
-    "gaussian-mixture": eight_gaussians,
-    "gaussian": gaussian_2d,
-}
+ANALYTIC_TEACHERS: dict[str, Callable[..., AnalyticTeacher]] = dict(zip(
+    EXACT_TEACHERS, (Checkerboard, eight_gaussians, gaussian_2d)))  # config.EXACT_TEACHERS: the names the settings know
 
 
 class UnknownAnalyticTeacher(TTFMError, KeyError, ValueError):
