@@ -55,18 +55,22 @@ class BudgetClock:
 
     @classmethod
     def for_run(cls, cfg, t_start: float, start_step: int, log) -> "BudgetClock | None":
-        """The clock of ``cfg.time_budget``'s fit, or ``None``: no budget, a count fitted already, or a resume past
-        the fit point (a changed max_steps: that count is trained)."""
-        if cfg.time_budget is None or cfg.fitted_steps is not None:
+        """The clock of the warm-up's pace, or ``None`` (a count fitted already, or a resume past the fit point: a
+        changed max_steps is trained). With ``cfg.time_budget`` it fits the step count; without, it says how long
+        the training will take (:meth:`estimate`)."""
+        if cfg.fitted_steps is not None:
             return None
         fit_at = fit_point(cfg.warmup_steps)
         if start_step >= fit_at:
-            log(f"time budget: the run is past its warm-up with no fitted step count; training to max_steps "
-                f"{cfg.max_steps}")
+            if cfg.time_budget is not None:
+                log(f"time budget: the run is past its warm-up with no fitted step count; training to max_steps "
+                    f"{cfg.max_steps}")
             return None
-        return cls(t_start, start_step, fit_at)
+        return cls(t_start, start_step, fit_at, fits=cfg.time_budget is not None)
 
-    def __init__(self, t_start: float, start_step: int, fit_at: int):
+    def __init__(self, t_start: float, start_step: int, fit_at: int, fits: bool = True):
+        #: whether the clock fits a time budget's step count (else it only estimates the training's length)
+        self.fits = fits
         self.t_start, self.fit_at = t_start, fit_at
         self.mark_at = min(start_step + UNTIMED_STEPS, fit_at - 1)
         self.mark_step, self.mark_time = start_step, t_start
@@ -95,3 +99,22 @@ class BudgetClock:
         return count, (f"time budget {cfg.time_budget:g} s: {self.pace:.3f} s a step over the first {self.fit_at} "
                        f"steps -> {count} steps{cap}, about {elapsed + (count - self.fit_at) * self.pace:.0f} s of "
                        "training")
+
+    def estimate(self, total_steps: int) -> str:
+        """The line a run without a time budget prints at the fit point: the training's length at this pace, and
+        how to shorten it when it is past :data:`LONG_TRAINING` seconds."""
+        left = (total_steps - self.fit_at) * self.pace
+        whole = time.time() - self.t_start + left
+        line = (f"pace {self.pace:.3f} s a step: the {total_steps} steps take about {_minutes(whole)} of training "
+                f"({_minutes(left)} from now)")
+        if whole > LONG_TRAINING:
+            line += "; --time-budget 7m fits the training into seven minutes (or lower --max-steps)"
+        return line
+
+
+#: seconds of training past which a run without a time budget says how to shorten it
+LONG_TRAINING = 600
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"

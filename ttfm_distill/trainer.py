@@ -324,8 +324,11 @@ class Distillation:
                     step += 1
                     self.tracking.after_step(step, lv)
                     if clock is not None and clock.tick(step):
-                        self.fit_time_budget(clock)
-                        progress.update(task, total=cfg.total_steps())
+                        if clock.fits:
+                            self.fit_time_budget(clock)
+                            progress.update(task, total=cfg.total_steps())
+                        else:
+                            self.log(clock.estimate(cfg.total_steps()))
                     if lv is None:
                         continue
                     progress.update(task, completed=step, loss=lv)

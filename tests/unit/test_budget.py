@@ -39,3 +39,26 @@ def test_a_budget_needs_warmup_steps_to_time():
         _cfg("x", time_budget=60.0, warmup_steps=5).validate()
     with pytest.raises(ConfigError, match="time_budget must be a positive"):
         _cfg("x", time_budget=0.0).validate()
+
+
+def test_a_run_without_a_budget_is_told_its_length_at_the_warm_ups_pace_and_how_to_shorten_a_long_one():
+    import time
+
+    from ttfm_distill.budget import BudgetClock
+
+    logs = []
+    clock = BudgetClock.for_run(_cfg("unused", max_steps=3500), time.time() - 100.0, 0, logs.append)
+    assert clock is not None and not clock.fits and clock.fit_at == fit_point(10) and logs == []
+    clock.pace = 0.3  # as tick() measures it at the fit point: 9 steps done in 100 s, 3491 left at 0.3 s
+    line = clock.estimate(3500)
+    assert "pace 0.300 s a step" in line and "3500 steps" in line and "about 19.1 min of training" in line
+    assert "(17.5 min from now)" in line and "--time-budget 7m" in line
+    clock = BudgetClock.for_run(_cfg("unused", max_steps=200), time.time() - 1.0, 0, logs.append)
+    clock.pace = 0.01
+    assert "--time-budget" not in clock.estimate(200)  # a short run gets the estimate alone
+    # a budget fits instead; a fitted count or a resume past the fit point needs no clock
+    assert BudgetClock.for_run(_cfg("unused", max_steps=3500, time_budget=60.0), 0.0, 0, logs.append).fits
+    assert BudgetClock.for_run(_cfg("unused", max_steps=3500), 0.0, 9, logs.append) is None
+    assert BudgetClock.for_run(_cfg("unused", max_steps=3500, time_budget=60.0, fitted_steps=20), 0.0, 0,
+                               logs.append) is None
+    assert logs == []
