@@ -512,7 +512,8 @@ def lost_diversity(student: dict, teachers: dict[str, dict]) -> str | None:
         return None
     return ("the student's samples are much LESS DIVERSE than the teacher's (coverage of the teacher's fine solve "
             f"{', '.join(f'{c:.2f} at {n} step(s)' for n, c in low)} against the teacher's best {best:.2f}): "
-            "lower dm_weight, or raise dm_fake_updates")
+            "with dm_weight > 0 lower it or raise dm_fake_updates; without it the jump averages modes: train longer "
+            "or sample with more steps")
 
 
 #: what to try when the student is worse than the teacher's own sampler (docs/results.md, "When the student is
