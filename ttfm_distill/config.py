@@ -192,7 +192,8 @@ class RunConfig:
     #: spaces them; the uniform grid for flow teachers). Uniform was better on the DDPM teacher measured
     time_grid: str = "uniform"
     #: how the student's network output becomes its average velocity: "native" (the teacher's conversion),
-    #: "velocity" (plus a zero-initialised gain-1 velocity head, conversion gradient capped), or "auto" (native for
+    #: "velocity" (plus a zero-initialised gain-1 velocity head, conversion gradient capped), "gated" (that head only
+    #: where the conversion's gain passes the cap: near the noise end of an epsilon teacher), or "auto" (native for
     #: every teacher since the teacher zoo: student.AUTO_STUDENT_OUTPUT, docs/results.md)
     student_output: str = "auto"
     # distribution matching beside the objective (objectives/dm.py; docs/method.md, "Distribution matching")
@@ -298,14 +299,15 @@ class RunConfig:
             "data_range": ("auto", "0-255", "0-1", "-1-1"),
             "lora_export": ("merged", "adapters"),
             "time_grid": ("uniform", "timesteps"),
-            "student_output": ("auto", "native", "velocity"),
+            "student_output": ("auto", "native", "velocity", "gated"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         self.check_dm()
-        if self.student_output == "velocity" and int(self.lora_rank) > 0:
-            raise ConfigError("student_output=velocity is not supported with LoRA students; use student_output=native")
+        if self.student_output in ("velocity", "gated") and int(self.lora_rank) > 0:
+            raise ConfigError(f"student_output={self.student_output} is not supported with LoRA students; use "
+                              "student_output=native")
         return self
 
     def check_dm(self) -> None:

@@ -37,8 +37,11 @@ SECOND_TIME_INPUTS = ("delta", "t")
 #: how the network's output becomes the average velocity (RunConfig.student_output, docs/second-teacher.md):
 #: "native" reads it through the teacher's own conversion (``u = v_io(x, s, F)``); "velocity" adds a zero-initialised
 #: gain-1 velocity head on the features entering the network's ``conv_out`` and scales the gradient through the
-#: conversion down to :data:`VELOCITY_GAIN_CAP` where its gain is larger (an epsilon teacher near noise)
-STUDENT_OUTPUTS = ("native", "velocity")
+#: conversion down to :data:`VELOCITY_GAIN_CAP` where its gain is larger (an epsilon teacher near noise); "gated"
+#: is the velocity head weighted by ``1 - min(1, cap / gain(s))``, so it acts only at start times where the
+#: conversion is ill-conditioned (for an epsilon teacher, gain ``1/s``: fully at the noise end, not at all from
+#: ``s = 1/2`` on) and the later jumps stay exactly native
+STUDENT_OUTPUTS = ("native", "velocity", "gated")
 VELOCITY_GAIN_CAP = 2.0
 #: where the velocity head reads the backbone's features: "pre_norm", the input of the output GroupNorm
 #: (``conv_norm_out``), whose per-channel scale still varies with the time; "conv_out", after that norm and its
@@ -145,7 +148,7 @@ class StudentConfig:
     #: the teacher's diffusers pipeline class: its ``encode_prompt`` encodes prompts (text students), its LoRA
     #: loader reads the adapters of LoRA students
     teacher_pipeline: str | None = None
-    #: "native" or "velocity" (STUDENT_OUTPUTS; a "velocity" student carries velocity_head.safetensors)
+    #: "native", "velocity" or "gated" (STUDENT_OUTPUTS; the last two carry velocity_head.safetensors)
     student_output: str = "native"
     #: what a velocity head reads (VELOCITY_HEAD_INPUTS): "pre_norm" (the features entering the network's output
     #: norm; every student since the teacher zoo), or "conv_out" (the normalised features entering ``conv_out``: a
@@ -398,10 +401,10 @@ class TwoTimeFlowMap(FlowMapStudent):
         self.student_output = student_output
         self.velocity_head = None
         self._head: torch.Tensor | None = None
-        if student_output == "velocity":
+        if student_output in ("velocity", "gated"):
             conv = getattr(network, "conv_out", None)
             if not isinstance(conv, nn.Conv2d):
-                raise InputError(f"student_output=velocity needs a UNet backbone (a conv_out layer); "
+                raise InputError(f"student_output={student_output} needs a UNet backbone (a conv_out layer); "
                                  f"{type(network).__name__} has none: use student_output=native")
             if velocity_head_input not in VELOCITY_HEAD_INPUTS:
                 raise InputError(f"velocity_head_input must be one of {', '.join(VELOCITY_HEAD_INPUTS)}, got "
@@ -487,11 +490,18 @@ class TwoTimeFlowMap(FlowMapStudent):
         v = self.io.velocity(out, x, s)
         if self.velocity_head is None:
             return v
-        return self._damped(v, s) + head.to(v.dtype)
+        head = head.to(v.dtype)
+        if self.student_output == "gated":  # the head only where the conversion's gain passes the cap
+            head = broadcast_time((1.0 - self._gain_scale(s)).to(v.dtype), head) * head
+        return self._damped(v, s) + head
+
+    def _gain_scale(self, s: torch.Tensor) -> torch.Tensor:
+        """``min(1, cap / gain(s))``: 1 where the network's conversion is well conditioned (float64, ``(B,)``)."""
+        return (VELOCITY_GAIN_CAP / self.io.output_gain(s)).clamp(max=1.0)
 
     def _damped(self, v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """``v`` unchanged in value; its gradient scaled by ``min(1, cap / gain(s))`` (the conversion's gain capped)."""
-        scale = (VELOCITY_GAIN_CAP / self.io.output_gain(s)).clamp(max=1.0)
+        scale = self._gain_scale(s)
         if bool((scale >= 1).all()):
             return v
         fixed = v.detach()

@@ -121,6 +121,38 @@ def test_velocity_output_caps_the_conversion_gradient_and_adds_a_gain_one_head(d
         torch.testing.assert_close(student(x, s, s + 0.5), before + 0.25)
 
 
+def test_the_gated_head_acts_only_where_the_conversion_is_ill_conditioned_and_round_trips(ddpm_teacher_dir, tmp_path):
+    """student_output=gated: the velocity head weighted by 1 - min(1, cap / gain(s)): its full value at the noise
+    end, nothing from s = 1/2 on (an epsilon teacher's gain is 1/s), the teacher at init, and saved and reloaded
+    with its head."""
+    from ttfm_distill.export import export_student, load_student, run_record
+    from ttfm_distill.factory import build_student
+    from ttfm_distill.objectives import make_objective
+    from ttfm_distill.student import VELOCITY_GAIN_CAP
+    from ttfm_distill.teachers.loading import load_teacher
+
+    teacher = load_teacher(str(ddpm_teacher_dir))
+    cfg = RunConfig(teacher=str(ddpm_teacher_dir), student_output="gated")
+    student = build_student(teacher, cfg)
+    assert student.student_output == "gated" and student.velocity_head is not None
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    s = torch.tensor([0.0, 0.1, 0.5, 0.8])
+    with torch.no_grad():
+        base = student(x, s, s + 0.1)
+        torch.testing.assert_close(base, teacher.velocity(x, s))  # the teacher at init
+        student.velocity_head.bias.fill_(0.25)
+        moved = (student(x, s, s + 0.1) - base).mean(dim=(1, 2, 3))
+    gate = 1 - (VELOCITY_GAIN_CAP / teacher.io.output_gain(s)).clamp(max=1.0)
+    torch.testing.assert_close(moved, (0.25 * gate).float(), atol=1e-5, rtol=1e-4)
+    assert moved[0] > 0.24 and moved[1] > 0.1 and moved[2] == 0 and moved[3] == 0
+    out = tmp_path / "gated"
+    export_student(student, out, run_record(cfg, teacher, make_objective("itvm")))
+    back, _ = load_student(out)
+    assert back.student_output == "gated"
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, s, s + 0.1), student(x, s, s + 0.1))
+
+
 def test_velocity_student_round_trip_and_missing_head_is_one_line(ddpm_teacher_dir, tmp_path):
     from ttfm_distill.export import (
         StudentLoadError,
