@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import torch
+from diffusers import ModelMixin  # noqa: F401 - diffusers looks a component's base class up in its module
 from torch import nn
 
 from .student import (FlowMapStudent, StudentConfig, damaged, load_tensors, package_versions, placed, save_tensors_plain,

@@ -270,8 +270,8 @@ def _load_folder(root: Path, subfolder: str | None, source: str | None = None, a
             raise TeacherLoadError(f"{denoiser} has no weights (expected diffusion_pytorch_model.safetensors)")
         if not allow_pickle:
             raise TeacherLoadError(
-                f"{denoiser} has only pickle weights ({pickles[0][:40]}; they can run code): convert to "
-                "safetensors or pass --allow-pickle")
+                f"only pickle weights ({pickles[0][:40]}; they can run code): convert to safetensors or pass "
+                f"--allow-pickle; in {denoiser}")  # the fix before the path: a long path is cut at 190 characters
         import sys
 
         print(f"warning: loading pickle weights {', '.join(pickles)} from {denoiser} (--allow-pickle); "
