@@ -13,16 +13,13 @@ def build_student(teacher, cfg: RunConfig):
     """The student initialised from the teacher (diffusers) or fresh (analytic), seeded by ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
     if teacher.has_network:
-        from .student import TwoTimeFlowMap
-
         from .scale import trainable_copy
+        from .student import TwoTimeFlowMap, resolve_student_output
 
         network = trainable_copy(teacher.network).train().requires_grad_(True)
         guidance = None
         if cfg.guidance_range is not None:
             guidance = {"range": [float(v) for v in cfg.guidance_range], "default": cfg.default_guidance()}
-        from .student import resolve_student_output
-
         return TwoTimeFlowMap(network, second_time_input=cfg.second_time_input, adapter=teacher.adapter, io=teacher.io,
                               null_text=teacher.null_text, guidance=guidance,
                               student_output=resolve_student_output(cfg.student_output, teacher.io, network))
