@@ -225,7 +225,6 @@ class StudentConfig:
         return cls.from_dict(data, str(path))
 
 
-#: the class that reads each ``student_class`` (module, name): one table instead of checks for attributes
 #: every student kind by class name (``ttfm_config.json``'s ``student_class``): filled by
 #: :class:`FlowMapStudent` as each kind is defined
 STUDENT_CLASSES: dict[str, type] = {}
@@ -242,7 +241,7 @@ def resolve_student_output(kind: str, io=None, network: nn.Module | None = None)
     """``native`` or ``velocity`` for the setting ``kind``: ``auto`` decides by the teacher's prediction type,
     and picks ``velocity`` only for a backbone that has the UNet ``conv_out`` the head reads."""
     if kind == "auto":
-        kind = AUTO_STUDENT_OUTPUT.get(getattr(io, "prediction_type", "flow"), "native")
+        kind = AUTO_STUDENT_OUTPUT.get(io.prediction_type if io is not None else "flow", "native")
         if network is not None and not isinstance(getattr(network, "conv_out", None), nn.Conv2d):
             kind = "native"
         return kind
