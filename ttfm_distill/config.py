@@ -193,8 +193,8 @@ class RunConfig:
     time_grid: str = "uniform"
     #: how the student's network output becomes its average velocity: "native" (the teacher's conversion),
     #: "velocity" (plus a zero-initialised gain-1 velocity head, conversion gradient capped), "gated" (that head only
-    #: where the conversion's gain passes the cap: near the noise end of an epsilon teacher), or "auto" (native for
-    #: every teacher since the teacher zoo: student.AUTO_STUDENT_OUTPUT, docs/results.md)
+    #: where the conversion's gain passes the cap: near the noise end of an epsilon teacher), or "auto" (gated for
+    #: epsilon teachers, native for the rest: student.AUTO_STUDENT_OUTPUT, chosen on the teacher zoo, docs/results.md)
     student_output: str = "auto"
     # distribution matching beside the objective (objectives/dm.py; docs/method.md, "Distribution matching")
     #: weight of the term; 0 = off (no fake network is made)

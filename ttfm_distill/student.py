@@ -230,16 +230,18 @@ class StudentConfig:
 STUDENT_CLASSES: dict[str, type] = {}
 
 
-#: what student_output=auto means, by how the teacher's network is read (NetworkIO.prediction_type). The velocity
-#: head won on one epsilon DDPM (the project's) and broke the 2- and 4-step students of the other (diffusers' own
-#: training script's layout: flow-map error 0.39 at 4 steps against the teacher Euler's 0.049 and native's 0.056;
-#: docs/results.md), so it is no default for the kind: native for every teacher, velocity by choice
-AUTO_STUDENT_OUTPUT = {"flow": "native", "epsilon": "native"}
+#: what student_output=auto means, by how the teacher's network is read (NetworkIO.prediction_type), chosen on the
+#: teacher zoo's two epsilon DDPMs (docs/results.md): the ungated velocity head broke the 2- and 4-step students of
+#: diffusers' script layout; native left the project's DDPM 12x its teacher at one step; the gated head (the head
+#: only where the conversion's gain passes the cap) cut the project's DDPM's flow-map error about 3x at 1/2/4 steps
+#: and the script layout's 1.5x at one step, at 1.15x / 2x native's at 2 / 4 steps. Other readings have no
+#: ill-conditioned end (a v-prediction network's gain stays below 1.5, a flow network's is 1): native
+AUTO_STUDENT_OUTPUT = {"flow": "native", "epsilon": "gated"}
 
 
 def resolve_student_output(kind: str, io=None, network: nn.Module | None = None) -> str:
-    """``native`` or ``velocity`` for the setting ``kind``: ``auto`` decides by the teacher's prediction type,
-    and picks ``velocity`` only for a backbone that has the UNet ``conv_out`` the head reads."""
+    """The student output of the setting ``kind``: ``auto`` decides by the teacher's prediction type
+    (:data:`AUTO_STUDENT_OUTPUT`), and picks a head only for a backbone with the UNet ``conv_out`` it reads."""
     if kind == "auto":
         kind = AUTO_STUDENT_OUTPUT.get(io.prediction_type if io is not None else "flow", "native")
         if network is not None and not isinstance(getattr(network, "conv_out", None), nn.Conv2d):
