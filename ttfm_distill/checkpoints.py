@@ -25,6 +25,21 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").exists())
 
 
+def checkpoint_has_head(out: Path) -> bool | None:
+    """Whether the newest readable checkpoint's student carries a velocity head (``None``: no checkpoint). A
+    folder from before ``student_output=auto`` meant ``gated`` for epsilon teachers resumes with the output it
+    trained with (``preflight.keep_student_output``)."""
+    from safetensors import safe_open
+
+    for ckpt in reversed(list_checkpoints(out)):
+        try:
+            with safe_open(str(ckpt / "student.safetensors"), "pt") as f:
+                return any(k.startswith("velocity_head.") for k in f.keys())
+        except Exception:  # noqa: BLE001 - a damaged checkpoint: the resume reports it and tries the one before
+            continue
+    return None
+
+
 def save_checkpoint(out: Path, step: int, student_state: dict, ema, optimizer_state: dict, scheduler, keep: int,
                     history: list, dm_state: dict | None = None) -> Path:
     """Write one checkpoint atomically; ``student_state``/``optimizer_state`` are full (gathered) state dicts;

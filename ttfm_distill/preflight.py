@@ -258,3 +258,15 @@ def check_parallelism(cfg: RunConfig, sharded: bool) -> None:
     if cfg.dm_weight > 0 and sharded:
         raise ConfigError("dm_weight under FSDP is not supported yet: the fake network is not sharded; use data "
                           "parallel or set dm_weight=0")
+
+
+def keep_student_output(cfg: RunConfig, out, saved: dict | None) -> None:
+    """A resumed run whose config says ``student_output=auto`` keeps the output its checkpoints were trained with
+    (``auto`` has meant ``velocity``, then ``native``, now ``gated`` for epsilon teachers): ``native`` when they
+    carry no velocity head, so a run from an earlier version resumes instead of failing to load its student."""
+    if saved is None or cfg.student_output != "auto" or saved.get("student_output", "auto") != "auto":
+        return
+    from .checkpoints import checkpoint_has_head
+
+    if checkpoint_has_head(out) is False:
+        cfg.student_output = "native"

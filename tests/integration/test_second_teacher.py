@@ -42,3 +42,27 @@ def test_the_dry_run_of_a_hub_teacher_says_its_automatic_settings_wait_for_it(tm
     r = cli("run", "--teacher", "some-org/model", "--output", tmp_path / "r", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["lr"] is None and "filled in once it is loaded" in r.stderr
+
+
+def test_a_run_from_before_auto_meant_gated_resumes_with_the_output_it_trained_with(ddpm_teacher_dir, tmp_path):
+    """A folder whose config says student_output=auto and whose checkpoints have no velocity head (written when
+    auto meant native) resumes as native instead of failing to load its student; a new run of the same teacher
+    gets the gated head."""
+    from safetensors.torch import load_file
+
+    from helpers import tiny_cfg
+    from ttfm_distill.trainer import run_distillation
+
+    out = tmp_path / "old"
+    run_distillation(tiny_cfg(ddpm_teacher_dir, out, max_steps=4, student_output="native"), show_progress=False)
+    config = json.loads((out / "config.json").read_text())
+    config["student_output"] = "auto"  # what a folder of the earlier version holds
+    (out / "config.json").write_text(json.dumps(config))
+    again = run_distillation(tiny_cfg(ddpm_teacher_dir, out, max_steps=8), show_progress=False)
+    assert again.resumed_from == 4 and again.steps == 8
+    state = load_file(out / "checkpoints" / "step-00000008" / "student.safetensors")
+    assert not any(k.startswith("velocity_head.") for k in state)
+    assert json.loads((out / "metrics.json").read_text())["settings"]["student_output"] == "native"
+    fresh = tmp_path / "new"
+    run_distillation(tiny_cfg(ddpm_teacher_dir, fresh, max_steps=4), show_progress=False)
+    assert json.loads((fresh / "metrics.json").read_text())["settings"]["student_output"] == "gated"
