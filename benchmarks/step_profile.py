@@ -6,6 +6,16 @@
     OMP_NUM_THREADS=1 python benchmarks/step_profile.py --steps 80 --join-ab     # trajectory rows joined or apart
     OMP_NUM_THREADS=1 python benchmarks/step_profile.py --steps 40 --adamw fused  # AdamW's fused path (or foreach)
     OMP_NUM_THREADS=1 python benchmarks/step_profile.py --adamw-ab               # AdamW's step alone, 3 paths
+    OMP_NUM_THREADS=1 python benchmarks/step_profile.py --steps 40 --floor       # the step against its floor
+    OMP_NUM_THREADS=1 python benchmarks/step_profile.py --steps 40 --floor --set dm_weight=0.3   # with the DM term
+
+``--floor`` (issue 34's measure of overhead) records every network evaluation one training step makes (the
+student, its EMA, the teacher's network and the fake network: their inputs, and whether a gradient flows), then
+replays each alone on those inputs under the run's autocast, a forward and, where the step took a gradient
+through it, a backward of the output's sum, ``--replays`` times in interleaved rounds; the **floor** is the sum of
+the calls' median seconds, and the step's median seconds over its floor is the overhead ratio (goal <= 1.15).
+Beside it: the floor over one student forward and backward at the batch (a plain flow-matching step's network
+work), the ratio the issue asks for.
 
 ``--join-ab`` alternates blocks of 10 steps with the trajectory rows in the objective's gradient forward
 (the default, objectives/trajectory.py ``JoinedForward``) and in a forward of their own, and prints the
@@ -43,6 +53,9 @@ def main():
                         "foreach or fused")
     p.add_argument("--adamw-ab", action="store_true",
                    help="time AdamW's step alone on the run's student (default, foreach, fused; interleaved)")
+    p.add_argument("--floor", action="store_true",
+                   help="the step's median seconds against its floor: its network evaluations replayed alone")
+    p.add_argument("--replays", type=int, default=15, help="--floor: interleaved replay rounds")
     p.add_argument("--join-ab", action="store_true",
                    help="alternate 10-step blocks with the trajectory rows joined and apart; median s/step of each")
     args = p.parse_args()
@@ -69,6 +82,10 @@ def main():
             run.train_step(k)
         if args.adamw_ab:
             adamw_ab(run, args.steps)
+            run.lock.release()
+            return
+        if args.floor:
+            floor(run, args.steps, args.replays)
             run.lock.release()
             return
         if args.join_ab:
@@ -134,6 +151,105 @@ def adamw_ab(run, rounds: int) -> None:
     n = sum(p.numel() for p in params)
     print("AdamW step alone, " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in times.items())
           + f" (medians of {len(times['default'])} interleaved rounds, {n} parameters in {len(params)} tensors, 1 thread)")
+
+
+def networks(run) -> dict:
+    """The networks a training step evaluates, by name: student, its EMA, the teacher's network, the fake one."""
+    nets = {"student": run.student, "teacher": run.teacher.network}
+    if run.ema is not None:
+        nets["ema"] = run.ema
+    if run.cfg.dm_weight > 0:
+        nets["fake"] = run.fake.network
+    return nets
+
+
+def record_calls(run, step: int) -> list:
+    """Every top-level call of ``networks(run)`` during training step ``step``: (name, module, args, kwargs,
+    gradient enabled, autocast on, in-step forward seconds). A call made inside another recorded call (a
+    wrapper's own network) is not recorded twice."""
+    calls, depth, started = [], [0], {}
+
+    def pre(name, module):
+        def hook(mod, args, kwargs):
+            depth[0] += 1
+            if depth[0] == 1:
+                started[name] = (time.perf_counter(), args, kwargs, torch.is_grad_enabled(),
+                                 torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
+        return hook
+
+    def post(name, module):
+        def hook(mod, args, kwargs, output):
+            depth[0] -= 1
+            if depth[0] == 0 and name in started:
+                t0, a, kw, grad, autocast = started.pop(name)
+                keep = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
+                calls.append((name, module, tuple(keep(v) for v in a),
+                              {k: (keep(v) if not isinstance(v, dict) else {kk: keep(vv) for kk, vv in v.items()})
+                               for k, v in kw.items()}, grad, autocast, time.perf_counter() - t0))
+        return hook
+
+    handles = []
+    for name, module in networks(run).items():
+        handles.append(module.register_forward_pre_hook(pre(name, module), with_kwargs=True))
+        handles.append(module.register_forward_hook(post(name, module), with_kwargs=True))
+    try:
+        run.train_step(step)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def replay(run, call) -> float:
+    """Seconds of one recorded call alone: its forward (and the backward of its output's sum where the step took
+    a gradient through it) on its own inputs, under the run's autocast if the step had it."""
+    import contextlib
+
+    name, module, args, kwargs, grad, autocast, _ = call
+    ctx = run.accelerator.autocast() if autocast else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    with ctx, torch.set_grad_enabled(grad):
+        out = module(*args, **kwargs)
+        out = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
+    if grad:
+        out.float().sum().backward()
+    seconds = time.perf_counter() - t0
+    module.zero_grad(set_to_none=True)
+    return seconds
+
+
+def floor(run, steps: int, replays: int) -> None:
+    """The median step against the summed median seconds of its network evaluations replayed alone."""
+    import statistics
+
+    times = []
+    k = 5
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        run.train_step(k)
+        times.append(time.perf_counter() - t0)
+        k += 1
+    calls = record_calls(run, k)
+    seconds = [[] for _ in calls]
+    for _ in range(replays):
+        for i, call in enumerate(calls):
+            seconds[i].append(replay(run, call))
+    medians = [statistics.median(v) for v in seconds]
+    total = sum(medians)
+    step = statistics.median(times)
+    fm = [m for c, m in zip(calls, medians) if c[0] == "student" and c[4]
+          and c[2][0].shape[0] == run.cfg.batch_size]
+    print(f"network evaluations of one step ({len(calls)}):")
+    for c, m in zip(calls, medians):
+        shape = tuple(c[2][0].shape) if c[2] and isinstance(c[2][0], torch.Tensor) else "?"
+        print(f"  {c[0]:8s} {'forward+backward' if c[4] else 'forward (no grad)':18s} input {shape}: "
+              f"{1e3 * m:7.1f} ms alone ({1e3 * c[6]:.1f} ms forward in the step)")
+    line = (f"step median {step:.4f} s over {steps} steps; floor {total:.4f} s (medians of {replays} replays); "
+            f"step / floor = {step / total:.3f}")
+    if fm:
+        line += (f"; floor / one student forward+backward at batch {run.cfg.batch_size} "
+                 f"(a flow-matching step's network work) = {total / fm[0]:.2f}")
+    print(line + f" (1 thread; mixed_precision {run.cfg.mixed_precision})")
 
 
 def join_ab(run, steps: int, block: int = 10) -> None:

@@ -6,13 +6,7 @@ from __future__ import annotations
 import torch
 
 from .fileio import write_json
-
-
-def _unsharded(p: torch.Tensor) -> torch.Tensor:
-    """The full tensor of an FSDP-sharded parameter (a collective), else ``p``."""
-    from torch.distributed.tensor import DTensor
-
-    return p.full_tensor() if isinstance(p, DTensor) else p
+from .scale import full_tensor
 
 
 def distributed_report(accelerator, student, first_batch: float) -> dict | None:
@@ -20,7 +14,7 @@ def distributed_report(accelerator, student, first_batch: float) -> dict | None:
     if accelerator.num_processes == 1:
         return None
     with torch.no_grad():
-        params = sum(_unsharded(p).double().sum() for p in student.parameters())
+        params = sum(full_tensor(p).double().sum() for p in student.parameters())
         row = torch.stack([params, torch.tensor(first_batch, dtype=torch.float64)]).to(accelerator.device)[None]
     rows = accelerator.gather(row).cpu()
     return {"processes": accelerator.num_processes,

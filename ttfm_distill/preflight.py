@@ -61,9 +61,12 @@ def with_trajectory_rows(objective, cfg: RunConfig):
     return TrajectorySupervised(objective, cfg.trajectory_weight)
 
 
-def resolve_teacher_settings(cfg: RunConfig, objective, teacher, saved: dict | None):
+def resolve_teacher_settings(cfg: RunConfig, objective, teacher, saved: dict | None, out=None):
     """The automatic settings that depend on the teacher (its prediction type), filled in once it is loaded, so
-    config.json records what ran; a resumed run keeps its own. Returns the objective, wrapped if need be."""
+    config.json records what ran; a resumed run (``saved``, its folder ``out``) keeps its own, its student output
+    included (:func:`keep_student_output`). Returns the objective, wrapped if need be."""
+    if out is not None:
+        keep_student_output(cfg, out, saved)
     prediction_type = teacher.prediction_type
     given = dict(cfg.loss_options)
     cfg.resolve_automatic(prediction_type, saved)

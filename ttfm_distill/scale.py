@@ -104,6 +104,13 @@ def enable_gradient_checkpointing(student) -> None:
 # the full tensors, gathered with torch's ``torch.distributed.checkpoint.state_dict``
 # functions, which serve FSDP1, FSDP2 and unsharded modules alike; every function
 # here that gathers or scatters is a collective that every process must call.
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The whole of ``value``: an FSDP2 shard (a DTensor) gathered (a collective), any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
 def module_is_sharded(module) -> bool:
     """Whether ``module`` (or a submodule) is FSDP-sharded: FSDP2 ``FSDPModule``, FSDP1, or DTensor parameters."""
     if module is None:

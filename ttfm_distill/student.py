@@ -356,11 +356,10 @@ class FlowMapStudent(ModelMixin):
     @torch.no_grad()
     def follow(self, model: nn.Module, decay: float) -> None:
         """One EMA step of this copy towards ``model``'s parameters (an FSDP shard's full tensor)."""
-        from torch.distributed.tensor import DTensor
+        from .scale import full_tensor
 
         for pe, pm in zip(self.parameters(), model.parameters()):
-            pm = pm.detach()
-            pe.lerp_((pm.full_tensor() if isinstance(pm, DTensor) else pm).to(pe.dtype), 1.0 - decay)
+            pe.lerp_(full_tensor(pm.detach()).to(pe.dtype), 1.0 - decay)
 
 
 class TwoTimeFlowMap(FlowMapStudent):

@@ -164,7 +164,9 @@ def read_log(path: Path) -> list[dict]:
 def _finite(value):
     """A JSON-safe number: non-finite floats become ``None``."""
     if isinstance(value, torch.Tensor):
-        value = (value.full_tensor() if hasattr(value, "full_tensor") else value).item()  # FSDP2: a DTensor
+        from .scale import full_tensor
+
+        value = full_tensor(value).item()  # FSDP2: a DTensor
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
