@@ -59,7 +59,8 @@ def ddim_sampler(teacher, steps: int):
 def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
-    from ttfm_distill.evaluate import Evaluation, Sampler, parse_steps
+    from ttfm_distill.cli import parse_steps
+    from ttfm_distill.evaluate import Evaluation, Sampler
     from ttfm_distill.sampling import euler, heun, time_grid
     from ttfm_distill.teachers.loading import load_teacher
 

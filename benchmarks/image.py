@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from ttfm_distill.config import RunConfig
-from ttfm_distill.evaluate import (Evaluation, parse_steps, student_flow_map_sampler, teacher_euler_sampler,
+from ttfm_distill.cli import parse_steps
+from ttfm_distill.evaluate import (Evaluation, student_flow_map_sampler, teacher_euler_sampler,
                                    teacher_heun_sampler)
 from ttfm_distill.export import load_student
 from ttfm_distill.fileio import write_json

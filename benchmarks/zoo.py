@@ -418,7 +418,7 @@ def parse(argv=None) -> argparse.Namespace:
                    help="row JSONs and table.md (default benchmarks/results/zoo)")
     p.add_argument("--table", action="store_true", help="only write RESULTS/table.md from the rows there")
     args = p.parse_args(argv)
-    from ttfm_distill.evaluate import parse_steps
+    from ttfm_distill.cli import parse_steps
 
     args.teacher_nfe = parse_steps(args.teacher_nfe, "--teacher-nfe")
     args.student_steps = parse_steps(args.student_steps, "--student-steps")

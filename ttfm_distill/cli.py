@@ -73,6 +73,19 @@ def _parse_value(text: str):
         return text
 
 
+def parse_steps(text: str, flag: str = "--steps") -> tuple[int, ...]:
+    """``"1,2,4,8"`` -> ``(1, 2, 4, 8)`` (sorted, unique, each >= 1); a bad list is an ``EvalError``."""
+    from .evaluate import EvalError
+
+    try:
+        values = sorted({int(v) for v in str(text).split(",") if v.strip()})
+    except ValueError:
+        raise EvalError(f"{flag} expects comma-separated integers such as 1,2,4,8, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise EvalError(f"{flag} needs step counts >= 1, got {text!r}")
+    return tuple(values)
+
+
 def _parse_options(items: List[str] | None, flag: str) -> dict:
     out = {}
     for item in items or []:
@@ -255,7 +268,7 @@ def eval_(
     """Score the student against the teacher's Euler and Heun samplers at the same NFE; writes JSON and a PNG."""
 
     def body():
-        from .evaluate import EvalError, parse_steps
+        from .evaluate import EvalError
 
         step_list = parse_steps(steps)
         teacher_list = parse_steps(teacher_steps, "--teacher-steps") if teacher_steps else None

@@ -64,17 +64,6 @@ class EvalError(TTFMError, ValueError):
     """Settings or models that ``eval`` cannot work with; the message says why."""
 
 
-def parse_steps(text: str, flag: str = "--steps") -> tuple[int, ...]:
-    """``"1,2,4,8"`` -> ``(1, 2, 4, 8)`` (sorted, unique, each >= 1)."""
-    try:
-        values = sorted({int(v) for v in str(text).split(",") if v.strip()})
-    except ValueError:
-        raise EvalError(f"{flag} expects comma-separated integers such as 1,2,4,8, got {text!r}") from None
-    if not values or values[0] < 1:
-        raise EvalError(f"{flag} needs step counts >= 1, got {text!r}")
-    return tuple(values)
-
-
 @dataclass
 class Sampler:
     """One way to turn noise into samples with ``nfe`` network evaluations.
@@ -219,15 +208,7 @@ class Evaluation:
             self.ref_stats = gaussian_stats(ref_features)
             self.ref_features, self.ref_radii = ref_features, knn_radii(ref_features)
             self.info["reference_class_entropy"] = class_entropy(self.classifier.logits(self.ref_pixels), 10)
-            card = self.classifier.card
-            self.info["classifier"] = {
-                "file": "ttfm_distill/assets/fashion16_classifier/model.safetensors",
-                "test_accuracy": card["test_accuracy"], "feature_dim": card["config"]["feature_dim"],
-                "real_images": "Fashion-MNIST test split, 10k images and their 10k mirror images (16x16, [-1, 1])",
-                "recipe": card["recipe"]}
-            if str(self.teacher.source) != "builtin:fashion16":
-                self.info["classifier"]["note"] = ("the teacher is not the embedded Fashion-MNIST teacher; "
-                                                   "fd_test_images still compares with Fashion-MNIST")
+            self.info["classifier"] = self.classifier.describe(str(self.teacher.source))
         else:
             reason = f"the feature classifier reads 1x16x16 images; this teacher makes {'x'.join(map(str, shape))}"
             self.not_computed["fd_test_images"] = self.not_computed["fd_teacher_fine"] = reason
@@ -249,21 +230,9 @@ class Evaluation:
 
     def _real_images(self, split: str):
         """``num`` real images of ``split`` (random left-right flips, seeded), or a reason string."""
-        from .data.fashion_mnist import DatasetUnavailable, load_fashion_mnist
-        from .features import CLASSIFIER_IMAGE_SHAPE
+        from .features import real_fashion_images
 
-        shape = tuple(self.teacher.image_shape)
-        if shape != CLASSIFIER_IMAGE_SHAPE:
-            return f"real images exist here only for 1x16x16 Fashion-MNIST; this teacher makes {'x'.join(map(str, shape))}"
-        try:
-            images, _ = load_fashion_mnist(split, resolution=16)
-        except DatasetUnavailable as e:
-            return str(e)
-        g = torch.Generator().manual_seed(self.seed + 1)
-        x = torch.from_numpy(images)
-        idx = torch.randperm(len(x), generator=g)[: self.num]
-        x = x[idx]
-        return torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x, x.flip(-1))
+        return real_fashion_images(split, self.num, self.seed + 1, tuple(self.teacher.image_shape))
 
     # -------------------------------------------------------------- scoring --
     def score(self, x: torch.Tensor, against_reference: bool = True) -> dict:

@@ -72,6 +72,17 @@ class FeatureClassifier:
         return torch.cat(out)
 
 
+    def describe(self, teacher_source: str) -> dict:
+        """What an evaluation report says of this classifier and its real images."""
+        info = {"file": "ttfm_distill/assets/fashion16_classifier/model.safetensors",
+                "test_accuracy": self.card["test_accuracy"], "feature_dim": self.card["config"]["feature_dim"],
+                "real_images": "Fashion-MNIST test split, 10k images and their 10k mirror images (16x16, [-1, 1])",
+                "recipe": self.card["recipe"]}
+        if teacher_source != "builtin:fashion16":
+            info["note"] = ("the teacher is not the embedded Fashion-MNIST teacher; fd_test_images still compares "
+                            "with Fashion-MNIST")
+        return info
+
     @torch.no_grad()
     def logits(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """``(N, 1, 16, 16)`` images in [-1, 1] (clamped here) -> ``(N, classes)`` class logits."""
@@ -153,3 +164,21 @@ def inception_features(model, images: torch.Tensor, batch_size: int = 64) -> tor
                                        "expected (batch, features)")
         out.append(feats.double())
     return torch.cat(out)
+
+
+def real_fashion_images(split: str, num: int, seed: int, shape: tuple):
+    """``num`` random Fashion-MNIST images of ``split`` at 16x16 in [-1, 1], each mirrored with probability 1/2
+    (a generator seeded with ``seed``), or a one-line reason string when ``shape`` is not theirs or the
+    dataset is not installed."""
+    from .data.fashion_mnist import DatasetUnavailable, load_fashion_mnist
+
+    if tuple(shape) != CLASSIFIER_IMAGE_SHAPE:
+        return f"real images exist here only for 1x16x16 Fashion-MNIST; this teacher makes {'x'.join(map(str, shape))}"
+    try:
+        images, _ = load_fashion_mnist(split, resolution=16)
+    except DatasetUnavailable as e:
+        return str(e)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(images)
+    x = x[torch.randperm(len(x), generator=g)[:num]]
+    return torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x, x.flip(-1))

@@ -7,7 +7,8 @@ import torch
 from conftest import ExactGaussianMap
 from helpers import StandInInception
 
-from ttfm_distill.evaluate import (Evaluation, Sampler, parse_steps, student_flow_map_sampler, teacher_euler_sampler,
+from ttfm_distill.cli import parse_steps
+from ttfm_distill.evaluate import (Evaluation, Sampler, student_flow_map_sampler, teacher_euler_sampler,
                                    teacher_heun_sampler)
 from ttfm_distill.features import (CLASSIFIER_DIR, InceptionFormatError, inception_features, load_feature_classifier,
                                    load_inception)
