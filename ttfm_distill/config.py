@@ -214,6 +214,13 @@ class RunConfig:
     dm_start_step: int = 0
     #: generated samples per step (per process)
     dm_batch: int = 16
+    #: a distribution-matching stage: the run's last N steps (all of them in a shorter run). At its first step the
+    #: student takes its EMA's weights, the EMA restarts there, the optimiser's moments reset and the lr follows
+    #: its own warm-up and schedule from dm_stage_lr; the term (and the fake network, a fresh copy of the teacher
+    #: until then) only runs in the stage. The in-run form of a warm start from a finished run (docs/results.md)
+    dm_stage_steps: int = 0
+    #: the stage's learning rate (its peak, before the run's lr schedule shape)
+    dm_stage_lr: float = 1e-4
     #: warm start: a run folder (or student export) whose student weights this run starts from, instead of the
     #: teacher's; its EMA starts there too
     init_from: str | None = None
@@ -318,6 +325,13 @@ class RunConfig:
             raise ConfigError(f"dm_fake_lr must be > 0 (or unset: the student's lr), got {self.dm_fake_lr}")
         if int(self.dm_fake_updates) < 1 or int(self.dm_batch) < 1 or int(self.dm_start_step) < 0:
             raise ConfigError("dm_fake_updates and dm_batch must be >= 1 and dm_start_step >= 0")
+        if int(self.dm_stage_steps) < 0 or not self.dm_stage_lr > 0:
+            raise ConfigError(f"dm_stage_steps must be >= 0 and dm_stage_lr > 0, got {self.dm_stage_steps} and "
+                              f"{self.dm_stage_lr}")
+        if self.dm_stage_steps > 0 and not self.dm_weight > 0:
+            raise ConfigError("dm_stage_steps needs the term on: set dm_weight (0.3 was measured) or dm_stage_steps=0")
+        if self.dm_stage_steps > 0 and self.dm_start_step > 0:
+            raise ConfigError("dm_stage_steps and dm_start_step both say when the term starts; set one of them")
         if not 0 <= self.dm_time_min < self.dm_time_max <= 1:
             raise ConfigError(f"need 0 <= dm_time_min < dm_time_max <= 1, got {self.dm_time_min} and "
                               f"{self.dm_time_max}")
@@ -473,6 +487,12 @@ class RunConfig:
         settings = {key: getattr(cls(**{**base, key: unset[0]}).resolve_automatic(prediction_type), key)
                     for key, unset in AUTOMATIC.items()}
         return settings, loss_defaults
+
+    def dm_stage_start(self) -> int | None:
+        """The first step of the distribution-matching stage (``dm_stage_steps``), or None without one."""
+        if self.dm_stage_steps <= 0:
+            return None
+        return max(0, self.total_steps() - int(self.dm_stage_steps))
 
     def trajectory_pairs(self) -> tuple[str, int]:
         """``(time_sampling, dyadic_levels)`` the trajectory rows' pairs are drawn with (unset: the run's own)."""

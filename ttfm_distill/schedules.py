@@ -8,13 +8,23 @@ from .config import EMA_OFFSET_OTHER, RunConfig
 
 
 def lr_factor(k: int, cfg: RunConfig) -> float:
-    """The learning-rate multiplier at step ``k``: linear warm-up, then constant or a cosine to the final fraction."""
+    """The learning-rate multiplier at step ``k``: linear warm-up, then constant or a cosine to the final fraction.
+    With a distribution-matching stage (``dm_stage_steps``) the schedule ends where the stage starts, and the same
+    shape restarts there over the stage's steps, scaled to ``dm_stage_lr``: a finished run, then a warm start."""
+    stage = cfg.dm_stage_start()
+    if stage is not None and k >= stage:
+        length = cfg.total_steps() - stage
+        return cfg.dm_stage_lr / cfg.lr * _shape(k - stage, length, max(1, min(cfg.warmup_steps, length)), cfg)
+    return _shape(k, cfg.total_steps() if stage is None else stage, max(1, cfg.warmup_steps), cfg)
+
+
+def _shape(k: int, total: int, warm: int, cfg: RunConfig) -> float:
+    """Linear warm-up over ``warm`` steps, then 1 or a cosine to the final fraction at ``total``."""
     import math
 
-    warm = max(1, cfg.warmup_steps)
     factor = min(1.0, (k + 1) / warm)
     if cfg.lr_schedule_name() == "cosine" and k + 1 > warm:
-        progress = min(1.0, (k + 1 - warm) / max(1, cfg.total_steps() - warm))
+        progress = min(1.0, (k + 1 - warm) / max(1, total - warm))
         low = cfg.lr_final_value()
         factor = low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return factor

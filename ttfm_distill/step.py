@@ -43,3 +43,14 @@ def all_finite(loss: torch.Tensor, accelerator) -> bool:
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, "sum")
     return bad.item() == 0
+
+
+@torch.no_grad()
+def begin_stage(student, ema, optimizer) -> None:
+    """The first step of a distribution-matching stage (``dm_stage_steps``), as a warm start from the run so far
+    would begin: the student takes its EMA's weights (and the EMA, equal to them, restarts its warm-up there) and
+    the optimiser's moments are cleared (the lr schedule restarts in ``schedules.lr_factor``)."""
+    if ema is not None:
+        for p, e in zip(student.parameters(), ema.parameters()):
+            p.copy_(e.to(p.dtype))
+    optimizer.state.clear()

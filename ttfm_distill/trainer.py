@@ -26,7 +26,7 @@ from .finish import distributed_report, finish_run
 from .objectives import TrainBatch
 from .schedules import ema_decay_at, ema_update, lr_factor
 from .signals import SigtermAsInterrupt, interrupt_signal
-from .step import backward_micro_batches
+from .step import backward_micro_batches, begin_stage
 from .teachers.analytic import AnalyticTeacher
 from .tracking import RunTracking, accelerator_trackers, training_progress
 
@@ -277,6 +277,12 @@ class Distillation:
     def train_step(self, step: int) -> float | None:
         """One optimiser step; returns the loss, or ``None`` for a non-finite step skipped by ``nan_policy``."""
         cfg = self.cfg
+        stage = cfg.dm_stage_start()
+        if stage is not None and step == stage > 0:
+            begin_stage(self.student, self.ema, self.optimizer)
+            self.log(f"distribution-matching stage: steps {stage} to {cfg.total_steps()}, from the EMA's weights")
+        in_stage = stage is not None and step >= stage
+        dm_on = self.dm is not None and (in_stage or stage is None)
         batch = self.make_batch(step)
         target = self.ema if self.ema is not None else self.student
         loss, step_metrics, finite = backward_micro_batches(self.accelerator, self.wrapped, self.objective,
@@ -288,7 +294,7 @@ class Distillation:
                 return None
             raise NonFiniteLoss(f"loss became {loss.item()} at step {step}; stopped without saving "
                                 f"(last good checkpoint: step {self.last_saved}); lower --lr or use nan_policy=skip")
-        if self.dm is not None:  # the distribution-matching term's gradient joins the objective's
+        if dm_on:  # the distribution-matching term's gradient joins the objective's
             samples, dm_metrics = self.dm.student_step(self.wrapped, step, batch.cond, batch.generator, self.device)
             step_metrics = {**step_metrics, **dm_metrics}
         if cfg.grad_clip > 0 or self.tracking.measures_grad_norm(step):  # max_norm inf: the norm alone (grads x 1)
@@ -296,10 +302,11 @@ class Distillation:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            ema_update(self.ema, self.student, ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup,
-                                                               cfg.ema_offset_value()))
-        if self.dm is not None:  # then the fake network learns the student's samples of this step
+        if self.ema is not None:  # (the EMA's warm-up restarts with a stage)
+            decay = ema_decay_at(step - stage if in_stage else step, cfg.ema_decay, cfg.ema_warmup,
+                                 cfg.ema_offset_value())
+            ema_update(self.ema, self.student, decay)
+        if dm_on:  # then the fake network learns the student's samples of this step
             step_metrics = {**step_metrics, **self.dm.fake_step(samples, batch.generator)}
         self.step_metrics = step_metrics
         lv = loss.item()

@@ -1,5 +1,6 @@
 """The distribution-matching term (objectives/dm.py, fake.py): its maths, its settings' effects, its state."""
 
+import json
 import os
 import signal
 import subprocess
@@ -112,3 +113,64 @@ def test_sigterm_with_the_dm_term_checkpoints_its_state_and_resumes(tiny_teacher
     assert proc.returncode == 143 and "Traceback" not in err, err
     ckpt = list_checkpoints(out)[-1]
     assert (ckpt / "fake.safetensors").exists() and (ckpt / "fake_optimizer.pt").exists()
+
+
+# ------------------------------------------------------------------------------------- the DM stage --------
+def _ckpt(out, step, name="student.safetensors"):
+    return load_file(out / "checkpoints" / f"step-{step:08d}" / name)
+
+
+def test_dm_stage_starts_from_the_ema_with_fresh_moments_and_a_fresh_fake(tiny_teacher_dir, tmp_path):
+    """dm_stage_steps=3 of 6: no term before step 3; at step 3 the student takes the EMA's weights (a vanishing
+    stage lr keeps it there), the optimiser's moments restart and the fake network is still the teacher's copy."""
+    out = tmp_path / "stage"
+    cfg = tiny_cfg(tiny_teacher_dir, out, max_steps=6, checkpoint_every=1, keep_checkpoints=10, dm_stage_steps=3,
+                   dm_stage_lr=1e-12, warmup_steps=1)
+    run_distillation(cfg, show_progress=False)
+    rows = [r for r in (out / "train_log.jsonl").read_text().splitlines() if '"kind": "train"' in r]
+    with_term = [json.loads(r)["step"] for r in rows if "dm_loss" in r]
+    assert with_term == [4, 5, 6]  # (a row is numbered by the steps done: steps 3, 4 and 5)
+    from ttfm_distill.teachers.loading import load_teacher
+
+    teacher = {f"network.{k}": v for k, v in load_teacher(str(tiny_teacher_dir)).network.state_dict().items()}
+    fake3 = _ckpt(out, 3, "fake.safetensors")
+    assert all(torch.equal(fake3[k], teacher[k]) for k in teacher)  # untouched before the stage
+    fake6 = _ckpt(out, 6, "fake.safetensors")
+    assert any(not torch.equal(fake6[k], teacher[k]) for k in teacher)  # trained in it
+    raw3, ema3, raw4 = _ckpt(out, 3), _ckpt(out, 3, "ema.safetensors"), _ckpt(out, 4)
+    moved = [k for k in raw3 if not torch.allclose(raw3[k], ema3[k], atol=1e-6)]
+    assert moved  # the raw student and its EMA differ at step 3, so the check below is not vacuous
+    assert all(torch.allclose(raw4[k], ema3[k], atol=1e-6) for k in moved)
+    opt = torch.load(out / "checkpoints" / "step-00000004" / "optimizer.pt", weights_only=True)["optimizer"]
+    assert {float(s["step"]) for s in opt["state"].values()} == {1.0}  # one step since the moments restarted
+
+
+def test_dm_stage_resumes_bit_for_bit_across_its_start(tiny_teacher_dir, tmp_path):
+    """A run killed after its step-3 checkpoint (the stage's first step still to do) resumes to the same weights."""
+    import shutil
+
+    a = tmp_path / "a"
+    run_distillation(tiny_cfg(tiny_teacher_dir, a, max_steps=6, checkpoint_every=3, keep_checkpoints=5,
+                              dm_stage_steps=3), show_progress=False)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)  # b as a kill just after the step-3 checkpoint would have left it
+    for name in ("student", "metrics.json", "checkpoints/step-00000006"):
+        path = b / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    res = run_distillation(tiny_cfg(tiny_teacher_dir, b, max_steps=6, checkpoint_every=3, keep_checkpoints=5,
+                                    dm_stage_steps=3), show_progress=False)
+    assert res.resumed_from == 3
+    for name in ("student.safetensors", "ema.safetensors", "fake.safetensors"):
+        x, y = _ckpt(a, 6, name), _ckpt(b, 6, name)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+
+
+def test_dm_stage_settings_are_checked():
+    from ttfm_distill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dm_weight"):
+        RunConfig(dm_stage_steps=10).validate()
+    with pytest.raises(ConfigError, match="dm_start_step"):
+        RunConfig(dm_stage_steps=10, dm_weight=0.3, dm_start_step=5).validate()
+    with pytest.raises(ConfigError, match="dm_stage_lr"):
+        RunConfig(dm_stage_steps=10, dm_weight=0.3, dm_stage_lr=0.0).validate()

@@ -111,3 +111,24 @@ def test_the_fake_network_starts_as_the_teacher_and_never_applies_guidance(tiny_
         assert torch.equal(fake(x, t), teacher.velocity(x, t))
     assert all(p.requires_grad for p in fake.parameters())
     assert not any(p.requires_grad for p in teacher.parameters())  # a copy: the teacher stays frozen
+
+
+def test_the_lr_schedule_ends_where_a_dm_stage_starts_and_restarts_there():
+    from ttfm_distill.config import RunConfig
+    from ttfm_distill.schedules import lr_factor
+
+    cfg = RunConfig(max_steps=1000, lr=4e-4, lr_schedule="cosine", lr_final_fraction=0.25, warmup_steps=50,
+                    dm_weight=0.3, dm_stage_steps=200, dm_stage_lr=1e-4)
+    plain = RunConfig(max_steps=800, lr=4e-4, lr_schedule="cosine", lr_final_fraction=0.25, warmup_steps=50)
+    assert cfg.dm_stage_start() == 800
+    # before the stage: the schedule of an 800-step run, ending at its final fraction
+    assert all(lr_factor(k, cfg) == lr_factor(k, plain) for k in range(800))
+    assert lr_factor(799, cfg) == pytest.approx(0.25)
+    # the stage: its own warm-up from dm_stage_lr, then the same cosine over its 200 steps
+    ratio = 1e-4 / 4e-4
+    assert lr_factor(800, cfg) == pytest.approx(ratio / 50)
+    assert lr_factor(849, cfg) == pytest.approx(ratio)
+    assert lr_factor(999, cfg) == pytest.approx(ratio * 0.25)
+    # a run shorter than the stage is all stage
+    short = RunConfig(max_steps=100, lr=4e-4, dm_weight=0.3, dm_stage_steps=200)
+    assert short.dm_stage_start() == 0 and RunConfig().dm_stage_start() is None
