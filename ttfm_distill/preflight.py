@@ -104,18 +104,22 @@ def resolve_before_loading(cfg: RunConfig, saved: dict | None) -> bool:
     return True
 
 
-def settings_warnings(cfg: RunConfig) -> list[str]:
+def settings_warnings(cfg: RunConfig, prediction_type: str = "flow") -> list[str]:
     """Plain warnings about resolved settings that run but were measured to hurt (one line each)."""
+    lines = []
+    if cfg.dm_weight > 0 and prediction_type == "epsilon":
+        lines.append(f"dm_weight={cfg.dm_weight:g} on an epsilon teacher: on the project's DDPM the term collapsed the "
+                     "1-step student (docs/results.md); it has helped flow teachers only")
     span = float((cfg.loss_options or {}).get("long_jump_span", 0.0)) if cfg.loss == "itvm" else 0.0
     if span <= 0:
-        return []
+        return lines
     if cfg.ema_decay <= 0:
-        return [f"ITVM's long jumps (long_jump_span={span:g}) jump with the current weights when no EMA is kept "
-                "(ema_decay=0); keep an EMA or pass -L long_jump_span=0"]
-    if not cfg.ema_warmup and cfg.ema_decay >= 0.99:
-        return [f"ITVM's long jumps (long_jump_span={span:g}) jump with an EMA that without warm-up stays near the "
-                "initial weights for thousands of steps; keep ema_warmup=true or pass -L long_jump_span=0"]
-    return []
+        lines.append(f"ITVM's long jumps (long_jump_span={span:g}) jump with the current weights when no EMA is kept "
+                     "(ema_decay=0); keep an EMA or pass -L long_jump_span=0")
+    elif not cfg.ema_warmup and cfg.ema_decay >= 0.99:
+        lines.append(f"ITVM's long jumps (long_jump_span={span:g}) jump with an EMA that without warm-up stays near "
+                     "the initial weights for thousands of steps; keep ema_warmup=true or pass -L long_jump_span=0")
+    return lines
 
 
 def trajectory_rows(cfg: RunConfig) -> int:

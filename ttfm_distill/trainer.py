@@ -133,7 +133,7 @@ class Distillation:
             teacher.adapter.projection(teacher.network)
         teacher.to(self.device)
         self.objective = resolve_teacher_settings(cfg, self.objective, teacher, self.folder.saved, self.out)
-        for line in settings_warnings(cfg):
+        for line in settings_warnings(cfg, teacher.prediction_type):
             self.log(f"[yellow]warning:[/] {line}")
         check_memory(cfg, teacher, self.device)  # before the first tensor of the teacher's data shape is made
         check_teacher(teacher, self.device)

@@ -303,3 +303,15 @@ def test_long_jumps_without_a_warmed_up_ema_are_warned_about():
     assert len(cold) == 1 and "ema_warmup" in cold[0] and len(cold[0]) <= 200
     assert len(none) == 1 and "ema_decay=0" in none[0] and len(none[0]) <= 200
     assert settings_warnings(RunConfig(loss_options=on, ema_warmup=False, ema_decay=0.9)) == []  # a fast EMA: fine
+
+
+def test_the_dm_term_on_an_epsilon_teacher_is_warned_about():
+    """The term collapsed an epsilon DDPM's 1-step student (docs/results.md): one line for epsilon teachers only."""
+    from ttfm_distill.config import RunConfig
+    from ttfm_distill.preflight import settings_warnings
+
+    cfg = RunConfig(dm_weight=0.3)
+    lines = settings_warnings(cfg, "epsilon")
+    assert len(lines) == 1 and "epsilon" in lines[0] and len(lines[0]) <= 200
+    assert settings_warnings(cfg, "flow") == [] and settings_warnings(cfg, "v_prediction") == []
+    assert settings_warnings(RunConfig(), "epsilon") == []
