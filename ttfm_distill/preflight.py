@@ -61,12 +61,9 @@ def with_trajectory_rows(objective, cfg: RunConfig):
     return TrajectorySupervised(objective, cfg.trajectory_weight)
 
 
-def resolve_teacher_settings(cfg: RunConfig, objective, teacher, saved: dict | None, out=None):
+def resolve_teacher_settings(cfg: RunConfig, objective, teacher, saved: dict | None):
     """The automatic settings that depend on the teacher (its prediction type), filled in once it is loaded, so
-    config.json records what ran; a resumed run (``saved``, its folder ``out``) keeps its own, its student output
-    included (:func:`keep_student_output`). Returns the objective, wrapped if need be."""
-    if out is not None:
-        keep_student_output(cfg, out, saved)
+    config.json records what ran; a resumed run keeps its own. Returns the objective, wrapped if need be."""
     prediction_type = teacher.prediction_type
     given = dict(cfg.loss_options)
     cfg.resolve_automatic(prediction_type, saved)
@@ -270,7 +267,8 @@ def check_parallelism(cfg: RunConfig, sharded: bool) -> None:
 def keep_student_output(cfg: RunConfig, out, saved: dict | None) -> None:
     """A resumed run whose config says ``student_output=auto`` keeps the output its checkpoints were trained with
     (``auto`` has meant ``velocity``, then ``native``, now ``gated`` for epsilon teachers): ``native`` when they
-    carry no velocity head, so a run from an earlier version resumes instead of failing to load its student."""
+    carry no velocity head, so a run from an earlier version resumes instead of failing to load its student. Called
+    when the student is built, after the resume check and config.json (which keep ``auto``)."""
     if saved is None or cfg.student_output != "auto" or saved.get("student_output", "auto") != "auto":
         return
     from .checkpoints import checkpoint_has_head

@@ -26,6 +26,7 @@ from .finish import distributed_report, finish_run
 from .objectives import TrainBatch
 from .schedules import ema_decay_at, ema_update, lr_factor
 from .signals import SigtermAsInterrupt, interrupt_signal
+from .preflight import keep_student_output
 from .step import backward_micro_batches, begin_stage
 from .teachers.analytic import AnalyticTeacher
 from .tracking import RunTracking, accelerator_trackers, training_progress
@@ -132,7 +133,7 @@ class Distillation:
         if teacher.has_network:  # an unsupported time embedding is refused here, before any data work
             teacher.adapter.projection(teacher.network)
         teacher.to(self.device)
-        self.objective = resolve_teacher_settings(cfg, self.objective, teacher, self.folder.saved, self.out)
+        self.objective = resolve_teacher_settings(cfg, self.objective, teacher, self.folder.saved)
         for line in settings_warnings(cfg, teacher.prediction_type):
             self.log(f"[yellow]warning:[/] {line}")
         check_memory(cfg, teacher, self.device)  # before the first tensor of the teacher's data shape is made
@@ -175,6 +176,7 @@ class Distillation:
         from . import scale
 
         cfg = self.cfg
+        keep_student_output(cfg, self.out, self.folder.saved)  # a run from before auto meant gated resumes as it ran
         # a LoRA student's adapters sit on the teacher's own network; the teacher becomes its base-weights view
         student, self.teacher = student_for_run(self.teacher, cfg)
         if cfg.init_from:
