@@ -106,7 +106,7 @@ def settings_warnings(cfg: RunConfig, prediction_type: str = "flow") -> list[str
     lines = []
     if cfg.dm_weight > 0 and prediction_type == "epsilon":
         lines.append(f"dm_weight={cfg.dm_weight:g} on an epsilon teacher: on the project's DDPM the term collapsed the "
-                     "1-step student (docs/results.md); it has helped flow teachers only")
+                     "1-step student (docs/results.md); it helped flow and v-prediction teachers")
     span = float((cfg.loss_options or {}).get("long_jump_span", 0.0)) if cfg.loss == "itvm" else 0.0
     if span <= 0:
         return lines
