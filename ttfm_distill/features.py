@@ -71,7 +71,6 @@ class FeatureClassifier:
         out = [self.net.features(c.float().clamp(-1, 1)).double() for c in images.cpu().split(batch_size)]
         return torch.cat(out)
 
-
     def describe(self, teacher_source: str) -> dict:
         """What an evaluation report says of this classifier and its real images."""
         info = {"file": "ttfm_distill/assets/fashion16_classifier/model.safetensors",
