@@ -201,6 +201,8 @@ class RunTracking:
         #: anyway), and everything since the last train row (steps_per_second leaves it out)
         self.validation_time = self.validation_since_row = 0.0
         self.noted = False
+        #: the thread hook in place before the trackers started (restored by ``close``)
+        self._thread_hook = None
 
     # -- hooks ------------------------------------------------------------------
     def start(self) -> None:
@@ -230,6 +232,7 @@ class RunTracking:
             kwargs["wandb"] = {"name": self.out.name, "dir": str(self.out / TRACKER_DIR)}
             if self.main:
                 (self.out / TRACKER_DIR).mkdir(exist_ok=True)
+            self._thread_hook = _quiet_thread_failures(self.run.log)
             self.accelerator.init_trackers(PROJECT_NAME, config=_tracker_config(self.cfg), init_kwargs=kwargs)
         if 0 < start < self.cfg.total_steps() and self.due(start):
             self.validate(start)
@@ -317,6 +320,10 @@ class RunTracking:
                     tracker.finish()
                 except Exception as e:  # noqa: BLE001 - a tracker's own failure, reported, not raised
                     self.run.log(f"[yellow]warning:[/] tracker {tracker.name} did not finish: {type(e).__name__}")
+        if self._thread_hook is not None:
+            import threading
+
+            threading.excepthook, self._thread_hook = self._thread_hook, None
             self.accelerator.trackers = []
 
     # -- pieces -----------------------------------------------------------------
@@ -390,6 +397,24 @@ def validation_model(run) -> tuple:
     if scale.is_sharded(run.accelerator, run.wrapped):
         return run.wrapped, True
     return run.student, False
+
+
+def _quiet_thread_failures(log):
+    """Make a failure in a tracker's writer thread (TensorBoard writes its event file from one; a full disk
+    stops it) one warning line instead of a traceback: the run's own next write meets the same fault and
+    names it. Returns the hook it replaced."""
+    import threading
+
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if args.exc_type is SystemExit:
+            return
+        detail = getattr(args.exc_value, "strerror", None) or args.exc_value
+        log(f"[yellow]warning:[/] a tracker's writer thread stopped: {args.exc_type.__name__}: {detail}")
+
+    threading.excepthook = hook
+    return previous
 
 
 def log_image(accelerator, key: str, image, step: int) -> None:

@@ -21,12 +21,17 @@ def log_rows(out, kind):
     return [r for r in read_log(out / "train_log.jsonl") if r["kind"] == kind]
 
 
-def test_a_killed_and_resumed_run_logs_each_step_once(tiny_teacher_dir, tmp_path):
+@pytest.mark.parametrize("report_to", ["none", "tensorboard"])
+def test_a_killed_and_resumed_run_logs_each_step_once(tiny_teacher_dir, tmp_path, report_to):
+    """kill -9 two steps past a checkpoint, a log row and (with TensorBoard) an event record cut short:
+    the resumed run's log and event files hold each step once, with the values of the log."""
     from ttfm_distill.checkpoints import list_checkpoints
 
+    if report_to == "tensorboard":
+        pytest.importorskip("tensorboard")
     out = tmp_path / "run"
     args = ["run", "--teacher", tiny_teacher_dir, "--output", out, "--set", "checkpoint_every=4", "--set",
-            "log_every=1", *TINY]
+            "log_every=1", "--report-to", report_to, *TINY]
     with open(tmp_path / "stderr.txt", "w") as err:
         p = subprocess.Popen([sys.executable, "-m", "ttfm_distill", *map(str, args), "--max-steps", "100000"],
                              stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -48,6 +53,9 @@ def test_a_killed_and_resumed_run_logs_each_step_once(tiny_teacher_dir, tmp_path
     assert done >= 8 and before[-1]["step"] > done  # rows past the checkpoint that the resume must drop
     with open(out / "train_log.jsonl", "a") as f:
         f.write('{"kind": "train", "step": 9')  # and a row a kill cut short
+    for events in (out / "trackers").rglob("events.out.tfevents.*"):  # and an event record cut short
+        with open(events, "r+b") as f:
+            f.truncate(events.stat().st_size - 7)
     end = done + 6
     r = cli(*args, "--max-steps", end)
     assert r.returncode == 0, r.stderr
@@ -56,6 +64,16 @@ def test_a_killed_and_resumed_run_logs_each_step_once(tiny_teacher_dir, tmp_path
     assert [row["step"] for row in train] == list(range(1, end + 1))  # each step once, none missing
     assert [row["step"] for row in valid] == [*range(4, end, 4), end]  # each checkpoint and the end, once
     assert all(row["samples"] == 8 * row["step"] for row in train + valid)
+    if report_to == "tensorboard":
+        import numpy as np
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        ea = EventAccumulator(str(out / "trackers" / "ttfm-distill"), size_guidance={"scalars": 0})
+        ea.Reload()
+        for key in ("loss", "lr"):
+            events = ea.Scalars(f"train/{key}")
+            assert [e.step for e in events] == list(range(1, end + 1)), key  # the killed try's extra steps purged
+            assert np.allclose([e.value for e in events], [row[key] for row in train], rtol=1e-6), key
     for row in train:
         assert row["loss"] > 0 and row["grad_norm"] > 0 and row["lr"] > 0 and row["skipped_steps"] == 0
         assert {"terminal", "initial"} <= set(row) and row["steps_per_second"] > 0
@@ -147,3 +165,54 @@ def test_a_tracker_that_cannot_work_here_is_one_line_before_any_work(tmp_path, m
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "unknown tracker 'nope'" in lines[0] and len(lines[0]) <= 200
     assert not (tmp_path / "x").exists()
+
+
+def test_a_disk_that_fills_while_the_log_and_event_files_grow_is_one_line_and_resumes(tiny_teacher_dir, tmp_path):
+    """The disk fills between checkpoints, while the training log and TensorBoard's event file take a row each
+    step: one line and exit 1, no traceback; once there is room the same command resumes, and the log and the
+    event file hold each step once."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        out, filler = mnt / "run", mnt / "filler"
+        args = ["run", "--teacher", tiny_teacher_dir, "--output", out, "--set", "checkpoint_every=50", "--set",
+                "log_every=1", "--report-to", "tensorboard", *TINY]
+        with open(tmp_path / "stderr.txt", "w") as err:
+            p = subprocess.Popen([sys.executable, "-m", "ttfm_distill", *map(str, args), "--max-steps", "100000"],
+                                 stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            try:
+                deadline = time.time() + 300
+                while time.time() < deadline and not (out / "checkpoints" / "step-00000050").exists():
+                    time.sleep(0.05)
+                time.sleep(0.5)
+                with open(filler, "wb", buffering=0) as f:  # take every byte left
+                    try:
+                        while True:
+                            f.write(b"\0" * 4096)
+                    except OSError:
+                        pass
+                p.wait(timeout=120)
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        stderr = (tmp_path / "stderr.txt").read_text()
+        errors = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
+        assert p.returncode == 1 and len(errors) == 1 and "disk full" in errors[0], stderr[-2000:]
+        assert "Traceback" not in stderr
+        filler.unlink()
+        end = 56
+        r = cli(*args, "--max-steps", end)
+        assert r.returncode == 0, r.stderr
+        train = log_rows(out, "train")
+        assert [row["step"] for row in train] == list(range(1, end + 1))
+        ea = EventAccumulator(str(out / "trackers" / "ttfm-distill"), size_guidance={"scalars": 0})
+        ea.Reload()
+        assert [e.step for e in ea.Scalars("train/loss")] == list(range(1, end + 1))
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
