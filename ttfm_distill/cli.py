@@ -155,19 +155,19 @@ def run(
             values["loss_options"] = {**earlier, **_parse_options(loss_option, "--loss-option")}
         if loss and loss != values.get("loss") and "loss_options" not in values:
             values["loss_options"] = {}
-        from .preflight import check_run_folder, resolve_settings
+        from .preflight import resolve_run
 
-        cfg, _ = resolve_settings(RunConfig.from_dict(values))
-        folder = check_run_folder(cfg, overwrite)  # the same checks run makes, before the teacher or data are touched
+        # the run resolved once, as the trainer uses it (a dry run fetches nothing)
+        resolved = resolve_run(RunConfig.from_dict(values), overwrite, fetch=not dry_run)
+        cfg = resolved.cfg
         from .data.hf import check_data_spec
 
         data_info = check_data_spec(cfg.data)  # fail fast on a missing or unreachable data set
         if dry_run:
-            from .preflight import resolve_before_loading
             from .teachers.loading import check_teacher_spec
 
             teacher_info = check_teacher_spec(cfg.teacher, cfg.subfolder)
-            if not resolve_before_loading(cfg, folder.saved):
+            if resolved.prediction_type is None and resolved.folder.saved is None:
                 teacher_info += "; the automatic settings (null or auto) are filled in once it is loaded"
             typer.echo(json.dumps(cfg.to_dict(), indent=2))
             budget = f" (fitted to {cfg.time_budget:g} s of training)" if cfg.time_budget and not cfg.fitted_steps else ""
@@ -176,7 +176,7 @@ def run(
             return
         from .trainer import run_distillation
 
-        result = run_distillation(cfg, overwrite=overwrite, show_progress=not quiet)
+        result = run_distillation(resolved, overwrite=overwrite, show_progress=not quiet)
         if result.is_main:
             typer.echo(f"done: {result.output} ({result.steps} steps, {result.seconds:.0f}s training)")
 

@@ -374,14 +374,14 @@ class RunConfig:
             return self.pool_solver
         return "heun" if self.trajectory_share(prediction_type) > 0 else "euler"
 
-    def pool_precision_name(self, prediction_type: str = "flow") -> str:
+    def pool_precision_name(self, prediction_type: str = "flow", bf16_native: bool = False) -> str:
         """The pool solve's precision: ``pool_precision``, with ``auto`` read as bf16 when the run trains in bf16
         (:meth:`precision_name`) and fp32 ("no") otherwise. The teacher calls of the run's targets already run
         under that autocast; on the embedded teacher a bf16 Heun-16 solve took about half the time and moved the
         samples by 0.010 rms, against 0.025 between the fp32 solve and RK4 (docs/quality.md)."""
         if self.pool_precision != "auto":
             return self.pool_precision
-        return "bf16" if self.precision_name(prediction_type) == "bf16" else "no"
+        return "bf16" if self.precision_name(prediction_type, bf16_native) == "bf16" else "no"
 
     def automatic_loss_options(self, prediction_type: str = "flow") -> dict:
         """The objective options this run fills in where ``loss_options`` leaves them unset: for ITVM's composed
@@ -403,18 +403,17 @@ class RunConfig:
             return self.lr_schedule
         return "constant" if self.exact_teacher() else "cosine"
 
-    def precision_name(self, prediction_type: str = "flow", device_type: str | None = None) -> str:
-        """The autocast precision: ``mixed_precision``, with ``auto`` read as bf16 for a flow teacher (not the exact
-        2-D ones, whose MLP gains nothing from it) on a device with native bf16 (``device_type``: this machine's by
-        default), and "no" otherwise. On the embedded teacher bf16 trained as well as fp32 at 2400 steps and 1.2x
-        faster on this project's CPU (docs/quality.md). A diffusion teacher's velocity divides its noise estimate
-        by alpha near the noise end, which could magnify bf16's rounding; on the DDPM teacher measured bf16 was even
-        with fp32 on one seed, too little to change its default, so it stays fp32."""
-        from .machine import native_bf16
-
+    def precision_name(self, prediction_type: str = "flow", bf16_native: bool = False) -> str:
+        """The autocast precision: ``mixed_precision``, with ``auto`` read as bf16 for a flow teacher (not the
+        exact 2-D ones, whose MLP gains nothing from it) on a device with native bf16 (``bf16_native``: a fact
+        of the machine, ``machine.native_bf16``), and "no" otherwise. On the embedded teacher bf16 trained as
+        well as fp32 at 2400 steps and 1.2x faster on this project's CPU (docs/quality.md). A diffusion
+        teacher's velocity divides its noise estimate by alpha near the noise end, which could magnify bf16's
+        rounding; on the DDPM teacher measured bf16 was even with fp32 on one seed, too little to change its
+        default, so it stays fp32."""
         if self.mixed_precision != "auto":
             return self.mixed_precision
-        return "bf16" if self.flow_image_teacher(prediction_type) and native_bf16(device_type) else "no"
+        return "bf16" if self.flow_image_teacher(prediction_type) and bf16_native else "no"
 
     def lr_value(self, prediction_type: str = "flow") -> float:
         """The learning rate: ``lr``, or when unset :data:`AUTO_LR_FLOW` for a flow teacher (not the exact 2-D
@@ -437,8 +436,10 @@ class RunConfig:
             return float(self.ema_warmup_offset)
         return AUTO_EMA_OFFSET_FLOW if self.flow_image_teacher(prediction_type) else EMA_OFFSET_OTHER
 
-    def resolve_automatic(self, prediction_type: str, saved: dict | None = None) -> "RunConfig":
-        """Turn the automatic settings into the values that run, once the teacher is loaded.
+    def resolve_automatic(self, prediction_type: str, saved: dict | None = None,
+                          bf16_native: bool = False) -> "RunConfig":
+        """Turn the automatic settings into the values that run, from the teacher's prediction type and whether
+        the machine computes in bf16 natively (``preflight.resolve_run`` reads both before any weights load).
 
         A resumed run (``saved``: its config.json) keeps what it ran with; a folder written before the
         settings existed ran without trajectory rows, on an Euler pool, at a constant lr of 2e-4 and without
@@ -452,10 +453,11 @@ class RunConfig:
             fill = self.automatic_loss_options(prediction_type)
         self.loss_options = {**self.loss_options, **fill}
         for key in AUTOMATIC:
-            self.resolve_setting(key, prediction_type, saved)
+            self.resolve_setting(key, prediction_type, saved, bf16_native)
         return self
 
-    def resolve_setting(self, key: str, prediction_type: str, saved: dict | None = None) -> None:
+    def resolve_setting(self, key: str, prediction_type: str, saved: dict | None = None,
+                        bf16_native: bool = False) -> None:
         """One automatic setting (a key of :data:`AUTOMATIC`) as :meth:`resolve_automatic` fills it in: left
         alone when given, a resumed run's own value (``saved``; a folder from before it existed: the value it
         ran with), else the rule for ``prediction_type``."""
@@ -463,9 +465,9 @@ class RunConfig:
                            "pool_solver": (self.pool_solver_name, "euler"),
                            "lr_schedule": (self.lr_schedule_name, "constant"),
                            "lr": (self.lr_value, AUTO_LR_OTHER),
-                           "mixed_precision": (self.precision_name, "no"),
+                           "mixed_precision": (lambda p: self.precision_name(p, bf16_native), "no"),
                            "lr_final_fraction": (self.lr_final_value, 0.0),
-                           "pool_precision": (self.pool_precision_name, "no"),
+                           "pool_precision": (lambda p: self.pool_precision_name(p, bf16_native), "no"),
                            "ema_warmup_offset": (self.ema_offset_value, EMA_OFFSET_OTHER)}[key]
         if getattr(self, key) not in AUTOMATIC[key]:
             return
@@ -473,10 +475,12 @@ class RunConfig:
         setattr(self, key, resolve(prediction_type) if saved is None or value in AUTOMATIC[key] else value)
 
     @classmethod
-    def automatic_defaults(cls, run_config: dict, prediction_type: str = "flow") -> tuple[dict, dict]:
+    def automatic_defaults(cls, run_config: dict, prediction_type: str = "flow",
+                           bf16_native: bool = False) -> tuple[dict, dict]:
         """What each automatic setting and objective option resolves to in a command that leaves it alone and
-        keeps the rest of ``run_config`` (a config.json): ``(settings, loss_options)``. A setting equal to it
-        is not part of the command that reproduces the run (the model card's)."""
+        keeps the rest of ``run_config`` (a config.json) on a machine with or without native bf16:
+        ``(settings, loss_options)``. A setting equal to it is not part of the command that reproduces the run
+        (the model card's)."""
         known = {f.name for f in fields(cls)}
         base = {k: v for k, v in run_config.items() if k in known}
         loss = base.get("loss", cls.loss)
@@ -484,7 +488,8 @@ class RunConfig:
         automatic = AUTOMATIC_LOSS_OPTIONS.get(loss, {})
         probe = cls(**{**base, "loss_options": {k: v for k, v in options.items() if k not in automatic}})
         loss_defaults = probe.automatic_loss_options(prediction_type)
-        settings = {key: getattr(cls(**{**base, key: unset[0]}).resolve_automatic(prediction_type), key)
+        settings = {key: getattr(cls(**{**base, key: unset[0]}).resolve_automatic(prediction_type,
+                                                                                 bf16_native=bf16_native), key)
                     for key, unset in AUTOMATIC.items()}
         return settings, loss_defaults
 
@@ -623,7 +628,8 @@ def resume_mismatch(saved: dict, current: dict) -> list[str]:
     differ = sorted(k for k in set(saved) | set(current)
                     if k not in RESUMABLE_CHANGES and k != "loss_options"
                     and saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k))
-                    and not (k in AUTOMATIC and current.get(k, defaults.get(k)) in AUTOMATIC[k]))
+                    and not (k in AUTOMATIC and current.get(k, defaults.get(k)) in AUTOMATIC[k])
+                    and not (k == "diagonal_fraction" and current.get(k) is None))  # the objective's default
     if _loss_options_differ(saved.get("loss_options") or {}, current.get("loss_options") or {},
                             current.get("loss", defaults["loss"])):
         differ = sorted([*differ, "loss_options"])

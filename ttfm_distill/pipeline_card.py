@@ -55,7 +55,9 @@ def run_command(run_config: dict | None, prediction_type: str = "flow") -> str:
 
     defaults = RunConfig().to_dict()
     # a setting or objective option holding what the run would fill in by itself is not part of the command
-    automatic, automatic_options = RunConfig.automatic_defaults(run_config, prediction_type)
+    from .machine import native_bf16
+
+    automatic, automatic_options = RunConfig.automatic_defaults(run_config, prediction_type, native_bf16())
     options = {k: v for k, v in (run_config.get("loss_options") or {}).items()
                if not (k in automatic_options and automatic_options[k] == v)}
     run_config = {**run_config, "loss_options": options}

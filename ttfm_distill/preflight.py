@@ -1,7 +1,7 @@
 """Every refusal a run can make, made before any expensive work or any file is written.
 
-``--dry-run`` and ``run`` share :func:`resolve_settings` and
-:func:`check_run_folder`; ``run`` then loads the teacher and adds
+``--dry-run`` and ``run`` share :func:`resolve_run` (settings, the output
+folder, the facts the automatic settings depend on); ``run`` then loads the teacher and adds
 :func:`check_teacher` (finite weights and outputs, a supported time
 embedding), :func:`check_teacher_unchanged` and :func:`check_memory` before
 it touches the data.  Only after all of them pass does it lock the folder,
@@ -31,24 +31,65 @@ class FolderState:
     done_steps: int
 
 
-def resolve_settings(cfg: RunConfig):
-    """Validate ``cfg``, build its objective and fill the settings that default per objective.
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run's settings resolved once, by :func:`resolve_run`: what ``run`` trains with, ``--dry-run`` prints
+    and config.json records.
 
-    Returns ``(cfg, objective)``; ``cfg.diagonal_fraction`` is a number afterwards.
-    """
-    from .objectives import make_objective_from
+    ``cfg`` has every automatic setting filled in (left automatic only where ``prediction_type`` is ``None``:
+    ``--dry-run`` on a hub id it does not fetch); ``objective`` is built once, from it. What changes after this
+    is run state, not a setting: the step count a time budget fits (``fitted_steps``), the teacher's
+    fingerprint once its weights load, and the student output a folder from an older version ran with."""
+
+    cfg: RunConfig
+    objective: object
+    folder: FolderState
+    #: what the teacher predicts, read from its configs before any weights load (None: not read, see above)
+    prediction_type: str | None
+
+
+def resolve_run(cfg: RunConfig, overwrite: bool = False, fetch: bool = True) -> ResolvedRun:
+    """Validate ``cfg``, check its output folder, read the facts the automatic settings depend on (the teacher's
+    prediction type from its configs, fetched for a hub id with ``fetch``; whether this machine computes in bf16
+    natively), fill every automatic setting in and build the objective. Refuses before anything is loaded or
+    written."""
+    from . import machine
+    from .teachers.loading import check_teacher_spec, teacher_prediction_type
 
     cfg.validate()
     if cfg.report_to not in ("none", "", None, []):  # a tracker not installed or cut off from its server: now
         from .tracking import check_report_to
 
         check_report_to(cfg.report_to)
+    trajectory_rows(cfg)  # an explicit share that leaves no objective rows, before the folder is looked at
+    folder = check_run_folder(cfg, overwrite)
+    check_teacher_spec(cfg.teacher, cfg.subfolder)  # what the load would refuse (no such folder, custom code)
+    prediction_type = teacher_prediction_type(cfg.teacher, cfg.subfolder, cfg.revision,
+                                              fetch=fetch and folder.saved is None)
+    cfg, objective = resolve_settings(cfg, prediction_type, folder.saved, machine.native_bf16())
+    return ResolvedRun(cfg, objective, folder, prediction_type)
+
+
+def resolve_settings(cfg: RunConfig, prediction_type: str | None = None, saved: dict | None = None,
+                     bf16_native: bool = False):
+    """The settings part of :func:`resolve_run`, from facts given: every automatic setting filled in for a
+    teacher that predicts ``prediction_type`` on a machine with or without native bf16 (a resumed run,
+    ``saved``: its config.json, keeps what it ran with; ``prediction_type`` None and no ``saved``: left
+    automatic), the objective's own share of diagonal pairs where unset, the objective built once.
+
+    Returns ``(cfg, objective)``, the objective wrapped with the trajectory rows' loss when the run has them.
+    """
+    from .objectives import make_objective_from
+
+    cfg.validate()
+    if prediction_type is not None or saved is not None:
+        cfg.resolve_automatic(prediction_type or "unknown", saved, bf16_native)
     objective = make_objective_from(cfg.loss, cfg.loss_options)
     if cfg.diagonal_fraction is None:
-        cfg.diagonal_fraction = float(objective.default_diagonal_fraction)
+        ran = (saved or {}).get("diagonal_fraction")
+        cfg.diagonal_fraction = float(ran if ran is not None else objective.default_diagonal_fraction)
     check_objective_fits(objective, cfg)
-    # an explicit share is checked now; the automatic one once the teacher is loaded (resolve_teacher_settings)
-    trajectory_rows(cfg)  # refuses a split that leaves no objective rows
+    trajectory_rows(cfg)  # the resolved share, checked as an explicit one is
     return cfg, with_trajectory_rows(objective, cfg)
 
 
@@ -59,46 +100,6 @@ def with_trajectory_rows(objective, cfg: RunConfig):
     if cfg.trajectory_fraction is None or cfg.trajectory_fraction <= 0 or isinstance(objective, TrajectorySupervised):
         return objective
     return TrajectorySupervised(objective, cfg.trajectory_weight)
-
-
-def resolve_teacher_settings(cfg: RunConfig, objective, teacher, saved: dict | None):
-    """The automatic settings that depend on the teacher (its prediction type), filled in once it is loaded, so
-    config.json records what ran; a resumed run keeps its own. Returns the objective, wrapped if need be."""
-    prediction_type = teacher.prediction_type
-    given = dict(cfg.loss_options)
-    cfg.resolve_automatic(prediction_type, saved)
-    trajectory_rows(cfg)
-    if cfg.loss_options != given:  # objective options filled in: the objective they define
-        from .objectives import make_objective_from
-
-        objective = make_objective_from(cfg.loss, cfg.loss_options)
-    return with_trajectory_rows(objective, cfg)
-
-
-def resolve_precision(cfg: RunConfig, saved: dict | None) -> None:
-    """``mixed_precision="auto"`` -> what this run trains in, before the accelerator is made (so before the
-    teacher is loaded): the rule of ``RunConfig.precision_name`` on the teacher's prediction type read from its
-    configs, or a resumed run's own value (a folder from before the setting was automatic: "no")."""
-    if cfg.mixed_precision not in AUTOMATIC["mixed_precision"]:
-        return
-    from .teachers.loading import teacher_prediction_type
-
-    prediction_type = teacher_prediction_type(cfg.teacher, cfg.subfolder, cfg.revision, fetch=saved is None)
-    cfg.resolve_setting("mixed_precision", prediction_type or "unknown", saved)
-
-
-def resolve_before_loading(cfg: RunConfig, saved: dict | None) -> bool:
-    """What :func:`resolve_teacher_settings` will fill in, from the teacher's configs alone (``--dry-run``):
-    the automatic settings as the run will write them to config.json. False (``cfg`` left unresolved) when the
-    teacher's prediction type cannot be read without fetching it (a hub id)."""
-    from .teachers.loading import teacher_prediction_type
-
-    prediction_type = teacher_prediction_type(cfg.teacher, cfg.subfolder)
-    if prediction_type is None:
-        return False
-    cfg.resolve_automatic(prediction_type, saved)
-    trajectory_rows(cfg)  # the resolved share is checked as the run checks it
-    return True
 
 
 def settings_warnings(cfg: RunConfig, prediction_type: str = "flow") -> list[str]:

@@ -26,7 +26,7 @@ from .finish import distributed_report, finish_run
 from .objectives import TrainBatch
 from .schedules import ema_decay_at, ema_update, lr_factor
 from .signals import SigtermAsInterrupt, interrupt_signal
-from .preflight import keep_student_output
+from .preflight import ResolvedRun, keep_student_output
 from .step import backward_micro_batches, begin_stage
 from .teachers.analytic import AnalyticTeacher
 from .tracking import RunTracking, accelerator_trackers, training_progress
@@ -42,7 +42,8 @@ class RunResult:
     is_main: bool = True
 
 
-def run_distillation(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True, console=None) -> RunResult:
+def run_distillation(cfg: RunConfig | ResolvedRun, overwrite: bool = False, show_progress: bool = True,
+                     console=None) -> RunResult:
     """Distil ``cfg.teacher`` into a two-timed student; see :class:`RunConfig` and :class:`Distillation`."""
     return Distillation(cfg, overwrite, show_progress, console).run()
 
@@ -99,10 +100,9 @@ class Distillation:
     # -- steps -----------------------------------------------------------------
     def setup_accelerator(self) -> None:
         from . import scale
-        from .preflight import check_parallelism, resolve_precision
+        from .preflight import check_parallelism
 
-        cfg = self.cfg  # validated by preflight
-        resolve_precision(cfg, self.folder.saved)  # "auto": from the teacher's configs and this machine
+        cfg = self.cfg  # resolved by preflight
         on_cpu = not torch.cuda.is_available()
         scale.check_mixed_precision(cfg.mixed_precision, "cpu" if on_cpu else "cuda")
         self.accelerator = scale.make_accelerator(cfg.mixed_precision, cfg.compile, cpu=on_cpu,
@@ -113,17 +113,17 @@ class Distillation:
         self.log = (lambda msg: self.console.print(msg)) if self.main else (lambda msg: None)
 
     def preflight(self) -> None:
-        """Settings and the output folder; refuses before anything is loaded or written."""
-        from .preflight import check_run_folder, resolve_settings
+        """The run resolved once (settings, output folder, the objective); refuses before anything is loaded or
+        written. A run the CLI resolved already is taken as it is."""
+        from .preflight import resolve_run
 
-        self.cfg, self.objective = resolve_settings(self.cfg)
-        self.folder = check_run_folder(self.cfg, self.overwrite)
-        self.out = self.folder.out
+        run = self.cfg if isinstance(self.cfg, ResolvedRun) else resolve_run(self.cfg, self.overwrite)
+        self.resolved, self.cfg, self.objective, self.folder, self.out = run, run.cfg, run.objective, run.folder, \
+            run.folder.out
 
     def setup_teacher(self) -> None:
         from .data.cache import teacher_fingerprint
-        from .preflight import (check_memory, check_teacher, check_teacher_unchanged, resolve_teacher_settings,
-                                settings_warnings)
+        from .preflight import check_memory, check_teacher, check_teacher_unchanged, settings_warnings
         from .teachers.loading import load_teacher
 
         cfg = self.cfg
@@ -133,7 +133,9 @@ class Distillation:
         if teacher.has_network:  # an unsupported time embedding is refused here, before any data work
             teacher.adapter.projection(teacher.network)
         teacher.to(self.device)
-        self.objective = resolve_teacher_settings(cfg, self.objective, teacher, self.folder.saved)
+        if self.resolved.prediction_type not in (None, teacher.prediction_type):  # (read from the same configs)
+            raise RunError(f"the teacher's configs say it predicts {self.resolved.prediction_type} but it loaded as "
+                           f"{teacher.prediction_type}; check its scheduler config")
         for line in settings_warnings(cfg, teacher.prediction_type):
             self.log(f"[yellow]warning:[/] {line}")
         check_memory(cfg, teacher, self.device)  # before the first tensor of the teacher's data shape is made

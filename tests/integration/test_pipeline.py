@@ -525,7 +525,7 @@ def test_model_card_command_leaves_out_what_the_run_filled_in(monkeypatch):
     assert run_command(cfg.to_dict()) == "ttfm-distill run --set pool_solver=euler"
     # an epsilon teacher's automatic values (no rows, an Euler pool, no long jumps, lr 2e-4 with a cosine to 0): nothing
     # to spell out; read as a flow teacher's run, all but the cosine differ
-    cfg = RunConfig(teacher="some/ddpm").resolve_automatic("epsilon")
+    cfg = RunConfig(teacher="some/ddpm").resolve_automatic("epsilon", bf16_native=machine.native_bf16())
     assert (cfg.trajectory_fraction, cfg.pool_solver) == (0.0, "euler")
     assert run_command(cfg.to_dict(), "epsilon") == "ttfm-distill run --teacher some/ddpm"
     assert run_command(cfg.to_dict()) == \

@@ -48,30 +48,21 @@ def test_trajectory_rows_and_the_heun_pool_are_automatic_only_on_a_data_free_poo
     assert exact.trajectory_share() == 0 and exact.pool_solver_name() == "euler"
     assert RunConfig(trajectory_fraction=0.0).pool_solver_name() == "euler"
     assert RunConfig(pool_solver="euler").pool_solver_name() == "euler"  # an explicit solver is kept
-    # resolved once the teacher is loaded: numbers in config.json, the objective wrapped where there are rows
-    from types import SimpleNamespace
-
-    from ttfm_distill.preflight import resolve_teacher_settings
-
-    flow, epsilon = SimpleNamespace(prediction_type="flow"), SimpleNamespace(prediction_type="epsilon")
-    cfg, objective = resolve_settings(RunConfig(batch_size=32))
+    # resolved once, from the teacher's prediction type: numbers in config.json, the objective wrapped where there are rows
+    cfg, objective = resolve_settings(RunConfig(batch_size=32))  # not known yet (a dry run on a hub id): automatic
     assert cfg.trajectory_fraction is None and not isinstance(objective, TrajectorySupervised)
-    objective = resolve_teacher_settings(cfg, objective, flow, None)
+    cfg, objective = resolve_settings(RunConfig(batch_size=32), "flow")
     assert cfg.trajectory_fraction == AUTO_TRAJECTORY_FRACTION and cfg.pool_solver == "heun"
     assert isinstance(objective, TrajectorySupervised) and trajectory_rows(cfg) == 4
     # a noise-predicting (diffusion) teacher: none, an Euler pool (the rows destabilised the DDPM teacher)
-    cfg, objective = resolve_settings(RunConfig())
-    objective = resolve_teacher_settings(cfg, objective, epsilon, None)
+    cfg, objective = resolve_settings(RunConfig(), "epsilon")
     assert cfg.trajectory_fraction == 0 and cfg.pool_solver == "euler" and not isinstance(objective, TrajectorySupervised)
-    cfg, objective = resolve_settings(RunConfig(teacher="builtin:checkerboard"))
-    objective = resolve_teacher_settings(cfg, objective, flow, None)
+    cfg, objective = resolve_settings(RunConfig(teacher="builtin:checkerboard"), "flow")
     assert cfg.trajectory_fraction == 0 and cfg.pool_solver == "euler" and not isinstance(objective, TrajectorySupervised)
     # a resumed run keeps what it resolved to; a folder from before the settings ran without rows
-    cfg, objective = resolve_settings(RunConfig())
-    resolve_teacher_settings(cfg, objective, flow, {"trajectory_fraction": 0.25, "pool_solver": "euler"})
+    cfg, objective = resolve_settings(RunConfig(), "flow", {"trajectory_fraction": 0.25, "pool_solver": "euler"})
     assert (cfg.trajectory_fraction, cfg.pool_solver) == (0.25, "euler")
-    cfg, objective = resolve_settings(RunConfig())
-    resolve_teacher_settings(cfg, objective, flow, {"seed": 0})
+    cfg, objective = resolve_settings(RunConfig(), "flow", {"seed": 0})
     assert (cfg.trajectory_fraction, cfg.pool_solver) == (0.0, "euler")
     from ttfm_distill.config import resume_mismatch
 

@@ -102,18 +102,17 @@ def test_itvm_long_jumps_take_the_progressive_target_from_the_ema(gaussian_case)
 def test_a_run_fills_in_the_long_jumps_for_flow_teachers_and_keeps_what_a_resumed_run_ran_with():
     """long_jump_span left unset: AUTO_LONG_JUMP_SPAN once a flow teacher is loaded, 0 for a diffusion teacher or
     a reading without composition; a resumed folder keeps its value, one from before the option was automatic 0."""
-    from types import SimpleNamespace
 
     from ttfm_distill.config import AUTO_LONG_JUMP_SPAN, RunConfig, resume_mismatch
     from ttfm_distill.pipeline_card import run_command
-    from ttfm_distill.preflight import resolve_settings, resolve_teacher_settings
+    from ttfm_distill.preflight import resolve_settings
 
-    flow, epsilon = SimpleNamespace(prediction_type="flow"), SimpleNamespace(prediction_type="epsilon")
+    flow, epsilon = "flow", "epsilon"
 
-    def resolved(loaded, saved=None, **kw):
+    def resolved(prediction_type, saved=None, **kw):
         cfg, objective = resolve_settings(RunConfig(**kw))
-        assert objective.options.long_jump_span == kw.get("loss_options", {}).get("long_jump_span", 0)  # until loaded
-        objective = resolve_teacher_settings(cfg, objective, loaded, saved)
+        assert objective.options.long_jump_span == kw.get("loss_options", {}).get("long_jump_span", 0)  # not known
+        cfg, objective = resolve_settings(RunConfig(**kw), prediction_type, saved)
         inner = getattr(objective, "objective", objective)  # past the trajectory rows' wrapper
         assert inner.options.long_jump_span == cfg.loss_options["long_jump_span"]  # the objective that trains
         return cfg.loss_options
@@ -127,7 +126,7 @@ def test_a_run_fills_in_the_long_jumps_for_flow_teachers_and_keeps_what_a_resume
     assert resolved(flow, loss_options={"long_jump_span": 0.75}) == {"long_jump_span": 0.75}  # given: kept
     assert resolved(flow, {"loss_options": {"long_jump_span": 0.5}}) == {"long_jump_span": 0.5}
     assert resolved(flow, {"loss_options": {}}) == {"long_jump_span": 0.0}  # a folder from before: ran without
-    assert resolve_settings(RunConfig(loss="lsd"))[0].resolve_automatic("flow").loss_options == {}
+    assert resolve_settings(RunConfig(loss="lsd"), "flow")[0].loss_options == {}
     # resuming: an unset automatic option matches what the run filled in; a given one must match it
     now = RunConfig().to_dict()
     assert resume_mismatch({"loss_options": {"long_jump_span": 0.5}}, now) == []

@@ -6,6 +6,24 @@ import pytest
 import torch
 
 from ttfm_distill import convention as C
+from ttfm_distill import machine
+
+
+def here() -> bool:
+    """This machine's native bf16, as a run reads it (a test may patch it)."""
+    return machine.native_bf16()
+
+
+def auto_defaults(run_config, prediction_type="flow"):
+    """``RunConfig.automatic_defaults`` on this machine."""
+    from ttfm_distill.config import RunConfig
+
+    return RunConfig.automatic_defaults(run_config, prediction_type, here())
+
+
+def filled(cfg, prediction_type, saved=None):
+    """``cfg`` with its automatic settings resolved for ``prediction_type`` on this machine."""
+    return cfg.resolve_automatic(prediction_type, saved, here())
 
 
 def _acp():
@@ -141,18 +159,18 @@ def test_automatic_ema_offset_by_teacher_kept_on_resume():
     from ttfm_distill.schedules import ema_decay_at
 
     assert RunConfig().ema_warmup_offset is None and RunConfig().validate().ema_warmup_offset is None
-    flow = RunConfig().resolve_automatic("flow")
-    assert flow.ema_warmup_offset == 20.0 and RunConfig().resolve_automatic("epsilon").ema_warmup_offset == 10.0
-    assert RunConfig(teacher="builtin:checkerboard").resolve_automatic("flow").ema_warmup_offset == 10.0
-    assert RunConfig(ema_warmup_offset=5).resolve_automatic("flow").ema_warmup_offset == 5
-    assert RunConfig().resolve_automatic("flow", {"seed": 0}).ema_warmup_offset == 10.0  # a folder from before
-    assert RunConfig().resolve_automatic("flow", {"ema_warmup_offset": 20.0}).ema_warmup_offset == 20.0
+    flow = filled(RunConfig(), "flow")
+    assert flow.ema_warmup_offset == 20.0 and filled(RunConfig(), "epsilon").ema_warmup_offset == 10.0
+    assert filled(RunConfig(teacher="builtin:checkerboard"), "flow").ema_warmup_offset == 10.0
+    assert filled(RunConfig(ema_warmup_offset=5), "flow").ema_warmup_offset == 5
+    assert filled(RunConfig(), "flow", {"seed": 0}).ema_warmup_offset == 10.0  # a folder from before
+    assert filled(RunConfig(), "flow", {"ema_warmup_offset": 20.0}).ema_warmup_offset == 20.0
     assert resume_mismatch({"ema_warmup_offset": 20.0}, RunConfig().to_dict()) == []
     assert resume_mismatch({"ema_warmup_offset": 10.0}, RunConfig(ema_warmup_offset=20.0).to_dict()) == \
         ["ema_warmup_offset"]
     assert ema_decay_at(99, 0.999, True, flow.ema_offset_value()) == 100 / 119
     assert run_command(flow.to_dict()) == "ttfm-distill run"
-    assert "ema_warmup_offset" in run_command(RunConfig(ema_warmup_offset=10.0).resolve_automatic("flow").to_dict())
+    assert "ema_warmup_offset" in run_command(filled(RunConfig(ema_warmup_offset=10.0), "flow").to_dict())
 
 
 # ------------------------------------------------------------ lr schedule --
@@ -175,19 +193,19 @@ def test_lr_schedule_cosine_and_constant():
     from ttfm_distill.pipeline_card import run_command
 
     assert RunConfig().lr_schedule == "auto" and RunConfig().lr_schedule_name() == "cosine"
-    assert RunConfig(teacher="builtin:checkerboard").resolve_automatic("flow").lr_schedule == "constant"
-    assert RunConfig().resolve_automatic("epsilon").lr_schedule == "cosine"
-    assert RunConfig().resolve_automatic("v_prediction").lr_schedule == "cosine"
-    assert RunConfig().resolve_automatic("flow").lr_schedule == "cosine"
-    assert RunConfig(lr_schedule="constant").resolve_automatic("epsilon").lr_schedule == "constant"  # given: kept
-    assert RunConfig().resolve_automatic("flow", {"lr_schedule": "constant"}).lr_schedule == "constant"  # resumed
-    assert RunConfig().resolve_automatic("epsilon", {"lr_schedule": "constant"}).lr_schedule == "constant"
-    assert RunConfig().resolve_automatic("epsilon", {"seed": 0}).lr_schedule == "constant"  # a folder from before
+    assert filled(RunConfig(teacher="builtin:checkerboard"), "flow").lr_schedule == "constant"
+    assert filled(RunConfig(), "epsilon").lr_schedule == "cosine"
+    assert filled(RunConfig(), "v_prediction").lr_schedule == "cosine"
+    assert filled(RunConfig(), "flow").lr_schedule == "cosine"
+    assert filled(RunConfig(lr_schedule="constant"), "epsilon").lr_schedule == "constant"  # given: kept
+    assert filled(RunConfig(), "flow", {"lr_schedule": "constant"}).lr_schedule == "constant"  # resumed
+    assert filled(RunConfig(), "epsilon", {"lr_schedule": "constant"}).lr_schedule == "constant"
+    assert filled(RunConfig(), "epsilon", {"seed": 0}).lr_schedule == "constant"  # a folder from before
     assert resume_mismatch({"lr_schedule": "cosine"}, RunConfig().to_dict()) == []
     assert resume_mismatch({"lr_schedule": "cosine"}, RunConfig(lr_schedule="constant").to_dict()) == ["lr_schedule"]
-    ddpm = RunConfig(teacher="some/ddpm").resolve_automatic("epsilon")
+    ddpm = filled(RunConfig(teacher="some/ddpm"), "epsilon")
     assert ddpm.lr_schedule == "cosine" and run_command(ddpm.to_dict(), "epsilon") == "ttfm-distill run --teacher some/ddpm"
-    auto = RunConfig(max_steps=1000, warmup_steps=50).resolve_automatic("epsilon")
+    auto = filled(RunConfig(max_steps=1000, warmup_steps=50), "epsilon")
     assert [lr_factor(k, auto) for k in range(1000)] == [lr_factor(k, RunConfig(
         max_steps=1000, warmup_steps=50, lr_schedule="cosine", lr_final_fraction=0.0)) for k in range(1000)]
     with pytest.raises(ConfigError, match="lr_final_fraction"):
@@ -203,21 +221,21 @@ def test_automatic_lr_final_fraction_by_teacher_kept_on_resume():
     from ttfm_distill.schedules import lr_factor
 
     assert RunConfig().lr_final_fraction is None and RunConfig().validate().lr_final_fraction is None
-    assert RunConfig().resolve_automatic("flow").lr_final_fraction == 0.25
-    assert RunConfig().resolve_automatic("epsilon").lr_final_fraction == 0.0
-    assert RunConfig(teacher="builtin:checkerboard").resolve_automatic("flow").lr_final_fraction == 0.0
-    assert RunConfig(lr_final_fraction=0.5).resolve_automatic("flow").lr_final_fraction == 0.5
-    assert RunConfig().resolve_automatic("flow", {"lr_final_fraction": 0.0}).lr_final_fraction == 0.0
-    assert RunConfig().resolve_automatic("flow", {"seed": 0}).lr_final_fraction == 0.0  # a folder from before
+    assert filled(RunConfig(), "flow").lr_final_fraction == 0.25
+    assert filled(RunConfig(), "epsilon").lr_final_fraction == 0.0
+    assert filled(RunConfig(teacher="builtin:checkerboard"), "flow").lr_final_fraction == 0.0
+    assert filled(RunConfig(lr_final_fraction=0.5), "flow").lr_final_fraction == 0.5
+    assert filled(RunConfig(), "flow", {"lr_final_fraction": 0.0}).lr_final_fraction == 0.0
+    assert filled(RunConfig(), "flow", {"seed": 0}).lr_final_fraction == 0.0  # a folder from before
     assert resume_mismatch({"lr_final_fraction": 0.25}, RunConfig().to_dict()) == []
     assert resume_mismatch({"lr_final_fraction": 0.0}, RunConfig(lr_final_fraction=0.25).to_dict()) == \
         ["lr_final_fraction"]
-    flow = RunConfig(max_steps=1000, warmup_steps=50).resolve_automatic("flow")
-    ddpm = RunConfig(max_steps=1000, warmup_steps=50).resolve_automatic("epsilon")
+    flow = filled(RunConfig(max_steps=1000, warmup_steps=50), "flow")
+    ddpm = filled(RunConfig(max_steps=1000, warmup_steps=50), "epsilon")
     assert abs(lr_factor(999, flow) - 0.25) < 1e-9 and abs(lr_factor(999, ddpm)) < 1e-9
     assert lr_factor(10, flow) == lr_factor(10, ddpm)  # the same warm-up
     assert run_command(flow.to_dict()) == "ttfm-distill run --max-steps 1000"
-    assert "lr_final_fraction" in run_command(RunConfig(lr_final_fraction=0.0).resolve_automatic("flow").to_dict())
+    assert "lr_final_fraction" in run_command(filled(RunConfig(lr_final_fraction=0.0), "flow").to_dict())
 
 
 def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings(monkeypatch):
@@ -227,27 +245,27 @@ def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings
     from ttfm_distill.config import AUTOMATIC, RunConfig
 
     monkeypatch.setattr(machine, "native_bf16", lambda device_type=None: True)
-    settings, options = RunConfig.automatic_defaults(RunConfig().to_dict())
+    settings, options = RunConfig.automatic_defaults(RunConfig().to_dict(), bf16_native=here())
     assert set(settings) == set(AUTOMATIC)
     assert settings == {"trajectory_fraction": 0.125, "pool_solver": "heun", "lr_schedule": "cosine", "lr": 4e-4,
                         "mixed_precision": "bf16", "lr_final_fraction": 0.25, "pool_precision": "bf16",
                         "ema_warmup_offset": 20.0}
     assert options == {"long_jump_span": 0.5}
     # the pool's solver follows the run's own trajectory_fraction: no rows, an Euler pool
-    settings, _ = RunConfig.automatic_defaults({"trajectory_fraction": 0.0})
+    settings, _ = auto_defaults({"trajectory_fraction": 0.0})
     assert settings["pool_solver"] == "euler" and settings["trajectory_fraction"] == 0.125
     # real data: no rows; a diffusion teacher: a cosine lr and no long jumps; the EMA-only reading: no long jumps
-    assert RunConfig.automatic_defaults({"data": "fashion-mnist"})[0]["trajectory_fraction"] == 0.0
-    settings, options = RunConfig.automatic_defaults({"teacher": "some/ddpm"}, "epsilon")
+    assert auto_defaults({"data": "fashion-mnist"})[0]["trajectory_fraction"] == 0.0
+    settings, options = auto_defaults({"teacher": "some/ddpm"}, "epsilon")
     assert settings["lr_schedule"] == "cosine" and settings["lr"] == 2e-4 and options == {"long_jump_span": 0.0}
     assert settings["mixed_precision"] == "no" and settings["lr_final_fraction"] == 0.0
     assert settings["pool_precision"] == "no" and settings["ema_warmup_offset"] == 10.0
     # the pool's precision follows the run's own autocast
-    assert RunConfig.automatic_defaults({"mixed_precision": "no"})[0]["pool_precision"] == "no"
-    assert RunConfig.automatic_defaults({"loss_options": {"reading": "ema_only"}})[1] == {"long_jump_span": 0.0}
+    assert auto_defaults({"mixed_precision": "no"})[0]["pool_precision"] == "no"
+    assert auto_defaults({"loss_options": {"reading": "ema_only"}})[1] == {"long_jump_span": 0.0}
     # an option the run set does not hide the default: the card compares against it
-    assert RunConfig.automatic_defaults({"loss_options": {"long_jump_span": 0.25}})[1] == {"long_jump_span": 0.5}
-    assert RunConfig.automatic_defaults({"loss": "lsd"})[1] == {}
+    assert auto_defaults({"loss_options": {"long_jump_span": 0.25}})[1] == {"long_jump_span": 0.5}
+    assert auto_defaults({"loss": "lsd"})[1] == {}
 
 
 def test_automatic_lr_by_teacher_kept_on_resume_and_left_out_of_the_card():
@@ -257,18 +275,18 @@ def test_automatic_lr_by_teacher_kept_on_resume_and_left_out_of_the_card():
     from ttfm_distill.pipeline_card import run_command
 
     assert RunConfig().lr is None and RunConfig().validate().lr is None
-    assert RunConfig().resolve_automatic("flow").lr == 4e-4
-    assert RunConfig().resolve_automatic("epsilon").lr == 2e-4
-    assert RunConfig(teacher="builtin:checkerboard").resolve_automatic("flow").lr == 2e-4
-    assert RunConfig(lr=1e-3).resolve_automatic("flow").lr == 1e-3
-    assert RunConfig().resolve_automatic("flow", {"lr": 2e-4}).lr == 2e-4  # a folder of an earlier default
+    assert filled(RunConfig(), "flow").lr == 4e-4
+    assert filled(RunConfig(), "epsilon").lr == 2e-4
+    assert filled(RunConfig(teacher="builtin:checkerboard"), "flow").lr == 2e-4
+    assert filled(RunConfig(lr=1e-3), "flow").lr == 1e-3
+    assert filled(RunConfig(), "flow", {"lr": 2e-4}).lr == 2e-4  # a folder of an earlier default
     assert resume_mismatch({"lr": 2e-4}, RunConfig().to_dict()) == []
     assert resume_mismatch({"lr": 2e-4}, RunConfig(lr=4e-4).to_dict()) == ["lr"]
     with pytest.raises(ConfigError, match="lr"):
         RunConfig(lr=0.0).validate()
     # the card: the automatic value is not spelled out; an earlier default's 2e-4 constant is
-    assert run_command(RunConfig().resolve_automatic("flow").to_dict()) == "ttfm-distill run"
-    assert run_command(RunConfig(lr=2e-4, lr_schedule="constant").resolve_automatic("flow").to_dict()) == \
+    assert run_command(filled(RunConfig(), "flow").to_dict()) == "ttfm-distill run"
+    assert run_command(filled(RunConfig(lr=2e-4, lr_schedule="constant"), "flow").to_dict()) == \
         "ttfm-distill run --set lr=0.0002 --set lr_schedule=constant"
 
 
@@ -278,32 +296,31 @@ def test_automatic_precision_by_teacher_and_hardware_kept_on_resume(monkeypatch,
     from ttfm_distill import machine
     from ttfm_distill.config import RunConfig, resume_mismatch
     from ttfm_distill.pipeline_card import run_command
-    from ttfm_distill.preflight import resolve_precision
+    from ttfm_distill.teachers.loading import TeacherLoadError
+    from ttfm_distill.preflight import resolve_run, resolve_settings
 
     assert RunConfig().mixed_precision == "auto" and RunConfig().validate().mixed_precision == "auto"
     for native in (True, False):
         monkeypatch.setattr(machine, "native_bf16", lambda device_type=None, native=native: native)
-        assert RunConfig().resolve_automatic("flow").mixed_precision == ("bf16" if native else "no")
-        assert RunConfig().resolve_automatic("epsilon").mixed_precision == "no"
-        assert RunConfig(teacher="builtin:checkerboard").resolve_automatic("flow").mixed_precision == "no"
-        assert RunConfig(mixed_precision="no").resolve_automatic("flow").mixed_precision == "no"  # given: kept
-        assert RunConfig(mixed_precision="bf16").resolve_automatic("epsilon").mixed_precision == "bf16"
-        assert RunConfig().resolve_automatic("flow", {"seed": 0}).mixed_precision == "no"  # a folder from before
-        assert RunConfig().resolve_automatic("flow", {"mixed_precision": "bf16"}).mixed_precision == "bf16"
-        # before the accelerator: from the teacher folder's configs, or the resumed folder's config.json
-        cfg = RunConfig(teacher=str(tiny_teacher_dir))
-        resolve_precision(cfg, None)
-        assert cfg.mixed_precision == ("bf16" if native else "no")
-        cfg = RunConfig(teacher=str(tiny_teacher_dir))
-        resolve_precision(cfg, {"mixed_precision": "no"})
+        assert filled(RunConfig(), "flow").mixed_precision == ("bf16" if native else "no")
+        assert filled(RunConfig(), "epsilon").mixed_precision == "no"
+        assert filled(RunConfig(teacher="builtin:checkerboard"), "flow").mixed_precision == "no"
+        assert filled(RunConfig(mixed_precision="no"), "flow").mixed_precision == "no"  # given: kept
+        assert filled(RunConfig(mixed_precision="bf16"), "epsilon").mixed_precision == "bf16"
+        assert filled(RunConfig(), "flow", {"seed": 0}).mixed_precision == "no"  # a folder from before
+        assert filled(RunConfig(), "flow", {"mixed_precision": "bf16"}).mixed_precision == "bf16"
+        # before any weights load: from the teacher folder's configs (resolve_run), or the resumed folder's config
+        run = resolve_run(RunConfig(teacher=str(tiny_teacher_dir), output=str(tmp_path / "new")))
+        assert run.prediction_type == "flow" and run.cfg.mixed_precision == ("bf16" if native else "no")
+        cfg, _ = resolve_settings(RunConfig(teacher=str(tiny_teacher_dir)), "flow", {"mixed_precision": "no"}, native)
         assert cfg.mixed_precision == "no"
-        cfg = RunConfig(teacher=str(tmp_path / "org" / "missing"), mixed_precision="auto")
-        resolve_precision(cfg, None)  # not a folder, not fetchable: fp32, and the load reports the teacher
-        assert cfg.mixed_precision == "no"
+        with pytest.raises(TeacherLoadError, match="neither a folder nor a hub id"):  # refused before any work
+            resolve_run(RunConfig(teacher=str(tmp_path / "org" / "missing"), output=str(tmp_path / "new")))
+        assert not (tmp_path / "new").exists()
         # the card leaves the automatic value out and spells out the other
         other = "no" if native else "bf16"
-        assert run_command(RunConfig().resolve_automatic("flow").to_dict()) == "ttfm-distill run"
-        assert run_command(RunConfig(mixed_precision=other).resolve_automatic("flow").to_dict()) == \
+        assert run_command(filled(RunConfig(), "flow").to_dict()) == "ttfm-distill run"
+        assert run_command(filled(RunConfig(mixed_precision=other), "flow").to_dict()) == \
             f"ttfm-distill run --set mixed_precision={other}"
     assert resume_mismatch({"mixed_precision": "bf16"}, RunConfig().to_dict()) == []
     assert resume_mismatch({"mixed_precision": "bf16"}, RunConfig(mixed_precision="no").to_dict()) == \
@@ -321,12 +338,12 @@ def test_the_pool_solves_in_bf16_when_the_run_trains_in_bf16_and_keeps_its_fp32_
     from ttfm_distill.teachers.loading import load_teacher
 
     monkeypatch.setattr(machine, "native_bf16", lambda device_type=None: True)
-    assert RunConfig().pool_precision == "auto" and RunConfig().resolve_automatic("flow").pool_precision == "bf16"
-    assert RunConfig().resolve_automatic("epsilon").pool_precision == "no"
-    assert RunConfig(teacher="builtin:checkerboard").resolve_automatic("flow").pool_precision == "no"
-    assert RunConfig(mixed_precision="no").resolve_automatic("flow").pool_precision == "no"
-    assert RunConfig(pool_precision="no").resolve_automatic("flow").pool_precision == "no"  # given: kept
-    assert RunConfig().resolve_automatic("flow", {"seed": 0}).pool_precision == "no"  # a folder from before
+    assert RunConfig().pool_precision == "auto" and filled(RunConfig(), "flow").pool_precision == "bf16"
+    assert filled(RunConfig(), "epsilon").pool_precision == "no"
+    assert filled(RunConfig(teacher="builtin:checkerboard"), "flow").pool_precision == "no"
+    assert filled(RunConfig(mixed_precision="no"), "flow").pool_precision == "no"
+    assert filled(RunConfig(pool_precision="no"), "flow").pool_precision == "no"  # given: kept
+    assert filled(RunConfig(), "flow", {"seed": 0}).pool_precision == "no"  # a folder from before
     assert resume_mismatch({"pool_precision": "bf16"}, RunConfig().to_dict()) == []
     assert resume_mismatch({"pool_precision": "no"}, RunConfig(pool_precision="bf16").to_dict()) == ["pool_precision"]
     with pytest.raises(ConfigError, match="pool_precision"):

@@ -99,9 +99,9 @@ def teacher_prediction_type(spec: str | None, subfolder: str | None = None, revi
                             fetch: bool = False) -> str | None:
     """What the teacher predicts (``"flow"``, ``"epsilon"``, ``"v_prediction"`` or ``"sample"``), read from its
     configs as :func:`load_teacher` reads it, without loading weights. A hub id's configs are fetched (only
-    the small JSON files) with ``fetch``; ``None`` for a hub id without it, or one that cannot be fetched.
-    The automatic settings depend on it (``RunConfig.resolve_automatic``), so ``--dry-run`` can show them,
-    and the run can choose its precision before the teacher's weights are loaded."""
+    the small JSON files) with ``fetch`` (a failed fetch is refused as the load would refuse it); ``None`` for
+    a hub id without it. The automatic settings depend on it (``preflight.resolve_run``), so ``--dry-run`` can
+    show them, and the run resolves every setting before the teacher's weights are loaded."""
     from .schedulers import prediction_type_of
 
     spec = spec or DEFAULT_TEACHER
@@ -116,8 +116,8 @@ def teacher_prediction_type(spec: str | None, subfolder: str | None = None, revi
 
             path = Path(snapshot_download(spec, revision=revision, allow_patterns=[
                 "model_index.json", "config.json", "*/config.json", "scheduler/*"]))
-        except Exception:  # the run's own load reports it, with the fix
-            return None
+        except Exception as e:
+            raise _fetch_failed(spec, e) from None
     denoiser = _locate_denoiser(path, subfolder)
     return prediction_type_of(_scheduler_config(path, denoiser) or ADAPTERS[_denoiser_class(denoiser)].default_scheduler)
 
@@ -337,12 +337,16 @@ def _load_hub(repo_id: str, subfolder: str | None, revision: str | None, allow_p
 
         local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except Exception as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        hint = "the hub is unreachable or offline (HF_HUB_OFFLINE is set)" if offline else "check the id and your network"
-        raise TeacherLoadError(f"cannot fetch hub teacher {repo_id!r}: {hint} ({_first_line(e, 60)}); "
-                               "or pass a local diffusers folder") from None
+        raise _fetch_failed(repo_id, e) from None
     teacher = _load_folder(Path(local), subfolder, source=repo_id, allow_pickle=allow_pickle, **options)
     return teacher
+
+
+def _fetch_failed(repo_id: str, e: Exception) -> TeacherLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    hint = "the hub is unreachable or offline (HF_HUB_OFFLINE is set)" if offline else "check the id and your network"
+    return TeacherLoadError(f"cannot fetch hub teacher {repo_id!r}: {hint} ({_first_line(e, 60)}); "
+                            "or pass a local diffusers folder")
 
 
 def _first_line(e: Exception, limit: int = 90) -> str:
