@@ -49,9 +49,9 @@ from ttfm_distill import scale
 from ttfm_distill.config import RunConfig
 from ttfm_distill.convention import interpolant_velocity, interpolate
 from ttfm_distill.fileio import write_json
-from ttfm_distill.objectives import TrainBatch, make_objective
+from ttfm_distill.batch import BatchPath, step_generator
+from ttfm_distill.objectives import make_objective
 from ttfm_distill.objectives.base import per_sample_mse
-from ttfm_distill.objectives.timesampling import sample_time_pairs
 from ttfm_distill.step import backward_micro_batches
 from ttfm_distill.factory import build_student
 
@@ -109,37 +109,49 @@ def build(model: str, device, lora_rank: int, mixed_precision: str):
 
 
 # ----------------------------------------------------------------- steps ----
+class NoiseData:
+    """A data source for timing (``BatchPath``'s ``sample(n, generator) -> (x1, cond)``): scaled noise and the
+    model's conditioning; the cost does not depend on the data."""
+
+    def __init__(self, teacher, cond):
+        self.teacher, self.cond = teacher, cond
+
+    def sample(self, n: int, generator: torch.Generator):
+        return self.teacher.sample_noise(n, generator=generator) * 0.5, self.cond(n, generator)
+
+
 class Stepper:
-    """One trainer-style optimiser step of an objective (or of flow matching) on fixed-size batches."""
+    """One trainer-style optimiser step of an objective (or of flow matching) on fixed-size batches: an
+    objective's batch is drawn by the trainer's own ``BatchPath``; flow matching, the baseline, draws its
+    ``(x0, x1, t)`` itself (it is not a batch of the tool's)."""
 
     def __init__(self, accelerator, student, teacher, cond, batch_size: int, mode: str, diagonal_fraction: float = 0.0):
         self.acc, self.teacher, self.cond, self.n, self.mode = accelerator, teacher, cond, batch_size, mode
-        self.diag = diagonal_fraction
         self.student = student
         opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
         self.model, self.opt = accelerator.prepare(student, opt)
         self.objective = {"itvm": make_objective("itvm"),
                           "itvm_euler": make_objective("itvm", teacher_solver="euler")}.get(mode)
+        self.path = BatchPath(teacher, NoiseData(teacher, cond), "mixed", diagonal_fraction, device=accelerator.device)
         self.k = 0
 
-    def batch(self):
-        g = torch.Generator().manual_seed(self.k)
+    def generator(self) -> torch.Generator:
         self.k += 1
-        x1 = self.teacher.sample_noise(self.n, generator=g) * 0.5  # the cost does not depend on the data
-        x0 = self.teacher.sample_noise(self.n, generator=g)
-        s, t = sample_time_pairs(self.n, "mixed", self.diag, generator=g)
-        dev = self.acc.device
-        return x0.to(dev), x1.to(dev), s.to(dev), t.to(dev), self.cond(self.n, g), g
+        return step_generator(0, 0, self.k - 1)
 
     def step(self):
-        x0, x1, s, t, cond, g = self.batch()
+        g = self.generator()
         if self.mode == "flow_matching":
+            dev = self.acc.device
+            x1, cond = NoiseData(self.teacher, self.cond).sample(self.n, g)
+            x0, t = self.teacher.sample_noise(self.n, generator=g).to(dev), torch.rand(self.n, generator=g).to(dev)
+            x1 = x1.to(dev)
             with self.acc.autocast():
                 u = self.model(interpolate(x0, x1, t), t, t, cond)
                 loss = per_sample_mse(u, interpolant_velocity(x0, x1)).mean()
             self.acc.backward(loss)
         else:
-            batch = TrainBatch(interpolate(x0, x1, s), s, t, cond, g)
+            batch = self.path(self.n, g)
             loss, _, _ = backward_micro_batches(self.acc, self.model, self.objective, self.teacher, batch, None, 1)
         self.acc.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()

@@ -40,25 +40,25 @@ def rate(fn, seconds: float, min_calls: int = 3) -> float:
 
 def training_rate(teacher, batch: int, steps: int) -> float:
     """Steps/second of the default run's training step (data drawn from a fixed tensor: the step alone)."""
-    from ttfm_distill.convention import interpolate
-    from ttfm_distill.objectives import TrainBatch, make_objective
-    from ttfm_distill.objectives.timesampling import sample_time_pairs
+    from ttfm_distill.batch import BatchPath, step_generator
     from ttfm_distill.factory import build_student
-    from ttfm_distill.batch import step_generator
+    from ttfm_distill.objectives import make_objective
+
+    class Zeros:  # the data: a fixed tensor (the step alone is timed)
+        def sample(self, n, generator):
+            return torch.zeros(n, *teacher.data_shape), None
 
     cfg = RunConfig()
     objective = make_objective(cfg.loss, **cfg.loss_options)
     student = build_student(teacher, cfg)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr_value())
-    x1 = torch.zeros(batch, *teacher.data_shape)
+    path = BatchPath(teacher, Zeros(), cfg.time_sampling, cfg.diagonal_fraction or 0.0, cfg.dyadic_levels)
     k = [0]
 
     def step():
         g = step_generator(0, 0, k[0])
         k[0] += 1
-        x0 = teacher.sample_noise(batch, generator=g)
-        s, t = sample_time_pairs(batch, cfg.time_sampling, cfg.diagonal_fraction, cfg.dyadic_levels, generator=g)
-        loss = objective(student, teacher, TrainBatch(interpolate(x0, x1, s), s, t, None, g), student).loss
+        loss = objective(student, teacher, path(batch, g), student).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -159,7 +159,7 @@ def networks(run) -> dict:
     if run.ema is not None:
         nets["ema"] = run.ema
     if run.cfg.dm_weight > 0:
-        nets["fake"] = run.fake.network
+        nets["fake"] = run.dm.fake.network
     return nets
 
 

@@ -98,3 +98,22 @@ def load_dm_state(path: Path) -> dict | None:
                 "optimizer": torch.load(path / "fake_optimizer.pt", map_location="cpu", weights_only=True)}
     except Exception as e:
         raise RunError(f"checkpoint {path} is damaged ({type(e).__name__} in its fake network); skipping it") from None
+
+
+def load_newest(out: Path, student, ema, scheduler, with_dm: bool, log) -> tuple[int, list, dict | None, dict | None]:
+    """Load the newest readable checkpoint of ``out`` into ``student``, ``ema`` and ``scheduler`` (a damaged one
+    is reported through ``log`` and the one before tried). Returns ``(step, history, optimizer state, the
+    distribution-matching state)``: ``(0, [], None, None)`` for a new run; none readable is refused."""
+    ckpts = list_checkpoints(out)
+    for ckpt in reversed(ckpts):
+        try:
+            step, history, opt_state = load_checkpoint(ckpt, student, ema, scheduler)
+            dm_state = load_dm_state(ckpt) if with_dm else None
+        except RunError as e:
+            log(f"[yellow]warning:[/] {e}")
+            continue
+        log(f"resuming from {ckpt} (step {step})")
+        return step, history, opt_state, dm_state
+    if ckpts:
+        raise RunError(f"no checkpoint in {out / 'checkpoints'} could be read; pass --overwrite to start over")
+    return 0, [], None, None

@@ -68,18 +68,52 @@ class DmTerm:
     generator, after the objective's, so a resumed run repeats them exactly.
     """
 
-    def __init__(self, settings, teacher, fake: FakeVelocity, optimizer, accelerator, grad_clip: float):
+    def __init__(self, settings, teacher, fake: FakeVelocity, optimizer, accelerator, grad_clip: float,
+                 stage: int | None = None):
         from .objectives.dm import DistributionMatching
 
         self.settings, self.teacher, self.fake, self.optimizer = settings, teacher, fake, optimizer
         self.accelerator, self.grad_clip = accelerator, grad_clip
+        #: the first step of a distribution-matching stage (``RunConfig.dm_stage_start``); None: every step
+        self.stage = stage
         self.maths = DistributionMatching(settings)
         #: the fake network as the step calls it (DDP-wrapped under several processes)
         self.wrapped = fake
 
+    @classmethod
+    def for_run(cls, cfg, teacher: Teacher, device, accelerator) -> "DmTerm":
+        """The run's term: the fake network copied from the teacher (before the teacher is held in the training
+        precision), its time embedders kept fp32 in a mixed-precision run, and its own AdamW."""
+        from . import scale
+        from .objectives.dm import DmSettings
+
+        settings = DmSettings.from_run(cfg)
+        fake = FakeVelocity.from_teacher(teacher, cfg.mlp_width, cfg.mlp_depth).to(device)
+        if cfg.mixed_precision != "no":
+            scale.keep_time_embedders_fp32(fake)
+        optimizer = torch.optim.AdamW(fake.parameters(), lr=settings.fake_lr or cfg.lr, weight_decay=cfg.weight_decay)
+        return cls(settings, teacher, fake, optimizer, accelerator, cfg.grad_clip, cfg.dm_stage_start())
+
+    def runs_at(self, step: int) -> bool:
+        """Whether the term works at ``step`` (0-based): from its stage on, or every step without one. (Inside
+        it, ``dm_start_step`` holds the student's part back while the fake network already learns.)"""
+        return self.stage is None or step >= self.stage
+
     def prepare(self) -> None:
         """Wrap the fake network and its optimiser for Accelerate (data parallel: gradients averaged)."""
         self.wrapped, self.optimizer = self.accelerator.prepare(self.fake, self.optimizer)
+
+    def restore(self, state: dict | None, start_step: int, log) -> None:
+        """Load a checkpoint's fake network and optimiser (``state``; None: a new run, or a checkpoint written
+        without the term, which ``log`` warns of) around :meth:`prepare`."""
+        if state is not None:
+            self.fake.load_state_dict(state["fake"], strict=True)
+        elif start_step > 0:
+            log("[yellow]warning:[/] the checkpoint has no fake network (dm_weight was 0 when it was written): the "
+                "fake network starts from the teacher")
+        self.prepare()
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
 
     def student_step(self, model, step: int, cond: dict | None, generator: torch.Generator, device) -> tuple:
         """``((samples, cond), metrics)``: the student's samples (detached) with their conditioning rows and,

@@ -22,6 +22,16 @@ def distributed_report(accelerator, student, first_batch: float) -> dict | None:
             "ranks_in_sync": bool(torch.allclose(rows[:, 0], rows[0, 0].expand(len(rows)), rtol=0, atol=0))}
 
 
+def final_weights(cfg, accelerator, wrapped, student, ema, rebuild):
+    """The weights the run exports: its EMA (``export_weights="ema"``), or the student, as an unsharded copy
+    (``rebuild()`` makes the empty student; sharded runs gather into it on rank 0)."""
+    from . import scale
+
+    if cfg.export_weights == "ema" and ema is not None:
+        return ema
+    return scale.unsharded_copy(accelerator, wrapped, student, rebuild)
+
+
 def finish_run(cfg, out, student, teacher, objective, seconds, history, device, log, skipped=0,
                distributed: dict | None = None, data_report: dict | None = None, reference=None) -> dict:
     """Export the student, measure it against the teacher, draw ``samples.png``; ``reference``: the teacher's fine

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import AUTOMATIC, RunConfig, resume_mismatch
+from .config import RunConfig, resume_mismatch
 from .errors import ConfigError, RunError
 from .rundir import check_output
 
@@ -68,6 +68,14 @@ def resolve_run(cfg: RunConfig, overwrite: bool = False, fetch: bool = True) -> 
                                               fetch=fetch and folder.saved is None)
     cfg, objective = resolve_settings(cfg, prediction_type, folder.saved, machine.native_bf16())
     return ResolvedRun(cfg, objective, folder, prediction_type)
+
+
+def check_prediction_type(run: ResolvedRun, teacher) -> None:
+    """The loaded teacher predicts what its configs said when the run was resolved (both read the same scheduler
+    config: a difference is a teacher folder changed between the two reads)."""
+    if run.prediction_type not in (None, teacher.prediction_type):
+        raise RunError(f"the teacher's configs said it predicts {run.prediction_type} but it loaded as "
+                       f"{teacher.prediction_type}; was the folder changed during the run's start? re-run")
 
 
 def resolve_settings(cfg: RunConfig, prediction_type: str | None = None, saved: dict | None = None,

@@ -16,13 +16,13 @@ import torch
 
 from .batch import BatchPath, step_generator
 from .budget import BudgetClock
-from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoints import load_newest, save_checkpoint
 from .config import RunConfig
 from .data import build_data
 from .errors import ConfigError, Interrupted, NonFiniteLoss, RunError
 from .factory import build_student, student_for_run
 from .fileio import write_json
-from .finish import distributed_report, finish_run
+from .finish import distributed_report, final_weights, finish_run
 from .objectives import TrainBatch
 from .schedules import ema_decay_at, ema_update, lr_factor
 from .signals import SigtermAsInterrupt, interrupt_signal
@@ -123,7 +123,8 @@ class Distillation:
 
     def setup_teacher(self) -> None:
         from .data.cache import teacher_fingerprint
-        from .preflight import check_memory, check_teacher, check_teacher_unchanged, settings_warnings
+        from .preflight import (check_memory, check_prediction_type, check_teacher, check_teacher_unchanged,
+                                settings_warnings)
         from .teachers.loading import load_teacher
 
         cfg = self.cfg
@@ -133,9 +134,7 @@ class Distillation:
         if teacher.has_network:  # an unsupported time embedding is refused here, before any data work
             teacher.adapter.projection(teacher.network)
         teacher.to(self.device)
-        if self.resolved.prediction_type not in (None, teacher.prediction_type):  # (read from the same configs)
-            raise RunError(f"the teacher's configs say it predicts {self.resolved.prediction_type} but it loaded as "
-                           f"{teacher.prediction_type}; check its scheduler config")
+        check_prediction_type(self.resolved, teacher)
         for line in settings_warnings(cfg, teacher.prediction_type):
             self.log(f"[yellow]warning:[/] {line}")
         check_memory(cfg, teacher, self.device)  # before the first tensor of the teacher's data shape is made
@@ -190,11 +189,9 @@ class Distillation:
             scale.keep_time_embedders_fp32(student, self.teacher)
         self.dm = None
         if cfg.dm_weight > 0:  # the fake network copies the teacher before it is held in the training precision
-            from .fake import FakeVelocity
+            from .fake import DmTerm
 
-            self.fake = FakeVelocity.from_teacher(self.teacher, cfg.mlp_width, cfg.mlp_depth).to(self.device)
-            if cfg.mixed_precision != "no":
-                scale.keep_time_embedders_fp32(self.fake)
+            self.dm = DmTerm.for_run(cfg, self.teacher, self.device, self.accelerator)
         if cfg.lora_rank == 0 and self.teacher.has_network:  # (a LoRA teacher is the student's own base)
             scale.prepare_frozen(self.accelerator, self.teacher.network, cfg.mixed_precision)  # bf16; FSDP: sharded
         if cfg.gradient_checkpointing:
@@ -209,38 +206,13 @@ class Distillation:
         self.optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(k, cfg))
-        if cfg.dm_weight > 0:
-            from .fake import DmTerm
-            from .objectives.dm import DmSettings
-
-            settings = DmSettings.from_run(cfg)
-            fake_opt = torch.optim.AdamW(self.fake.parameters(), lr=settings.fake_lr or cfg.lr,
-                                         weight_decay=cfg.weight_decay)
-            self.dm = DmTerm(settings, self.teacher, self.fake, fake_opt, self.accelerator, cfg.grad_clip)
 
     def resume(self) -> None:
         """Load the newest readable checkpoint (a damaged one is reported and skipped), then prepare for Accelerate."""
         from . import scale
 
-        from .checkpoints import load_dm_state
-
-        self.start_step, self.history = 0, []
-        ckpts = list_checkpoints(self.out)
-        opt_state = dm_state = None
-        for ckpt in reversed(ckpts):
-            try:
-                self.start_step, self.history, opt_state = load_checkpoint(ckpt, self.student, self.ema,
-                                                                           self.scheduler)
-                dm_state = load_dm_state(ckpt) if self.dm is not None else None
-            except RunError as e:
-                self.log(f"[yellow]warning:[/] {e}")
-                continue
-            self.log(f"resuming from {ckpt} (step {self.start_step})")
-            break
-        else:
-            if ckpts:
-                raise RunError(f"no checkpoint in {self.out / 'checkpoints'} could be read; "
-                               "pass --overwrite to start over")
+        self.start_step, self.history, opt_state, dm_state = load_newest(self.out, self.student, self.ema,
+                                                                         self.scheduler, self.dm is not None, self.log)
         scale.shard_fp32_modules(self.accelerator, self.student, self.optimizer)  # FSDP2 + bf16/fp16 only
         self.wrapped, self.optimizer = self.accelerator.prepare(self.student, self.optimizer)
         if opt_state is not None:
@@ -250,14 +222,7 @@ class Distillation:
                 raise RunError(f"the optimizer state of the latest checkpoint does not fit this run "
                                f"({type(e).__name__}); pass --overwrite to start over") from None
         if self.dm is not None:
-            if dm_state is not None:
-                self.fake.load_state_dict(dm_state["fake"], strict=True)
-            elif self.start_step > 0:
-                self.log("[yellow]warning:[/] the checkpoint has no fake network (dm_weight was 0 when it was "
-                         "written): the fake network starts from the teacher")
-            self.dm.prepare()
-            if dm_state is not None:
-                self.dm.optimizer.load_state_dict(dm_state["optimizer"])
+            self.dm.restore(dm_state, self.start_step, self.log)
         self.last_saved = self.start_step
 
     def checkpoint(self, at_step: int) -> None:
@@ -286,7 +251,7 @@ class Distillation:
             begin_stage(self.student, self.ema, self.optimizer)
             self.log(f"distribution-matching stage: steps {stage} to {cfg.total_steps()}, from the EMA's weights")
         in_stage = stage is not None and step >= stage
-        dm_on = self.dm is not None and (in_stage or stage is None)
+        dm_on = self.dm is not None and self.dm.runs_at(step)
         batch = self.make_batch(step)
         target = self.ema if self.ema is not None else self.student
         loss, step_metrics, finite = backward_micro_batches(self.accelerator, self.wrapped, self.objective,
@@ -371,17 +336,14 @@ class Distillation:
         if cfg.total_steps() > self.last_saved:
             self.checkpoint(cfg.total_steps())
         self.tracking.at_end()  # the last validation and training-curves.png, before the card shows them
-        final = self.ema if (cfg.export_weights == "ema" and self.ema is not None) else self.student
-        if final is self.student:  # sharded: an unsharded copy holding the gathered weights, built on rank 0
-            final = scale.unsharded_copy(self.accelerator, self.wrapped, self.student,
-                                         lambda: build_student(self.teacher, cfg).to(self.device))
+        final = final_weights(cfg, self.accelerator, self.wrapped, self.student, self.ema,
+                              lambda: build_student(self.teacher, cfg).to(self.device))
         if self.teacher.has_network:  # sharded: gathered whole on every rank, so rank 0 evaluates alone
             scale.unshard_frozen(self.teacher.network)
         if self.main:
             metrics = finish_run(cfg, self.out, final.eval(), self.teacher, self.objective, self.seconds,
                                  self.history, self.device, self.log, self.skipped, distributed,
-                                 data_report=self.data.report,
-                                 reference=self.tracking.report_reference())
+                                 data_report=self.data.report, reference=self.tracking.report_reference())
         self.accelerator.wait_for_everyone()
         return RunResult(self.out, cfg.total_steps(), self.seconds, metrics, self.start_step, self.main)
 

@@ -68,3 +68,30 @@ def test_frozen_teacher_sharded_gives_the_same_velocity(tmp_path):
     assert all(0.4 * full < r["local"] < 0.6 * full for r in ranks)
     assert all(r["max_diff"] < 1e-6 and r["repeat_diff"] < 1e-6 for r in ranks), ranks
     assert ranks[0]["units"] == 2  # one SD3 block + the root
+
+
+def test_the_gpu_check_runs_its_tiny_mode_on_cpu(tmp_path):
+    """benchmarks/gpu_check.py's CPU dry run (what a lent GPU runs at full size): full and LoRA students timed
+    with ITVM and flow matching on the trainer's batch path, the plan's memory against the measured peak, and
+    the end-to-end runs with and without the distribution-matching term."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "gpu-check.json"
+    r = subprocess.run([sys.executable, str(repo / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--tiny",
+                        "--steps", "1", "--run-steps", "2", "--output", str(out)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(out.read_text())
+    for kind in ("full", "lora"):
+        section = report["sections"][kind]
+        assert section["trained_parameters"] > 0 and section["peak_bytes_measured"] > 0
+        assert all(section["step_seconds_median"][mode] > 0 for mode in ("itvm", "flow_matching"))
+        assert 0.5 < section["peak_planned_over_measured"] < 2.0  # the plan's memory model against the measure
+    assert report["sections"]["lora"]["trained_parameters"] < report["sections"]["full"]["trained_parameters"]
+    for run in ("end_to_end", "end_to_end_dm"):
+        assert report[run]["returncode"] == 0, report[run]["stderr_tail"]
+    assert "dm_weight" in report["end_to_end_dm"]["command"]
