@@ -6,6 +6,7 @@ and the student scored, one command, resumable; ``--table`` writes one markdown 
     python benchmarks/zoo.py --variant dm --set dm_weight=0.5 # an A/B variant: its own runs and rows
     python benchmarks/zoo.py --max-steps 300                  # a reduced budget (variant "steps300" unless named)
     python benchmarks/zoo.py --table                          # benchmarks/results/zoo/table.md from the rows
+    python benchmarks/zoo.py --curves A,B --curves-out F.png  # validation rows of run folders A, B as curves
 
 For each teacher (``ZOO``: name -> folder; ``--teacher-dir NAME=FOLDER`` points one elsewhere):
 
@@ -398,6 +399,40 @@ def _best_own(teacher: dict | None, nfe: int) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- main --
+def write_curves(names: list[str], runs: Path, out: Path, measure: str = "fd_test_images") -> Path:
+    """The validation rows (``train_log.jsonl``) of the run folders ``RUNS/NAME`` as one figure: ``measure`` at
+    1, 2 and 4 steps against the step, a line style a run; the points beside it as JSON (``OUT.json``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ttfm_distill.tracking import read_log
+
+    curves = {}
+    for name in names:
+        rows = [r for r in read_log(runs / name / "train_log.jsonl") if r.get("kind") == "validation"]
+        curves[name] = {"steps": [r["step"] for r in rows],
+                        **{n: [r[measure][n] for r in rows] for n in ("1", "2", "4")},
+                        "validation_samples": rows[0]["validation_samples"] if rows else None}
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    styles = ["-", "--", ":", "-."]
+    for ax, n in zip(axes, ("1", "2", "4")):
+        for k, (name, c) in enumerate(curves.items()):
+            ax.plot(c["steps"], c[n], styles[k % len(styles)], marker="o", ms=3, label=name)
+        ax.set_title(f"{n} step(s)", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel(measure, fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    out.with_suffix(".json").write_text(json.dumps({"measure": measure, "runs": curves}, indent=1) + "\n")
+    return out
+
+
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teachers", default=",".join(ZOO), help=f"comma-separated names (default: all: {', '.join(ZOO)})")
@@ -417,6 +452,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--results-dir", default=str(RESULTS),
                    help="row JSONs and table.md (default benchmarks/results/zoo)")
     p.add_argument("--table", action="store_true", help="only write RESULTS/table.md from the rows there")
+    p.add_argument("--curves", default=None, metavar="RUN,RUN",
+                   help="only draw the validation rows of these run folders (under --runs-dir) to --curves-out")
+    p.add_argument("--curves-out", default=str(RESULTS / "curves.png"))
     args = p.parse_args(argv)
     from ttfm_distill.cli import parse_steps
 
@@ -447,6 +485,9 @@ def main(argv=None) -> int:
     results = Path(args.results_dir)
     if args.table:
         print(f"wrote {write_table(results)}")
+        return 0
+    if args.curves:
+        print(f"wrote {write_curves(args.curves.split(','), Path(args.runs_dir), Path(args.curves_out))}")
         return 0
     import torch
 

@@ -29,13 +29,13 @@ def checkpoint_has_head(out: Path) -> bool | None:
     """Whether the newest readable checkpoint's student carries a velocity head (``None``: no checkpoint). A
     folder from before ``student_output=auto`` meant ``gated`` for epsilon teachers resumes with the output it
     trained with (``preflight.keep_student_output``)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for ckpt in reversed(list_checkpoints(out)):
         try:
             with safe_open(str(ckpt / "student.safetensors"), "pt") as f:
                 return any(k.startswith("velocity_head.") for k in f.keys())
-        except Exception:  # noqa: BLE001 - a damaged checkpoint: the resume reports it and tries the one before
+        except (OSError, SafetensorError):  # a damaged or missing file: the resume reports it, tries the one before
             continue
     return None
 

@@ -74,15 +74,15 @@ def _parse_value(text: str):
 
 
 def parse_steps(text: str, flag: str = "--steps") -> tuple[int, ...]:
-    """``"1,2,4,8"`` -> ``(1, 2, 4, 8)`` (sorted, unique, each >= 1); a bad list is an ``EvalError``."""
-    from .evaluate import EvalError
+    """``"1,2,4,8"`` -> ``(1, 2, 4, 8)`` (sorted, unique, each >= 1); a bad list is an ``InputError``."""
+    from .errors import InputError
 
     try:
         values = sorted({int(v) for v in str(text).split(",") if v.strip()})
     except ValueError:
-        raise EvalError(f"{flag} expects comma-separated integers such as 1,2,4,8, got {text!r}") from None
+        raise InputError(f"{flag} expects comma-separated integers such as 1,2,4,8, got {text!r}") from None
     if not values or values[0] < 1:
-        raise EvalError(f"{flag} needs step counts >= 1, got {text!r}")
+        raise InputError(f"{flag} needs step counts >= 1, got {text!r}")
     return tuple(values)
 
 
