@@ -32,8 +32,9 @@ AUTOMATIC = {"trajectory_fraction": (None,), "pool_solver": ("auto",), "lr_sched
 AUTO_LR_FLOW = 4e-4
 AUTO_LR_OTHER = 2e-4
 #: where the cosine ends, as a fraction of the lr, where the command leaves it unset (RunConfig.lr_final_value): a
-#: quarter for a flow teacher (the 1-step student is still learning at the end; with 3500 steps it beat the cosine
-#: to 0 over three seeds, docs/quality.md), 0 for the rest (what they were measured at)
+#: quarter for a flow teacher (the 1-step student is still learning at the end; the 3500-step default with it beat
+#: the earlier 3000-step default with a cosine to 0 on three seeds; at equal steps it was even on one seed,
+#: docs/quality.md "The cosine to a quarter"), 0 for the rest (what they were measured at)
 AUTO_LR_FINAL_FLOW = 0.25
 #: the EMA warm-up's offset where the command leaves it unset (RunConfig.ema_offset_value): 20 for a flow teacher (a
 #: shorter average than 10: lower at 1 step on three seeds at 3500 steps, docs/quality.md), 10 for the rest
