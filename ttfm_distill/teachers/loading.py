@@ -343,10 +343,11 @@ def _load_hub(repo_id: str, subfolder: str | None, revision: str | None, allow_p
 
 
 def _fetch_failed(repo_id: str, e: Exception) -> TeacherLoadError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    hint = "the hub is unreachable or offline (HF_HUB_OFFLINE is set)" if offline else "check the id and your network"
-    return TeacherLoadError(f"cannot fetch hub teacher {repo_id!r}: {hint} ({_first_line(e, 60)}); "
-                            "or pass a local diffusers folder")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return TeacherLoadError(f"cannot fetch hub teacher {repo_id!r}: offline (HF_HUB_OFFLINE is set) and not in the "
+                                "cache; unset HF_HUB_OFFLINE or pass a local diffusers folder")
+    return TeacherLoadError(f"cannot fetch hub teacher {repo_id!r} ({_first_line(e, 50)}); check the id and your "
+                            "network, or pass a local diffusers folder")
 
 
 def _first_line(e: Exception, limit: int = 90) -> str:
