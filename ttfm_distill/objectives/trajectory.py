@@ -1,4 +1,5 @@
-"""Trajectory supervision: pairs on the data-free pool's own teacher solves (docs/quality.md, "Trajectory rows and the pool's Heun solver").
+"""Trajectory supervision: pairs on the data-free pool's own teacher solves (docs/quality.md, "Trajectory rows
+and the pool's Heun solver").
 
 The pool integrates the teacher from known noises; keeping every state of each solve gives, for a pair
 ``(s, t)`` of its time grid, the exact (up to the pool's solver) average velocity
