@@ -1115,7 +1115,7 @@ def plot(out: dict) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401 - matplotlib.ticker below
 
-    from ttfm_distill.plots import _save_figure
+    from ttfm_distill.plots import save_figure
 
     e = out["teacher"]["results"]["teacher_euler"]
     scored = [n for n, r in out["rows"].items() if "points" in r and not ROWS[n].get("sweep")]
@@ -1152,7 +1152,7 @@ def plot(out: dict) -> None:
         axes[0][0].set_ylabel(label)
         axes[0][-1].legend(fontsize=6, loc="upper right")
         teacher = TEACHER if TEACHER.startswith("builtin:") else Path(TEACHER).name
-        _save_figure(fig, RESULTS / fname, f"{teacher}: {label} along training "
+        save_figure(fig, RESULTS / fname, f"{teacher}: {label} along training "
                      f"({out['settings']['num']} samples, dotted: teacher Euler)", fontsize=9, dpi=100)
     print("wrote", ", ".join(str(RESULTS / f) for f in ("convergence.json", "convergence.png",
                                                           "convergence-seconds.png", "convergence-fme.png",

@@ -61,7 +61,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(1)
 
-    from ttfm_distill.cli import _parse_options as parse  # KEY=VALUE read exactly as `ttfm-distill run` reads it
+    from ttfm_distill.cli import parse_options as parse  # KEY=VALUE read exactly as `ttfm-distill run` reads it
     from ttfm_distill.config import RunConfig
     from ttfm_distill.trainer import Distillation
 

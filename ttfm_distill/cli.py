@@ -86,7 +86,7 @@ def parse_steps(text: str, flag: str = "--steps") -> tuple[int, ...]:
     return tuple(values)
 
 
-def _parse_options(items: List[str] | None, flag: str) -> dict:
+def parse_options(items: List[str] | None, flag: str) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
@@ -140,7 +140,7 @@ def run(
         from .config import RunConfig, load_config_file
 
         values = load_config_file(config) if config else {}
-        values.update(_parse_options(set_, "--set"))
+        values.update(parse_options(set_, "--set"))
         settings = {f.name for f in fields(RunConfig)}
         # a switch left off is not given (False would override a config file's true)
         values.update({k: v for k, v in given.items() if k in settings and v is not None and v is not False})
@@ -152,7 +152,7 @@ def run(
             earlier = values.get("loss_options", {})
             if not isinstance(earlier, dict):
                 _fail(f"loss_options must be a table of KEY=VALUE (e.g. -L tau=0.1), got {earlier!r}")
-            values["loss_options"] = {**earlier, **_parse_options(loss_option, "--loss-option")}
+            values["loss_options"] = {**earlier, **parse_options(loss_option, "--loss-option")}
         if loss and loss != values.get("loss") and "loss_options" not in values:
             values["loss_options"] = {}
         from .preflight import resolve_run
@@ -384,7 +384,7 @@ def plan(
         if dm not in DM_FAKES:
             raise PlanError(f"--dm must be one of {', '.join(DM_FAKES)}, got {dm!r}")
         memory = parse_memory(gpu_memory) if gpu_memory else None
-        ev = objective_evaluations(loss, _parse_options(loss_option, "--loss-option"), diagonal_fraction, guidance)
+        ev = objective_evaluations(loss, parse_options(loss_option, "--loss-option"), diagonal_fraction, guidance)
         counts = count(resolve_teacher(teacher, subfolder), lora_rank, text_tokens, resolution)
         result = make_plan(counts, ev, gpus=gpus, gpu=gpu.upper(), gpu_memory=memory, mfu=mfu, headroom=headroom,
                            ema=ema, batch_size=batch_size, dm=dm)

@@ -78,7 +78,7 @@ def save_comparison(rows: dict[str, torch.Tensor], path: str | Path, kind: str =
             ax.scatter(pts[:, 0], pts[:, 1], s=0.3, alpha=0.4, color="k")
             ax.set_title(label + (f"\nerr {errors[label]:.3f}" if label in errors else ""), fontsize=9)
             ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
-    _save_figure(fig, path, title, fontsize=10, dpi=110)
+    save_figure(fig, path, title, fontsize=10, dpi=110)
 
 
 #: metrics drawn by :func:`save_metric_curves`, with their axis labels
@@ -148,10 +148,10 @@ def save_metric_curves(results: dict, floors: dict | None, path: str | Path, tit
             spare.legend(handles.values(), handles.keys(), fontsize=7, loc="center")
         else:
             axes.flat[0].legend(handles.values(), handles.keys(), fontsize=6)
-    _save_figure(fig, path, title, fontsize=9, dpi=100)
+    save_figure(fig, path, title, fontsize=9, dpi=100)
 
 
-def _save_figure(fig, path: str | Path, title: str = "", fontsize: int = 10, dpi: int = 110) -> None:
+def save_figure(fig, path: str | Path, title: str = "", fontsize: int = 10, dpi: int = 110) -> None:
     """Title, tight layout, an atomic PNG write, and the figure closed."""
     import matplotlib.pyplot as plt
 
@@ -224,4 +224,4 @@ def save_training_curves(rows: list[dict], path: str | Path, title: str = "") ->
     for ax in axes.flat[: len(panels)]:
         ax.set_xlabel("training samples")
         ax.grid(alpha=0.3, which="both")
-    _save_figure(fig, path, title, fontsize=10, dpi=100)
+    save_figure(fig, path, title, fontsize=10, dpi=100)

@@ -133,3 +133,22 @@ def test_one_batch_path_draws_data_noise_pairs_and_guidance_from_one_generator_i
     guided = BatchPath(teacher, ExactData(teacher), "mixed", 0.25, guidance_range=(1.0, 3.0))
     scales = guided(64, step_generator(3, 1, 7)).cond["cfg_scale"]
     assert scales.shape == (64,) and 1.0 <= scales.min() and scales.max() <= 3.0 and scales.std() > 0.3
+
+
+def test_benchmarks_use_the_package_s_public_functions_only():
+    """No benchmark imports a private (underscored) name of the package (issue 32, item 4)."""
+    benchmarks = PACKAGE.parent / "benchmarks"
+    private = re.compile(r"from ttfm_distill[\w.]* import ([^\n]*)")
+    found = []
+    for path in sorted(benchmarks.glob("*.py")):
+        for names in private.findall(path.read_text()):
+            found += [f"{path.name}: {n.strip()}" for n in names.strip("()").split(",") if n.strip().startswith("_")]
+    assert found == []
+
+
+def test_config_imports_only_the_errors_module():
+    """config.py (the schema, validation, load/dump and the resume rules) imports no other module of the package,
+    at the top or inside a function: the facts it needs are passed in (issue 32, item 1)."""
+    text = (PACKAGE / "config.py").read_text()
+    assert re.findall(r"^\s*from \.(\w+)", text, flags=re.M) == ["errors"]
+    assert "import ttfm_distill" not in text
