@@ -42,8 +42,8 @@ class DmSettings:
     weight: float = 0.0
     #: the fake network's learning rate; None: the student's
     fake_lr: float | None = None
-    #: fake-network updates per student step
-    fake_updates: int = 1
+    #: fake-network updates per student step (the run's default: 5, ``RunConfig.dm_fake_updates``)
+    fake_updates: int = 5
     #: the term's noising times, uniform in [time_min, time_max] (package time: 0 noise, 1 data)
     time_min: float = 0.02
     time_max: float = 0.98
