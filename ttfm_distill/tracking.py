@@ -320,11 +320,11 @@ class RunTracking:
                     tracker.finish()
                 except Exception as e:  # noqa: BLE001 - a tracker's own failure, reported, not raised
                     self.run.log(f"[yellow]warning:[/] tracker {tracker.name} did not finish: {type(e).__name__}")
-        if self._thread_hook is not None:
+            self.accelerator.trackers = []
+        if self._thread_hook is not None:  # the hook the trackers' start replaced
             import threading
 
             threading.excepthook, self._thread_hook = self._thread_hook, None
-            self.accelerator.trackers = []
 
     # -- pieces -----------------------------------------------------------------
     def samples(self, step: int) -> int:
