@@ -143,7 +143,7 @@ class Stepper:
         g = self.generator()
         if self.mode == "flow_matching":
             dev = self.acc.device
-            x1, cond = NoiseData(self.teacher, self.cond).sample(self.n, g)
+            x1, cond = self.path.data.sample(self.n, g)
             x0, t = self.teacher.sample_noise(self.n, generator=g).to(dev), torch.rand(self.n, generator=g).to(dev)
             x1 = x1.to(dev)
             with self.acc.autocast():

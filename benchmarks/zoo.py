@@ -407,6 +407,7 @@ def write_curves(names: list[str], runs: Path, out: Path, measure: str = "fd_tes
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ttfm_distill.plots import save_figure
     from ttfm_distill.tracking import read_log
 
     curves = {}
@@ -425,10 +426,8 @@ def write_curves(names: list[str], runs: Path, out: Path, measure: str = "fd_tes
         ax.set_ylabel(measure, fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out, dpi=100)
     out.with_suffix(".json").write_text(json.dumps({"measure": measure, "runs": curves}, indent=1) + "\n")
     return out
 

@@ -164,9 +164,7 @@ def run(
 
         data_info = check_data_spec(cfg.data)  # fail fast on a missing or unreachable data set
         if dry_run:
-            from .teachers.loading import check_teacher_spec
-
-            teacher_info = check_teacher_spec(cfg.teacher, cfg.subfolder)
+            teacher_info = resolved.teacher_info
             if resolved.prediction_type is None and resolved.folder.saved is None:
                 teacher_info += "; the automatic settings (null or auto) are filled in once it is loaded"
             typer.echo(json.dumps(cfg.to_dict(), indent=2))

@@ -46,6 +46,8 @@ class ResolvedRun:
     folder: FolderState
     #: what the teacher predicts, read from its configs before any weights load (None: not read, see above)
     prediction_type: str | None
+    #: the teacher as its configs describe it (``teachers.loading.check_teacher_spec``), for ``--dry-run``
+    teacher_info: str = ""
 
 
 def resolve_run(cfg: RunConfig, overwrite: bool = False, fetch: bool = True) -> ResolvedRun:
@@ -63,11 +65,11 @@ def resolve_run(cfg: RunConfig, overwrite: bool = False, fetch: bool = True) -> 
         check_report_to(cfg.report_to)
     trajectory_rows(cfg)  # an explicit share that leaves no objective rows, before the folder is looked at
     folder = check_run_folder(cfg, overwrite)
-    check_teacher_spec(cfg.teacher, cfg.subfolder)  # what the load would refuse (no such folder, custom code)
+    teacher_info = check_teacher_spec(cfg.teacher, cfg.subfolder)  # what the load would refuse (custom code, ...)
     prediction_type = teacher_prediction_type(cfg.teacher, cfg.subfolder, cfg.revision,
                                               fetch=fetch and folder.saved is None)
     cfg, objective = resolve_settings(cfg, prediction_type, folder.saved, machine.native_bf16())
-    return ResolvedRun(cfg, objective, folder, prediction_type)
+    return ResolvedRun(cfg, objective, folder, prediction_type, teacher_info)
 
 
 def check_prediction_type(run: ResolvedRun, teacher) -> None:

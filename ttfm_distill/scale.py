@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from .config import ConfigError
-from .machine import native_bf16  # noqa: F401 - re-exported
 
 
 def check_mixed_precision(mode: str, device_type: str) -> None:

@@ -369,10 +369,8 @@ def test_the_pool_solves_in_bf16_when_the_run_trains_in_bf16_and_keeps_its_fp32_
 
 
 def test_native_bf16_reads_the_cpu_flags(monkeypatch):
-    from ttfm_distill import scale
-
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    assert not scale.native_bf16("cpu")
+    assert not machine.native_bf16("cpu")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert scale.native_bf16("cpu")
+    assert machine.native_bf16("cpu")
