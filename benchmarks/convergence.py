@@ -525,10 +525,14 @@ def finished(run: Path) -> bool:
 
 
 def trained(run: Path) -> bool:
+    from ttfm_distill.runstate import RunState
+
     cfg = run_config(run)
-    # a run with a time budget trains the count it fitted (config.json's fitted_steps)
-    return cfg is not None and any(step == int(cfg.get("fitted_steps") or cfg["max_steps"])
-                                   for step, _ in checkpoints(run))
+    if cfg is None:
+        return False
+    # a run with a time budget trains the count it fitted (its run state)
+    total = RunState.read(run, cfg).get("fitted_steps") or cfg["max_steps"]
+    return any(step == int(total) for step, _ in checkpoints(run))
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -570,6 +574,7 @@ def seed_pool(name: str, cmd: list[str], runs_dir: Path) -> None:
 
     from ttfm_distill.config import RunConfig
     from ttfm_distill.data.pool import pool_file_name
+    from ttfm_distill.runstate import RunState
 
     run = runs_dir / name
     if run.exists():
@@ -582,10 +587,10 @@ def seed_pool(name: str, cmd: list[str], runs_dir: Path) -> None:
         return
     for donor in sorted(runs_dir.glob("*/config.json")):
         saved = run_config(donor.parent) or {}
-        if saved.get("teacher") != cfg["teacher"] or not saved.get("teacher_fingerprint"):
+        key = RunState.read(donor.parent, saved).get("teacher_fingerprint") if saved else None
+        if saved.get("teacher") != cfg["teacher"] or not key:
             continue
-        probe = RunConfig.from_dict({**cfg, "teacher_fingerprint": saved["teacher_fingerprint"]})
-        pool = pool_file_name(probe.resolve_automatic(PREDICTION))
+        pool = pool_file_name(RunConfig.from_dict(cfg).resolve_automatic(PREDICTION), fingerprint=key)
         if (donor.parent / "cache" / pool).exists():
             (run / "cache").mkdir(parents=True)
             (run / "config.json").write_text(json.dumps(cfg, indent=2))

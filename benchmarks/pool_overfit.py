@@ -50,7 +50,6 @@ def fresh_pairs(teacher, cfg, num: int, cache: Path) -> tuple[torch.Tensor, torc
     from ttfm_distill.data.pool import build_pool
 
     fresh = type(cfg).from_dict({**cfg.to_dict(), "seed": cfg.seed + 1000, "pool_size": num})
-    fresh.teacher_fingerprint = cfg.teacher_fingerprint
     pool = build_pool(teacher, fresh, cache, "cpu", lambda msg: print(msg, flush=True))
     return pool.trajectories[:, 0].clone(), pool.trajectories[:, -1].clone(), Path(pool.report["path"]).name
 
@@ -67,6 +66,7 @@ def main():
     from safetensors.torch import load_file
 
     from ttfm_distill.config import RunConfig
+    from ttfm_distill.runstate import LEGACY_KEYS, RunState
     from ttfm_distill.features import load_feature_classifier
     from ttfm_distill.fileio import write_json
     from ttfm_distill.metrics import flow_map_error, frechet_distance, gaussian_stats
@@ -76,9 +76,10 @@ def main():
 
     run = args.run.resolve()
     raw_cfg = json.loads((run / "config.json").read_text())
-    cfg = RunConfig.from_dict(raw_cfg)
-    cfg.teacher_fingerprint = raw_cfg.get("teacher_fingerprint")
+    state = RunState.read(run, raw_cfg)
+    cfg = RunConfig.from_dict({k: v for k, v in raw_cfg.items() if k not in LEGACY_KEYS})
     teacher = load_teacher(cfg.teacher)
+    teacher.fingerprint = state.get("teacher_fingerprint")  # the run's key: its pool's cache name
     classifier = load_feature_classifier()
 
     def fd(x: torch.Tensor) -> float:

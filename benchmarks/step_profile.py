@@ -7,6 +7,7 @@
     OMP_NUM_THREADS=1 python benchmarks/step_profile.py --steps 40 --adamw fused  # AdamW's fused path (or foreach)
     OMP_NUM_THREADS=1 python benchmarks/step_profile.py --adamw-ab               # AdamW's step alone, 3 paths
     OMP_NUM_THREADS=1 python benchmarks/step_profile.py --steps 40 --floor       # the step against its floor
+    OMP_NUM_THREADS=1 python benchmarks/step_profile.py --layout-ab              # channels_last against contiguous
     OMP_NUM_THREADS=1 python benchmarks/step_profile.py --steps 40 --floor --set dm_weight=0.3   # with the DM term
 
 ``--floor`` (issue 34's measure of overhead) records every network evaluation one training step makes (the
@@ -56,6 +57,8 @@ def main():
     p.add_argument("--floor", action="store_true",
                    help="the step's median seconds against its floor: its network evaluations replayed alone")
     p.add_argument("--replays", type=int, default=15, help="--floor: interleaved replay rounds")
+    p.add_argument("--layout-ab", action="store_true",
+                   help="one step's network evaluations replayed in the contiguous and the channels_last layout")
     p.add_argument("--join-ab", action="store_true",
                    help="alternate 10-step blocks with the trajectory rows joined and apart; median s/step of each")
     args = p.parse_args()
@@ -86,6 +89,10 @@ def main():
             return
         if args.floor:
             floor(run, args.steps, args.replays)
+            run.lock.release()
+            return
+        if args.layout_ab:
+            layout_ab(run, args.replays)
             run.lock.release()
             return
         if args.join_ab:
@@ -126,7 +133,7 @@ def use_adamw(run, impl: str) -> None:
     params = [p for p in run.student.parameters() if p.requires_grad]
     run.optimizer = torch.optim.AdamW(params, lr=cfg.lr,
                                       weight_decay=cfg.weight_decay, **{impl: True})
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda k: lr_factor(k, cfg))
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda k: lr_factor(k, cfg, run.state.total_steps))
 
 
 def adamw_ab(run, rounds: int) -> None:
@@ -250,6 +257,34 @@ def floor(run, steps: int, replays: int) -> None:
         line += (f"; floor / one student forward+backward at batch {run.cfg.batch_size} "
                  f"(a flow-matching step's network work) = {total / fm[0]:.2f}")
     print(line + f" (1 thread; mixed_precision {run.cfg.mixed_precision})")
+
+
+def layout_ab(run, replays: int) -> None:
+    """One step's network evaluations replayed alone in torch's default (contiguous) memory layout and in
+    channels_last (a copy of each network and its 4-D inputs converted), interleaved; the summed medians of each."""
+    import copy
+    import statistics
+
+    calls = record_calls(run, 5)
+    last = torch.channels_last
+    to_last = lambda v: v.contiguous(memory_format=last) if isinstance(v, torch.Tensor) and v.ndim == 4 else v  # noqa: E731
+    converted = {}
+    for name, module, *_ in calls:
+        if name not in converted:
+            converted[name] = copy.deepcopy(module).to(memory_format=last)
+    variants = {"contiguous": calls,
+                "channels_last": [(n, converted[n], tuple(to_last(v) for v in a), {k: to_last(v) for k, v in kw.items()},
+                                   g, ac, t) for n, _, a, kw, g, ac, t in calls]}
+    seconds = {k: [[] for _ in calls] for k in variants}
+    for _ in range(replays):
+        for key, cs in variants.items():
+            for i, call in enumerate(cs):
+                seconds[key][i].append(replay(run, call))
+    totals = {k: sum(statistics.median(v) for v in s) for k, s in seconds.items()}
+    for key, total in totals.items():
+        print(f"{key:14s} {total:.4f} s for the step's {len(calls)} network evaluations (summed medians of {replays})")
+    print(f"channels_last / contiguous = {totals['channels_last'] / totals['contiguous']:.3f} "
+          f"(1 thread; mixed_precision {run.cfg.mixed_precision})")
 
 
 def join_ab(run, steps: int, block: int = 10) -> None:

@@ -114,7 +114,7 @@ def train(teacher, loss, options, settings, steps, batch, lr, seed, width, depth
     # the trainer's schedule: linear warm-up, then constant, or with the row setting lr_schedule="cosine" a cosine
     # decay to 0 at the last step
     sched_cfg = RunConfig(max_steps=steps, warmup_steps=warmup, lr_schedule=settings.get("lr_schedule", "constant"))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, sched_cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, sched_cfg, steps))
     nonfinite = 0
     counted, ct = CountingModel(student), CountingTeacher(teacher)
     counted_ema = CountingModel(ema) if ema is not None else counted

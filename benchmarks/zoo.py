@@ -238,6 +238,7 @@ def distill_and_score(name: str, spec: str, row: str, args, out: Path) -> bool:
     """Rows 2-3: ``ttfm-distill run`` then ``ttfm-distill eval``; the row JSON. False when a command failed."""
     from ttfm_distill.evaluate import quality_warnings
     from ttfm_distill.fileio import write_json
+    from ttfm_distill.runstate import RunState
 
     runs = Path(args.runs_dir)
     run = runs / row
@@ -271,10 +272,12 @@ def distill_and_score(name: str, spec: str, row: str, args, out: Path) -> bool:
             return False
     report = json.loads(eval_json.read_text())
     config = json.loads((run / "config.json").read_text())
+    state = RunState.read(run, config)  # the run state: a time budget's fitted step count, the teacher's key
     record = {"row": row, "teacher": name, "folder": spec, "weights_sha256": weights_hash(spec),
               "variant": args.variant, "max_steps": args.max_steps, "set": list(args.set),
               "run": {"command": "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 ttfm-distill " + " ".join(run_cmd[3:]),
-                      "folder": str(run), "wall_seconds": run_seconds, "config": config},
+                      "folder": str(run), "wall_seconds": run_seconds, "config": config,
+                      "state": state},
               "eval": {"command": "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 ttfm-distill " + " ".join(eval_cmd[3:]),
                        "wall_seconds": eval_seconds, "report": report},
               "summary": summary(report), "warnings": quality_warnings(report)}
@@ -330,7 +333,7 @@ def write_table(results: Path) -> Path:
         for s in sorted(mine, key=lambda s: (s["variant"] != "default", s["variant"])):
             sm = s["summary"]
             cfg = s["run"]["config"]
-            trained = cfg.get("fitted_steps") or cfg.get("max_steps")
+            trained = (s["run"].get("state") or {}).get("fitted_steps") or cfg.get("fitted_steps") or cfg["max_steps"]
             ratio = []
             for n, goal in GOALS.items():
                 r = sm["ratios"].get(str(n), sm["ratios"].get(n))

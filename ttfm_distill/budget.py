@@ -2,7 +2,8 @@
 
 ``time_budget`` (seconds of the training loop) is turned into a step count once, at the end of the lr
 warm-up's last-but-one step, before anything in the run depends on the total (the cosine's shape is the
-first thing that does). The count is stored in the run's ``config.json`` as ``fitted_steps``, so an
+first thing that does). The count is run state (``runstate.RunState.fitted_steps``, the run folder's
+``run_state.json``), so an
 interrupted run resumes to the same count and replays the same schedule bit for bit, whatever speed the
 resumed process has. The pure parts live here; the trainer times its steps and calls :func:`fit_steps`.
 """
@@ -54,11 +55,11 @@ class BudgetClock:
     """Times the steps before the fit point; ``tick(done)`` is true once, when ``done`` reaches it."""
 
     @classmethod
-    def for_run(cls, cfg, t_start: float, start_step: int, log) -> "BudgetClock | None":
+    def for_run(cls, cfg, state, t_start: float, start_step: int, log) -> "BudgetClock | None":
         """The clock of the warm-up's pace, or ``None`` (a count fitted already, or a resume past the fit point: a
         changed max_steps is trained). With ``cfg.time_budget`` it fits the step count; without, it says how long
         the training will take (:meth:`estimate`)."""
-        if cfg.fitted_steps is not None:
+        if state.fitted_steps is not None:  # (``state``: the run's RunState)
             return None
         fit_at = fit_point(cfg.warmup_steps)
         if start_step >= fit_at:

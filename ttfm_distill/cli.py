@@ -168,8 +168,10 @@ def run(
             if resolved.prediction_type is None and resolved.folder.saved is None:
                 teacher_info += "; the automatic settings (null or auto) are filled in once it is loaded"
             typer.echo(json.dumps(cfg.to_dict(), indent=2))
-            budget = f" (fitted to {cfg.time_budget:g} s of training)" if cfg.time_budget and not cfg.fitted_steps else ""
-            typer.echo(f"teacher: {teacher_info}; data: {data_info}; objective: {cfg.loss}; {cfg.total_steps()} steps"
+            steps = resolved.state.total_steps
+            budget = f" (fitted to {cfg.time_budget:g} s of training)" if cfg.time_budget and \
+                resolved.state.fitted_steps is None else ""
+            typer.echo(f"teacher: {teacher_info}; data: {data_info}; objective: {cfg.loss}; {steps} steps"
                        f"{budget} -> {cfg.output}", err=True)
             return
         from .trainer import run_distillation

@@ -78,11 +78,8 @@ class RunConfig:
     max_steps: int = 3500
     #: seconds of training to fit the run into (the training loop: the data-free pool and the report add their own
     #: time). Unset: no budget, max_steps steps. Set: the speed of the lr warm-up's steps fixes the step count once
-    #: (fitted_steps, at most max_steps), before anything depends on it (ttfm_distill/budget.py)
+    #: (run state, runstate.RunState.fitted_steps, at most max_steps), before anything depends on it (budget.py)
     time_budget: float | None = None
-    #: filled in by a run with a time_budget: the step count it fitted, so an interrupted run resumes to the same
-    #: count and schedule (a resume that changes max_steps trains to the new max_steps instead)
-    fitted_steps: int | None = None
     batch_size: int = 32
     #: None (unset): AUTO_LR_FLOW for a flow teacher, AUTO_LR_OTHER otherwise, resolved once the teacher is loaded
     #: (RunConfig.lr_value)
@@ -227,8 +224,6 @@ class RunConfig:
     #: warm start: a run folder (or student export) whose student weights this run starts from, instead of the
     #: teacher's; its EMA starts there too
     init_from: str | None = None
-    #: filled in by the run, not a setting: a key of the teacher's weights, so a replaced teacher never resumes
-    teacher_fingerprint: str | None = None
 
     def validate(self) -> "RunConfig":
         check_types(self.to_dict(), {f.name: f.type for f in fields(self)}, "setting")
@@ -293,8 +288,6 @@ class RunConfig:
             if self.warmup_steps < MIN_WARMUP_STEPS:
                 raise ConfigError(f"time_budget times the lr warm-up's steps: it needs warmup_steps >= "
                                   f"{MIN_WARMUP_STEPS}, got {self.warmup_steps}")
-        if self.fitted_steps is not None and not 1 <= int(self.fitted_steps) <= int(self.max_steps):
-            raise ConfigError(f"fitted_steps is filled in by a run (1 to max_steps), got {self.fitted_steps}")
         choices = {
             "time_sampling": TIME_SAMPLINGS,
             "second_time_input": ("delta", "t"),
@@ -347,10 +340,6 @@ class RunConfig:
             raise ConfigError(f"init_from {self.init_from} does not exist; pass an earlier run folder or student export")
         if self.dm_weight > 0 and int(self.lora_rank) > 0:
             raise ConfigError("dm_weight is not supported with LoRA students yet; set dm_weight=0 or lora_rank=0")
-
-    def total_steps(self) -> int:
-        """The steps this run trains: ``fitted_steps`` where a time budget fixed them, else ``max_steps``."""
-        return int(self.fitted_steps) if self.fitted_steps is not None else int(self.max_steps)
 
     def trajectory_share(self, prediction_type: str = "flow") -> float:
         """The fraction of each batch on the pool's trajectories: ``trajectory_fraction``, or when unset
@@ -496,11 +485,12 @@ class RunConfig:
                     for key, unset in AUTOMATIC.items()}
         return settings, loss_defaults
 
-    def dm_stage_start(self) -> int | None:
-        """The first step of the distribution-matching stage (``dm_stage_steps``), or None without one."""
+    def dm_stage_start(self, total_steps: int) -> int | None:
+        """The first step of the distribution-matching stage (``dm_stage_steps``) of a run that trains
+        ``total_steps`` (``runstate.RunState.total_steps``), or None without one."""
         if self.dm_stage_steps <= 0:
             return None
-        return max(0, self.total_steps() - int(self.dm_stage_steps))
+        return max(0, int(total_steps) - int(self.dm_stage_steps))
 
     def trajectory_pairs(self) -> tuple[str, int]:
         """``(time_sampling, dyadic_levels)`` the trajectory rows' pairs are drawn with (unset: the run's own)."""
@@ -616,10 +606,8 @@ RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpo
                      "lora_export", "standalone",
                      # what a run shows while it trains, not what it trains
                      "report_to", "validate_every", "validation_samples",
-                     # what a time budget fitted: a resume keeps it (preflight.adopt_fitted_steps)
-                     "fitted_steps",
-                     # checked on its own once the teacher is loaded (preflight.check_teacher_unchanged)
-                     "teacher_fingerprint"}
+                     # run state that folders of earlier versions kept in config.json (runstate.LEGACY_KEYS)
+                     "fitted_steps", "teacher_fingerprint"}
 
 
 def resume_mismatch(saved: dict, current: dict) -> list[str]:

@@ -30,8 +30,9 @@ from .student import load_student as _load_student_folder
 from .layout import COMPONENT, resolve_student_folder, student_folder  # noqa: F401 - re-exported
 
 
-def run_record(cfg, teacher, objective) -> StudentConfig:
-    """The run's part of a student's config: teacher, sampler settings, loss and training settings."""
+def run_record(cfg, teacher, objective, steps: int | None = None) -> StudentConfig:
+    """The run's part of a student's config: teacher, sampler settings, loss and training settings; ``steps``: the
+    steps trained (``runstate.RunState.total_steps``; unset: ``cfg.max_steps``)."""
     from .sampling import resolve_time_grid
 
     return StudentConfig(
@@ -40,7 +41,7 @@ def run_record(cfg, teacher, objective) -> StudentConfig:
         scheduler_config=teacher.scheduler_config, loss=objective.config(),
         weights=cfg.export_weights if cfg.ema_decay > 0 else "raw",
         time_grid=resolve_time_grid(cfg.time_grid, teacher.io),
-        training={"steps": cfg.total_steps(), "seed": cfg.seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
+        training={"steps": int(cfg.max_steps if steps is None else steps), "seed": cfg.seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
                   "ema_decay": cfg.ema_decay, "time_sampling": cfg.time_sampling,
                   "diagonal_fraction": cfg.diagonal_fraction, "data": cfg.data})
 
@@ -103,9 +104,10 @@ def export_student(student, folder: str | Path, config: StudentConfig | None = N
     return folder
 
 
-def export_run(student, folder: str | Path, cfg, teacher, objective, standalone: bool = False) -> Path:
-    """What ``ttfm-distill run`` exports at the end: the pipeline folder of ``student`` with the run's record."""
-    return export_student(student, folder, run_record(cfg, teacher, objective), teacher=teacher,
+def export_run(student, folder: str | Path, cfg, teacher, objective, steps: int, standalone: bool = False) -> Path:
+    """What ``ttfm-distill run`` exports at the end: the pipeline folder of ``student`` (``steps`` trained) with the
+    run's record."""
+    return export_student(student, folder, run_record(cfg, teacher, objective, steps), teacher=teacher,
                           lora_export=cfg.lora_export, standalone=standalone)
 
 

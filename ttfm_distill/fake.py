@@ -13,6 +13,7 @@ It is run state like the student: its weights and optimiser are in every checkpo
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
@@ -69,20 +70,21 @@ class DmTerm:
     """
 
     def __init__(self, settings, teacher, fake: FakeVelocity, optimizer, accelerator, grad_clip: float,
-                 stage: int | None = None):
+                 stage: Callable[[], int | None] = lambda: None):
         from .objectives.dm import DistributionMatching
 
         self.settings, self.teacher, self.fake, self.optimizer = settings, teacher, fake, optimizer
         self.accelerator, self.grad_clip = accelerator, grad_clip
-        #: the first step of a distribution-matching stage (``RunConfig.dm_stage_start``); None: every step
+        #: the first step of a distribution-matching stage (``RunConfig.dm_stage_start``), None: every step; read
+        #: when asked, as a time budget may fit the run's step count after the term is made
         self.stage = stage
         self.maths = DistributionMatching(settings)
         #: the fake network as the step calls it (DDP-wrapped under several processes)
         self.wrapped = fake
 
     @classmethod
-    def for_run(cls, cfg, teacher: Teacher, device, accelerator) -> "DmTerm":
-        """The run's term: the fake network copied from the teacher (before the teacher is held in the training
+    def for_run(cls, cfg, state, teacher: Teacher, device, accelerator) -> "DmTerm":
+        """The run's term (``state``: the run's ``runstate.RunState``, whose step count places a stage): the fake network copied from the teacher (before the teacher is held in the training
         precision), its time embedders kept fp32 in a mixed-precision run, and its own AdamW."""
         from . import scale
         from .objectives.dm import DmSettings
@@ -92,12 +94,14 @@ class DmTerm:
         if cfg.mixed_precision != "no":
             scale.keep_time_embedders_fp32(fake)
         optimizer = torch.optim.AdamW(fake.parameters(), lr=settings.fake_lr or cfg.lr, weight_decay=cfg.weight_decay)
-        return cls(settings, teacher, fake, optimizer, accelerator, cfg.grad_clip, cfg.dm_stage_start())
+        return cls(settings, teacher, fake, optimizer, accelerator, cfg.grad_clip,
+                   lambda: cfg.dm_stage_start(state.total_steps))
 
     def runs_at(self, step: int) -> bool:
         """Whether the term works at ``step`` (0-based): from its stage on, or every step without one. (Inside
         it, ``dm_start_step`` holds the student's part back while the fake network already learns.)"""
-        return self.stage is None or step >= self.stage
+        stage = self.stage()
+        return stage is None or step >= stage
 
     def prepare(self) -> None:
         """Wrap the fake network and its optimiser for Accelerate (data parallel: gradients averaged)."""

@@ -32,16 +32,17 @@ def final_weights(cfg, accelerator, wrapped, student, ema, rebuild):
     return scale.unsharded_copy(accelerator, wrapped, student, rebuild)
 
 
-def finish_run(cfg, out, student, teacher, objective, seconds, history, device, log, skipped=0,
+def finish_run(cfg, state, out, student, teacher, objective, seconds, history, device, log, skipped=0,
                distributed: dict | None = None, data_report: dict | None = None, reference=None) -> dict:
-    """Export the student, measure it against the teacher, draw ``samples.png``; ``reference``: the teacher's fine
-    solve of the report's noises, if the run's validation kept it (tracking.RunTracking.report_reference)."""
+    """Export the student, measure it against the teacher, draw ``samples.png``; ``state``: the run state
+    (``runstate.RunState``: the steps trained); ``reference``: the teacher's fine solve of the report's noises, if
+    the run's validation kept it (tracking.RunTracking.report_reference)."""
     from .export import export_run
     from .report import run_report
     from .pipeline_card import write_model_card
     from .plots import save_comparison
 
-    export_run(student, out / "student", cfg, teacher, objective, standalone=cfg.standalone)
+    export_run(student, out / "student", cfg, teacher, objective, state.total_steps, standalone=cfg.standalone)
     log(f"exported student -> {out / 'student'}")
     from .report import REPORT_SEED_OFFSET, report_samples
     from .sampling import resolve_time_grid
@@ -50,11 +51,11 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     grid = resolve_time_grid(cfg.time_grid, teacher.io)
     metrics, rows, errors = run_report(student, teacher, n, cfg.seed + REPORT_SEED_OFFSET, cfg.reference_steps,
                                        device, grid, reference)
-    metrics["training"] = {"steps": cfg.total_steps(), "seconds": round(seconds, 1), "skipped_steps": skipped,
+    metrics["training"] = {"steps": state.total_steps, "seconds": round(seconds, 1), "skipped_steps": skipped,
                            "final_loss": history[-1]["loss"] if history else None}
     if cfg.time_budget is not None:
         metrics["training"]["time_budget"] = {"seconds": cfg.time_budget, "max_steps": cfg.max_steps,
-                                              "fitted_steps": cfg.fitted_steps}
+                                              "fitted_steps": state.fitted_steps}
     if distributed is not None:
         metrics["distributed"] = distributed
     if data_report:
@@ -68,8 +69,8 @@ def finish_run(cfg, out, student, teacher, objective, seconds, history, device, 
     if teacher.is_latent:  # the grid shows images: decode the latents with the teacher's VAE
         rows = {k: torch.cat([teacher.decode(c.to(device)).cpu() for c in v.split(64)]) for k, v in rows.items()}
     save_comparison(rows, out / "samples.png", kind=teacher.kind, errors=errors,
-                    title=f"{teacher.name}: student ({cfg.loss}, {cfg.total_steps()} steps) vs teacher, same noise")
-    write_model_card(out / "student", metrics, cfg.to_dict(), out / "samples.png",  # the export's README.md
+                    title=f"{teacher.name}: student ({cfg.loss}, {state.total_steps} steps) vs teacher, same noise")
+    write_model_card(out / "student", metrics, state.command_settings(cfg.to_dict()), out / "samples.png",  # the export's README.md
                      curves=out / "training-curves.png")
     fme = metrics["flow_map_error"]
     for k in fme["student"]:  # one short line each: a narrow or non-terminal console must not cut them

@@ -52,6 +52,7 @@ def run_command(run_config: dict | None, prediction_type: str = "flow") -> str:
     if not run_config:
         return "ttfm-distill run"
     from .config import RunConfig
+    from .runstate import LEGACY_KEYS  # run state, never a setting of the command
 
     defaults = RunConfig().to_dict()
     # a setting or objective option holding what the run would fill in by itself is not part of the command
@@ -61,8 +62,6 @@ def run_command(run_config: dict | None, prediction_type: str = "flow") -> str:
     options = {k: v for k, v in (run_config.get("loss_options") or {}).items()
                if not (k in automatic_options and automatic_options[k] == v)}
     run_config = {**run_config, "loss_options": options}
-    if run_config.get("fitted_steps") is not None:  # the steps a time budget fitted, as a command that repeats them
-        run_config.update(max_steps=run_config["fitted_steps"], fitted_steps=None, time_budget=None)
     defaults.update(automatic)
     try:  # likewise a setting the run filled in from its objective's own default
         from .objectives import make_objective_from
@@ -75,7 +74,7 @@ def run_command(run_config: dict | None, prediction_type: str = "flow") -> str:
     parts = ["ttfm-distill run"]
     unset = RunConfig().to_dict()
     for key, value in run_config.items():
-        if key in ("output", "teacher_fingerprint") or value in (defaults.get(key), unset.get(key)):
+        if key in ("output", *LEGACY_KEYS) or value in (defaults.get(key), unset.get(key)):
             continue
         if key == "loss_options" and isinstance(value, dict):  # -L KEY=VALUE, as the command is written
             parts += [f"-L {shlex.quote(f'{k}={_text(v)}')}" for k, v in value.items()]

@@ -20,15 +20,18 @@ import torch
 from .config import RunConfig, resume_mismatch
 from .errors import ConfigError, RunError
 from .rundir import check_output
+from .runstate import RunState
 
 
 @dataclass
 class FolderState:
-    """What :func:`check_run_folder` found: the saved config (``None``: a new run) and the newest checkpoint step."""
+    """What :func:`check_run_folder` found: the saved config (``None``: a new run), the newest checkpoint step and
+    the run state the run starts from (a new one, or the resumed run's)."""
 
     out: Path
     saved: dict | None
     done_steps: int
+    state: RunState
 
 
 @dataclass(frozen=True)
@@ -37,9 +40,9 @@ class ResolvedRun:
     and config.json records.
 
     ``cfg`` has every automatic setting filled in (left automatic only where ``prediction_type`` is ``None``:
-    ``--dry-run`` on a hub id it does not fetch); ``objective`` is built once, from it. What changes after this
-    is run state, not a setting: the step count a time budget fits (``fitted_steps``), the teacher's
-    fingerprint once its weights load, and the student output a folder from an older version ran with."""
+    ``--dry-run`` on a hub id it does not fetch); ``objective`` is built once, from it. What a run learns while it
+    runs is run state, not a setting (:attr:`state`: the step count a time budget fits, the teacher's
+    fingerprint once its weights load)."""
 
     cfg: RunConfig
     objective: object
@@ -48,6 +51,11 @@ class ResolvedRun:
     prediction_type: str | None
     #: the teacher as its configs describe it (``teachers.loading.check_teacher_spec``), for ``--dry-run``
     teacher_info: str = ""
+
+    @property
+    def state(self) -> RunState:
+        """The run state (mutable: the trainer fills it in), new or the resumed run's."""
+        return self.folder.state
 
 
 def resolve_run(cfg: RunConfig, overwrite: bool = False, fetch: bool = True) -> ResolvedRun:
@@ -161,26 +169,18 @@ def check_run_folder(cfg: RunConfig, overwrite: bool) -> FolderState:
     out = Path(cfg.output).expanduser()
     saved = check_output(out, overwrite)
     if overwrite or saved is None:
-        return FolderState(out, None, 0)
+        return FolderState(out, None, 0, RunState(cfg.max_steps))
     diff = resume_mismatch(saved, cfg.to_dict())
     if diff:
         shown = ", ".join(diff[:4]) + (", ..." if len(diff) > 4 else "")
         raise ConfigError(f"{out} holds a different run (differs in: {shown}); re-run with its settings to resume, "
                           "or pass --overwrite or another --output")
-    adopt_fitted_steps(cfg, saved)
+    state = RunState.resumed(cfg.max_steps, out, saved)  # a time budget's count kept (RunState.resumed)
     done = latest_checkpoint_step(out)
-    if done > cfg.total_steps():
-        raise ConfigError(f"{out} is already at step {done}, past max_steps {cfg.total_steps()}; nothing was changed "
+    if done > state.total_steps:
+        raise ConfigError(f"{out} is already at step {done}, past max_steps {state.total_steps}; nothing was changed "
                           f"(pass --max-steps {done} or more to go on)")
-    return FolderState(out, saved, done)
-
-
-def adopt_fitted_steps(cfg: RunConfig, saved: dict) -> None:
-    """A resumed run keeps the step count its time budget fitted (``fitted_steps``), unless the command changes
-    ``max_steps``: then it trains to the new ``max_steps`` (its time budget was spent on the first fit)."""
-    fitted = saved.get("fitted_steps")
-    if cfg.fitted_steps is None and fitted is not None and saved.get("max_steps") == cfg.max_steps:
-        cfg.fitted_steps = int(fitted)
+    return FolderState(out, saved, done, state)
 
 
 def check_teacher(teacher, device, n: int = 2) -> None:
@@ -208,11 +208,11 @@ def check_teacher(teacher, device, n: int = 2) -> None:
                                        "check the teacher's weights and scheduler")
 
 
-def check_teacher_unchanged(state: FolderState, fingerprint: str) -> None:
+def check_teacher_unchanged(folder: FolderState, fingerprint: str) -> None:
     """Refuse to resume a run whose teacher weights were replaced at the same path."""
-    old = (state.saved or {}).get("teacher_fingerprint")
+    old = folder.state.teacher_fingerprint
     if old and old != fingerprint:
-        raise RunError(f"the teacher's weights changed since {state.out} started; pass --overwrite to start over "
+        raise RunError(f"the teacher's weights changed since {folder.out} started; pass --overwrite to start over "
                        "with them, or another --output")
 
 

@@ -23,9 +23,11 @@ from .errors import ConfigError, OutputInUse
 
 LOCK_NAME = ".ttfm-distill.lock"
 #: names (glob patterns) a run, ``sample`` or ``eval`` writes at the top of a run folder
-RUN_ENTRIES = ("config.json", "student", "checkpoints", "cache", "metrics.json", "samples.png", "eval.json",
-               "eval.png", "samples-*step.png", "train_log.jsonl", "validation", "training-curves.png", "trackers",
-               LOCK_NAME)
+RUN_ENTRIES = ("config.json", "run_state.json", "student", "checkpoints", "cache", "metrics.json", "samples.png",
+               "eval.json", "eval.png", "samples-*step.png", "train_log.jsonl", "validation", "training-curves.png",
+               "trackers", LOCK_NAME)
+#: the files a resumed run rewrites in place: its settings and its run state (runstate.py)
+REWRITTEN = ("config.json", "run_state.json")
 #: hidden temporaries left by a kill mid-write (atomic files, folders, moved-aside folders, probes)
 TEMPORARY_PATTERNS = (".*.tmp", ".*.old", ".write-test")
 
@@ -42,6 +44,7 @@ def foreign_entries(out: Path) -> list[str]:
 def read_run_config(out: Path) -> dict | None:
     """The saved run config of ``out``, or ``None`` when there is none; a damaged one raises ``ConfigError``."""
     from .config import RunConfig
+    from .runstate import LEGACY_KEYS
 
     path = out / "config.json"
     if not path.is_file():
@@ -50,7 +53,7 @@ def read_run_config(out: Path) -> dict | None:
         saved = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         saved = None
-    known = set(RunConfig().to_dict())
+    known = set(RunConfig().to_dict()) | set(LEGACY_KEYS)  # an earlier version's folder: its run state too
     if not (isinstance(saved, dict) and {"teacher", "loss", "max_steps"} <= set(saved) and set(saved) <= known):
         raise ConfigError(f"{path} is not a ttfm-distill run config; choose another --output")
     return saved
@@ -220,10 +223,10 @@ class OutputClaim:
     """A run's claim on its output folder, undone by a refusal before training starts.
 
     Made before anything is written: it notes whether the folder existed (and which of its parents did not),
-    every path in it and the bytes of ``config.json``.  :meth:`acquire` creates the folder, takes its lock,
+    every path in it and the bytes of ``config.json`` and ``run_state.json``.  :meth:`acquire` creates the folder, takes its lock,
     sweeps what a killed run left, and for ``--overwrite`` moves the previous run aside (not yet deleted).
     :meth:`undo` puts the folder back as it was found: it removes only paths that were not there (everything
-    created since, under the lock), moves the previous run back, restores ``config.json``, and removes the
+    created since, under the lock), moves the previous run back, restores those two files, and removes the
     folders it created.  :meth:`commit` (training starts) deletes the previous run for good.
     """
 
@@ -235,8 +238,9 @@ class OutputClaim:
             self.created.append(p)
             p = p.parent
         self.before = _walk(self.out) if self.out.is_dir() else set()
-        config = self.out / "config.json"
-        self.config = config.read_bytes() if config.is_file() and not config.is_symlink() else None
+        #: the bytes of the files a run rewrites in place (a resume): restored by :meth:`undo`
+        self.kept = {name: (self.out / name).read_bytes() for name in REWRITTEN
+                     if (self.out / name).is_file() and not (self.out / name).is_symlink()}
         self.lock = None
 
     def acquire(self, overwrite: bool) -> RunLock:
@@ -283,12 +287,13 @@ class OutputClaim:
             p = self.out / rel
             if p.exists() or p.is_symlink():
                 _remove(p)
-        config = self.out / "config.json"
-        if self.config is not None and config.is_file() and config.read_bytes() != self.config:
-            from .fileio import atomic_path
+        for name, data in self.kept.items():
+            path = self.out / name
+            if path.is_file() and path.read_bytes() != data:
+                from .fileio import atomic_path
 
-            with atomic_path(config) as tmp:
-                tmp.write_bytes(self.config)
+                with atomic_path(path) as tmp:
+                    tmp.write_bytes(data)
 
     def undo(self) -> None:
         """Leave the folder as it was found (a refusal before training); never touches what was there before."""

@@ -7,15 +7,16 @@ import torch
 from .config import EMA_OFFSET_OTHER, RunConfig
 
 
-def lr_factor(k: int, cfg: RunConfig) -> float:
-    """The learning-rate multiplier at step ``k``: linear warm-up, then constant or a cosine to the final fraction.
-    With a distribution-matching stage (``dm_stage_steps``) the schedule ends where the stage starts, and the same
-    shape restarts there over the stage's steps, scaled to ``dm_stage_lr``: a finished run, then a warm start."""
-    stage = cfg.dm_stage_start()
+def lr_factor(k: int, cfg: RunConfig, total_steps: int) -> float:
+    """The learning-rate multiplier at step ``k`` of a run that trains ``total_steps`` (``runstate.RunState``):
+    linear warm-up, then constant or a cosine to the final fraction. With a distribution-matching stage
+    (``dm_stage_steps``) the schedule ends where the stage starts, and the same shape restarts there over the
+    stage's steps, scaled to ``dm_stage_lr``: a finished run, then a warm start."""
+    stage = cfg.dm_stage_start(total_steps)
     if stage is not None and k >= stage:
-        length = cfg.total_steps() - stage
+        length = total_steps - stage
         return cfg.dm_stage_lr / cfg.lr * _shape(k - stage, length, max(1, min(cfg.warmup_steps, length)), cfg)
-    return _shape(k, cfg.total_steps() if stage is None else stage, max(1, cfg.warmup_steps), cfg)
+    return _shape(k, total_steps if stage is None else stage, max(1, cfg.warmup_steps), cfg)
 
 
 def _shape(k: int, total: int, warm: int, cfg: RunConfig) -> float:

@@ -234,17 +234,22 @@ class RunTracking:
                 (self.out / TRACKER_DIR).mkdir(exist_ok=True)
             self._thread_hook = _quiet_thread_failures(self.run.log)
             self.accelerator.init_trackers(PROJECT_NAME, config=_tracker_config(self.cfg), init_kwargs=kwargs)
-        if 0 < start < self.cfg.total_steps() and self.due(start):
+        if 0 < start < self.total_steps and self.due(start):
             self.validate(start)
+
+    @property
+    def total_steps(self) -> int:
+        """The steps the run trains (its run state: a time budget may fit them after the start)."""
+        return self.run.state.total_steps
 
     def measures_grad_norm(self, step_index: int) -> bool:
         """Whether step ``step_index`` (0-based) needs the gradient norm (a logged step)."""
-        return logs_at(step_index + 1, self.cfg.log_every, self.cfg.total_steps())
+        return logs_at(step_index + 1, self.cfg.log_every, self.total_steps)
 
     def after_step(self, step: int, loss: float | None) -> None:
         """After ``step`` steps (1-based): the train row, if this step is logged; ``loss`` ``None``: skipped."""
         cfg, run = self.cfg, self.run
-        if not logs_at(step, cfg.log_every, cfg.total_steps()):
+        if not logs_at(step, cfg.log_every, self.total_steps):
             return
         metrics = dict(run.step_metrics) if loss is not None else {}
         values = [loss, *metrics.values()] if loss is not None else []
@@ -263,7 +268,7 @@ class RunTracking:
         for key, value in zip(metrics, values[1:]):
             row[f"term_{key}" if key in TRAIN_KEYS else key] = _finite(float(value))
         norm = run.grad_norm if loss is not None else None
-        row.update(lr=float(cfg.lr) * lr_factor(step - 1, cfg), grad_norm=_finite(norm),
+        row.update(lr=float(cfg.lr) * lr_factor(step - 1, cfg, self.total_steps), grad_norm=_finite(norm),
                    skipped_steps=self.skipped0 + int(run.skipped),
                    steps_per_second=round((step - self.step_row) / busy, 4) if busy > 0 else None)
         self.t_row, self.step_row, self.validation_since_row = now, step, 0.0
@@ -278,14 +283,14 @@ class RunTracking:
 
     def validate_if_due(self, step: int) -> None:
         """Validate after ``step`` steps when ``validate_every`` (default: each checkpoint) says so."""
-        if step < self.cfg.total_steps() and self.due(step):
+        if step < self.total_steps and self.due(step):
             self.validate(step)
 
     def at_end(self) -> None:
         """The last validation (at the last step, unless validation is off) and the curves."""
         cfg = self.cfg
-        if cfg.validate_every != 0 and cfg.total_steps() not in self.validated:
-            self.validate(cfg.total_steps())
+        if cfg.validate_every != 0 and self.total_steps not in self.validated:
+            self.validate(self.total_steps)
         if self.main:
             if self.file is not None:
                 self.file.flush()
@@ -296,9 +301,10 @@ class RunTracking:
         (the same count, seed and steps), else ``None``."""
         from .report import REPORT_SEED_OFFSET, report_samples
 
-        ev = getattr(self.validator, "ev", None)
-        cfg = self.cfg
-        if ev is None or ev.num != report_samples(cfg, ev.kind) or ev.seed != cfg.seed + REPORT_SEED_OFFSET or \
+        if self.validator is None:  # no validation ran in this session
+            return None
+        ev, cfg = self.validator.ev, self.cfg
+        if ev.num != report_samples(cfg, ev.kind) or ev.seed != cfg.seed + REPORT_SEED_OFFSET or \
                 ev.reference_steps != cfg.reference_steps:
             return None
         return ev.reference
@@ -551,10 +557,12 @@ def draw_curves(folder: Path) -> Path | None:
 
     title = folder.name
     try:
+        from .runstate import RunState
+
         saved = json.loads((folder / "config.json").read_text())
-        steps = saved.get("fitted_steps") or saved.get("max_steps")
+        steps = RunState.read(folder, saved).get("fitted_steps") or saved.get("max_steps")
         title += f": {saved.get('loss')}, {steps} steps"
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # (ConfigError is a ValueError: a damaged run_state.json)
         pass
     path = folder / CURVES_NAME
     save_training_curves(rows, path, title=title)

@@ -120,6 +120,7 @@ class Distillation:
         run = self.cfg if isinstance(self.cfg, ResolvedRun) else resolve_run(self.cfg, self.overwrite)
         self.resolved, self.cfg, self.objective, self.folder, self.out = run, run.cfg, run.objective, run.folder, \
             run.folder.out
+        self.state = run.state  # the step count and the teacher's key: run state, filled in below
 
     def setup_teacher(self) -> None:
         from .data.cache import teacher_fingerprint
@@ -139,8 +140,9 @@ class Distillation:
             self.log(f"[yellow]warning:[/] {line}")
         check_memory(cfg, teacher, self.device)  # before the first tensor of the teacher's data shape is made
         check_teacher(teacher, self.device)
-        cfg.teacher_fingerprint = teacher_fingerprint(teacher)
-        check_teacher_unchanged(self.folder, cfg.teacher_fingerprint)
+        fingerprint = teacher_fingerprint(teacher)
+        check_teacher_unchanged(self.folder, fingerprint)
+        self.state.teacher_fingerprint = fingerprint
         self.teacher = teacher
 
     def claim_output(self) -> None:
@@ -168,9 +170,10 @@ class Distillation:
         self.batches = BatchPath.from_run(cfg, teacher, data, device)
 
     def write_config(self) -> None:
-        """The resolved config, written once the data is ready: a refused run leaves none behind."""
+        """The resolved config and the run state, written once the data is ready: a refused run leaves none behind."""
         if self.main:
             write_json(self.out / "config.json", self.cfg.to_dict())
+            self.state.save(self.out)
         self.accelerator.wait_for_everyone()
 
     def setup_student(self) -> None:
@@ -191,7 +194,7 @@ class Distillation:
         if cfg.dm_weight > 0:  # the fake network copies the teacher before it is held in the training precision
             from .fake import DmTerm
 
-            self.dm = DmTerm.for_run(cfg, self.teacher, self.device, self.accelerator)
+            self.dm = DmTerm.for_run(cfg, self.state, self.teacher, self.device, self.accelerator)
         if cfg.lora_rank == 0 and self.teacher.has_network:  # (a LoRA teacher is the student's own base)
             scale.prepare_frozen(self.accelerator, self.teacher.network, cfg.mixed_precision)  # bf16; FSDP: sharded
         if cfg.gradient_checkpointing:
@@ -202,10 +205,11 @@ class Distillation:
         self.student = student
 
     def setup_optimizer(self) -> None:
-        cfg = self.cfg
+        cfg, state = self.cfg, self.state  # the schedule reads the step count when a time budget has fitted it
         self.optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(k, cfg))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda k: lr_factor(k, cfg, state.total_steps))
 
     def resume(self) -> None:
         """Load the newest readable checkpoint (a damaged one is reported and skipped), then prepare for Accelerate."""
@@ -246,10 +250,10 @@ class Distillation:
     def train_step(self, step: int) -> float | None:
         """One optimiser step; returns the loss, or ``None`` for a non-finite step skipped by ``nan_policy``."""
         cfg = self.cfg
-        stage = cfg.dm_stage_start()
+        stage = cfg.dm_stage_start(self.state.total_steps)
         if stage is not None and step == stage > 0:
             begin_stage(self.student, self.ema, self.optimizer)
-            self.log(f"distribution-matching stage: steps {stage} to {cfg.total_steps()}, from the EMA's weights")
+            self.log(f"distribution-matching stage: steps {stage} to {self.state.total_steps}, from the EMA's weights")
         in_stage = stage is not None and step >= stage
         dm_on = self.dm is not None and self.dm.runs_at(step)
         batch = self.make_batch(step)
@@ -279,7 +283,7 @@ class Distillation:
             step_metrics = {**step_metrics, **self.dm.fake_step(samples, batch.generator)}
         self.step_metrics = step_metrics
         lv = loss.item()
-        if step % cfg.log_every == 0 or step == cfg.total_steps() - 1:
+        if step % cfg.log_every == 0 or step == self.state.total_steps - 1:
             self.history.append({"step": step, "loss": lv, **step_metrics})
         return lv
 
@@ -288,27 +292,28 @@ class Distillation:
         self.skipped, self.first_batch = 0, 0.0
         t_start = time.time()
         progress = training_progress(self.console, self.show_progress and self.main)
-        task = progress.add_task("distilling", total=cfg.total_steps(), completed=self.start_step, loss=float("nan"))
-        clock = BudgetClock.for_run(self.cfg, t_start, self.start_step, self.log)
+        task = progress.add_task("distilling", total=self.state.total_steps, completed=self.start_step,
+                                 loss=float("nan"))
+        clock = BudgetClock.for_run(self.cfg, self.state, t_start, self.start_step, self.log)
         step = self.start_step
         self.tracking = RunTracking(self)  # train_log.jsonl, trackers, validation (tracking.py)
         try:
             with progress, SigtermAsInterrupt():
                 self.tracking.start()
-                while step < cfg.total_steps():
+                while step < self.state.total_steps:
                     lv = self.train_step(step)
                     step += 1
                     self.tracking.after_step(step, lv)
                     if clock is not None and clock.tick(step):
                         if clock.fits:
                             self.fit_time_budget(clock)
-                            progress.update(task, total=cfg.total_steps())
+                            progress.update(task, total=self.state.total_steps)
                         else:
-                            self.log(clock.estimate(cfg.total_steps()))
+                            self.log(clock.estimate(self.state.total_steps))
                     if lv is None:
                         continue
                     progress.update(task, completed=step, loss=lv)
-                    if step % cfg.checkpoint_every == 0 and step < cfg.total_steps():
+                    if step % cfg.checkpoint_every == 0 and step < self.state.total_steps:
                         self.checkpoint(step)
                     self.tracking.validate_if_due(step)
         except KeyboardInterrupt as e:
@@ -319,11 +324,10 @@ class Distillation:
         self.seconds = time.time() - t_start
 
     def fit_time_budget(self, clock: BudgetClock) -> None:
-        """Fix the step count from the pace so far (rank 0's on every rank) and record it in config.json."""
-        cfg = self.cfg
-        cfg.fitted_steps, message = clock.fitted(cfg, self.accelerator)
+        """Fix the step count from the pace so far (rank 0's on every rank) and record it in the run state."""
+        self.state.fitted_steps, message = clock.fitted(self.cfg, self.accelerator)
         if self.main:
-            write_json(self.out / "config.json", cfg.to_dict())
+            self.state.save(self.out)
         self.log(message)
 
     def finish(self) -> RunResult:
@@ -333,18 +337,18 @@ class Distillation:
         cfg = self.cfg
         distributed = distributed_report(self.accelerator, self.student, self.first_batch)
         metrics = {}
-        if cfg.total_steps() > self.last_saved:
-            self.checkpoint(cfg.total_steps())
+        if self.state.total_steps > self.last_saved:
+            self.checkpoint(self.state.total_steps)
         self.tracking.at_end()  # the last validation and training-curves.png, before the card shows them
         final = final_weights(cfg, self.accelerator, self.wrapped, self.student, self.ema,
                               lambda: build_student(self.teacher, cfg).to(self.device))
         if self.teacher.has_network:  # sharded: gathered whole on every rank, so rank 0 evaluates alone
             scale.unshard_frozen(self.teacher.network)
         if self.main:
-            metrics = finish_run(cfg, self.out, final.eval(), self.teacher, self.objective, self.seconds,
+            metrics = finish_run(cfg, self.state, self.out, final.eval(), self.teacher, self.objective, self.seconds,
                                  self.history, self.device, self.log, self.skipped, distributed,
                                  data_report=self.data.report, reference=self.tracking.report_reference())
         self.accelerator.wait_for_everyone()
-        return RunResult(self.out, cfg.total_steps(), self.seconds, metrics, self.start_step, self.main)
+        return RunResult(self.out, self.state.total_steps, self.seconds, metrics, self.start_step, self.main)
 
 

@@ -26,8 +26,8 @@ def test_a_fitted_run_equals_a_run_of_that_many_steps_bit_for_bit(tmp_path):
 
     budget = run_distillation(_cfg(tmp_path / "budget", max_steps=100_000, time_budget=0.4), show_progress=False)
     saved = json.loads((tmp_path / "budget" / "config.json").read_text())
-    n = saved["fitted_steps"]
-    assert 10 <= n < 100_000 and budget.steps == n and saved["time_budget"] == 0.4
+    n = json.loads((tmp_path / "budget" / "run_state.json").read_text())["fitted_steps"]  # run state, not a setting
+    assert 10 <= n < 100_000 and budget.steps == n and saved["time_budget"] == 0.4 and "fitted_steps" not in saved
     assert json.loads((tmp_path / "budget" / "metrics.json").read_text())["training"]["time_budget"] == {
         "seconds": 0.4, "max_steps": 100_000, "fitted_steps": n}
     run_distillation(_cfg(tmp_path / "plain", max_steps=n), show_progress=False)
@@ -39,26 +39,27 @@ def test_a_fitted_run_equals_a_run_of_that_many_steps_bit_for_bit(tmp_path):
 
 
 def test_a_resume_keeps_the_fitted_count_and_a_new_max_steps_replaces_it(tmp_path):
-    from ttfm_distill.config import RunConfig
-    from ttfm_distill.preflight import adopt_fitted_steps, check_run_folder
+    from ttfm_distill.preflight import check_run_folder
+    from ttfm_distill.runstate import RunState
     from ttfm_distill.trainer import run_distillation
 
     out = tmp_path / "run"
     run_distillation(_cfg(out, max_steps=100_000, time_budget=0.3), show_progress=False)
-    n = json.loads((out / "config.json").read_text())["fitted_steps"]
+    n = json.loads((out / "run_state.json").read_text())["fitted_steps"]
     # the same command again: not refused, nothing more trained, the count kept
     again = run_distillation(_cfg(out, max_steps=100_000, time_budget=0.3), show_progress=False)
     assert again.steps == n and again.resumed_from == n
     # another max_steps: the command's count (the budget was spent on the first fit)
     more = run_distillation(_cfg(out, max_steps=n + 7, time_budget=0.3), show_progress=False)
     assert more.steps == n + 7 and (out / "checkpoints" / f"step-{n + 7:08d}").exists()
-    # the rule itself
-    cfg = RunConfig(max_steps=500)
-    adopt_fitted_steps(cfg, {"max_steps": 500, "fitted_steps": 123})
-    assert cfg.total_steps() == 123
-    cfg = RunConfig(max_steps=600)
-    adopt_fitted_steps(cfg, {"max_steps": 500, "fitted_steps": 123})
-    assert cfg.total_steps() == 600
+    # the rule itself, on a folder of an earlier version (the run state among the settings in config.json) and on
+    # one with run_state.json
+    legacy = {"teacher": "x", "loss": "itvm", "max_steps": 500, "fitted_steps": 123, "teacher_fingerprint": "ab"}
+    assert RunState.resumed(500, tmp_path, legacy) == RunState(500, 123, "ab")
+    assert RunState.resumed(600, tmp_path, legacy).total_steps == 600
+    (tmp_path / "run_state.json").write_text('{"fitted_steps": 77, "teacher_fingerprint": "cd"}')
+    assert RunState.resumed(500, tmp_path, legacy).total_steps == 77
+    assert RunState.resumed(500, tmp_path, None).total_steps == 500  # a new run: nothing of a folder read
     # a different budget is a different run
     with pytest.raises(ConfigError, match="time_budget"):
         check_run_folder(_cfg(out, max_steps=n + 7, time_budget=5.0), overwrite=False)

@@ -55,7 +55,7 @@ def test_two_processes_fit_one_step_count_to_a_time_budget(tmp_path):
                     "--time-budget", "2s", "--set", "warmup_steps=10", "--set", "mlp_width=32", "--set",
                     "eval_samples=64", "--set", "reference_steps=2", "-q"], tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    n = json.loads((out / "config.json").read_text())["fitted_steps"]
+    n = json.loads((out / "run_state.json").read_text())["fitted_steps"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert 10 <= n < 100_000 and metrics["training"]["steps"] == n
     assert metrics["distributed"]["ranks_in_sync"]

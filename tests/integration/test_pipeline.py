@@ -503,7 +503,8 @@ def test_run_with_standalone_writes_a_folder_diffusers_loads_alone(tiny_teacher_
 
 
 def test_model_card_command_leaves_out_what_the_run_filled_in(monkeypatch):
-    """The card's command: the objective's own diagonal default and the teacher fingerprint are not settings."""
+    """The card's command: the objective's own diagonal default and run state (a teacher fingerprint in an earlier
+    version's config.json) are not settings."""
     from ttfm_distill import machine
     from ttfm_distill.config import RunConfig
     from ttfm_distill.pipeline_card import run_command
@@ -512,8 +513,8 @@ def test_model_card_command_leaves_out_what_the_run_filled_in(monkeypatch):
     monkeypatch.setattr(machine, "native_bf16", lambda device_type=None: True)  # a machine where flow runs are bf16
 
     cfg, _ = resolve_settings(RunConfig(loss="lsd", max_steps=300))
-    cfg.teacher_fingerprint = "0123456789abcdef"
-    assert run_command(cfg.to_dict()) == "ttfm-distill run --loss lsd --max-steps 300"
+    assert run_command({**cfg.to_dict(), "teacher_fingerprint": "0123456789abcdef", "fitted_steps": None}) == \
+        "ttfm-distill run --loss lsd --max-steps 300"
     cfg.diagonal_fraction = 0.5
     assert run_command(cfg.to_dict()) == "ttfm-distill run --loss lsd --max-steps 300 --set diagonal_fraction=0.5"
     # the automatic trajectory rows and pool solver are left out where automatic, kept where set otherwise

@@ -102,6 +102,10 @@ def test_emptied_checkpoints_and_config_are_named_in_one_line(pool_run, tiny_tea
     run = _copy(pool_run, tmp_path)
     for ckpt in (run / "checkpoints").iterdir():
         (ckpt / "trainer_state.json").write_bytes(b"")
+    # as a run with a time budget leaves it: a new max_steps drops the fitted count from the run state, which the
+    # refusal below must put back
+    state = json.loads((run / "run_state.json").read_text())
+    (run / "run_state.json").write_text(json.dumps({**state, "fitted_steps": 2}))
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".ttfm-distill.lock"}
     r = cli("run", "--teacher", tiny_teacher_dir, "--output", run, "--max-steps", 3, *RUN)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr

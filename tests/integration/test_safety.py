@@ -235,6 +235,35 @@ def test_a_replaced_teacher_never_resumes_and_never_reuses_the_pool(tmp_path, ti
     assert new and new != pools  # a fresh pool for the new weights
 
 
+def test_a_folder_of_an_earlier_version_keeps_its_run_state_from_config_json(tmp_path, tiny_teacher_dir):
+    """Before run_state.json, config.json held the teacher's key among the settings: such a folder still refuses a
+    replaced teacher and resumes with the same one."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, teacher)
+    out = tmp_path / "run"
+    args = ["run", "--teacher", teacher, "--output", out, "--set", "checkpoint_every=2", *TINY]
+    assert cli(*args, "--max-steps", 2).returncode == 0
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["teacher_fingerprint"] and state["fitted_steps"] is None
+    assert "teacher_fingerprint" not in json.loads((out / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, **state}))  # the earlier layout
+    (out / "run_state.json").unlink()
+    f = teacher / "unet" / "diffusion_pytorch_model.safetensors"
+    w = load_file(f)
+    save_file({k: v * 1.01 if v.is_floating_point() else v for k, v in w.items()}, str(f))
+    one_line_error(cli(*args, "--max-steps", 4), 1, "teacher's weights changed")
+    save_file(w, str(f))
+    r = cli(*args, "--max-steps", 4)
+    assert r.returncode == 0, r.stderr
+    assert (out / "checkpoints" / "step-00000004").exists()
+    assert json.loads((out / "run_state.json").read_text())["teacher_fingerprint"] == state["teacher_fingerprint"]
+
+
 # ---------------------------------------------------------------- bad settings -----------------------------------
 @pytest.mark.parametrize("args, needles", [
     (["--lr", "inf"], ["lr", "finite"]),

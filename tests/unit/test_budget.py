@@ -8,6 +8,7 @@ import pytest
 
 from helpers import budget_cfg as _cfg
 from ttfm_distill.budget import fit_point, fit_steps, parse_duration
+from ttfm_distill.config import RunConfig
 from ttfm_distill.errors import ConfigError
 
 
@@ -45,20 +46,40 @@ def test_a_run_without_a_budget_is_told_its_length_at_the_warm_ups_pace_and_how_
     import time
 
     from ttfm_distill.budget import BudgetClock
+    from ttfm_distill.runstate import RunState
 
     logs = []
-    clock = BudgetClock.for_run(_cfg("unused", max_steps=3500), time.time() - 100.0, 0, logs.append)
+    clock = BudgetClock.for_run(_cfg("unused", max_steps=3500), RunState(3500), time.time() - 100.0, 0, logs.append)
     assert clock is not None and not clock.fits and clock.fit_at == fit_point(10) and logs == []
     clock.pace = 0.3  # as tick() measures it at the fit point: 9 steps done in 100 s, 3491 left at 0.3 s
     line = clock.estimate(3500)
     assert "pace 0.300 s a step" in line and "3500 steps" in line and "about 19.1 min of training" in line
     assert "(17.5 min from now)" in line and "--time-budget 7m" in line
-    clock = BudgetClock.for_run(_cfg("unused", max_steps=200), time.time() - 1.0, 0, logs.append)
+    clock = BudgetClock.for_run(_cfg("unused", max_steps=200), RunState(200), time.time() - 1.0, 0, logs.append)
     clock.pace = 0.01
     assert "--time-budget" not in clock.estimate(200)  # a short run gets the estimate alone
     # a budget fits instead; a fitted count or a resume past the fit point needs no clock
-    assert BudgetClock.for_run(_cfg("unused", max_steps=3500, time_budget=60.0), 0.0, 0, logs.append).fits
-    assert BudgetClock.for_run(_cfg("unused", max_steps=3500), 0.0, 9, logs.append) is None
-    assert BudgetClock.for_run(_cfg("unused", max_steps=3500, time_budget=60.0, fitted_steps=20), 0.0, 0,
-                               logs.append) is None
+    assert BudgetClock.for_run(_cfg("unused", max_steps=3500, time_budget=60.0), RunState(3500), 0.0, 0,
+                               logs.append).fits
+    assert BudgetClock.for_run(_cfg("unused", max_steps=3500), RunState(3500), 0.0, 9, logs.append) is None
+    assert BudgetClock.for_run(_cfg("unused", max_steps=3500, time_budget=60.0), RunState(3500, fitted_steps=20),
+                               0.0, 0, logs.append) is None
     assert logs == []
+
+
+def test_run_state_is_its_own_file_and_a_damaged_one_is_named_in_one_line(tmp_path):
+    """The fitted count and the teacher's key are run state (run_state.json), never settings: config.json and a
+    user's config file do not take them; a damaged run_state.json is refused naming the file and the fix."""
+    from ttfm_distill.runstate import RunState
+
+    with pytest.raises(ConfigError, match="unknown config key 'fitted_steps'"):
+        RunConfig.from_dict({"fitted_steps": 12})
+    state = RunState(500, 120, "ab12")
+    state.save(tmp_path)
+    assert RunState.resumed(500, tmp_path, {"max_steps": 500}) == state
+    for text in ("{", '{"fitted_steps": "12"}', '{"fitted_steps": 0}', '{"steps": 3}', "[]"):
+        (tmp_path / "run_state.json").write_text(text)
+        with pytest.raises(ConfigError) as e:
+            RunState.resumed(500, tmp_path, {"max_steps": 500})
+        line = str(e.value)
+        assert "run_state.json is damaged" in line and "--overwrite" in line and len(line) <= 200 and "\n" not in line

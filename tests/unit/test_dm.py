@@ -113,6 +113,25 @@ def test_the_fake_network_starts_as_the_teacher_and_never_applies_guidance(tiny_
     assert not any(p.requires_grad for p in teacher.parameters())  # a copy: the teacher stays frozen
 
 
+def test_the_dm_stage_starts_where_the_runs_fitted_step_count_puts_it(tiny_teacher_dir):
+    """A time budget fits the step count after the term is made: the stage must follow the count the run trains
+    (run state), not the max_steps it was made with."""
+    from accelerate import Accelerator
+
+    from ttfm_distill.fake import DmTerm
+    from ttfm_distill.runstate import RunState
+    from ttfm_distill.teachers.loading import load_teacher
+
+    cfg = RunConfig(max_steps=1000, lr=1e-4, dm_weight=0.3, dm_stage_steps=100)
+    state = RunState(1000)
+    term = DmTerm.for_run(cfg, state, load_teacher(str(tiny_teacher_dir)), "cpu", Accelerator(cpu=True))
+    assert not term.runs_at(899) and term.runs_at(900)
+    state.fitted_steps = 400  # what BudgetClock.fitted returns at the warm-up's end
+    assert not term.runs_at(299) and term.runs_at(300) and term.runs_at(399)
+    assert DmTerm.for_run(RunConfig(max_steps=10, lr=1e-4, dm_weight=0.3), RunState(10),
+                          load_teacher(str(tiny_teacher_dir)), "cpu", Accelerator(cpu=True)).runs_at(0)
+
+
 def test_the_lr_schedule_ends_where_a_dm_stage_starts_and_restarts_there():
     from ttfm_distill.config import RunConfig
     from ttfm_distill.schedules import lr_factor
@@ -120,15 +139,15 @@ def test_the_lr_schedule_ends_where_a_dm_stage_starts_and_restarts_there():
     cfg = RunConfig(max_steps=1000, lr=4e-4, lr_schedule="cosine", lr_final_fraction=0.25, warmup_steps=50,
                     dm_weight=0.3, dm_stage_steps=200, dm_stage_lr=1e-4)
     plain = RunConfig(max_steps=800, lr=4e-4, lr_schedule="cosine", lr_final_fraction=0.25, warmup_steps=50)
-    assert cfg.dm_stage_start() == 800
+    assert cfg.dm_stage_start(1000) == 800
     # before the stage: the schedule of an 800-step run, ending at its final fraction
-    assert all(lr_factor(k, cfg) == lr_factor(k, plain) for k in range(800))
-    assert lr_factor(799, cfg) == pytest.approx(0.25)
+    assert all(lr_factor(k, cfg, 1000) == lr_factor(k, plain, 800) for k in range(800))
+    assert lr_factor(799, cfg, 1000) == pytest.approx(0.25)
     # the stage: its own warm-up from dm_stage_lr, then the same cosine over its 200 steps
     ratio = 1e-4 / 4e-4
-    assert lr_factor(800, cfg) == pytest.approx(ratio / 50)
-    assert lr_factor(849, cfg) == pytest.approx(ratio)
-    assert lr_factor(999, cfg) == pytest.approx(ratio * 0.25)
+    assert lr_factor(800, cfg, 1000) == pytest.approx(ratio / 50)
+    assert lr_factor(849, cfg, 1000) == pytest.approx(ratio)
+    assert lr_factor(999, cfg, 1000) == pytest.approx(ratio * 0.25)
     # a run shorter than the stage is all stage
     short = RunConfig(max_steps=100, lr=4e-4, dm_weight=0.3, dm_stage_steps=200)
-    assert short.dm_stage_start() == 0 and RunConfig().dm_stage_start() is None
+    assert short.dm_stage_start(100) == 0 and RunConfig().dm_stage_start(3500) is None

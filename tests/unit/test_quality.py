@@ -179,10 +179,10 @@ def test_lr_schedule_cosine_and_constant():
     from ttfm_distill.schedules import lr_factor
 
     plain = RunConfig(max_steps=1000, warmup_steps=50, lr_schedule="constant").validate()
-    assert [lr_factor(k, plain) for k in (0, 24, 49, 500, 999)] == [1 / 50, 25 / 50, 1.0, 1.0, 1.0]  # as before
+    assert [lr_factor(k, plain, 1000) for k in (0, 24, 49, 500, 999)] == [1 / 50, 25 / 50, 1.0, 1.0, 1.0]  # as before
     cos = RunConfig(max_steps=1000, warmup_steps=50, lr_schedule="cosine", lr_final_fraction=0.1).validate()
-    f = [lr_factor(k, cos) for k in range(1000)]
-    assert f[:50] == [lr_factor(k, plain) for k in range(50)]  # the same warm-up
+    f = [lr_factor(k, cos, 1000) for k in range(1000)]
+    assert f[:50] == [lr_factor(k, plain, 1000) for k in range(50)]  # the same warm-up
     assert all(a >= b for a, b in zip(f[49:], f[50:]))  # then only down
     assert abs(f[999] - 0.1) < 1e-9 and abs(f[524] - 0.55) < 0.01  # half-way: the middle of [0.1, 1]
     with pytest.raises(ConfigError, match="lr_schedule"):
@@ -206,8 +206,8 @@ def test_lr_schedule_cosine_and_constant():
     ddpm = filled(RunConfig(teacher="some/ddpm"), "epsilon")
     assert ddpm.lr_schedule == "cosine" and run_command(ddpm.to_dict(), "epsilon") == "ttfm-distill run --teacher some/ddpm"
     auto = filled(RunConfig(max_steps=1000, warmup_steps=50), "epsilon")
-    assert [lr_factor(k, auto) for k in range(1000)] == [lr_factor(k, RunConfig(
-        max_steps=1000, warmup_steps=50, lr_schedule="cosine", lr_final_fraction=0.0)) for k in range(1000)]
+    assert [lr_factor(k, auto, 1000) for k in range(1000)] == [lr_factor(k, RunConfig(
+        max_steps=1000, warmup_steps=50, lr_schedule="cosine", lr_final_fraction=0.0), 1000) for k in range(1000)]
     with pytest.raises(ConfigError, match="lr_final_fraction"):
         RunConfig(lr_final_fraction=2.0).validate()
 
@@ -232,8 +232,8 @@ def test_automatic_lr_final_fraction_by_teacher_kept_on_resume():
         ["lr_final_fraction"]
     flow = filled(RunConfig(max_steps=1000, warmup_steps=50), "flow")
     ddpm = filled(RunConfig(max_steps=1000, warmup_steps=50), "epsilon")
-    assert abs(lr_factor(999, flow) - 0.25) < 1e-9 and abs(lr_factor(999, ddpm)) < 1e-9
-    assert lr_factor(10, flow) == lr_factor(10, ddpm)  # the same warm-up
+    assert abs(lr_factor(999, flow, 1000) - 0.25) < 1e-9 and abs(lr_factor(999, ddpm, 1000)) < 1e-9
+    assert lr_factor(10, flow, 1000) == lr_factor(10, ddpm, 1000)  # the same warm-up
     assert run_command(flow.to_dict()) == "ttfm-distill run --max-steps 1000"
     assert "lr_final_fraction" in run_command(filled(RunConfig(lr_final_fraction=0.0), "flow").to_dict())
 

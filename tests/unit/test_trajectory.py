@@ -51,7 +51,9 @@ class _Constant(torch.nn.Module):
 
 
 class _Inner:
+    """An objective double with every attribute ``objectives.base.Objective`` declares."""
     name, options, needs_ema, teacher_off_diagonal, default_diagonal_fraction = "inner", None, False, True, 0.0
+    one_gradient_forward = False
 
     def __call__(self, student, teacher, batch, ema=None):
         from ttfm_distill.objectives.base import ObjectiveOutput

@@ -113,12 +113,12 @@ def sampled_conditioning(teacher, seed: int, n: int, log) -> dict | None:
     return teacher.sample_cond(n, generator=_NoiseStream(teacher, seed).skip_to(n)) or None
 
 
-def pool_file_name(cfg, grid_kind: str = "uniform", tag: str = "") -> str:
+def pool_file_name(cfg, grid_kind: str = "uniform", tag: str = "", fingerprint: str | None = None) -> str:
     """The cache file of ``cfg``'s pool: its size, solver, steps, time grid (``grid_kind``, resolved), kept
     trajectory states, precision (bf16 only; fp32 pools keep their earlier names), seed, prompts (``tag``) and the
-    teacher's weights (``cfg.teacher_fingerprint``)."""
+    teacher's weights (``fingerprint``: ``data.cache.teacher_fingerprint``, which a run computes first)."""
     # keyed on the teacher's weights too: a teacher replaced at the same path never reuses an old pool
-    key = f"-t{cfg.teacher_fingerprint[:12]}" if cfg.teacher_fingerprint else ""
+    key = f"-t{fingerprint[:12]}" if fingerprint else ""
     states = trajectory_states(cfg)
     traj = f"-traj{len(states)}" if states else ""
     gtag = "" if grid_kind == "uniform" else f"-{grid_kind}"
@@ -156,7 +156,7 @@ def build_pool(teacher, cfg, cache: Path, device, log, progress=None, cache_dir:
     keep = bool(states)
     io = teacher.io
     kind = resolve_time_grid(cfg.time_grid, io)
-    path = Path(cache) / pool_file_name(cfg, kind, tag)
+    path = Path(cache) / pool_file_name(cfg, kind, tag, teacher.fingerprint)
     grid = time_grid(cfg.pool_steps, teacher.shift, kind, io).to(device)
     noise = _NoiseStream(teacher, cfg.seed + 7919)
     drawn = {}  # sample_cond's draw, made only if a chunk has to be generated

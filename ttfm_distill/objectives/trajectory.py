@@ -108,7 +108,7 @@ class TrajectorySupervised(Objective):
         rows = batch.trajectory
         if rows is None or len(rows) == 0:
             return self.inner(student, teacher, batch, ema)
-        joined = JoinedForward(student, rows) if getattr(self.inner, "one_gradient_forward", False) else None
+        joined = JoinedForward(student, rows) if self.inner.one_gradient_forward else None
         out = self.inner(joined or student, teacher, batch, ema)
         n, m = batch.x_s.shape[0], len(rows)
         if joined is not None and joined.rows_out is not None:
