@@ -481,6 +481,28 @@ for _seed in (1, 2):
     ROWS[f"def10_pool8k_s{_seed}"].update(default_steps=3500, ab=f"def10_s{_seed}", ab_weights="ema",
                                           ab_base_weights="ema")
 
+
+def _pin_tuned_recipe(args: list[str], ema_offset: float) -> list[str]:
+    """The flow teacher's automatic values changed in the eleventh round (the zoo's DiT teacher: docs/results.md):
+    a row of the eighth round on left its rows, long jumps, lr, cosine end and EMA offset to the then automatic
+    values, now examples/embedded-tuned.toml's (the EMA offset 10 until the eighth round adopted 20); pinned so
+    the row runs as it ran. Rows before the eighth round ran other automatic values of their own and are not
+    pinned: their run folders' config.json hold what they ran with."""
+    pins = [] if "--lr" in args else ["--lr", "4e-4"]
+    for key, value in (("lr_final_fraction", 0.25), ("ema_warmup_offset", ema_offset), ("trajectory_fraction", 0.125)):
+        if not any(a.startswith(f"{key}=") for a in args):
+            pins += ["--set", f"{key}={value}"]
+    if not any(a.startswith("long_jump_span=") for a in args):
+        pins += ["-L", "long_jump_span=0.5"]
+    return [*args, *pins]
+
+
+_names = list(ROWS)
+for _name in _names[_names.index("def3500"):]:
+    ROWS[_name]["args"] = _pin_tuned_recipe(ROWS[_name]["args"], 20.0 if _names.index(_name) >= _names.index(
+        "long15k_def") else 10.0)
+
+
 def row_args(name: str, runs_dir: Path | None = None) -> list[str]:
     """The row's CLI arguments; an lr of ``SWEEP`` becomes the one its run used, or the sweep's best so far."""
     args = list(ROWS[name]["args"])

@@ -18,30 +18,24 @@ EXACT_TEACHERS = ("checkerboard", "gaussian-mixture", "gaussian")
 DEFAULT_OUTPUT = "ttfm-output"
 #: how the (s, t) pairs of a batch are drawn (objectives/timesampling.py draws them)
 TIME_SAMPLINGS = ("uniform", "dyadic", "mixed")
-#: the share of each batch on the pool's trajectories when trajectory_fraction is unset and the data is a
-#: data-free pool: 12.5% on the 1-step jump beat none on three seeds at 2400 steps (docs/quality.md)
+#: the share of each batch on the pool's 1-step trajectories that beat none on the embedded teacher (three seeds at
+#: 2400 steps, docs/quality.md); not a default: on the zoo's second flow teacher (dit) it cost the 1-step student
+#: (docs/results.md "Do the flow rules hold"), so trajectory_fraction unset means 0 for every teacher
 AUTO_TRAJECTORY_FRACTION = 0.125
 #: settings whose value is only known once the teacher is loaded (RunConfig.resolve_automatic): their unset
 #: values, which the resume check lets match what a run resolved them to
 AUTOMATIC = {"trajectory_fraction": (None,), "pool_solver": ("auto",), "lr_schedule": ("auto",), "lr": (None,),
              "mixed_precision": ("auto",), "lr_final_fraction": (None,), "pool_precision": ("auto",),
              "ema_warmup_offset": (None,)}
-#: the learning rate where the command leaves it unset (RunConfig.lr_value): twice the earlier 2e-4, with the cosine
-#: decay, beat 2e-4 constant on three seeds at 2400 steps on the embedded flow teacher (docs/quality.md); the rest
-#: (diffusion teachers, the exact 2-D teachers) keep the 2e-4 they were measured at
-AUTO_LR_FLOW = 4e-4
+#: the learning rate where the command leaves it unset (RunConfig.lr_value), for every teacher. The embedded flow
+#: teacher alone trained better at 4e-4 with the cosine ending at a quarter and an EMA offset of 20 (docs/quality.md);
+#: on the zoo's second flow teacher those values and the rows and long jumps above together cost the 1-step student
+#: (docs/results.md "Do the flow rules hold"), so no setting is keyed on flow teachers but the precision
 AUTO_LR_OTHER = 2e-4
-#: where the cosine ends, as a fraction of the lr, where the command leaves it unset (RunConfig.lr_final_value): a
-#: quarter for a flow teacher (the 1-step student is still learning at the end; the 3500-step default with it beat
-#: the earlier 3000-step default with a cosine to 0 on three seeds; at equal steps it was even on one seed,
-#: docs/quality.md "The cosine to a quarter"), 0 for the rest (what they were measured at)
-AUTO_LR_FINAL_FLOW = 0.25
-#: the EMA warm-up's offset where the command leaves it unset (RunConfig.ema_offset_value): 20 for a flow teacher (a
-#: shorter average than 10: lower at 1 step on three seeds at 3500 steps, docs/quality.md), 10 for the rest
-AUTO_EMA_OFFSET_FLOW = 20.0
+#: the EMA warm-up's offset where the command leaves it unset (RunConfig.ema_offset_value)
 EMA_OFFSET_OTHER = 10.0
-#: ITVM's long_jump_span where the command leaves it unset, for a flow teacher: progressive distillation's
-#: target on the pairs with t - s >= 0.5 beat none on three seeds at 2400 steps (docs/quality.md)
+#: ITVM's long_jump_span (progressive distillation's target on the pairs with t - s >= span) that beat none on the
+#: embedded teacher; on dit it was even at 2-8 steps and worse at 1; unset means 0 (off) for every teacher
 AUTO_LONG_JUMP_SPAN = 0.5
 #: objective options a run fills in where ``loss_options`` leaves them unset (RunConfig.automatic_loss_options),
 #: with the value a run folder written before they were automatic ran with
@@ -81,8 +75,7 @@ class RunConfig:
     #: (run state, runstate.RunState.fitted_steps, at most max_steps), before anything depends on it (budget.py)
     time_budget: float | None = None
     batch_size: int = 32
-    #: None (unset): AUTO_LR_FLOW for a flow teacher, AUTO_LR_OTHER otherwise, resolved once the teacher is loaded
-    #: (RunConfig.lr_value)
+    #: None (unset): AUTO_LR_OTHER (RunConfig.lr_value); a resumed run keeps the lr it ran with
     lr: float | None = None
     weight_decay: float = 0.0
     warmup_steps: int = 50
@@ -90,19 +83,19 @@ class RunConfig:
     #: "auto": cosine (it steadied the diffusion teacher measured, and with twice the lr it beat the flow teacher's
     #: constant lr), constant for the exact 2-D teachers, where it was worse (RunConfig.lr_schedule_name)
     lr_schedule: str = "auto"
-    #: None (unset): AUTO_LR_FINAL_FLOW for a flow teacher, 0 otherwise (RunConfig.lr_final_value)
+    #: None (unset): 0, a cosine to 0 (RunConfig.lr_final_value); a resumed run keeps what it ran with
     lr_final_fraction: float | None = None
     grad_clip: float = 1.0
     #: the exported weights are this EMA (export_weights="ema"); ITVM's composed target stays the current weights,
-    #: its long jumps (on for flow teachers) jump with the EMA.
+    #: its long jumps (long_jump_span, off unless set) jump with the EMA.
     #: 0.999 with warm-up beat the raw weights at 2/4/8 steps at 1200-10000 steps (docs/quality.md)
     ema_decay: float = 0.999
     #: EMA warm-up: the decay at step k is min(ema_decay, (1 + k) / (ema_warmup_offset + k)), so the EMA of a short
     #: run is not still mostly the initial weights (docs/quality.md)
     ema_warmup: bool = True
     #: the warm-up's offset o: while it governs, the EMA weighs step j about as j ** (o - 2), so it averages about the
-    #: last 2 / o of the run (larger: shorter; 10 about the last fifth). Unset: AUTO_EMA_OFFSET_FLOW for a flow
-    #: teacher, EMA_OFFSET_OTHER for the rest (RunConfig.ema_offset_value; docs/quality.md, eighth round)
+    #: last 2 / o of the run (larger: shorter; 10 about the last fifth). Unset: EMA_OFFSET_OTHER
+    #: (RunConfig.ema_offset_value; 20 helped the embedded teacher alone, docs/quality.md, eighth round)
     ema_warmup_offset: float | None = None
     seed: int = 0
     time_sampling: str = "mixed"
@@ -137,8 +130,8 @@ class RunConfig:
     pool_precision: str = "auto"
     #: fraction of each batch supervised by the pool's own teacher trajectories: a pair (s, t) on the pool's
     #: time grid whose target is the stored solve, (x_t - x_s) / (t - s), at no teacher cost (docs/quality.md).
-    #: Unset: AUTO_TRAJECTORY_FRACTION on a flow teacher's data-free pool, 0 on real data, exact (2-D) teachers
-    #: and diffusion teachers (resolved once the teacher is loaded: RunConfig.resolve_automatic)
+    #: Unset: 0 for every teacher (RunConfig.trajectory_share; AUTO_TRAJECTORY_FRACTION is the share measured on
+    #: the embedded teacher); a resumed run keeps what it ran with
     trajectory_fraction: float | None = None
     #: weight of those rows' loss against the objective's rows
     trajectory_weight: float = 1.0
@@ -342,17 +335,17 @@ class RunConfig:
             raise ConfigError("dm_weight is not supported with LoRA students yet; set dm_weight=0 or lora_rank=0")
 
     def trajectory_share(self, prediction_type: str = "flow") -> float:
-        """The fraction of each batch on the pool's trajectories: ``trajectory_fraction``, or when unset
-        :data:`AUTO_TRAJECTORY_FRACTION` for a data-free pool of a flow teacher, and 0 where there is no pool
-        (real data, an exact 2-D teacher, whose data are exact samples) or the teacher predicts noise, data or
-        v (``prediction_type``: the rows destabilised the epsilon DDPM teacher measured, docs/quality.md)."""
+        """The fraction of each batch on the pool's trajectories: ``trajectory_fraction``, or 0 when unset, for every
+        teacher (they helped the embedded flow teacher, cost the zoo's DiT flow teacher its 1-step student and
+        destabilised the epsilon DDPM teacher measured: docs/results.md). ``prediction_type`` is kept for the
+        rules' common signature."""
         if self.trajectory_fraction is not None:
             return float(self.trajectory_fraction)
-        return AUTO_TRAJECTORY_FRACTION if self.data == "teacher" and self.flow_image_teacher(prediction_type) else 0.0
+        return 0.0
 
     def flow_image_teacher(self, prediction_type: str) -> bool:
-        """Whether the teacher predicts a flow and is not an exact 2-D one: the teachers the measured automatic
-        values (lr, lr_final_fraction, precision, trajectory rows, long jumps, the EMA's offset) were chosen on."""
+        """Whether the teacher predicts a flow and is not an exact 2-D one: the teachers the automatic precision
+        (bf16 on a machine that computes it natively) was measured on."""
         return prediction_type == "flow" and not self.exact_teacher()
 
     def exact_teacher(self) -> bool:
@@ -376,15 +369,11 @@ class RunConfig:
         return "bf16" if self.precision_name(prediction_type, bf16_native) == "bf16" else "no"
 
     def automatic_loss_options(self, prediction_type: str = "flow") -> dict:
-        """The objective options this run fills in where ``loss_options`` leaves them unset: for ITVM's composed
-        reading, :data:`AUTO_LONG_JUMP_SPAN` on a flow teacher, and 0 (off) on a diffusion teacher (where they
-        made training spike with the cosine lr, docs/second-teacher.md) and on the exact 2-D teachers (better at
-        1-2 steps, worse at 4-16 on the checkerboard, docs/quality.md)."""
-        unset = {k: v for k, v in AUTOMATIC_LOSS_OPTIONS.get(self.loss, {}).items() if k not in self.loss_options}
-        if "long_jump_span" in unset and self.loss_options.get("reading", "composed") == "composed" and \
-                self.flow_image_teacher(prediction_type):
-            unset["long_jump_span"] = AUTO_LONG_JUMP_SPAN
-        return unset
+        """The objective options this run fills in where ``loss_options`` leaves them unset: ITVM's long jumps off
+        for every teacher (:data:`AUTO_LONG_JUMP_SPAN` helped the embedded teacher; they were even or worse on the
+        zoo's DiT teacher, made a diffusion teacher's training spike with the cosine lr, docs/second-teacher.md,
+        and cost 4-16 steps on the checkerboard, docs/quality.md). ``prediction_type``: the common signature."""
+        return {k: v for k, v in AUTOMATIC_LOSS_OPTIONS.get(self.loss, {}).items() if k not in self.loss_options}
 
     def lr_schedule_name(self, prediction_type: str = "flow") -> str:
         """The lr schedule: ``lr_schedule``, with ``auto`` read as cosine (the DDPM teacher measured trained
@@ -408,25 +397,22 @@ class RunConfig:
         return "bf16" if self.flow_image_teacher(prediction_type) and bf16_native else "no"
 
     def lr_value(self, prediction_type: str = "flow") -> float:
-        """The learning rate: ``lr``, or when unset :data:`AUTO_LR_FLOW` for a flow teacher (not the exact 2-D
-        ones) and :data:`AUTO_LR_OTHER` for the rest."""
+        """The learning rate: ``lr``, or when unset :data:`AUTO_LR_OTHER` for every teacher."""
         if self.lr is not None:
             return float(self.lr)
-        return AUTO_LR_FLOW if self.flow_image_teacher(prediction_type) else AUTO_LR_OTHER
+        return AUTO_LR_OTHER
 
     def lr_final_value(self, prediction_type: str = "flow") -> float:
-        """Where the cosine ends, as a fraction of the lr: ``lr_final_fraction``, or when unset
-        :data:`AUTO_LR_FINAL_FLOW` for a flow teacher (not the exact 2-D ones) and 0 for the rest."""
+        """Where the cosine ends, as a fraction of the lr: ``lr_final_fraction``, or 0 when unset."""
         if self.lr_final_fraction is not None:
             return float(self.lr_final_fraction)
-        return AUTO_LR_FINAL_FLOW if self.flow_image_teacher(prediction_type) else 0.0
+        return 0.0
 
     def ema_offset_value(self, prediction_type: str = "flow") -> float:
-        """The EMA warm-up's offset: ``ema_warmup_offset``, or when unset :data:`AUTO_EMA_OFFSET_FLOW` for a flow
-        teacher (not the exact 2-D ones) and :data:`EMA_OFFSET_OTHER` (what they were measured at) for the rest."""
+        """The EMA warm-up's offset: ``ema_warmup_offset``, or :data:`EMA_OFFSET_OTHER` when unset."""
         if self.ema_warmup_offset is not None:
             return float(self.ema_warmup_offset)
-        return AUTO_EMA_OFFSET_FLOW if self.flow_image_teacher(prediction_type) else EMA_OFFSET_OTHER
+        return EMA_OFFSET_OTHER
 
     def resolve_automatic(self, prediction_type: str, saved: dict | None = None,
                           bf16_native: bool = False) -> "RunConfig":

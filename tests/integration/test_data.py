@@ -139,11 +139,11 @@ def test_data_free_run_on_embedded_teacher_reports_pool(cli_session):
     data = json.loads((root / "d" / "metrics.json").read_text())["data"]
     assert data["source"] == "teacher" and data["samples"] == 32 and data["cache"] == "built"
     assert data["seconds"] > 0 and data["generation_seconds"] >= data["seconds"]
-    # the defaults: a Heun pool keeping each solve's noise and sample for the 1-step trajectory rows
-    assert data["solver"].startswith("heun") and data["trajectories"]["states"] == 2
+    # the defaults: an Euler pool keeping its samples alone (no trajectory rows unless trajectory_fraction is set)
+    assert data["solver"].startswith("euler") and not data.get("trajectories")
     # in bf16 exactly when the run trains in bf16 (the hardware decides the automatic value), under a name of its own
     cfg = json.loads((root / "d" / "config.json").read_text())
     bf16 = cfg["mixed_precision"] == "bf16"
     assert cfg["pool_precision"] == ("bf16" if bf16 else "no") and data["precision"] == ("bf16" if bf16 else "fp32")
     tag = "-bf16" if bf16 else ""
-    assert len(list((root / "d" / "cache").glob(f"pool-n32-heun2-traj2{tag}-seed0-t*.safetensors"))) == 1  # keyed on the weights
+    assert len(list((root / "d" / "cache").glob(f"pool-n32-euler2{tag}-seed0-t*.safetensors"))) == 1  # keyed on the weights

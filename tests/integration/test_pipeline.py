@@ -518,20 +518,24 @@ def test_model_card_command_leaves_out_what_the_run_filled_in(monkeypatch):
     cfg.diagonal_fraction = 0.5
     assert run_command(cfg.to_dict()) == "ttfm-distill run --loss lsd --max-steps 300 --set diagonal_fraction=0.5"
     # the automatic trajectory rows and pool solver are left out where automatic, kept where set otherwise
-    cfg, _ = resolve_settings(RunConfig(trajectory_fraction=0.0))
-    assert run_command(cfg.to_dict()) == "ttfm-distill run --set trajectory_fraction=0.0"
+    cfg, _ = resolve_settings(RunConfig(trajectory_fraction=0.125))
+    assert run_command(cfg.to_dict()) == "ttfm-distill run --set trajectory_fraction=0.125"
     cfg, _ = resolve_settings(RunConfig(teacher="builtin:checkerboard"))
     assert run_command(cfg.to_dict()) == "ttfm-distill run --teacher builtin:checkerboard"
-    cfg, _ = resolve_settings(RunConfig(pool_solver="euler"))
-    assert run_command(cfg.to_dict()) == "ttfm-distill run --set pool_solver=euler"
-    # an epsilon teacher's automatic values (no rows, an Euler pool, no long jumps, lr 2e-4 with a cosine to 0): nothing
-    # to spell out; read as a flow teacher's run, all but the cosine differ
+    cfg, _ = resolve_settings(RunConfig(pool_solver="heun"))
+    assert run_command(cfg.to_dict()) == "ttfm-distill run --set pool_solver=heun"
+    # an epsilon teacher's automatic values (no rows, an Euler pool, no long jumps, lr 2e-4 with a cosine to 0, fp32):
+    # nothing to spell out; read as a flow teacher's run on a bf16 machine, only the precision differs
     cfg = RunConfig(teacher="some/ddpm").resolve_automatic("epsilon", bf16_native=machine.native_bf16())
     assert (cfg.trajectory_fraction, cfg.pool_solver) == (0.0, "euler")
     assert run_command(cfg.to_dict(), "epsilon") == "ttfm-distill run --teacher some/ddpm"
-    assert run_command(cfg.to_dict()) == \
-        "ttfm-distill run --teacher some/ddpm -L long_jump_span=0.0 --set lr=0.0002 --set lr_final_fraction=0.0" \
-        " --set ema_warmup_offset=10.0 --set trajectory_fraction=0.0 --set mixed_precision=no"
+    assert run_command(cfg.to_dict()) == "ttfm-distill run --teacher some/ddpm --set mixed_precision=no"
+    # a flow run of an earlier version (its rows, long jumps, lr, cosine end and EMA offset filled in): each spelled out
+    old = {**cfg.to_dict(), "loss_options": {"long_jump_span": 0.5}, "lr": 4e-4, "lr_final_fraction": 0.25,
+           "ema_warmup_offset": 20.0, "trajectory_fraction": 0.125, "pool_solver": "heun", "mixed_precision": "bf16",
+           "pool_precision": "bf16"}
+    assert run_command(old) == "ttfm-distill run --teacher some/ddpm -L long_jump_span=0.5 --set lr=0.0004" \
+        " --set lr_final_fraction=0.25 --set ema_warmup_offset=20.0 --set trajectory_fraction=0.125"
 
 
 def test_a_reloaded_student_reads_its_network_as_the_teacher_does_clip_included(tmp_path):

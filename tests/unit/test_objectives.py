@@ -99,9 +99,10 @@ def test_itvm_long_jumps_take_the_progressive_target_from_the_ema(gaussian_case)
         make_objective("itvm", long_jump_span=1.5)
 
 
-def test_a_run_fills_in_the_long_jumps_for_flow_teachers_and_keeps_what_a_resumed_run_ran_with():
-    """long_jump_span left unset: AUTO_LONG_JUMP_SPAN once a flow teacher is loaded, 0 for a diffusion teacher or
-    a reading without composition; a resumed folder keeps its value, one from before the option was automatic 0."""
+def test_a_run_leaves_the_long_jumps_off_and_keeps_what_a_resumed_run_ran_with():
+    """long_jump_span left unset: 0 for every teacher (AUTO_LONG_JUMP_SPAN, which helped the embedded flow teacher,
+    lost on the zoo's DiT teacher); a resumed folder keeps its value (0.5 where a flow run of an earlier version
+    filled it in), one from before the option was automatic 0."""
 
     from ttfm_distill.config import AUTO_LONG_JUMP_SPAN, RunConfig, resume_mismatch
     from ttfm_distill.pipeline_card import run_command
@@ -118,13 +119,14 @@ def test_a_run_fills_in_the_long_jumps_for_flow_teachers_and_keeps_what_a_resume
         return cfg.loss_options
 
     assert AUTO_LONG_JUMP_SPAN == 0.5
-    assert resolved(flow) == {"long_jump_span": 0.5}
+    assert resolved(flow) == {"long_jump_span": 0.0}
     assert resolved(epsilon) == {"long_jump_span": 0.0}
     assert resolved(flow, teacher="builtin:checkerboard") == {"long_jump_span": 0.0}  # an exact 2-D teacher
-    assert resolved(flow, data="/some/images") == {"long_jump_span": 0.5}  # real data: no teacher needed for them
+    assert resolved(flow, data="/some/images") == {"long_jump_span": 0.0}
     assert resolved(flow, loss_options={"reading": "ema_only"}) == {"reading": "ema_only", "long_jump_span": 0.0}
     assert resolved(flow, loss_options={"long_jump_span": 0.75}) == {"long_jump_span": 0.75}  # given: kept
-    assert resolved(flow, {"loss_options": {"long_jump_span": 0.5}}) == {"long_jump_span": 0.5}
+    assert resolved(flow, {"loss_options": {"long_jump_span": 0.5}}) == {"long_jump_span": 0.5}  # resumed: kept
+    assert resolved(epsilon, {"loss_options": {"long_jump_span": 0.5}}) == {"long_jump_span": 0.5}
     assert resolved(flow, {"loss_options": {}}) == {"long_jump_span": 0.0}  # a folder from before: ran without
     assert resolve_settings(RunConfig(loss="lsd"), "flow")[0].loss_options == {}
     # resuming: an unset automatic option matches what the run filled in; a given one must match it
@@ -136,8 +138,8 @@ def test_a_run_fills_in_the_long_jumps_for_flow_teachers_and_keeps_what_a_resume
         "loss_options"]
     assert resume_mismatch({"loss_options": {"tau": 0.2}}, now) == ["loss_options"]  # a given option dropped
     # the model card's command leaves out what the run filled in by itself
-    assert run_command({"loss_options": {"long_jump_span": 0.5}}) == "ttfm-distill run"
-    assert run_command({"loss_options": {"long_jump_span": 0.0}}) == "ttfm-distill run -L long_jump_span=0.0"
+    assert run_command({"loss_options": {"long_jump_span": 0.5}}) == "ttfm-distill run -L long_jump_span=0.5"
+    assert run_command({"loss_options": {"long_jump_span": 0.0}}) == "ttfm-distill run"
     assert run_command({"loss_options": {"long_jump_span": 0.0}}, "epsilon") == "ttfm-distill run"
     assert run_command({"teacher": "builtin:checkerboard", "loss_options": {"long_jump_span": 0.0}}) == \
         "ttfm-distill run --teacher builtin:checkerboard"

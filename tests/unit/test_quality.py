@@ -150,17 +150,17 @@ def test_ema_warmup_schedule():
     assert ema_decay_at(95, 0.999, False, 5.0) == 0.999  # no warm-up: no offset
 
 
-def test_automatic_ema_offset_by_teacher_kept_on_resume():
-    """Unset ema_warmup_offset: 20 (a shorter average) for a flow teacher, 10 (what they ran with) for diffusion and
-    exact 2-D teachers; a given value and a resumed run's are kept, a folder from before ran 10; the trainer's EMA
-    decay follows the resolved value."""
+def test_automatic_ema_offset_kept_on_resume():
+    """Unset ema_warmup_offset: 10 for every teacher (20 helped the embedded flow teacher alone); a given value and a
+    resumed run's (20 where a flow run of an earlier version filled it in) are kept, a folder from before ran 10; the
+    trainer's EMA decay follows the resolved value."""
     from ttfm_distill.config import RunConfig, resume_mismatch
     from ttfm_distill.pipeline_card import run_command
     from ttfm_distill.schedules import ema_decay_at
 
     assert RunConfig().ema_warmup_offset is None and RunConfig().validate().ema_warmup_offset is None
     flow = filled(RunConfig(), "flow")
-    assert flow.ema_warmup_offset == 20.0 and filled(RunConfig(), "epsilon").ema_warmup_offset == 10.0
+    assert flow.ema_warmup_offset == 10.0 and filled(RunConfig(), "epsilon").ema_warmup_offset == 10.0
     assert filled(RunConfig(teacher="builtin:checkerboard"), "flow").ema_warmup_offset == 10.0
     assert filled(RunConfig(ema_warmup_offset=5), "flow").ema_warmup_offset == 5
     assert filled(RunConfig(), "flow", {"seed": 0}).ema_warmup_offset == 10.0  # a folder from before
@@ -168,9 +168,11 @@ def test_automatic_ema_offset_by_teacher_kept_on_resume():
     assert resume_mismatch({"ema_warmup_offset": 20.0}, RunConfig().to_dict()) == []
     assert resume_mismatch({"ema_warmup_offset": 10.0}, RunConfig(ema_warmup_offset=20.0).to_dict()) == \
         ["ema_warmup_offset"]
-    assert ema_decay_at(99, 0.999, True, flow.ema_offset_value()) == 100 / 119
+    assert ema_decay_at(99, 0.999, True, flow.ema_offset_value()) == 100 / 109
+    assert ema_decay_at(99, 0.999, True, filled(RunConfig(), "flow", {"ema_warmup_offset": 20.0}).ema_offset_value()) \
+        == 100 / 119
     assert run_command(flow.to_dict()) == "ttfm-distill run"
-    assert "ema_warmup_offset" in run_command(filled(RunConfig(ema_warmup_offset=10.0), "flow").to_dict())
+    assert "ema_warmup_offset" in run_command(filled(RunConfig(ema_warmup_offset=20.0), "flow").to_dict())
 
 
 # ------------------------------------------------------------ lr schedule --
@@ -212,16 +214,17 @@ def test_lr_schedule_cosine_and_constant():
         RunConfig(lr_final_fraction=2.0).validate()
 
 
-def test_automatic_lr_final_fraction_by_teacher_kept_on_resume():
-    """Unset lr_final_fraction: the cosine ends at a quarter of the lr for a flow teacher (it beat 0 over three
-    seeds at 3500 steps), at 0 for diffusion and exact 2-D teachers; given values and resumed runs keep theirs, and a
-    folder from before it existed ran to 0. The schedule follows the resolved value."""
+def test_automatic_lr_final_fraction_kept_on_resume():
+    """Unset lr_final_fraction: the cosine ends at 0 for every teacher (a quarter helped the embedded flow teacher
+    alone); given values and resumed runs keep theirs, and a folder from before it existed ran to 0. The schedule
+    follows the resolved value."""
     from ttfm_distill.config import RunConfig, resume_mismatch
     from ttfm_distill.pipeline_card import run_command
     from ttfm_distill.schedules import lr_factor
 
     assert RunConfig().lr_final_fraction is None and RunConfig().validate().lr_final_fraction is None
-    assert filled(RunConfig(), "flow").lr_final_fraction == 0.25
+    assert filled(RunConfig(), "flow").lr_final_fraction == 0.0
+    assert filled(RunConfig(), "flow", {"lr_final_fraction": 0.25}).lr_final_fraction == 0.25  # resumed: kept
     assert filled(RunConfig(), "epsilon").lr_final_fraction == 0.0
     assert filled(RunConfig(teacher="builtin:checkerboard"), "flow").lr_final_fraction == 0.0
     assert filled(RunConfig(lr_final_fraction=0.5), "flow").lr_final_fraction == 0.5
@@ -230,12 +233,12 @@ def test_automatic_lr_final_fraction_by_teacher_kept_on_resume():
     assert resume_mismatch({"lr_final_fraction": 0.25}, RunConfig().to_dict()) == []
     assert resume_mismatch({"lr_final_fraction": 0.0}, RunConfig(lr_final_fraction=0.25).to_dict()) == \
         ["lr_final_fraction"]
-    flow = filled(RunConfig(max_steps=1000, warmup_steps=50), "flow")
+    flow = filled(RunConfig(max_steps=1000, warmup_steps=50, lr_final_fraction=0.25), "flow")
     ddpm = filled(RunConfig(max_steps=1000, warmup_steps=50), "epsilon")
     assert abs(lr_factor(999, flow, 1000) - 0.25) < 1e-9 and abs(lr_factor(999, ddpm, 1000)) < 1e-9
     assert lr_factor(10, flow, 1000) == lr_factor(10, ddpm, 1000)  # the same warm-up
-    assert run_command(flow.to_dict()) == "ttfm-distill run --max-steps 1000"
-    assert "lr_final_fraction" in run_command(filled(RunConfig(lr_final_fraction=0.0), "flow").to_dict())
+    assert run_command(ddpm.to_dict(), "epsilon") == "ttfm-distill run --max-steps 1000"
+    assert "lr_final_fraction" in run_command(flow.to_dict())
 
 
 def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings(monkeypatch):
@@ -247,13 +250,13 @@ def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings
     monkeypatch.setattr(machine, "native_bf16", lambda device_type=None: True)
     settings, options = RunConfig.automatic_defaults(RunConfig().to_dict(), bf16_native=here())
     assert set(settings) == set(AUTOMATIC)
-    assert settings == {"trajectory_fraction": 0.125, "pool_solver": "heun", "lr_schedule": "cosine", "lr": 4e-4,
-                        "mixed_precision": "bf16", "lr_final_fraction": 0.25, "pool_precision": "bf16",
-                        "ema_warmup_offset": 20.0}
-    assert options == {"long_jump_span": 0.5}
-    # the pool's solver follows the run's own trajectory_fraction: no rows, an Euler pool
-    settings, _ = auto_defaults({"trajectory_fraction": 0.0})
-    assert settings["pool_solver"] == "euler" and settings["trajectory_fraction"] == 0.125
+    assert settings == {"trajectory_fraction": 0.0, "pool_solver": "euler", "lr_schedule": "cosine", "lr": 2e-4,
+                        "mixed_precision": "bf16", "lr_final_fraction": 0.0, "pool_precision": "bf16",
+                        "ema_warmup_offset": 10.0}
+    assert options == {"long_jump_span": 0.0}
+    # the pool's solver follows the run's own trajectory_fraction: rows, a Heun pool
+    settings, _ = auto_defaults({"trajectory_fraction": 0.125})
+    assert settings["pool_solver"] == "heun" and settings["trajectory_fraction"] == 0.0
     # real data: no rows; a diffusion teacher: a cosine lr and no long jumps; the EMA-only reading: no long jumps
     assert auto_defaults({"data": "fashion-mnist"})[0]["trajectory_fraction"] == 0.0
     settings, options = auto_defaults({"teacher": "some/ddpm"}, "epsilon")
@@ -264,30 +267,30 @@ def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings
     assert auto_defaults({"mixed_precision": "no"})[0]["pool_precision"] == "no"
     assert auto_defaults({"loss_options": {"reading": "ema_only"}})[1] == {"long_jump_span": 0.0}
     # an option the run set does not hide the default: the card compares against it
-    assert auto_defaults({"loss_options": {"long_jump_span": 0.25}})[1] == {"long_jump_span": 0.5}
+    assert auto_defaults({"loss_options": {"long_jump_span": 0.25}})[1] == {"long_jump_span": 0.0}
     assert auto_defaults({"loss": "lsd"})[1] == {}
 
 
-def test_automatic_lr_by_teacher_kept_on_resume_and_left_out_of_the_card():
-    """Unset lr: 4e-4 for a flow teacher (with the cosine: it beat 2e-4 constant on three seeds), 2e-4 for a
-    diffusion teacher and the exact 2-D teachers; a given lr is kept; a resumed run keeps what it ran with."""
+def test_automatic_lr_kept_on_resume_and_left_out_of_the_card():
+    """Unset lr: 2e-4 for every teacher (4e-4 helped the embedded flow teacher alone); a given lr is kept; a resumed
+    run keeps what it ran with (4e-4 where a flow run of an earlier version filled it in)."""
     from ttfm_distill.config import ConfigError, RunConfig, resume_mismatch
     from ttfm_distill.pipeline_card import run_command
 
     assert RunConfig().lr is None and RunConfig().validate().lr is None
-    assert filled(RunConfig(), "flow").lr == 4e-4
+    assert filled(RunConfig(), "flow").lr == 2e-4
     assert filled(RunConfig(), "epsilon").lr == 2e-4
     assert filled(RunConfig(teacher="builtin:checkerboard"), "flow").lr == 2e-4
     assert filled(RunConfig(lr=1e-3), "flow").lr == 1e-3
-    assert filled(RunConfig(), "flow", {"lr": 2e-4}).lr == 2e-4  # a folder of an earlier default
-    assert resume_mismatch({"lr": 2e-4}, RunConfig().to_dict()) == []
+    assert filled(RunConfig(), "flow", {"lr": 4e-4}).lr == 4e-4  # a folder of an earlier default
+    assert resume_mismatch({"lr": 4e-4}, RunConfig().to_dict()) == []
     assert resume_mismatch({"lr": 2e-4}, RunConfig(lr=4e-4).to_dict()) == ["lr"]
     with pytest.raises(ConfigError, match="lr"):
         RunConfig(lr=0.0).validate()
-    # the card: the automatic value is not spelled out; an earlier default's 2e-4 constant is
+    # the card: the automatic value is not spelled out; an earlier default's 4e-4 constant is
     assert run_command(filled(RunConfig(), "flow").to_dict()) == "ttfm-distill run"
-    assert run_command(filled(RunConfig(lr=2e-4, lr_schedule="constant"), "flow").to_dict()) == \
-        "ttfm-distill run --set lr=0.0002 --set lr_schedule=constant"
+    assert run_command(filled(RunConfig(lr=4e-4, lr_schedule="constant"), "flow").to_dict()) == \
+        "ttfm-distill run --set lr=0.0004 --set lr_schedule=constant"
 
 
 def test_automatic_precision_by_teacher_and_hardware_kept_on_resume(monkeypatch, tiny_teacher_dir, tmp_path):

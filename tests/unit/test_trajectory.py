@@ -171,7 +171,8 @@ def test_a_pool_keeps_only_the_states_its_pairs_can_use(tmp_path):
     cfg = RunConfig(pool_size=40, pool_steps=4, seed=2, trajectory_fraction=0.125, trajectory_time_sampling="dyadic",
                     trajectory_dyadic_levels=0)
     assert trajectory_states(cfg) == [0, 4] and trajectory_states(RunConfig(trajectory_fraction=0.0)) == []
-    assert trajectory_states(RunConfig(pool_steps=4)) == [0, 4]  # the default: the 1-step jump alone
+    assert trajectory_states(RunConfig(pool_steps=4, trajectory_fraction=0.125)) == [0, 4]  # the 1-step jump alone
+    assert trajectory_states(RunConfig(pool_steps=4)) == []  # unset: no rows, nothing kept
     pool = build_pool(FakeTeacher((1, 4, 4)), cfg, tmp_path, "cpu", lambda m: None)
     assert pool.trajectories.shape == (40, 2, 1, 4, 4) and pool.times.tolist() == [0.0, 1.0]
     assert torch.equal(pool.trajectories[:, 1], pool.samples) and "-traj2-" in pool.report["path"]
