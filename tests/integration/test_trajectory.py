@@ -13,14 +13,15 @@ from ttfm_distill.trainer import Distillation, run_distillation
 
 
 def test_a_run_with_trajectories_trains_logs_and_resumes_bit_for_bit(tiny_teacher_dir, tmp_path):
-    kw = dict(trajectory_fraction=0.25, batch_size=8)
+    # with the long jumps too (examples/embedded-tuned.toml's pair): their EMA targets resume as well
+    kw = dict(trajectory_fraction=0.25, batch_size=8, loss_options={"long_jump_span": 0.5})
     run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "a", max_steps=8, **kw), show_progress=False)
     run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "b", max_steps=4, **kw), show_progress=False)
     run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "b", max_steps=8, **kw), show_progress=False)
     a = load_file(tmp_path / "a" / "checkpoints" / "step-00000008" / "student.safetensors")
     b = load_file(tmp_path / "b" / "checkpoints" / "step-00000008" / "student.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "c", max_steps=8, batch_size=8, trajectory_fraction=0.0),
+    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "c", max_steps=8, **{**kw, "trajectory_fraction": 0.0}),
                      show_progress=False)
     c = load_file(tmp_path / "c" / "checkpoints" / "step-00000008" / "student.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the trajectory rows change the update
