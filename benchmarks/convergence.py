@@ -488,12 +488,17 @@ def _pin_tuned_recipe(args: list[str], ema_offset: float) -> list[str]:
     values, now examples/embedded-tuned.toml's (the EMA offset 10 until the eighth round adopted 20); pinned so
     the row runs as it ran. Rows before the eighth round ran other automatic values of their own and are not
     pinned: their run folders' config.json hold what they ran with."""
-    pins = [] if "--lr" in args else ["--lr", "4e-4"]
-    for key, value in (("lr_final_fraction", 0.25), ("ema_warmup_offset", ema_offset), ("trajectory_fraction", 0.125)):
+    from ttfm_distill.config import load_config_file
+
+    tuned = load_config_file(REPO / "examples" / "embedded-tuned.toml")  # the recipe's one copy
+    pins = [] if "--lr" in args else ["--lr", f"{tuned['lr']:g}"]
+    for key, value in (("lr_final_fraction", tuned["lr_final_fraction"]), ("ema_warmup_offset", ema_offset),
+                       ("trajectory_fraction", tuned["trajectory_fraction"])):
         if not any(a.startswith(f"{key}=") for a in args):
             pins += ["--set", f"{key}={value}"]
-    if not any(a.startswith("long_jump_span=") for a in args):
-        pins += ["-L", "long_jump_span=0.5"]
+    for key, value in tuned["loss_options"].items():
+        if not any(a.startswith(f"{key}=") for a in args):
+            pins += ["-L", f"{key}={value}"]
     return [*args, *pins]
 
 
