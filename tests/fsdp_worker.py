@@ -166,6 +166,7 @@ def shard_part(accelerator, rank, world, report):
 def force_accelerate_fsdp2(make):
     """``make_accelerator`` with Accelerate's FSDP2 switched on for CPU processes."""
     def make_fsdp(*args, **kwargs):
+        from accelerate.state import PartialState
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
         accelerator = make(*args, **kwargs)
@@ -174,7 +175,8 @@ def force_accelerate_fsdp2(make):
                                                 transformer_cls_names_to_wrap=["ResnetBlock2D"])
         if accelerator.mixed_precision != "no":
             plugin.set_mixed_precision(accelerator.mixed_precision)
-        accelerator.state.distributed_type = DistributedType.FSDP
+        # as a real FSDP launch leaves it: in the process's state too, which every new AcceleratorState copies
+        PartialState._shared_state["distributed_type"] = accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
         scale.adjust_fsdp_precision(accelerator)  # what make_accelerator does after Accelerate's own setup
         return accelerator
@@ -214,6 +216,10 @@ def accelerate_part(accelerator, rank, world, report):
     run("ddp", 4)  # the reference: data parallel
     # bf16 unsharded (data parallel): the reference of the bf16 FSDP run below, teacher held in bf16 whole
     run("bf16ddp", 2, mixed_precision="bf16", ema_decay=0.0, loss_options={})
+    dm_part(run, report, sharded=False)  # the distribution-matching term's references
+    from accelerate.state import PartialState
+
+    process_type = PartialState._shared_state["distributed_type"]
     scale.make_accelerator = force_accelerate_fsdp2(plain)
     try:
         seen = {}
@@ -250,9 +256,43 @@ def accelerate_part(accelerator, rank, world, report):
         dtypes.pop("hooked", None)
         report["bf16_dtypes"] = dtypes
         report["bf16_finished"] = res.steps
+        dm_part(run, report, sharded=True)
     finally:
         scale.make_accelerator = plain
         scale.prepare_frozen = prepare
+        PartialState._shared_state["distributed_type"] = accelerator.state.distributed_type = process_type
+
+
+def dm_part(run, report, sharded: bool):
+    """The distribution-matching term: a run interrupted at step 2 and resumed to 4 (under data parallel: one run of
+    4 steps, the reference), and a run whose stage starts at step 1 (the student takes its EMA's weights). Under
+    FSDP2 (``sharded``) the fake network is sharded like the student; each run records how it was held."""
+    from ttfm_distill.fake import DmTerm
+
+    held = report.setdefault("fake", {})
+    prepare_dm = DmTerm.prepare
+    current = None
+
+    def spy_prepare(self):  # how each run holds its fake network once prepared
+        whole = sum(p.numel() * p.element_size() for p in self.fake.parameters())
+        prepare_dm(self)
+        held[current] = {"whole_bytes": whole, "local_bytes": scale.frozen_bytes(self.wrapped),
+                         "sharded": self.sharded and scale.module_is_sharded(self.wrapped)}
+
+    dm = dict(dm_weight=0.3, dm_fake_updates=2, dm_batch=4, ema_decay=0.9)
+    tag = "" if sharded else "ddp"
+    DmTerm.prepare = spy_prepare
+    try:
+        current = "dm" + tag
+        if sharded:
+            run(current, 2, **dm)  # interrupted after step 2 ...
+            report["dm_resumed_from"] = run(current, 4, **dm).resumed_from  # ... and resumed to 4
+        else:
+            run(current, 4, **dm)
+        current = "dmstage" + tag
+        run(current, 3, dm_stage_steps=2, **dm)
+    finally:
+        DmTerm.prepare = prepare_dm
 
 
 def _recording_replace(src, dst, *a, _replace=os.replace, **kw):

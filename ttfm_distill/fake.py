@@ -79,8 +79,10 @@ class DmTerm:
         #: when asked, as a time budget may fit the run's step count after the term is made
         self.stage = stage
         self.maths = DistributionMatching(settings)
-        #: the fake network as the step calls it (DDP-wrapped under several processes)
+        #: the fake network as the step calls it (DDP-wrapped under several processes, sharded under FSDP)
         self.wrapped = fake
+        #: whether :meth:`prepare` sharded it (FSDP): its state is then gathered and scattered collectively
+        self.sharded = False
 
     @classmethod
     def for_run(cls, cfg, state, teacher: Teacher, device, accelerator) -> "DmTerm":
@@ -104,19 +106,33 @@ class DmTerm:
         return stage is None or step >= stage
 
     def prepare(self) -> None:
-        """Wrap the fake network and its optimiser for Accelerate (data parallel: gradients averaged)."""
+        """Wrap the fake network and its optimiser for Accelerate: data parallel (gradients averaged) or, when the
+        student is sharded (FSDP), sharded the same way, its fp32 time embedders in units of their own."""
+        from . import scale
+
+        self.sharded = scale.is_sharded(self.accelerator)
+        if self.sharded:
+            scale.shard_fp32_modules(self.accelerator, self.fake, self.optimizer)  # FSDP2 + bf16/fp16 only
         self.wrapped, self.optimizer = self.accelerator.prepare(self.fake, self.optimizer)
 
     def restore(self, state: dict | None, start_step: int, log) -> None:
         """Load a checkpoint's fake network and optimiser (``state``; None: a new run, or a checkpoint written
-        without the term, which ``log`` warns of) around :meth:`prepare`."""
-        if state is not None:
-            self.fake.load_state_dict(state["fake"], strict=True)
-        elif start_step > 0:
+        without the term, which ``log`` warns of) around :meth:`prepare`. Sharded: a collective; every process
+        passes the full state and keeps its slice."""
+        from . import scale
+
+        if state is None and start_step > 0:
             log("[yellow]warning:[/] the checkpoint has no fake network (dm_weight was 0 when it was written): the "
                 "fake network starts from the teacher")
+        if state is not None and not scale.is_sharded(self.accelerator):
+            self.fake.load_state_dict(state["fake"], strict=True)
         self.prepare()
-        if state is not None:
+        if state is None:
+            return
+        if self.sharded:
+            scale.load_full_model_state(self.accelerator, self.wrapped, self.fake, state["fake"], sharded=True)
+            scale.load_optimizer_state(self.accelerator, self.wrapped, self.optimizer, state["optimizer"], sharded=True)
+        else:
             self.optimizer.load_state_dict(state["optimizer"])
 
     def student_step(self, model, step: int, cond: dict | None, generator: torch.Generator, device) -> tuple:
@@ -162,6 +178,12 @@ class DmTerm:
         return {"dm_fake_loss": sum(losses) / len(losses)} if losses else {}
 
     def state(self) -> dict:
-        """The checkpoint's part: the fake network's weights and its optimiser."""
+        """The checkpoint's part: the fake network's weights and its optimiser. Sharded: a collective, gathered whole
+        on rank 0 (the optimiser's state keyed by parameter name, as the student's); the other ranks get empty dicts."""
+        from . import scale
+
+        if self.sharded:
+            return {"fake": scale.full_model_state(self.accelerator, self.wrapped, self.fake, sharded=True),
+                    "optimizer": scale.optimizer_state(self.accelerator, self.wrapped, self.optimizer, sharded=True)}
         return {"fake": self.accelerator.unwrap_model(self.wrapped).state_dict(),
                 "optimizer": self.optimizer.state_dict()}

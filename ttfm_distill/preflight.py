@@ -266,13 +266,11 @@ def _size(nbytes: float) -> str:
 
 
 def check_parallelism(cfg: RunConfig, sharded: bool) -> None:
-    """What FSDP does not carry yet: a LoRA student, the distribution-matching term's fake network."""
+    """What FSDP does not carry yet: a LoRA student (the distribution-matching fake network is sharded like the
+    student, fake.DmTerm.prepare)."""
     if cfg.lora_rank > 0 and sharded:
         raise ConfigError("LoRA students under FSDP are not supported yet; use data parallel (the base is frozen, "
                           "so each GPU holds one copy of it plus the adapters)")
-    if cfg.dm_weight > 0 and sharded:
-        raise ConfigError("dm_weight under FSDP is not supported yet: the fake network is not sharded; use data "
-                          "parallel or set dm_weight=0")
 
 
 def keep_student_output(cfg: RunConfig, out, saved: dict | None) -> None:

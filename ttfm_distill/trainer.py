@@ -235,9 +235,10 @@ class Distillation:
 
         state = scale.full_model_state(self.accelerator, self.wrapped, self.student)
         opt = scale.optimizer_state(self.accelerator, self.wrapped, self.optimizer)
+        dm_state = self.dm.state() if self.dm is not None else None  # a collective too, when sharded
         if self.main:
             save_checkpoint(self.out, at_step, state, self.ema, opt, self.scheduler, self.cfg.keep_checkpoints,
-                            self.history, self.dm.state() if self.dm is not None else None)
+                            self.history, dm_state)
         self.last_saved = at_step
 
     def make_batch(self, step: int) -> TrainBatch:

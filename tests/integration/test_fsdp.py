@@ -191,3 +191,28 @@ def test_accelerate_fsdp2_shards_the_frozen_teacher_and_bf16_holds_it_in_bf16(ru
     assert len(sharded) == len(whole) == 2
     assert sharded == pytest.approx(whole, rel=2e-2)  # bf16 rounding of the student's gathered weights
     assert json.loads((out / "bf16" / "metrics.json").read_text())["flow_map_error"]  # rank 0 evaluated alone
+
+
+def test_accelerate_fsdp2_shards_the_fake_network_and_its_run_resumes_as_data_parallel(run):
+    """The distribution-matching term under FSDP: the fake network is sharded like the student (half on each rank),
+    its checkpoint holds the gathered whole, a run interrupted at step 2 and resumed to 4 ends where the data-parallel
+    run ends (student, EMA, fake network and its optimiser), and a stage that starts mid-run (the sharded student
+    takes its EMA's weights) gives the data-parallel stage's student."""
+    out, ranks, _ = run
+    for r in ranks:
+        f = r["fake"]
+        assert f["dm"]["sharded"] and f["dmstage"]["sharded"] and not f["dmddp"]["sharded"]
+        assert 0.45 < f["dm"]["local_bytes"] / f["dmddp"]["local_bytes"] < 0.55
+        assert f["dmddp"]["local_bytes"] == f["dmddp"]["whole_bytes"] == f["dm"]["whole_bytes"]
+    assert ranks[0]["dm_resumed_from"] == 2
+    step = out / "{}" / "checkpoints" / "step-00000004"
+    for name in ("student.safetensors", "ema.safetensors", "fake.safetensors"):
+        fsdp, ddp = load_file(str(step / name).format("dm")), load_file(str(step / name).format("dmddp"))
+        moved = max_diff(load_file(str(out / "dmddp" / "checkpoints" / "step-00000002" / name)), ddp, skip=[ZERO_GRADIENT])
+        diff = max_diff(fsdp, ddp, skip=[ZERO_GRADIENT])
+        assert diff < 1e-6 and moved > 100 * diff, (name, moved, diff)
+    fake_opt = torch.load(str(step / "fake_optimizer.pt").format("dm"), weights_only=True)
+    assert fake_opt["state"] and set(fake_opt["state"]) <= set(load_file(str(step / "fake.safetensors").format("dm")))
+    stage = out / "{}" / "checkpoints" / "step-00000003" / "student.safetensors"
+    assert max_diff(load_file(str(stage).format("dmstage")), load_file(str(stage).format("dmstageddp")),
+                    skip=[ZERO_GRADIENT]) < 1e-6
