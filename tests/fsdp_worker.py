@@ -291,6 +291,9 @@ def dm_part(run, report, sharded: bool):
             run(current, 4, **dm)
         current = "dmstage" + tag
         run(current, 3, dm_stage_steps=2, **dm)
+        if sharded:  # bf16: the fake network's fp32 time embedders in units of their own, as the student's
+            current = "dmbf16"
+            report["dm_bf16_finished"] = run(current, 2, **{**dm, "mixed_precision": "bf16", "loss_options": {}}).steps
     finally:
         DmTerm.prepare = prepare_dm
 

@@ -201,7 +201,8 @@ def test_accelerate_fsdp2_shards_the_fake_network_and_its_run_resumes_as_data_pa
     out, ranks, _ = run
     for r in ranks:
         f = r["fake"]
-        assert f["dm"]["sharded"] and f["dmstage"]["sharded"] and not f["dmddp"]["sharded"]
+        assert f["dm"]["sharded"] and f["dmstage"]["sharded"] and f["dmbf16"]["sharded"] and not f["dmddp"]["sharded"]
+        assert r["dm_bf16_finished"] == 2
         assert 0.45 < f["dm"]["local_bytes"] / f["dmddp"]["local_bytes"] < 0.55
         assert f["dmddp"]["local_bytes"] == f["dmddp"]["whole_bytes"] == f["dm"]["whole_bytes"]
     assert ranks[0]["dm_resumed_from"] == 2
