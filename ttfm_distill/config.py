@@ -26,7 +26,7 @@ AUTO_TRAJECTORY_FRACTION = 0.125
 #: values, which the resume check lets match what a run resolved them to
 AUTOMATIC = {"trajectory_fraction": (None,), "pool_solver": ("auto",), "lr_schedule": ("auto",), "lr": (None,),
              "mixed_precision": ("auto",), "lr_final_fraction": (None,), "pool_precision": ("auto",),
-             "ema_warmup_offset": (None,)}
+             "ema_warmup_offset": (None,), "dm_exact_fake": ("auto",)}
 #: the learning rate where the command leaves it unset (RunConfig.lr_value), for every teacher. The embedded flow
 #: teacher alone trained better at 4e-4 with the cosine ending at a quarter and an EMA offset of 20 (docs/quality.md);
 #: on the zoo's second flow teacher those values and the rows and long jumps above together cost the 1-step student
@@ -201,6 +201,10 @@ class RunConfig:
     dm_time_max: float = 0.98
     #: how the fake network's flow-matching times are drawn: "uniform" or "logit_normal"
     dm_fake_time: str = "uniform"
+    #: the fake network of an exact 2-D teacher, which has no network to copy: "residual" (auto), the exact
+    #: velocity plus an MLP whose last layer starts at zero, so the fake equals the teacher at step 0 as a copied
+    #: network does; "mlp", a freshly initialised MLP (folders from before the setting resume with it)
+    dm_exact_fake: str = "auto"
     #: the student rollouts the term is applied to, one drawn per step (1: the jump from noise to data)
     dm_rollout_steps: list = field(default_factory=lambda: [1])
     #: the step from which the term's gradient reaches the student (the fake network learns from step 0)
@@ -296,6 +300,7 @@ class RunConfig:
             "lora_export": ("merged", "adapters"),
             "time_grid": ("uniform", "timesteps"),
             "student_output": ("auto", "native", "velocity", "gated"),
+            "dm_exact_fake": ("auto", "residual", "mlp"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -446,7 +451,8 @@ class RunConfig:
                            "mixed_precision": (lambda p: self.precision_name(p, bf16_native), "no"),
                            "lr_final_fraction": (self.lr_final_value, 0.0),
                            "pool_precision": (lambda p: self.pool_precision_name(p, bf16_native), "no"),
-                           "ema_warmup_offset": (self.ema_offset_value, EMA_OFFSET_OTHER)}[key]
+                           "ema_warmup_offset": (self.ema_offset_value, EMA_OFFSET_OTHER),
+                           "dm_exact_fake": (lambda p: "residual", "mlp")}[key]
         if getattr(self, key) not in AUTOMATIC[key]:
             return
         value = before if saved is None else saved.get(key, before)

@@ -30,12 +30,17 @@ class FakeVelocity(nn.Module):
         self.io, self.adapter, self.null_text = io, adapter, null_text
 
     @classmethod
-    def from_teacher(cls, teacher: Teacher, mlp_width: int = 256, mlp_depth: int = 4) -> "FakeVelocity":
+    def from_teacher(cls, teacher: Teacher, mlp_width: int = 256, mlp_depth: int = 4,
+                     exact: str = "residual") -> "FakeVelocity":
+        """The fake network of ``teacher``: a trainable copy of its network, or for an exact teacher (no network)
+        ``exact="residual"``, its velocity plus a zero-started MLP (:class:`ExactResidual`), or ``"mlp"``, an MLP
+        from random weights."""
         network = teacher.trainable_copy()
         if network is None:  # an exact teacher: nothing to copy
             from .mlp import MlpFlowMap
 
-            return cls(MlpFlowMap(dim=teacher.data_shape[0], width=mlp_width, depth=mlp_depth))
+            mlp = MlpFlowMap(dim=teacher.data_shape[0], width=mlp_width, depth=mlp_depth)
+            return cls(mlp if exact == "mlp" else ExactResidual(teacher.velocity, mlp))
         return cls(network, teacher.io, teacher.adapter, teacher.null_text)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
@@ -54,6 +59,24 @@ class FakeVelocity(nn.Module):
     def output_gain(self, t: torch.Tensor) -> torch.Tensor:
         """``|d velocity / d output|`` of the network's conversion (1 for flow networks and the MLP)."""
         return torch.ones_like(t, dtype=torch.float64) if self.io is None else self.io.output_gain(t)
+
+
+class ExactResidual(nn.Module):
+    """An exact teacher's velocity plus a trainable MLP residual whose last layer starts at zero: at step 0 it is
+    the teacher, as a copied network is, and training fits only the student's difference (a fresh MLP's fitting
+    error would enter the term's gradient whole). Read as the MLP is, ``forward(x, t, t)``; its state is the MLP's."""
+
+    def __init__(self, velocity, mlp: nn.Module):
+        super().__init__()
+        self.velocity, self.mlp = velocity, mlp
+        last = mlp.net[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            exact = self.velocity(x, t).to(x.dtype)
+        return exact + self.mlp(x, s, t, cond)
 
 
 def copy_network(network: nn.Module) -> nn.Module:
@@ -92,7 +115,7 @@ class DmTerm:
         from .objectives.dm import DmSettings
 
         settings = DmSettings.from_run(cfg)
-        fake = FakeVelocity.from_teacher(teacher, cfg.mlp_width, cfg.mlp_depth).to(device)
+        fake = FakeVelocity.from_teacher(teacher, cfg.mlp_width, cfg.mlp_depth, cfg.dm_exact_fake).to(device)
         if cfg.mixed_precision != "no":
             scale.keep_time_embedders_fp32(fake)
         optimizer = torch.optim.AdamW(fake.parameters(), lr=settings.fake_lr or cfg.lr, weight_decay=cfg.weight_decay)

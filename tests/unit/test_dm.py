@@ -113,6 +113,29 @@ def test_the_fake_network_starts_as_the_teacher_and_never_applies_guidance(tiny_
     assert not any(p.requires_grad for p in teacher.parameters())  # a copy: the teacher stays frozen
 
 
+def test_an_exact_teachers_fake_starts_as_the_teacher_and_trains_only_its_residual():
+    """An exact teacher has no network to copy: the fake is its velocity plus a zero-started MLP (dm_exact_fake
+    resolved to residual), so it equals the teacher at step 0; "mlp" is the fresh MLP of earlier folders."""
+    from ttfm_distill.fake import ExactResidual, FakeVelocity
+    from ttfm_distill.teachers.analytic import get_analytic_teacher
+
+    teacher = get_analytic_teacher("checkerboard")
+    x, t = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)), torch.linspace(0.05, 0.95, 64)
+    fake = FakeVelocity.from_teacher(teacher, 32, 2, exact="residual")
+    assert isinstance(fake.network, ExactResidual)
+    with torch.no_grad():
+        assert torch.allclose(fake(x, t), teacher.velocity(x, t).float())
+        fresh = FakeVelocity.from_teacher(teacher, 32, 2, exact="mlp")(x, t)
+    assert (fresh - teacher.velocity(x, t)).abs().mean() > 0.1  # a random MLP is far from the teacher
+    (fake(x, t) - 1.0).pow(2).mean().backward()  # the gradient reaches the residual's weights, and only them
+    assert set(fake.state_dict()) == {f"network.mlp.{k}" for k in fake.network.mlp.state_dict()}
+    assert fake.network.mlp.net[-1].weight.grad.abs().sum() > 0
+    resolved = RunConfig(teacher="builtin:checkerboard", dm_weight=0.3).resolve_automatic("flow")
+    assert resolved.dm_exact_fake == "residual"
+    old = RunConfig(teacher="builtin:checkerboard", dm_weight=0.3).resolve_automatic("flow", saved={"dm_weight": 0.3})
+    assert old.dm_exact_fake == "mlp"  # a folder from before the setting resumes with the fake it trained
+
+
 def test_the_dm_stage_starts_where_the_runs_fitted_step_count_puts_it(tiny_teacher_dir):
     """A time budget fits the step count after the term is made: the stage must follow the count the run trains
     (run state), not the max_steps it was made with."""

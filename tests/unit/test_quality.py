@@ -252,7 +252,7 @@ def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings
     assert set(settings) == set(AUTOMATIC)
     assert settings == {"trajectory_fraction": 0.0, "pool_solver": "euler", "lr_schedule": "cosine", "lr": 2e-4,
                         "mixed_precision": "bf16", "lr_final_fraction": 0.0, "pool_precision": "bf16",
-                        "ema_warmup_offset": 10.0}
+                        "ema_warmup_offset": 10.0, "dm_exact_fake": "residual"}
     assert options == {"long_jump_span": 0.0}
     # the pool's solver follows the run's own trajectory_fraction: rows, a Heun pool
     settings, _ = auto_defaults({"trajectory_fraction": 0.125})
