@@ -104,8 +104,10 @@ class DmTerm:
         self.maths = DistributionMatching(settings)
         #: the fake network as the step calls it (DDP-wrapped under several processes, sharded under FSDP)
         self.wrapped = fake
-        #: whether :meth:`prepare` sharded it (FSDP): its state is then gathered and scattered collectively
-        self.sharded = False
+        #: whether it is sharded like the student (FSDP): its state is then gathered and scattered collectively
+        from . import scale
+
+        self.sharded = scale.is_sharded(accelerator)
 
     @classmethod
     def for_run(cls, cfg, state, teacher: Teacher, device, accelerator) -> "DmTerm":
@@ -133,7 +135,6 @@ class DmTerm:
         student is sharded (FSDP), sharded the same way, its fp32 time embedders in units of their own."""
         from . import scale
 
-        self.sharded = scale.is_sharded(self.accelerator)
         if self.sharded:
             scale.shard_fp32_modules(self.accelerator, self.fake, self.optimizer)  # FSDP2 + bf16/fp16 only
         self.wrapped, self.optimizer = self.accelerator.prepare(self.fake, self.optimizer)
@@ -147,7 +148,7 @@ class DmTerm:
         if state is None and start_step > 0:
             log("[yellow]warning:[/] the checkpoint has no fake network (dm_weight was 0 when it was written): the "
                 "fake network starts from the teacher")
-        if state is not None and not scale.is_sharded(self.accelerator):
+        if state is not None and not self.sharded:
             self.fake.load_state_dict(state["fake"], strict=True)
         self.prepare()
         if state is None:

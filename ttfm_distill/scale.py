@@ -110,6 +110,17 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
+def set_full_tensor(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy the whole ``value`` into ``param``: an FSDP2 shard (a DTensor) keeps its own slice of it (a
+    collective; every process passes the same whole tensor), any other tensor takes it as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    value = value.detach().to(param.dtype)
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    param.copy_(value)
+
+
 def module_is_sharded(module) -> bool:
     """Whether ``module`` (or a submodule) is FSDP-sharded: FSDP2 ``FSDPModule``, FSDP1, or DTensor parameters."""
     if module is None:

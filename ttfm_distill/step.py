@@ -51,11 +51,8 @@ def begin_stage(student, ema, optimizer) -> None:
     would begin: the student takes its EMA's weights (and the EMA, equal to them, restarts its warm-up there) and
     the optimiser's moments are cleared (the lr schedule restarts in ``schedules.lr_factor``)."""
     if ema is not None:
-        from torch.distributed.tensor import DTensor, distribute_tensor
+        from .scale import set_full_tensor
 
         for p, e in zip(student.parameters(), ema.parameters()):
-            e = e.detach().to(p.dtype)
-            if isinstance(p, DTensor):  # an FSDP shard: the EMA is whole on every rank; keep this rank's slice
-                e = distribute_tensor(e.to(p.device), p.device_mesh, p.placements)
-            p.copy_(e)
+            set_full_tensor(p, e)  # the EMA is whole on every rank; an FSDP shard keeps its slice
     optimizer.state.clear()
