@@ -38,16 +38,35 @@ def fit_point(warmup_steps: int) -> int:
     return max(1, int(warmup_steps)) - 1
 
 
-def fit_steps(budget: float, elapsed: float, done: int, seconds_per_step: float, cap: int) -> int:
+#: what a step of a distribution-matching stage (``dm_stage_steps``) costs against one of the steps before it, whose
+#: pace the warm-up measures: 5 fake-network updates and a student jump at dm_batch 16 on top of the objective's
+#: rows (the default run's stage on the project's 2-core CPU; docs/benchmarks.md, "The default run")
+STAGE_STEP_COST = 1.75
+
+
+def remaining_seconds(total: int, done: int, seconds_per_step: float, stage_steps: int = 0) -> float:
+    """Seconds the steps from ``done`` to ``total`` take at ``seconds_per_step``, the last ``stage_steps`` of the run
+    at :data:`STAGE_STEP_COST` times that."""
+    left = max(0, int(total) - int(done))
+    return seconds_per_step * (left + min(left, max(0, int(stage_steps))) * (STAGE_STEP_COST - 1))
+
+
+def fit_steps(budget: float, elapsed: float, done: int, seconds_per_step: float, cap: int,
+              stage_steps: int = 0) -> int:
     """The total step count that ends training within ``budget`` seconds.
 
     ``elapsed``: seconds the loop has run for its ``done`` steps; ``seconds_per_step``: the measured pace of what
-    is left. The result is at least ``done + 1`` (the warm-up's last step runs anyway) and at most ``cap``
-    (``max_steps``).
+    is left, the last ``stage_steps`` (a distribution-matching stage) at :data:`STAGE_STEP_COST` times it. The
+    result is at least ``done + 1`` (the warm-up's last step runs anyway) and at most ``cap`` (``max_steps``).
     """
     if not seconds_per_step > 0:
         return int(cap)
-    more = math.floor(max(0.0, budget - elapsed) / seconds_per_step)
+    units = max(0.0, budget - elapsed) / seconds_per_step  # plain steps' worth of time left
+    stage = max(0, int(stage_steps))
+    if units >= stage * STAGE_STEP_COST:  # the whole stage fits, and plain steps before it
+        more = stage + math.floor(units - stage * STAGE_STEP_COST + 1e-9)
+    else:  # only part of it: the run is all stage from here
+        more = math.floor(units / STAGE_STEP_COST + 1e-9)
     return int(min(cap, max(done + 1, done + more)))
 
 
@@ -90,7 +109,8 @@ class BudgetClock:
     def fitted(self, cfg, accelerator) -> tuple[int, str]:
         """``(step count, the line that says so)`` from the pace so far; rank 0's count on every rank."""
         elapsed = time.time() - self.t_start
-        count = fit_steps(cfg.time_budget, elapsed, self.fit_at, self.pace, cfg.max_steps)
+        stage = cfg.dm_stage_steps or 0
+        count = fit_steps(cfg.time_budget, elapsed, self.fit_at, self.pace, cfg.max_steps, stage)
         if accelerator.num_processes > 1:
             import torch
             from accelerate.utils import broadcast
@@ -98,13 +118,14 @@ class BudgetClock:
             count = int(broadcast(torch.tensor([count], device=accelerator.device), from_process=0).item())
         cap = "" if count < cfg.max_steps else " (max_steps)"
         return count, (f"time budget {cfg.time_budget:g} s: {self.pace:.3f} s a step over the first {self.fit_at} "
-                       f"steps -> {count} steps{cap}, about {elapsed + (count - self.fit_at) * self.pace:.0f} s of "
-                       "training")
+                       f"steps -> {count} steps{cap}, about "
+                       f"{elapsed + remaining_seconds(count, self.fit_at, self.pace, stage):.0f} s of training")
 
-    def estimate(self, total_steps: int) -> str:
-        """The line a run without a time budget prints at the fit point: the training's length at this pace, and
-        how to shorten it when it is past :data:`LONG_TRAINING` seconds."""
-        left = (total_steps - self.fit_at) * self.pace
+    def estimate(self, total_steps: int, stage_steps: int = 0) -> str:
+        """The line a run without a time budget prints at the fit point: the training's length at this pace (the
+        last ``stage_steps``, a distribution-matching stage, at :data:`STAGE_STEP_COST` times it), and how to
+        shorten it when it is past :data:`LONG_TRAINING` seconds."""
+        left = remaining_seconds(total_steps, self.fit_at, self.pace, stage_steps)
         whole = time.time() - self.t_start + left
         line = (f"pace {self.pace:.3f} s a step: the {total_steps} steps take about {_minutes(whole)} of training "
                 f"({_minutes(left)} from now)")

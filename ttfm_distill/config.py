@@ -26,7 +26,7 @@ AUTO_TRAJECTORY_FRACTION = 0.125
 #: values, which the resume check lets match what a run resolved them to
 AUTOMATIC = {"trajectory_fraction": (None,), "pool_solver": ("auto",), "lr_schedule": ("auto",), "lr": (None,),
              "mixed_precision": ("auto",), "lr_final_fraction": (None,), "pool_precision": ("auto",),
-             "ema_warmup_offset": (None,), "dm_exact_fake": ("auto",)}
+             "ema_warmup_offset": (None,), "dm_exact_fake": ("auto",), "dm_weight": (None,), "dm_stage_steps": (None,)}
 #: the learning rate where the command leaves it unset (RunConfig.lr_value), for every teacher. The embedded flow
 #: teacher alone trained better at 4e-4 with the cosine ending at a quarter and an EMA offset of 20 (docs/quality.md);
 #: on the zoo's second flow teacher those values and the rows and long jumps above together cost the 1-step student
@@ -40,6 +40,14 @@ AUTO_LONG_JUMP_SPAN = 0.5
 #: objective options a run fills in where ``loss_options`` leaves them unset (RunConfig.automatic_loss_options),
 #: with the value a run folder written before they were automatic ran with
 AUTOMATIC_LOSS_OPTIONS = {"itvm": {"long_jump_span": 0.0}}
+#: the distribution-matching stage a flow image teacher's ITVM run ends with where dm_weight and dm_stage_steps are
+#: unset (RunConfig.dm_default_applies): its weight and length. Chosen on the zoo's two flow teachers, two seeds each
+#: (docs/results.md, "Distribution matching as a second stage"): the 1-step FD -23% to -56%, the 2-step -1% to -10%
+DM_STAGE_WEIGHT = 0.3
+DM_STAGE_STEPS = 400
+#: the shortest run (max_steps) the stage is added to by default: it starts from a trained student, and the runs
+#: measured had 3100 ITVM steps before it
+DM_STAGE_MIN_RUN = 2000
 
 
 
@@ -188,8 +196,10 @@ class RunConfig:
     #: epsilon teachers, native for the rest: student.AUTO_STUDENT_OUTPUT, chosen on the teacher zoo, docs/results.md)
     student_output: str = "auto"
     # distribution matching beside the objective (objectives/dm.py; docs/method.md, "Distribution matching")
-    #: weight of the term; 0 = off (no fake network is made)
-    dm_weight: float = 0.0
+    #: weight of the term; 0 = off (no fake network is made). Unset: DM_STAGE_WEIGHT where a stage is asked for
+    #: (dm_stage_steps > 0) or added by default (a flow image teacher's ITVM run of at least DM_STAGE_MIN_RUN steps,
+    #: no LoRA, no dm_start_step: RunConfig.dm_weight_value), else 0; a resumed run keeps what it ran with
+    dm_weight: float | None = None
     #: the fake velocity network's learning rate; unset: the student's
     dm_fake_lr: float | None = None
     #: fake-network updates per student step: 5 (as DMD2's ratio) kept the term steady where 1 swung the student,
@@ -214,8 +224,10 @@ class RunConfig:
     #: a distribution-matching stage: the run's last N steps (all of them in a shorter run). At its first step the
     #: student takes its EMA's weights, the EMA restarts there, the optimiser's moments reset and the lr follows
     #: its own warm-up and schedule from dm_stage_lr; the term (and the fake network, a fresh copy of the teacher
-    #: until then) only runs in the stage. The in-run form of a warm start from a finished run (docs/results.md)
-    dm_stage_steps: int = 0
+    #: until then) only runs in the stage. The in-run form of a warm start from a finished run (docs/results.md).
+    #: 0: no stage (the term, if on, from dm_start_step). Unset: DM_STAGE_STEPS when the term is on in a run of at
+    #: least DM_STAGE_MIN_RUN steps without dm_start_step, else 0 (RunConfig.dm_stage_value)
+    dm_stage_steps: int | None = None
     #: the stage's learning rate (its peak, before the run's lr schedule shape)
     dm_stage_lr: float = 1e-4
     #: warm start: a run folder (or student export) whose student weights this run starts from, instead of the
@@ -313,18 +325,19 @@ class RunConfig:
 
     def check_dm(self) -> None:
         """The distribution-matching settings (objectives/dm.py)."""
-        if not self.dm_weight >= 0:
+        if self.dm_weight is not None and not self.dm_weight >= 0:
             raise ConfigError(f"dm_weight must be >= 0 (0: off), got {self.dm_weight}")
         if self.dm_fake_lr is not None and not self.dm_fake_lr > 0:
             raise ConfigError(f"dm_fake_lr must be > 0 (or unset: the student's lr), got {self.dm_fake_lr}")
         if int(self.dm_fake_updates) < 1 or int(self.dm_batch) < 1 or int(self.dm_start_step) < 0:
             raise ConfigError("dm_fake_updates and dm_batch must be >= 1 and dm_start_step >= 0")
-        if int(self.dm_stage_steps) < 0 or not self.dm_stage_lr > 0:
+        stage = self.dm_stage_steps or 0
+        if stage < 0 or not self.dm_stage_lr > 0:
             raise ConfigError(f"dm_stage_steps must be >= 0 and dm_stage_lr > 0, got {self.dm_stage_steps} and "
                               f"{self.dm_stage_lr}")
-        if self.dm_stage_steps > 0 and not self.dm_weight > 0:
+        if stage > 0 and self.dm_weight is not None and not self.dm_weight > 0:
             raise ConfigError("dm_stage_steps needs the term on: set dm_weight (0.3 was measured) or dm_stage_steps=0")
-        if self.dm_stage_steps > 0 and self.dm_start_step > 0:
+        if stage > 0 and self.dm_start_step > 0:
             raise ConfigError("dm_stage_steps and dm_start_step both say when the term starts; set one of them")
         if not 0 <= self.dm_time_min < self.dm_time_max <= 1:
             raise ConfigError(f"need 0 <= dm_time_min < dm_time_max <= 1, got {self.dm_time_min} and "
@@ -336,7 +349,7 @@ class RunConfig:
             raise ConfigError(f"dm_rollout_steps must be a list of step counts from 1 to 8, e.g. [1, 2], got {steps!r}")
         if self.init_from is not None and not Path(self.init_from).exists():
             raise ConfigError(f"init_from {self.init_from} does not exist; pass an earlier run folder or student export")
-        if self.dm_weight > 0 and int(self.lora_rank) > 0:
+        if (self.dm_weight or 0) > 0 and int(self.lora_rank) > 0:
             raise ConfigError("dm_weight is not supported with LoRA students yet; set dm_weight=0 or lora_rank=0")
 
     def trajectory_share(self, prediction_type: str = "flow") -> float:
@@ -347,6 +360,32 @@ class RunConfig:
         if self.trajectory_fraction is not None:
             return float(self.trajectory_fraction)
         return 0.0
+
+    def dm_default_applies(self, prediction_type: str = "flow") -> bool:
+        """Whether this run ends with the distribution-matching stage when dm_weight and dm_stage_steps are unset:
+        a flow image teacher (the zoo's two flow teachers won at 1 and 2 steps on two seeds each; the term broke
+        the epsilon DDPM teacher measured, and v-prediction has one teacher of evidence), the ITVM objective it was
+        measured with, a full student (the term refuses LoRA), a run of at least :data:`DM_STAGE_MIN_RUN` steps and
+        no ``dm_start_step`` (which asks for the term from that step instead)."""
+        return (self.flow_image_teacher(prediction_type) and self.loss == "itvm" and int(self.lora_rank) == 0
+                and int(self.max_steps) >= DM_STAGE_MIN_RUN and int(self.dm_start_step) == 0)
+
+    def dm_weight_value(self, prediction_type: str = "flow") -> float:
+        """The term's weight: ``dm_weight``, or when unset :data:`DM_STAGE_WEIGHT` where ``dm_stage_steps`` asks
+        for a stage or (``dm_stage_steps`` unset too) :meth:`dm_default_applies`, else 0."""
+        if self.dm_weight is not None:
+            return float(self.dm_weight)
+        if self.dm_stage_steps is not None:
+            return DM_STAGE_WEIGHT if self.dm_stage_steps > 0 else 0.0
+        return DM_STAGE_WEIGHT if self.dm_default_applies(prediction_type) else 0.0
+
+    def dm_stage_value(self, prediction_type: str = "flow") -> int:
+        """The stage's length: ``dm_stage_steps``, or when unset :data:`DM_STAGE_STEPS` for a run with the term on
+        (:meth:`dm_weight_value`), at least :data:`DM_STAGE_MIN_RUN` steps long and no ``dm_start_step``, else 0."""
+        if self.dm_stage_steps is not None:
+            return int(self.dm_stage_steps)
+        on = self.dm_weight_value(prediction_type) > 0
+        return DM_STAGE_STEPS if on and int(self.max_steps) >= DM_STAGE_MIN_RUN and int(self.dm_start_step) == 0 else 0
 
     def flow_image_teacher(self, prediction_type: str) -> bool:
         """Whether the teacher predicts a flow and is not an exact 2-D one: the teachers the automatic precision
@@ -452,7 +491,9 @@ class RunConfig:
                            "lr_final_fraction": (self.lr_final_value, 0.0),
                            "pool_precision": (lambda p: self.pool_precision_name(p, bf16_native), "no"),
                            "ema_warmup_offset": (self.ema_offset_value, EMA_OFFSET_OTHER),
-                           "dm_exact_fake": (lambda p: "residual", "mlp")}[key]
+                           "dm_exact_fake": (lambda p: "residual", "mlp"),
+                           "dm_weight": (self.dm_weight_value, 0.0),
+                           "dm_stage_steps": (self.dm_stage_value, 0)}[key]
         if getattr(self, key) not in AUTOMATIC[key]:
             return
         value = before if saved is None else saved.get(key, before)
@@ -480,7 +521,7 @@ class RunConfig:
     def dm_stage_start(self, total_steps: int) -> int | None:
         """The first step of the distribution-matching stage (``dm_stage_steps``) of a run that trains
         ``total_steps`` (``runstate.RunState.total_steps``), or None without one."""
-        if self.dm_stage_steps <= 0:
+        if not self.dm_stage_steps:
             return None
         return max(0, int(total_steps) - int(self.dm_stage_steps))
 

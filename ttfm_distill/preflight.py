@@ -102,6 +102,7 @@ def resolve_settings(cfg: RunConfig, prediction_type: str | None = None, saved: 
     cfg.validate()
     if prediction_type is not None or saved is not None:
         cfg.resolve_automatic(prediction_type or "unknown", saved, bf16_native)
+        cfg.validate()  # the combinations the automatic values make (a stage asked for on a LoRA student, ...)
     objective = make_objective_from(cfg.loss, cfg.loss_options)
     if cfg.diagonal_fraction is None:
         ran = (saved or {}).get("diagonal_fraction")
@@ -123,7 +124,7 @@ def with_trajectory_rows(objective, cfg: RunConfig):
 def settings_warnings(cfg: RunConfig, prediction_type: str = "flow") -> list[str]:
     """Plain warnings about resolved settings that run but were measured to hurt (one line each)."""
     lines = []
-    if cfg.dm_weight > 0 and prediction_type == "epsilon":
+    if (cfg.dm_weight or 0) > 0 and prediction_type == "epsilon":
         lines.append(f"dm_weight={cfg.dm_weight:g} on an epsilon teacher: on the project's DDPM the term collapsed the "
                      "1-step student (docs/results.md); it helped flow and v-prediction teachers")
     span = float((cfg.loss_options or {}).get("long_jump_span", 0.0)) if cfg.loss == "itvm" else 0.0

@@ -310,7 +310,7 @@ class Distillation:
                             self.fit_time_budget(clock)
                             progress.update(task, total=self.state.total_steps)
                         else:
-                            self.log(clock.estimate(self.state.total_steps))
+                            self.log(clock.estimate(self.state.total_steps, cfg.dm_stage_steps or 0))
                     if lv is None:
                         continue
                     progress.update(task, completed=step, loss=lv)

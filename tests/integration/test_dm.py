@@ -169,7 +169,7 @@ def test_dm_stage_settings_are_checked():
     from ttfm_distill.errors import ConfigError
 
     with pytest.raises(ConfigError, match="dm_weight"):
-        RunConfig(dm_stage_steps=10).validate()
+        RunConfig(dm_stage_steps=10, dm_weight=0.0).validate()
     with pytest.raises(ConfigError, match="dm_start_step"):
         RunConfig(dm_stage_steps=10, dm_weight=0.3, dm_start_step=5).validate()
     with pytest.raises(ConfigError, match="dm_stage_lr"):

@@ -174,3 +174,36 @@ def test_the_lr_schedule_ends_where_a_dm_stage_starts_and_restarts_there():
     # a run shorter than the stage is all stage
     short = RunConfig(max_steps=100, lr=4e-4, dm_weight=0.3, dm_stage_steps=200)
     assert short.dm_stage_start(100) == 0 and RunConfig().dm_stage_start(3500) is None
+
+
+def test_the_dm_stage_is_the_default_for_a_flow_image_teachers_long_itvm_run_alone():
+    """Unset dm_weight and dm_stage_steps: a 400-step stage at weight 0.3 ends a flow image teacher's ITVM run of
+    2000 steps or more (chosen on the zoo's two flow teachers); every other run has no term; a given value wins;
+    a folder written before the settings were automatic resumes without the term."""
+    from ttfm_distill.config import DM_STAGE_MIN_RUN, DM_STAGE_STEPS, DM_STAGE_WEIGHT
+
+    def resolved(prediction_type="flow", saved=None, **kw):
+        cfg = RunConfig(**kw).validate().resolve_automatic(prediction_type, saved)
+        return cfg.validate().dm_weight, cfg.dm_stage_steps
+
+    stage = (DM_STAGE_WEIGHT, DM_STAGE_STEPS)
+    assert resolved() == stage == (0.3, 400)
+    assert resolved(max_steps=DM_STAGE_MIN_RUN) == stage
+    off = (0.0, 0)
+    for prediction_type, kw in [("epsilon", {}), ("v_prediction", {}), ("flow", {"max_steps": DM_STAGE_MIN_RUN - 1}),
+                                ("flow", {"lora_rank": 4}), ("flow", {"loss": "lsd"}),
+                                ("flow", {"teacher": "builtin:checkerboard"}), ("flow", {"dm_stage_steps": 0})]:
+        assert resolved(prediction_type, **kw) == off, (prediction_type, kw)
+    # a given weight: the stage in a long run, the term from step 0 in a short one or from dm_start_step
+    assert resolved(dm_weight=0.5) == (0.5, 400)
+    assert resolved(dm_weight=0.5, max_steps=800) == (0.5, 0)
+    assert resolved(dm_weight=0.3, dm_start_step=100) == (0.3, 0)
+    assert resolved(dm_weight=0.0) == off
+    # a stage asked for brings the term's weight, on any teacher (an epsilon one is warned about at the run's start)
+    assert resolved("epsilon", dm_stage_steps=100) == (0.3, 100)
+    with pytest.raises(ConfigError, match="LoRA"):
+        resolved(lora_rank=4, dm_stage_steps=100)
+    # resumed: what the folder ran with, and no term for a folder from before the settings existed
+    assert resolved(saved={"dm_weight": 0.0, "dm_stage_steps": 0}) == off
+    assert resolved(saved={}) == off
+    assert resolved(saved={"dm_weight": 0.3, "dm_stage_steps": 400}) == stage

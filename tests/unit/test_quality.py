@@ -252,7 +252,7 @@ def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings
     assert set(settings) == set(AUTOMATIC)
     assert settings == {"trajectory_fraction": 0.0, "pool_solver": "euler", "lr_schedule": "cosine", "lr": 2e-4,
                         "mixed_precision": "bf16", "lr_final_fraction": 0.0, "pool_precision": "bf16",
-                        "ema_warmup_offset": 10.0, "dm_exact_fake": "residual"}
+                        "ema_warmup_offset": 10.0, "dm_exact_fake": "residual", "dm_weight": 0.3, "dm_stage_steps": 400}
     assert options == {"long_jump_span": 0.0}
     # the pool's solver follows the run's own trajectory_fraction: rows, a Heun pool
     settings, _ = auto_defaults({"trajectory_fraction": 0.125})
@@ -263,6 +263,7 @@ def test_automatic_defaults_resolve_each_setting_against_the_runs_other_settings
     assert settings["lr_schedule"] == "cosine" and settings["lr"] == 2e-4 and options == {"long_jump_span": 0.0}
     assert settings["mixed_precision"] == "no" and settings["lr_final_fraction"] == 0.0
     assert settings["pool_precision"] == "no" and settings["ema_warmup_offset"] == 10.0
+    assert settings["dm_weight"] == 0.0 and settings["dm_stage_steps"] == 0  # no DM stage for an epsilon teacher
     # the pool's precision follows the run's own autocast
     assert auto_defaults({"mixed_precision": "no"})[0]["pool_precision"] == "no"
     assert auto_defaults({"loss_options": {"reading": "ema_only"}})[1] == {"long_jump_span": 0.0}
