@@ -7,38 +7,95 @@ samples). Reports the histogram KL (docs/method.md, Metrics: 64k samples, 50x50 
 plus an overflow cell, the teacher's ``kl_range``) at 1/2/4/8/16 steps, the
 teacher's Euler KL at the same NFE, the teacher's fine-solve KL (the floor),
 network evaluations per training sample, wall time and step time relative to
-plain flow matching on the same MLP. The optimiser is the trainer's recipe
-(Adam, 50 warm-up steps, gradient norm clipped at 1, non-finite steps skipped
-and counted); the student is an MLP from scratch (there is no teacher network
-to start from). Writes ``benchmarks/results/toy2d.json`` (checkerboard) and
-``toy2d-gaussian-mixture.json`` as ``{objective: {"kl": {...}, "seconds": s, ...}}``,
-their ``-settings.json`` and PNGs. ``python benchmarks/toy2d_table.py`` prints
-the tables of docs/benchmarks.md.
+plain flow matching on the same MLP. Writes ``benchmarks/results/toy2d.json``
+(checkerboard) and ``toy2d-gaussian-mixture.json`` as
+``{objective: {"kl": {...}, "seconds": s, ...}}``, their ``-settings.json`` and PNGs.
+``python benchmarks/toy2d_table.py`` prints the tables of docs/benchmarks.md.
+
+Every row trains through the package's own trainer, ``ttfm_distill.trainer.run_distillation``
+(one training loop: what the CLI's ``ttfm-distill run`` runs), on ``teacher="builtin:<name>"``, in a
+folder under a ``tempfile.mkdtemp()`` folder that this script makes and removes. The run's exported
+student is loaded back (``ttfm_distill.export.load_student``) and scored here with the same 65536 fixed
+noises as before. Each row's :class:`RunConfig` (``run_config``) is the benchmark's recipe: the row's loss
+and options, ``time_sampling`` and ``diagonal_fraction`` (0 unless the row sets it, not the objective's
+own default), the same steps, batch, seed, lr (a row may set its own), MLP width and depth, gradient
+norm clip, linear warm-up, a constant lr after it unless the row sets ``lr_schedule="cosine"`` (a cosine
+to 0 at the last step), no EMA unless the row sets ``ema_decay`` (then the EMA is exported, as before),
+fp32 (``mixed_precision="no"``) and non-finite steps skipped and counted (``nan_policy="skip"``). The
+trainer's extras are off or minimal: no validation, no checkpoint before the last step, the smallest run
+report (4096 noises, a 2-step reference), a log row every 100 steps. The student is the same
+``MlpFlowMap`` built after ``torch.manual_seed(seed)``, and the batches are the trainer's batch path
+(data, noise, then the time pairs from the generator of ``(seed, 0, step)``), as the old loop drew them.
+
+How the recipe differs from the loop this script kept by hand before (``train``, ``fit_velocity`` and
+``flow_matching_step_time``; results made with it are comparable only with these in mind):
+
+* the optimiser is the trainer's ``torch.optim.AdamW`` with ``weight_decay=0``, which is the same update
+  as the old ``torch.optim.Adam`` (no weight decay), and the same ``schedules.lr_factor`` lr shape;
+* the EMA (rows with ``ema_decay``; ``export_weights="ema"`` there, "raw" elsewhere, so the trainer keeps
+  one exactly where the old loop did, and exports it) is the trainer's: ``make_ema``, a deep copy, moved
+  after each optimiser step, with the warm-up offset left to the trainer's ``ema_warmup_offset`` default
+  (10, the value the old loop used);
+* a skipped non-finite step is the trainer's ``nan_policy="skip"`` (no optimiser, lr or EMA step), counted
+  from the run report's ``training.skipped_steps``; the old loop skipped the same way;
+* the trainer runs on CUDA when the machine has a GPU (the old loop always ran on the CPU); KL is
+  always scored on the CPU;
+* ``seconds`` is the trainer's training-loop time (``RunResult.seconds``: the loop with its per-step
+  bookkeeping, log rows and progress, without teacher loading, the export and the run report). The
+  per-run setup, final checkpoint, export and report add a few seconds per row to the total wall time
+  (``total_seconds``) that the old loop did not spend;
+* ``evals_per_sample`` (network evaluations per training sample, student rows with and without
+  gradient plus teacher rows) is no longer counted by wrapping the networks: it is the planner's count,
+  ``ttfm_distill.plan.objective_evaluations(loss, options, diagonal_fraction)`` (``train +
+  student_nograd + teacher``). It equals the old counts on every row but two kinds: the planner does not
+  count ``derivative="jvp"`` (``lfmd_jvp``, ``lfmd_jvp_adaptive``, and ``meanflow``, whose default is
+  jvp), so those rows get ``null`` and an ``evals_note`` (the old loop counted 2.0, 2.0 and 2.25); and it
+  does not count ITVM's long jumps (``itvm_long0.5*``: the planner says 4.0, the old loop counted about
+  3.67, the share of pairs with ``t - s >= 0.5`` taking two EMA jumps instead of the teacher);
+* ``flow_matching_euler`` is now the trainer's LSD objective with ``diagonal_fraction=1``: on diagonal
+  pairs LSD is exactly ``|u(x_t, t, t) - v_teacher(x_t, t)|^2`` (plain flow matching on the exact
+  teacher's velocity, the old ``fit_velocity``'s loss) and with no off-diagonal pairs nothing else
+  enters. Its ``t`` are the diagonal pairs' ``s ~ U(0, 1)``, drawn after the batch path's other draws,
+  so they are other draws of the same distribution than ``fit_velocity``'s; it also skips non-finite
+  steps, which ``fit_velocity`` did not;
+* the step-time yardstick (``flow_matching_step_seconds``, ``step_time_vs_flow_matching``) is a
+  50-step trainer run of that ``flow_matching_euler`` recipe. The old yardstick was a bare loop
+  regressing ``x1 - x0`` (no teacher call, no trainer bookkeeping, the generator of seed 0); the new one
+  calls the exact teacher once per sample and pays the trainer's per-step bookkeeping as every row does,
+  so the ratios are of objectives under one loop and are not comparable with the old ones.
+
+Checked on the CPU when the loop moved into the trainer: at 20 steps (batch 64, a 64x2 MLP, warm-up 50 and 5) every
+distillation row's exported weights were bit-identical to the old loop's, and ``itvm`` at the documented 3000 steps
+gave the committed KL figures again (0.348 / 0.264 / 0.140 / 0.128 / 0.130 on the checkerboard).
+
+``--kl-samples`` (default 65536, the documented figure) lowers the KL sample count for smoke tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 from ttfm_distill.config import RunConfig
-from ttfm_distill.convention import interpolate
+from ttfm_distill.export import load_student
 from ttfm_distill.fileio import atomic_path, write_json
 from ttfm_distill.metrics import histogram_kl
-from ttfm_distill.mlp import MlpFlowMap
-from ttfm_distill.objectives import make_objective
-from ttfm_distill.objectives.base import flow_map
-from ttfm_distill.sampling import euler, sample_flow_map, uniform_time_grid
+from ttfm_distill.plan import PlanError, objective_evaluations
+from ttfm_distill.sampling import euler, flow_map, sample_flow_map, uniform_time_grid
 from ttfm_distill.teachers.analytic import get_analytic_teacher
-from ttfm_distill.schedules import ema_decay_at, ema_update, lr_factor
-from ttfm_distill.batch import BatchPath, step_generator
-from ttfm_distill.data.build import ExactData
+from ttfm_distill.trainer import RunResult, run_distillation
 
 STEPS = (1, 2, 4, 8, 16)
+KL_SAMPLES = 65536
+#: steps of the flow-matching run whose step time is the yardstick (step_time_vs_flow_matching)
+FM_TIMING_STEPS = 50
 # name -> (loss, options, run settings)
 CONFIGS = {
     "itvm": ("itvm", {}, {}),  # the tool's default reading (r = s + tau, no diagonal pairs)
@@ -70,120 +127,70 @@ CONFIGS = {
     "lsd_adaptive": ("lsd", {"adaptive_p": 1.0}, {"diagonal_fraction": 0.75}),
     "meanflow_lr1e-4": ("meanflow", {"adaptive_p": 1.0}, {"diagonal_fraction": 0.75, "lr": 1e-4}),
     # not a flow-map objective: the same MLP fitted to the teacher's velocity and sampled with Euler,
-    # i.e. what this network and budget can learn of the flow itself (the 16-step rows' yardstick)
-    "flow_matching_euler": (None, {}, {}),
+    # i.e. what this network and budget can learn of the flow itself (the 16-step rows' yardstick). In the trainer
+    # it is LSD on diagonal pairs only: |u(x_t, t, t) - v_teacher(x_t, t)|^2, plain flow matching on the exact
+    # teacher's velocity (VELOCITY_ROWS: scored as a velocity field with Euler, not as a flow map)
+    "flow_matching_euler": ("lsd", {}, {"diagonal_fraction": 1.0}),
 }
 
 
-class Counting:
-    """Counts rows evaluated by a callable (network evaluations per training sample)."""
-
-    def __init__(self, fn):
-        self.fn, self.rows = fn, 0
-
-    def __call__(self, x, *a, **k):
-        self.rows += x.shape[0]
-        return self.fn(x, *a, **k)
+#: rows whose network is scored as a velocity field u(x, t, t) with Euler rather than as a flow map
+VELOCITY_ROWS = ("flow_matching_euler",)
+#: the trainer's messages (export, flow-map error lines, warnings) would bury the benchmark's own lines
+QUIET = Console(stderr=True, quiet=True)
 
 
-class CountingTeacher:
-    def __init__(self, teacher):
-        self.teacher, self.velocity = teacher, Counting(teacher.velocity)
+def run_config(teacher: str, name: str, output, steps: int, batch: int, lr: float, seed: int, width: int,
+               depth: int, grad_clip: float = 1.0, warmup: int = 50) -> RunConfig:
+    """The trainer's settings for row ``name`` of ``CONFIGS`` on the exact teacher ``teacher`` (e.g. "checkerboard"):
+    the benchmark's recipe, with the trainer's extras (validation, checkpoints, the run report) off or minimal."""
+    loss, options, settings = CONFIGS[name]
+    decay = float(settings.get("ema_decay", 0.0))
+    return RunConfig(
+        teacher=f"builtin:{teacher}", output=str(output), loss=loss, loss_options=dict(options),
+        max_steps=steps, batch_size=batch, lr=float(settings.get("lr", lr)), weight_decay=0.0,
+        warmup_steps=warmup, lr_schedule=settings.get("lr_schedule", "constant"), lr_final_fraction=0.0,
+        grad_clip=grad_clip, ema_decay=decay, ema_warmup=bool(settings.get("ema_warmup", False)),
+        export_weights="ema" if decay > 0 else "raw", seed=seed,
+        time_sampling=settings.get("time_sampling", "mixed"),
+        diagonal_fraction=float(settings.get("diagonal_fraction", 0.0)),
+        trajectory_fraction=0.0, mlp_width=width, mlp_depth=depth, mixed_precision="no", nan_policy="skip",
+        validate_every=0, checkpoint_every=steps, keep_checkpoints=1, log_every=100, eval_samples=16,
+        reference_steps=2,
+    )
 
 
-class CountingModel(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.rows = model, 0
-
-    def forward(self, x, s, t, cond=None):
-        self.rows += x.shape[0]
-        return self.model(x, s, t, cond)
-
-
-def train(teacher, loss, options, settings, steps, batch, lr, seed, width, depth, grad_clip=1.0, warmup=50):
-    """The trainer's optimiser recipe (Adam, linear warm-up, gradient clipping, non-finite steps skipped)."""
-    torch.manual_seed(seed)
-    student = MlpFlowMap(2, width, depth)
-    decay = settings.get("ema_decay", 0.0)
-    ema = MlpFlowMap(2, width, depth) if decay > 0 else None
-    if ema is not None:
-        ema.load_state_dict(student.state_dict())
-    obj = make_objective(loss, **options)
-    opt = torch.optim.Adam(student.parameters(), lr=settings.get("lr", lr))  # a row may set its own lr
-    # the trainer's schedule: linear warm-up, then constant, or with the row setting lr_schedule="cosine" a cosine
-    # decay to 0 at the last step
-    sched_cfg = RunConfig(max_steps=steps, warmup_steps=warmup, lr_schedule=settings.get("lr_schedule", "constant"))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, sched_cfg, steps))
-    nonfinite = 0
-    counted, ct = CountingModel(student), CountingTeacher(teacher)
-    counted_ema = CountingModel(ema) if ema is not None else counted
-    # the trainer's batch path on the teacher's exact data (draws: data, noise, then the time pairs)
-    batches = BatchPath(teacher, ExactData(teacher), settings.get("time_sampling", "mixed"),
-                        settings.get("diagonal_fraction", 0.0))
-    t0 = time.perf_counter()
-    for step in range(steps):
-        g = step_generator(seed, 0, step)
-        out = obj(counted, ct, batches(batch, g), counted_ema)
-        opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(out.loss):
-            nonfinite += 1
-            continue
-        out.loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
-        opt.step()
-        sched.step()
-        if ema is not None:
-            ema_update(ema, student, ema_decay_at(step, decay, settings.get("ema_warmup", False)))
-    seconds = time.perf_counter() - t0
-    evals = (counted.rows + (counted_ema.rows if ema is not None else 0) + ct.velocity.rows) / (steps * batch)
-    return (ema if ema is not None else student).eval(), seconds, evals, nonfinite
+def train_row(teacher: str, name: str, workdir, steps: int, batch: int, lr: float, seed: int, width: int,
+              depth: int, grad_clip: float = 1.0, warmup: int = 50):
+    """Train row ``name`` through ``run_distillation`` in a new folder under ``workdir``; returns
+    ``(exported student in eval mode, training-loop seconds, non-finite steps skipped)``."""
+    out = Path(workdir) / f"{teacher}-{name}-seed{seed}-steps{steps}"
+    cfg = run_config(teacher, name, out, steps, batch, lr, seed, width, depth, grad_clip, warmup)
+    result: RunResult = run_distillation(cfg, show_progress=False, console=QUIET)
+    student, _ = load_student(result.output)
+    return student.eval(), result.seconds, int(result.metrics["training"]["skipped_steps"])
 
 
-def fit_velocity(teacher, steps, batch, lr, seed, width, depth, grad_clip=1.0, warmup=50):
-    """The same MLP and optimiser recipe, trained on the diagonal only: ``u(x_t, t, t)`` regressed on
-    the exact teacher velocity at ``x_t`` (the training draws of ``train`` with ``s = t``)."""
-    torch.manual_seed(seed)
-    model = MlpFlowMap(2, width, depth)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(1, warmup)))
-    t0 = time.perf_counter()
-    for step in range(steps):
-        g = step_generator(seed, 0, step)
-        x1, x0 = teacher.sample_data(batch, generator=g), teacher.sample_noise(batch, generator=g)
-        t = torch.rand(batch, generator=g)
-        x_t = interpolate(x0, x1, t)
-        with torch.no_grad():
-            v = teacher.velocity(x_t, t)
-        loss = (model(x_t, t, t) - v).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        sched.step()
-    return model.eval(), time.perf_counter() - t0
+def evals_per_sample(name: str) -> tuple[float | None, str | None]:
+    """Network evaluations per training sample of row ``name`` (student with and without gradient, and teacher),
+    as ``ttfm_distill.plan`` counts them, or ``(None, why)`` where the planner does not count the row."""
+    loss, options, settings = CONFIGS[name]
+    try:
+        ev = objective_evaluations(loss, options, float(settings.get("diagonal_fraction", 0.0)))
+    except PlanError as e:
+        return None, f"not counted: {e}"
+    return round(ev.train + ev.student_nograd + ev.teacher, 2), None
 
 
-def flow_matching_step_time(teacher, steps, batch, width, depth):
-    student = MlpFlowMap(2, width, depth)
-    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
-    t0 = time.perf_counter()
-    for step in range(steps):
-        g = step_generator(0, 0, step)
-        x1, x0 = teacher.sample_data(batch, generator=g), teacher.sample_noise(batch, generator=g)
-        t = torch.rand(batch, generator=g)
-        loss = (student(interpolate(x0, x1, t), t, t) - (x1 - x0)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-    return (time.perf_counter() - t0) / steps
+def flow_matching_step_time(teacher: str, workdir, args) -> float:
+    """Seconds per step of the ``flow_matching_euler`` recipe in the trainer (FM_TIMING_STEPS steps)."""
+    _, seconds, _ = train_row(teacher, "flow_matching_euler", workdir, FM_TIMING_STEPS, args.batch_size, args.lr,
+                              args.seed, args.width, args.depth, args.grad_clip, args.warmup)
+    return seconds / FM_TIMING_STEPS
 
 
 @torch.no_grad()
-def kls(teacher, sampler, n=65536, seed=123):
+def kls(teacher, sampler, n=KL_SAMPLES, seed=123):
     """KL at each step count, plus 8192 of the samples per step count for the figure."""
     x0 = teacher.sample_noise(n, generator=torch.Generator().manual_seed(seed))
     kl, shown = {}, {}
@@ -194,10 +201,15 @@ def kls(teacher, sampler, n=65536, seed=123):
     return kl, shown, x0
 
 
-def teacher_rows(teacher, tname):
+def flow_map_sampler(model):
+    """The student's jumps on a time grid, as ``kls`` calls a sampler."""
+    return lambda x, g: sample_flow_map(lambda a, s, t: flow_map(model, a, s, t), x, g)
+
+
+def teacher_rows(teacher, tname, n=KL_SAMPLES):
     """The teacher's Euler KL at each NFE and its fine-solve floor."""
     t0 = time.perf_counter()
-    euler_kl, euler_x, x0 = kls(teacher, lambda x, g: euler(teacher.velocity, x, g))
+    euler_kl, euler_x, x0 = kls(teacher, lambda x, g: euler(teacher.velocity, x, g), n)
     floor = histogram_kl(euler(teacher.velocity, x0, uniform_time_grid(512)), teacher)
     res = {
         "teacher_euler": {"kl": euler_kl, "seconds": round(time.perf_counter() - t0, 1), "evals_per_sample": None,
@@ -209,45 +221,52 @@ def teacher_rows(teacher, tname):
     return res, {"teacher_euler": euler_x}
 
 
-def run_teacher(tname, args, only=None):
+def run_teacher(tname, args, workdir, only=None):
     """``{name: {"kl": {...}, "seconds": s, ...}}`` for one teacher, and the samples to plot."""
     teacher = get_analytic_teacher(tname)
-    fm = flow_matching_step_time(teacher, 50, args.batch_size, args.width, args.depth)
+    fm = flow_matching_step_time(tname, workdir, args)
     res, shown = {}, {}
     if only is None:
-        res, shown = teacher_rows(teacher, tname)
+        res, shown = teacher_rows(teacher, tname, args.kl_samples)
     for name in args.objectives.split(","):
         if only is not None and name not in only:
             continue
-        loss, options, settings = CONFIGS[name]
-        if loss is None:
-            res[name], shown[name] = velocity_row(teacher, tname, args)
+        if name in VELOCITY_ROWS:
+            res[name], shown[name] = velocity_row(teacher, tname, name, args, workdir)
             continue
-        model, seconds, evals, nonfinite = train(teacher, loss, options, settings, args.steps, args.batch_size,
-                                                 args.lr, args.seed, args.width, args.depth, args.grad_clip,
-                                                 args.warmup)
-        kl, xs, _ = kls(teacher, lambda x, g: sample_flow_map(lambda a, s, t: flow_map(model, a, s, t), x, g))
-        res[name] = {"kl": kl, "seconds": round(seconds, 1), "evals_per_sample": round(evals, 2),
+        loss, options, settings = CONFIGS[name]
+        model, seconds, nonfinite = train_row(tname, name, workdir, args.steps, args.batch_size, args.lr, args.seed,
+                                              args.width, args.depth, args.grad_clip, args.warmup)
+        kl, xs, _ = kls(teacher, flow_map_sampler(model), args.kl_samples)
+        evals, why = evals_per_sample(name)
+        res[name] = {"kl": kl, "seconds": round(seconds, 1), "evals_per_sample": evals,
                      "step_time_vs_flow_matching": round(seconds / args.steps / fm, 2),
                      "nonfinite_steps_skipped": nonfinite, "loss": loss, "options": options, "settings": settings}
+        if why:
+            res[name]["evals_note"] = why
         shown[name] = xs
         print(tname, name, {k: round(v, 3) for k, v in kl.items()}, f"{seconds:.0f}s",
-              f"{evals:.2f} evals/sample", f"{seconds / args.steps / fm:.2f}x FM step", f"{nonfinite} non-finite", flush=True)
+              f"{evals} evals/sample" if evals is not None else "evals/sample not counted",
+              f"{seconds / args.steps / fm:.2f}x FM step", f"{nonfinite} non-finite", flush=True)
     return res, shown, fm
 
 
-def velocity_row(teacher, tname, args):
-    """The ``flow_matching_euler`` row: KL of the fitted velocity's Euler sampler at each NFE, and at 512 steps."""
-    model, seconds = fit_velocity(teacher, args.steps, args.batch_size, args.lr, args.seed, args.width, args.depth,
-                                  args.grad_clip, args.warmup)
+def velocity_row(teacher, tname, name, args, workdir):
+    """A ``VELOCITY_ROWS`` row: KL of the fitted velocity's Euler sampler at each NFE, and at 512 steps."""
+    model, seconds, nonfinite = train_row(tname, name, workdir, args.steps, args.batch_size, args.lr, args.seed,
+                                          args.width, args.depth, args.grad_clip, args.warmup)
     velocity = lambda x, t: model(x, t, t)  # noqa: E731
-    kl, xs, x0 = kls(teacher, lambda x, g: euler(velocity, x, g))
+    kl, xs, x0 = kls(teacher, lambda x, g: euler(velocity, x, g), args.kl_samples)
     with torch.no_grad():
         fine = histogram_kl(euler(velocity, x0, uniform_time_grid(512)), teacher)
-    print(tname, "flow_matching_euler", {k: round(v, 3) for k, v in kl.items()}, f"512 steps {fine:.3f}",
-          f"{seconds:.0f}s", flush=True)
-    return {"kl": kl, "kl_512_steps": fine, "seconds": round(seconds, 1), "evals_per_sample": 2.0,
-            "note": "the same MLP fitted to the teacher velocity (s = t only), sampled with Euler at the same NFE"}, xs
+    evals, _ = evals_per_sample(name)
+    loss, options, settings = CONFIGS[name]
+    print(tname, name, {k: round(v, 3) for k, v in kl.items()}, f"512 steps {fine:.3f}", f"{seconds:.0f}s",
+          f"{nonfinite} non-finite", flush=True)
+    return {"kl": kl, "kl_512_steps": fine, "seconds": round(seconds, 1), "evals_per_sample": evals,
+            "nonfinite_steps_skipped": nonfinite, "loss": loss, "options": options, "settings": settings,
+            "note": "the same MLP fitted to the teacher velocity (s = t only: the trainer's lsd with diagonal_fraction "
+                    "1), sampled with Euler at the same NFE"}, xs
 
 
 def main():
@@ -265,46 +284,63 @@ def main():
     p.add_argument("--output", default="benchmarks/results")
     p.add_argument("--merge", action="store_true",
                    help="update the named objectives in existing results (same settings) instead of starting over")
+    p.add_argument("--kl-samples", type=int, default=KL_SAMPLES,
+                   help=f"noises each KL is measured on ({KL_SAMPLES}, the documented figure; fewer for smoke tests)")
     args = p.parse_args()
     unknown = [o for o in args.objectives.split(",") if o not in CONFIGS]
     if unknown:
         p.error(f"unknown objective(s) {unknown}; choose from {sorted(CONFIGS)}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    for tname in args.teachers.split(","):
-        t0 = time.perf_counter()
-        stem = "toy2d" if tname == "checkerboard" else f"toy2d-{tname}"
-        cache = out / f".{stem}-samples.pt"  # the figure's samples, so --merge can redraw it (not committed)
-        old, old_shown, old_total = {}, {}, 0.0
-        requested = args.objectives.split(",")
-        if args.merge:
-            prev = json.loads((out / f"{stem}-settings.json").read_text())
-            for key in ("steps", "batch_size", "lr", "width", "depth", "seed", "grad_clip", "warmup"):
-                if prev[key] != getattr(args, key):
-                    p.error(f"--merge: {key} differs from the saved results ({prev[key]} != {getattr(args, key)})")
-            old = json.loads((out / f"{stem}.json").read_text())
-            old_shown = torch.load(cache) if cache.exists() else {}  # rows without samples: KL curve only
-            old_total = prev["total_seconds"]
-            args.objectives = ",".join(dict.fromkeys(prev["objectives"].split(",") + args.objectives.split(",")))
-        res, shown, fm = run_teacher(tname, args, only=requested if args.merge else None)
-        res, shown = {**old, **res}, {**old_shown, **shown}
-        order = ["teacher_euler", "teacher_fine", *args.objectives.split(",")]
-        res = {k: res[k] for k in order if k in res}
-        shown = {k: shown[k] for k in order if k in shown}
-        torch.save(shown, cache)
-        write_json(out / f"{stem}.json", res)
-        write_json(out / f"{stem}-settings.json", {
-            **vars(args), "teacher": tname, "kl_samples": 65536, "kl_bins": 50,
-            "kl_range": get_analytic_teacher(tname).kl_range, "flow_matching_step_seconds": fm,
-            "total_seconds": round(old_total + time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads(),
-            "command": "python benchmarks/toy2d.py " + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("teachers", "merge")) + f" --teachers {tname}",
-        })
-        plot(tname, res, shown, out / f"{stem}.png")
-        print(f"wrote {out / stem}.json and .png", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="toy2d-runs-"))  # the trainer's run folders; removed below
+    try:
+        for tname in args.teachers.split(","):
+            run_and_write(p, args, out, tname, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
-def plot(tname, res, shown, path):
+def run_and_write(p, args, out: Path, tname: str, workdir: Path) -> None:
+    """One teacher's rows (all, or with ``--merge`` the named ones into the saved results), written to ``out``."""
+    t0 = time.perf_counter()
+    stem = "toy2d" if tname == "checkerboard" else f"toy2d-{tname}"
+    cache = out / f".{stem}-samples.pt"  # the figure's samples, so --merge can redraw it (not committed)
+    old, old_shown, old_total = {}, {}, 0.0
+    requested = args.objectives.split(",")
+    if args.merge:
+        prev = json.loads((out / f"{stem}-settings.json").read_text())
+        for key in ("steps", "batch_size", "lr", "width", "depth", "seed", "grad_clip", "warmup"):
+            if prev[key] != getattr(args, key):
+                p.error(f"--merge: {key} differs from the saved results ({prev[key]} != {getattr(args, key)})")
+        if prev.get("kl_samples", KL_SAMPLES) != args.kl_samples:
+            p.error(f"--merge: kl_samples differs from the saved results ({prev.get('kl_samples')} != "
+                    f"{args.kl_samples})")
+        old = json.loads((out / f"{stem}.json").read_text())
+        old_shown = torch.load(cache) if cache.exists() else {}  # rows without samples: KL curve only
+        old_total = prev["total_seconds"]
+        args.objectives = ",".join(dict.fromkeys(prev["objectives"].split(",") + args.objectives.split(",")))
+    res, shown, fm = run_teacher(tname, args, workdir, only=requested if args.merge else None)
+    res, shown = {**old, **res}, {**old_shown, **shown}
+    order = ["teacher_euler", "teacher_fine", *args.objectives.split(",")]
+    res = {k: res[k] for k in order if k in res}
+    shown = {k: shown[k] for k in order if k in shown}
+    torch.save(shown, cache)
+    write_json(out / f"{stem}.json", res)
+    shown_args = {k: v for k, v in vars(args).items() if k != "kl_samples"}  # recorded as kl_samples below
+    write_json(out / f"{stem}-settings.json", {
+        **shown_args, "teacher": tname, "kl_samples": args.kl_samples, "kl_bins": 50,
+        "kl_range": get_analytic_teacher(tname).kl_range, "flow_matching_step_seconds": fm,
+        "trainer": "ttfm_distill.trainer.run_distillation (see benchmarks/toy2d.py run_config)",
+        "total_seconds": round(old_total + time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads(),
+        "command": "python benchmarks/toy2d.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if k not in ("teachers", "merge") and not (k == "kl_samples" and v == KL_SAMPLES)) + f" --teachers {tname}",
+    })
+    plot(tname, res, shown, out / f"{stem}.png", args.kl_samples)
+    print(f"wrote {out / stem}.json and .png", flush=True)
+
+
+def plot(tname, res, shown, path, kl_samples=KL_SAMPLES):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -331,7 +367,7 @@ def plot(tname, res, shown, path):
                 label=name, ls="--" if name.startswith("teacher") else "-", lw=1.2, ms=3)
     ax.set_xscale("log", base=2), ax.set_yscale("log"), ax.set_xlabel("steps (NFE)"), ax.set_ylabel("KL")
     ax.set_xticks(STEPS, [str(k) for k in STEPS])
-    ax.set_title(f"{tname}: histogram KL (64k samples, 50x50)", fontsize=9), ax.legend(fontsize=6)
+    ax.set_title(f"{tname}: histogram KL ({kl_samples // 1024}k samples, 50x50)", fontsize=9), ax.legend(fontsize=6)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")

@@ -2,9 +2,11 @@
 
     python benchmarks/toy2d_seeds.py --teacher checkerboard --seeds 0,1,2
 
-Same protocol as ``benchmarks/toy2d.py`` (same MLP, optimiser, budget and KL
+Same protocol as ``benchmarks/toy2d.py`` (each row trained by the package's trainer,
+``run_distillation``, with ``toy2d.run_config``'s settings; same MLP, budget and KL
 measure); each seed changes the student's initialisation and every training
-draw.  Writes ``benchmarks/results/toy2d-seeds-<teacher>.json``:
+draw. The trainer's run folders go into a temporary folder this script removes.
+Writes ``benchmarks/results/toy2d-seeds-<teacher>.json``:
 ``{objective: {"kl_mean": {...}, "kl_std": {...}, "kl_per_seed": {seed: {...}},
 "wins_vs": {other: {steps: seeds won}}, "seconds": [...]}}``.
 """
@@ -12,15 +14,15 @@ draw.  Writes ``benchmarks/results/toy2d-seeds-<teacher>.json``:
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
-from toy2d import CONFIGS, STEPS, kls, train
+from toy2d import CONFIGS, STEPS, VELOCITY_ROWS, flow_map_sampler, kls, train_row
 
 from ttfm_distill.fileio import write_json
-from ttfm_distill.objectives.base import flow_map
-from ttfm_distill.sampling import sample_flow_map
 from ttfm_distill.teachers.analytic import get_analytic_teacher
 
 
@@ -39,19 +41,25 @@ def main():
     teacher = get_analytic_teacher(args.teacher)
     seeds = [int(s) for s in args.seeds.split(",")]
     names = args.objectives.split(",")
+    flow_rows = [n for n in names if n not in CONFIGS or n in VELOCITY_ROWS]
+    if flow_rows:
+        p.error(f"not flow-map rows of toy2d.CONFIGS: {flow_rows}")
     t0 = time.perf_counter()
     per = {n: {} for n in names}
     secs = {n: [] for n in names}
-    for seed in seeds:
-        for name in names:
-            loss, options, settings = CONFIGS[name]
-            model, seconds, _, _ = train(teacher, loss, options, settings, args.steps, args.batch_size, args.lr,
-                                         seed, args.width, args.depth)
-            kl, _, _ = kls(teacher, lambda x, g: sample_flow_map(lambda a, s, t: flow_map(model, a, s, t), x, g))
-            per[name][str(seed)] = kl
-            secs[name].append(round(seconds, 1))
-            print(args.teacher, f"seed {seed}", name, {k: round(v, 3) for k, v in kl.items()}, f"{seconds:.0f}s",
-                  flush=True)
+    workdir = tempfile.mkdtemp(prefix="toy2d-seeds-runs-")  # the trainer's run folders
+    try:
+        for seed in seeds:
+            for name in names:
+                model, seconds, _ = train_row(args.teacher, name, workdir, args.steps, args.batch_size, args.lr,
+                                              seed, args.width, args.depth)
+                kl, _, _ = kls(teacher, flow_map_sampler(model))
+                per[name][str(seed)] = kl
+                secs[name].append(round(seconds, 1))
+                print(args.teacher, f"seed {seed}", name, {k: round(v, 3) for k, v in kl.items()}, f"{seconds:.0f}s",
+                      flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     res = {}
     for n in names:
         ks = [str(k) for k in STEPS]
@@ -69,7 +77,8 @@ def main():
     write_json(out / f"toy2d-seeds-{args.teacher}.json", res)
     write_json(out / f"toy2d-seeds-{args.teacher}-settings.json", {
         **vars(args), "total_seconds": round(time.perf_counter() - t0, 1),
-        "protocol": "as benchmarks/toy2d.py: Adam, 50 warm-up steps, grad clip 1, KL on 64k samples, 50x50 grid",
+        "protocol": "as benchmarks/toy2d.py: ttfm_distill's trainer (AdamW, weight decay 0), 50 warm-up steps, grad "
+                    "clip 1, KL on 64k samples, 50x50 grid",
         "command": f"python benchmarks/toy2d_seeds.py --teacher {args.teacher} --seeds {args.seeds} "
                    f"--objectives {args.objectives} --steps {args.steps}"})
     print(f"wrote {out}/toy2d-seeds-{args.teacher}.json", flush=True)
