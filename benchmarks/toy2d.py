@@ -27,46 +27,15 @@ report (4096 noises, a 2-step reference), a log row every 100 steps. The student
 ``MlpFlowMap`` built after ``torch.manual_seed(seed)``, and the batches are the trainer's batch path
 (data, noise, then the time pairs from the generator of ``(seed, 0, step)``), as the old loop drew them.
 
-How the recipe differs from the loop this script kept by hand before (``train``, ``fit_velocity`` and
-``flow_matching_step_time``; results made with it are comparable only with these in mind):
-
-* the optimiser is the trainer's ``torch.optim.AdamW`` with ``weight_decay=0``, which is the same update
-  as the old ``torch.optim.Adam`` (no weight decay), and the same ``schedules.lr_factor`` lr shape;
-* the EMA (rows with ``ema_decay``; ``export_weights="ema"`` there, "raw" elsewhere, so the trainer keeps
-  one exactly where the old loop did, and exports it) is the trainer's: ``make_ema``, a deep copy, moved
-  after each optimiser step, with the warm-up offset left to the trainer's ``ema_warmup_offset`` default
-  (10, the value the old loop used);
-* a skipped non-finite step is the trainer's ``nan_policy="skip"`` (no optimiser, lr or EMA step), counted
-  from the run report's ``training.skipped_steps``; the old loop skipped the same way;
-* the trainer runs on CUDA when the machine has a GPU (the old loop always ran on the CPU); KL is
-  always scored on the CPU;
-* ``seconds`` is the trainer's training-loop time (``RunResult.seconds``: the loop with its per-step
-  bookkeeping, log rows and progress, without teacher loading, the export and the run report). The
-  per-run setup, final checkpoint, export and report add a few seconds per row to the total wall time
-  (``total_seconds``) that the old loop did not spend;
-* ``evals_per_sample`` (network evaluations per training sample, student rows with and without
-  gradient plus teacher rows) is no longer counted by wrapping the networks: it is the planner's count,
-  ``ttfm_distill.plan.objective_evaluations(loss, options, diagonal_fraction)`` (``train +
-  student_nograd + teacher``). It equals the old counts on every row but two kinds: the planner does not
-  count ``derivative="jvp"`` (``lfmd_jvp``, ``lfmd_jvp_adaptive``, and ``meanflow``, whose default is
-  jvp), so those rows get ``null`` and an ``evals_note`` (the old loop counted 2.0, 2.0 and 2.25); and it
-  does not count ITVM's long jumps (``itvm_long0.5*``: the planner says 4.0, the old loop counted about
-  3.67, the share of pairs with ``t - s >= 0.5`` taking two EMA jumps instead of the teacher);
-* ``flow_matching_euler`` is now the trainer's LSD objective with ``diagonal_fraction=1``: on diagonal
-  pairs LSD is exactly ``|u(x_t, t, t) - v_teacher(x_t, t)|^2`` (plain flow matching on the exact
-  teacher's velocity, the old ``fit_velocity``'s loss) and with no off-diagonal pairs nothing else
-  enters. Its ``t`` are the diagonal pairs' ``s ~ U(0, 1)``, drawn after the batch path's other draws,
-  so they are other draws of the same distribution than ``fit_velocity``'s; it also skips non-finite
-  steps, which ``fit_velocity`` did not;
-* the step-time yardstick (``flow_matching_step_seconds``, ``step_time_vs_flow_matching``) is a
-  50-step trainer run of that ``flow_matching_euler`` recipe. The old yardstick was a bare loop
-  regressing ``x1 - x0`` (no teacher call, no trainer bookkeeping, the generator of seed 0); the new one
-  calls the exact teacher once per sample and pays the trainer's per-step bookkeeping as every row does,
-  so the ratios are of objectives under one loop and are not comparable with the old ones.
-
-Checked on the CPU when the loop moved into the trainer: at 20 steps (batch 64, a 64x2 MLP, warm-up 50 and 5) every
-distillation row's exported weights were bit-identical to the old loop's, and ``itvm`` at the documented 3000 steps
-gave the committed KL figures again (0.348 / 0.264 / 0.140 / 0.128 / 0.130 on the checkerboard).
+Against the training loop this script once kept by hand (the committed tables' runs): AdamW without weight decay
+is Adam's update; the EMA rows' EMA is the trainer's (offset 10, as before); non-finite steps are the trainer's
+``nan_policy="skip"``; ``seconds`` is ``RunResult.seconds`` (the loop, not the set-up, export or report);
+``evals_per_sample`` is the planner's count (``plan.objective_evaluations``: ``null`` for the jvp rows, which it
+does not count, 4.0 rather than the counted 3.67 for the long-jump rows); ``flow_matching_euler`` is LSD on
+diagonal pairs only (exactly flow matching on the teacher's velocity, with other draws of its times); the step-time
+yardstick is a trainer run of that row (it calls the teacher), so ``step_time_vs_flow_matching`` is not comparable
+with the old ratios. At 20 steps every distillation row's weights were bit-identical to the old loop's, and
+``itvm`` at 3000 steps gave the committed KL again (0.348 / 0.264 / 0.140 / 0.128 / 0.130 on the checkerboard).
 
 ``--kl-samples`` (default 65536, the documented figure) lowers the KL sample count for smoke tests.
 """
