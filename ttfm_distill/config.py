@@ -230,6 +230,11 @@ class RunConfig:
     dm_stage_steps: int | None = None
     #: the stage's learning rate (its peak, before the run's lr schedule shape)
     dm_stage_lr: float = 1e-4
+    #: the adversarial term beside distribution matching (objectives/adversarial.py): the weight of the student's
+    #: generator loss; 0 = off (no discriminator head is made). It rides on the term: it runs where the term runs
+    dm_gan_weight: float = 0.0
+    #: the weight of the discriminator loss in the fake network's updates (beside its flow-matching loss)
+    dm_gan_fake_weight: float = 0.1
     #: warm start: a run folder (or student export) whose student weights this run starts from, instead of the
     #: teacher's; its EMA starts there too
     init_from: str | None = None
@@ -349,6 +354,15 @@ class RunConfig:
             raise ConfigError(f"dm_rollout_steps must be a list of step counts from 1 to 8, e.g. [1, 2], got {steps!r}")
         if self.init_from is not None and not Path(self.init_from).exists():
             raise ConfigError(f"init_from {self.init_from} does not exist; pass an earlier run folder or student export")
+        if not (self.dm_gan_weight >= 0 and self.dm_gan_fake_weight >= 0):
+            raise ConfigError(f"dm_gan_weight and dm_gan_fake_weight must be >= 0, got {self.dm_gan_weight} and "
+                              f"{self.dm_gan_fake_weight}")
+        if self.dm_gan_weight > 0 and self.dm_weight is not None and not self.dm_weight > 0:
+            raise ConfigError("dm_gan_weight rides on the distribution-matching term: set dm_weight (0.3 was "
+                              "measured) or dm_gan_weight=0")
+        if self.dm_gan_weight > 0 and self.exact_teacher():
+            raise ConfigError("dm_gan_weight needs a teacher network to read features from; the exact 2-D teachers "
+                              "have none: set dm_gan_weight=0")
         if (self.dm_weight or 0) > 0 and int(self.lora_rank) > 0:
             raise ConfigError("dm_weight is not supported with LoRA students yet; set dm_weight=0 or lora_rank=0")
 

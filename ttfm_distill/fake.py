@@ -18,6 +18,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .convention import interpolate
+from .objectives.adversarial import generator_loss, through
+from .objectives.dm import draw_times
 from .teachers.base import Teacher
 
 
@@ -28,6 +31,9 @@ class FakeVelocity(nn.Module):
         super().__init__()
         self.network = network
         self.io, self.adapter, self.null_text = io, adapter, null_text
+        #: the adversarial term's discriminator head and the tap it reads (:meth:`attach_discriminator`), or None
+        self.head: nn.Module | None = None
+        self.tap: FeatureTap | None = None
 
     @classmethod
     def from_teacher(cls, teacher: Teacher, mlp_width: int = 256, mlp_depth: int = 4,
@@ -51,6 +57,28 @@ class FakeVelocity(nn.Module):
         full = self.adapter.complete_cond(self.network, cond, x.shape[0], x.device, x.dtype, null_text=null)
         x_in, timestep = self.io.network_input(x, t)
         return self.io.velocity(self.adapter.call(self.network, x_in, timestep, full), x, t)
+
+    def attach_discriminator(self, example: torch.Tensor, seed: int = 0) -> None:
+        """Give the network a discriminator head on its middle features (:func:`feature_module`), sized by one
+        forward of ``example`` (noise of the teacher's shape, on the network's device) and initialised from
+        ``seed`` without touching torch's global random state."""
+        from .errors import InputError
+        from .objectives.adversarial import DiscriminatorHead, pool_features
+
+        if self.io is None:
+            raise InputError("the adversarial term needs a teacher network to read features from; an exact 2-D "
+                             "teacher has none: set dm_gan_weight=0")
+        self.tap = FeatureTap(feature_module(self.network))
+        with torch.no_grad():
+            self(example, torch.full((example.shape[0],), 0.5, device=example.device))
+        channels = pool_features(self.tap.take()).shape[1]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.head = DiscriminatorHead(channels).to(example.device)
+
+    def discriminate(self) -> torch.Tensor:
+        """``(B,)`` logits of the head on the features of the network's last forward (real: positive)."""
+        return self.head(self.tap.take())
 
     def time_embedders(self) -> list[nn.Module]:
         """The copied network's timestep embedders (kept fp32 in bf16 runs); none for the MLP."""
@@ -77,6 +105,41 @@ class ExactResidual(nn.Module):
         with torch.no_grad():
             exact = self.velocity(x, t).to(x.dtype)
         return exact + self.mlp(x, s, t, cond)
+
+
+def feature_module(network: nn.Module) -> nn.Module:
+    """The module whose output the discriminator head reads: a diffusers UNet's ``mid_block``, else the middle
+    block of the network's largest block list (a transformer's ``transformer_blocks``)."""
+    from .errors import InputError
+
+    mid = getattr(network, "mid_block", None)  # (a diffusers attribute, None when the config has no mid block)
+    if isinstance(mid, nn.Module):
+        return mid
+    lists = [m for m in network.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise InputError(f"no middle block found in {type(network).__name__} for the discriminator head; set "
+                         "dm_gan_weight=0")
+    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    return blocks[len(blocks) // 2]
+
+
+class FeatureTap:
+    """Keeps the output of one module's last forward (the largest tensor of a tuple output)."""
+
+    def __init__(self, module: nn.Module):
+        self.features: torch.Tensor | None = None
+        self.handle = module.register_forward_hook(self.keep)
+
+    def keep(self, module, args, output) -> None:
+        tensors = [o for o in (output if isinstance(output, (tuple, list)) else (output,)) if torch.is_tensor(o)]
+        self.features = max(tensors, key=lambda o: o.numel())
+
+    def take(self) -> torch.Tensor:
+        """The features kept, handed over once (a second take without a forward between is a bug)."""
+        features, self.features = self.features, None
+        if features is None:
+            raise RuntimeError("no features: the tapped module did not run since the last take")
+        return features
 
 
 def copy_network(network: nn.Module) -> nn.Module:
@@ -118,6 +181,9 @@ class DmTerm:
 
         settings = DmSettings.from_run(cfg)
         fake = FakeVelocity.from_teacher(teacher, cfg.mlp_width, cfg.mlp_depth, cfg.dm_exact_fake).to(device)
+        if settings.gan_weight > 0:
+            fake.attach_discriminator(teacher.sample_noise(2, generator=torch.Generator().manual_seed(0)).to(device),
+                                      seed=cfg.seed)
         if cfg.mixed_precision != "no":
             scale.keep_time_embedders_fp32(fake)
         optimizer = torch.optim.AdamW(fake.parameters(), lr=settings.fake_lr or cfg.lr, weight_decay=cfg.weight_decay)
@@ -179,17 +245,41 @@ class DmTerm:
         with self.accelerator.autocast():
             loss, metrics = self.maths.student_loss(x_hat, self.teacher.velocity, self.wrapped, cond, cond, generator)
         if torch.isfinite(loss):
-            self.accelerator.backward(st.weight * loss)
+            total = st.weight * loss
+            if st.gan_weight > 0:
+                grad, gan_metrics = self.generator_gradient(x_hat, cond, generator)
+                total = total + st.gan_weight * through(x_hat, grad)
+                metrics = {**metrics, **gan_metrics}
+            self.accelerator.backward(total)
         return (x_hat.detach(), cond), {**metrics, "dm_rollout": k}
 
-    def fake_step(self, drawn: tuple, generator: torch.Generator) -> dict:
+    def generator_gradient(self, x_hat: torch.Tensor, cond: dict | None, generator: torch.Generator) -> tuple:
+        """``(d generator loss / d x_hat, metrics)``: the adversarial term's gradient on the student's samples,
+        taken through the fake network and its head at a noising like the term's own, without adding to the fake
+        network's gradients."""
+        st = self.settings
+        x = x_hat.detach().requires_grad_(True)
+        tau = draw_times(x.shape[0], st.time_min, st.time_max, "uniform", generator).to(x.device)
+        z = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+        with self.accelerator.autocast():
+            self.fake(interpolate(z, x, tau), tau, cond)
+            loss = generator_loss(self.fake.discriminate())
+        (grad,) = torch.autograd.grad(loss, x)
+        return torch.nan_to_num(grad), {"gan_g_loss": loss.item()}
+
+    def fake_step(self, drawn: tuple, generator: torch.Generator, real: torch.Tensor | None = None) -> dict:
         """``fake_updates`` flow-matching updates of the fake network on ``drawn``, the student's samples and
-        their conditioning as :meth:`student_step` returned them."""
+        their conditioning as :meth:`student_step` returned them; with the adversarial term, each also trains the
+        discriminator on them against ``real``, the batch's data rows (their first rows share that conditioning)."""
         samples, cond = drawn
-        losses = []
+        losses, gan = [], []
         for _ in range(self.settings.fake_updates):
             with self.accelerator.autocast():
-                loss = self.maths.fake_loss(self.wrapped, samples, self.fake.output_gain, cond, generator)
+                if self.settings.gan_weight > 0:
+                    loss, metrics = self.fake_and_discriminator_loss(samples, real, cond, generator)
+                    gan.append(metrics)
+                else:
+                    loss = self.maths.fake_loss(self.wrapped, samples, self.fake.output_gain, cond, generator)
             if not torch.isfinite(loss):  # a bad update is skipped, never applied
                 self.optimizer.zero_grad(set_to_none=True)
                 continue
@@ -199,7 +289,35 @@ class DmTerm:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
-        return {"dm_fake_loss": sum(losses) / len(losses)} if losses else {}
+        out = {"dm_fake_loss": sum(losses) / len(losses)} if losses else {}
+        for key in (gan[0] if gan else {}):
+            out[key] = sum(m[key] for m in gan) / len(gan)
+        return out
+
+    def fake_and_discriminator_loss(self, samples: torch.Tensor, real: torch.Tensor, cond: dict | None,
+                                    generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """The fake network's flow-matching loss on the student's samples plus ``gan_fake_weight`` times the
+        discriminator loss, the first real rows (as many as there are samples, at most) noised at the samples'
+        times (so time tells them nothing apart), in one forward of both."""
+        from .objectives.adversarial import discriminator_loss
+        from .objectives.base import cat_conds, select_cond
+        from .objectives.dm import fake_flow_matching_loss
+
+        st = self.settings
+        n = samples.shape[0]
+        m = min(n, real.shape[0])
+        real = real[:m].to(samples.device, samples.dtype)
+        tau = draw_times(n, 0.0, 1.0, st.fake_time, generator).to(samples.device)
+        z = torch.randn(samples.shape, generator=generator).to(samples.device, samples.dtype)
+        z_real = torch.randn(real.shape, generator=generator).to(samples.device, samples.dtype)
+        x = torch.cat([interpolate(z, samples.detach(), tau), interpolate(z_real, real, tau[:m])])
+        both = cat_conds(cond, select_cond(cond, torch.arange(m))) if cond else None
+        v = self.wrapped(x, torch.cat([tau, tau[:m]]), both)
+        logits = self.fake.discriminate()
+        fm = fake_flow_matching_loss(v[:n], samples.detach() - z, self.fake.output_gain(tau)).mean()
+        d = discriminator_loss(logits[n:], logits[:n])
+        return fm + st.gan_fake_weight * d, {"gan_d_loss": d.item(), "gan_real_logit": logits[n:].mean().item(),
+                                             "gan_fake_logit": logits[:n].mean().item()}
 
     def state(self) -> dict:
         """The checkpoint's part: the fake network's weights and its optimiser. Sharded: a collective, gathered whole

@@ -266,12 +266,15 @@ def _size(nbytes: float) -> str:
     return f"{nbytes:.1f} EB"
 
 
-def check_parallelism(cfg: RunConfig, sharded: bool) -> None:
-    """What FSDP does not carry yet: a LoRA student (the distribution-matching fake network is sharded like the
-    student, fake.DmTerm.prepare)."""
+def check_parallelism(cfg: RunConfig, sharded: bool, processes: int = 1) -> None:
+    """What several processes do not carry yet: a LoRA student under FSDP (the distribution-matching fake network
+    is sharded like the student, fake.DmTerm.prepare), and the adversarial term (one process, so far)."""
     if cfg.lora_rank > 0 and sharded:
         raise ConfigError("LoRA students under FSDP are not supported yet; use data parallel (the base is frozen, "
                           "so each GPU holds one copy of it plus the adapters)")
+    if cfg.dm_gan_weight > 0 and processes > 1:
+        raise ConfigError("dm_gan_weight (the adversarial term) runs in one process so far; launch one process or "
+                          "set dm_gan_weight=0")
 
 
 def keep_student_output(cfg: RunConfig, out, saved: dict | None) -> None:

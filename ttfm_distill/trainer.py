@@ -107,7 +107,7 @@ class Distillation:
         scale.check_mixed_precision(cfg.mixed_precision, "cpu" if on_cpu else "cuda")
         self.accelerator = scale.make_accelerator(cfg.mixed_precision, cfg.compile, cpu=on_cpu,
                                                   **accelerator_trackers(cfg, self.out))
-        check_parallelism(cfg, scale.is_sharded(self.accelerator))
+        check_parallelism(cfg, scale.is_sharded(self.accelerator), self.accelerator.num_processes)
         self.main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.log = (lambda msg: self.console.print(msg)) if self.main else (lambda msg: None)
@@ -246,6 +246,7 @@ class Distillation:
         batch, x1 = self.batches.draw(self.cfg.batch_size, step_generator(self.cfg.seed, self.accelerator.process_index, step))
         if step == self.start_step:
             self.first_batch = x1.double().sum().item()
+        self.data_rows = x1  # the adversarial term's real rows (fake.DmTerm.fake_step)
         return batch
 
     def train_step(self, step: int) -> float | None:
@@ -281,7 +282,8 @@ class Distillation:
                                  cfg.ema_offset_value())
             ema_update(self.ema, self.student, decay)
         if dm_on:  # then the fake network learns the student's samples of this step
-            step_metrics = {**step_metrics, **self.dm.fake_step(samples, batch.generator)}
+            real = self.data_rows.to(self.device)
+            step_metrics = {**step_metrics, **self.dm.fake_step(samples, batch.generator, real)}
         self.step_metrics = step_metrics
         lv = loss.item()
         if step % cfg.log_every == 0 or step == self.state.total_steps - 1:

@@ -174,3 +174,48 @@ def test_dm_stage_settings_are_checked():
         RunConfig(dm_stage_steps=10, dm_weight=0.3, dm_start_step=5).validate()
     with pytest.raises(ConfigError, match="dm_stage_lr"):
         RunConfig(dm_stage_steps=10, dm_weight=0.3, dm_stage_lr=0.0).validate()
+
+
+# ------------------------------------------------------------------------------ the adversarial term --------
+def test_the_adversarial_term_trains_a_head_moves_the_student_and_resumes_bit_for_bit(tiny_teacher_dir, tmp_path):
+    """dm_gan_weight: a discriminator head on the fake network's middle features, in the fake network's checkpoint
+    and optimiser, trained against the batch's data rows; it changes the student; a resume repeats it exactly."""
+    gan = dict(dm_gan_weight=0.5, dm_gan_fake_weight=1.0)
+    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "a", max_steps=8, **gan), show_progress=False)
+    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "b", max_steps=4, **gan), show_progress=False)
+    res = run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "b", max_steps=8, **gan), show_progress=False)
+    assert res.resumed_from == 4
+    for name in ("student.safetensors", "ema.safetensors", "fake.safetensors"):
+        a = load_file(tmp_path / "a" / "checkpoints" / "step-00000008" / name)
+        b = load_file(tmp_path / "b" / "checkpoints" / "step-00000008" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    fake4 = load_file(tmp_path / "b" / "checkpoints" / "step-00000004" / "fake.safetensors")
+    fake8 = load_file(tmp_path / "a" / "checkpoints" / "step-00000008" / "fake.safetensors")
+    head = [k for k in fake8 if k.startswith("head.")]
+    assert head and any(not torch.equal(fake4[k], fake8[k]) for k in head)  # the head is state, and it learns
+    rows = [json.loads(r) for r in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if r.get("kind") == "train" and "gan_d_loss" in r]
+    assert logged and all(k in logged[-1] for k in ("gan_g_loss", "gan_real_logit", "gan_fake_logit"))
+    # the same run without the term trains another student, and its fake network has no head
+    run_distillation(tiny_cfg(tiny_teacher_dir, tmp_path / "c", max_steps=8), show_progress=False)
+    s_gan = load_file(tmp_path / "a" / "checkpoints" / "step-00000008" / "student.safetensors")
+    s_off = load_file(tmp_path / "c" / "checkpoints" / "step-00000008" / "student.safetensors")
+    assert any(not torch.equal(s_gan[k], s_off[k]) for k in s_gan)
+    assert not any(k.startswith("head.") for k in load_file(tmp_path / "c" / "checkpoints" / "step-00000008" /
+                                                            "fake.safetensors"))
+
+
+def test_the_adversarial_term_is_refused_where_it_cannot_run():
+    from ttfm_distill.errors import ConfigError
+    from ttfm_distill.preflight import check_parallelism
+
+    with pytest.raises(ConfigError, match="dm_weight"):
+        RunConfig(dm_gan_weight=0.1, dm_weight=0.0).validate()
+    with pytest.raises(ConfigError, match="2-D"):
+        RunConfig(teacher="builtin:checkerboard", dm_gan_weight=0.1, dm_weight=0.3).validate()
+    with pytest.raises(ConfigError, match=">= 0"):
+        RunConfig(dm_gan_weight=-1.0).validate()
+    cfg = RunConfig(dm_gan_weight=0.1, dm_weight=0.3).validate()
+    check_parallelism(cfg, sharded=False, processes=1)
+    with pytest.raises(ConfigError, match="one process"):
+        check_parallelism(cfg, sharded=False, processes=2)

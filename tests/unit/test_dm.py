@@ -207,3 +207,45 @@ def test_the_dm_stage_is_the_default_for_a_flow_image_teachers_long_itvm_run_alo
     assert resolved(saved={"dm_weight": 0.0, "dm_stage_steps": 0}) == off
     assert resolved(saved={}) == off
     assert resolved(saved={"dm_weight": 0.3, "dm_stage_steps": 400}) == stage
+
+
+def test_the_adversarial_maths():
+    """Pooling of maps and tokens, the two non-saturating losses, and a gradient carried to the student."""
+    import torch.nn.functional as F
+
+    from ttfm_distill.objectives.adversarial import (DiscriminatorHead, discriminator_loss, generator_loss,
+                                                     pool_features, through)
+
+    maps = torch.arange(24.0).reshape(1, 2, 3, 4)
+    assert torch.allclose(pool_features(maps), maps.mean(dim=(2, 3)))
+    tokens = torch.arange(24.0).reshape(1, 4, 6)
+    assert torch.allclose(pool_features(tokens), tokens.mean(dim=1))
+    assert DiscriminatorHead(6)(tokens).shape == (1,)
+    real, fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 3.0])
+    assert torch.isclose(discriminator_loss(real, fake), F.softplus(-real).mean() + F.softplus(fake).mean())
+    assert torch.isclose(generator_loss(fake), F.softplus(-fake).mean())
+    # a confident discriminator: real high, fake low -> small discriminator loss, large generator loss
+    assert discriminator_loss(torch.tensor([9.0]), torch.tensor([-9.0])) < 1e-3 < generator_loss(torch.tensor([-9.0]))
+    x = torch.randn(3, 4, requires_grad=True)
+    g = torch.randn(3, 4)
+    through(x * 2, g).backward()
+    assert torch.allclose(x.grad, 2 * g)
+
+
+def test_the_discriminator_reads_the_middle_of_a_unet_and_of_a_transformer():
+    from diffusers import DiTTransformer2DModel, UNet2DModel
+
+    from ttfm_distill.fake import FeatureTap, feature_module
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1)
+    assert feature_module(unet) is unet.mid_block
+    tap = FeatureTap(feature_module(unet))
+    unet(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]))
+    assert tap.take().shape == (2, 16, 4, 4)
+    with pytest.raises(RuntimeError, match="did not run"):
+        tap.take()
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1)
+    assert feature_module(dit) is dit.transformer_blocks[1]

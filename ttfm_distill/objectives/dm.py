@@ -55,6 +55,10 @@ class DmSettings:
     start_step: int = 0
     #: rows of each step's batch that get a generated sample (the term's own batch)
     batch: int = 16
+    #: the adversarial term (objectives/adversarial.py): the student's generator loss weight (0 = off) and the
+    #: discriminator loss weight in the fake network's updates
+    gan_weight: float = 0.0
+    gan_fake_weight: float = 0.1
 
     @property
     def enabled(self) -> bool:
@@ -66,7 +70,8 @@ class DmSettings:
         return cls(weight=float(cfg.dm_weight), fake_lr=cfg.dm_fake_lr, fake_updates=int(cfg.dm_fake_updates),
                    time_min=float(cfg.dm_time_min), time_max=float(cfg.dm_time_max), fake_time=cfg.dm_fake_time,
                    rollout_steps=tuple(int(k) for k in cfg.dm_rollout_steps), start_step=int(cfg.dm_start_step),
-                   batch=int(cfg.dm_batch))
+                   batch=int(cfg.dm_batch), gan_weight=float(cfg.dm_gan_weight),
+                   gan_fake_weight=float(cfg.dm_gan_fake_weight))
 
 
 def draw_times(n: int, lo: float, hi: float, mode: str, generator: torch.Generator) -> torch.Tensor:
