@@ -104,6 +104,7 @@ def cases(teacher: Path, root: Path) -> list[tuple[str, list, Path, int]]:
         ("dm_fake_time bad", [*dry, "--set", "dm_fake_time=sideways", "--dry-run"], work, 2),
         ("dm time range", [*dry, "--set", "dm_time_min=0.99", "--dry-run"], work, 2),
         ("dm with LoRA", [*dry, "--set", "dm_weight=0.3", "--set", "lora_rank=4", "--dry-run"], work, 2),
+        ("gan without dm", [*dry, "--set", "dm_gan_weight=0.1", "--set", "dm_weight=0", "--dry-run"], work, 2),
         ("init_from missing", [*dry, "--set", f"init_from={root / 'no-such-run'}", "--dry-run"], work, 2),
         ("validate_every -1", [*dry, "--validate-every", "-1", "--dry-run"], work, 2),
         ("report_to unknown", [*dry, "--report-to", "nope", "--dry-run"], work, 2),
