@@ -140,6 +140,18 @@ def test_evaluation_counts_match_the_objectives_calls(loss, options, diagonal):
                                                        "teacher": ev.teacher}
 
 
+@pytest.mark.parametrize("loss,options,jvp", [("itvm", {}, False), ("lfmd", {}, False),
+                                              ("lfmd", {"derivative": "jvp"}, True), ("lsd", {"derivative": "jvp"}, True),
+                                              ("meanflow", {}, True), ("meanflow", {"derivative": "fd"}, False)])
+def test_the_planner_refuses_only_objectives_that_declare_a_jvp(loss, options, jvp):
+    assert make_objective(loss, **options).uses_jvp is jvp
+    if jvp:
+        with pytest.raises(PlanError, match="derivative=jvp is not counted"):
+            objective_evaluations(loss, options, 0.25)
+    else:
+        assert objective_evaluations(loss, options, 0.25).train >= 1
+
+
 def test_memory_terms_add_up(sd3_counts):
     c = sd3_counts
     ev = objective_evaluations("itvm", {}, 0.0)

@@ -166,6 +166,11 @@ class Objective:
     def validate(self) -> None:
         pass
 
+    @property
+    def uses_jvp(self) -> bool:
+        """Whether a step takes a forward-mode ``torch.func.jvp`` (the planner does not count those)."""
+        return False
+
     def __call__(self, student, teacher, batch: TrainBatch, ema=None) -> ObjectiveOutput:
         raise NotImplementedError
 

@@ -34,6 +34,10 @@ class LfmdObjective(Objective):
         adaptive_p: float = 0.0
         adaptive_c: float = 1e-3
 
+    @property
+    def uses_jvp(self) -> bool:
+        return self.options.derivative == "jvp"
+
     def validate(self):
         check_derivative_options("lfmd", self.options.derivative, self.options.fd_step)
         check_adaptive_options("lfmd", self.options.adaptive_p, self.options.adaptive_c)

@@ -93,6 +93,10 @@ class MeanFlowObjective(Objective):
         adaptive_p: float = 0.0
         adaptive_c: float = 1e-3
 
+    @property
+    def uses_jvp(self) -> bool:
+        return self.options.derivative == "jvp"
+
     def validate(self):
         o = self.options
         check_derivative_options("meanflow", o.derivative, o.fd_step)

@@ -211,7 +211,7 @@ def objective_evaluations(loss: str, options: dict, diagonal_fraction: float, gu
         raise PlanError(str(e).splitlines()[0]) from None
     o, d = obj.options, float(diagonal_fraction)
     off = 1.0 - d
-    if getattr(o, "derivative", "fd") == "jvp":
+    if obj.uses_jvp:
         raise PlanError(f"{loss}: derivative=jvp is not counted by the planner; plan with -L derivative=fd")
     if loss == "itvm":
         seg = 1 if o.teacher_solver == "euler" else 2
