@@ -40,8 +40,9 @@ def fit_point(warmup_steps: int) -> int:
 
 #: what a step of a distribution-matching stage (``dm_stage_steps``) costs against one of the steps before it, whose
 #: pace the warm-up measures: 5 fake-network updates and a student jump at dm_batch 16 on top of the objective's
-#: rows (the default run's stage on the project's 2-core CPU; docs/benchmarks.md, "The default run")
-STAGE_STEP_COST = 1.75
+#: rows (the default run alone on the project's 2-core AMD EPYC, two threads: 0.725 s against 0.229 s a step;
+#: docs/benchmarks.md, "The default run")
+STAGE_STEP_COST = 3.15
 
 
 def remaining_seconds(total: int, done: int, seconds_per_step: float, stage_steps: int = 0) -> float:

@@ -36,12 +36,12 @@ def test_fit_steps_fills_the_budget_between_the_floor_and_the_cap():
     # a distribution-matching stage's steps cost STAGE_STEP_COST plain ones: the count leaves room for them
     from ttfm_distill.budget import STAGE_STEP_COST, remaining_seconds
 
-    n = fit_steps(100.0, 5.0, 49, 0.1, cap=10_000, stage_steps=400)
-    assert n == 49 + 950 - math.ceil(400 * (STAGE_STEP_COST - 1) - 1e-9)
-    assert remaining_seconds(n, 49, 0.1, 400) <= 95.0 < remaining_seconds(n + 1, 49, 0.1, 400)
+    n = fit_steps(200.0, 5.0, 49, 0.1, cap=10_000, stage_steps=400)
+    assert n == 49 + 1950 - math.ceil(400 * (STAGE_STEP_COST - 1) - 1e-9)
+    assert remaining_seconds(n, 49, 0.1, 400) <= 195.0 < remaining_seconds(n + 1, 49, 0.1, 400)
     n = fit_steps(10.0, 5.0, 49, 0.1, cap=10_000, stage_steps=400)  # 50 steps' time: less than the stage
     assert n == 49 + math.floor(50 / STAGE_STEP_COST) and remaining_seconds(n, 49, 0.1, 400) <= 5.0
-    assert fit_steps(100.0, 5.0, 49, 0.1, cap=500, stage_steps=400) == 500  # the cap still caps
+    assert fit_steps(200.0, 5.0, 49, 0.1, cap=500, stage_steps=400) == 500  # the cap still caps
     # the fit happens one step before the warm-up ends, when nothing has read the total yet
     assert fit_point(50) == 49 and fit_point(1) == 0
 

@@ -178,7 +178,7 @@ def test_the_lr_schedule_ends_where_a_dm_stage_starts_and_restarts_there():
 
 def test_the_dm_stage_is_the_default_for_a_flow_image_teachers_long_itvm_run_alone():
     """Unset dm_weight and dm_stage_steps: a 400-step stage at weight 0.3 ends a flow image teacher's ITVM run of
-    2000 steps or more (chosen on the zoo's two flow teachers); every other run has no term; a given value wins;
+    DM_STAGE_MIN_RUN (1400) steps or more (chosen on the zoo's two flow teachers); every other run has no term; a given value wins;
     a folder written before the settings were automatic resumes without the term."""
     from ttfm_distill.config import DM_STAGE_MIN_RUN, DM_STAGE_STEPS, DM_STAGE_WEIGHT
 
@@ -188,7 +188,7 @@ def test_the_dm_stage_is_the_default_for_a_flow_image_teachers_long_itvm_run_alo
 
     stage = (DM_STAGE_WEIGHT, DM_STAGE_STEPS)
     assert resolved() == stage == (0.3, 400)
-    assert resolved(max_steps=DM_STAGE_MIN_RUN) == stage
+    assert resolved(max_steps=DM_STAGE_MIN_RUN) == stage and DM_STAGE_MIN_RUN == 1400
     off = (0.0, 0)
     for prediction_type, kw in [("epsilon", {}), ("v_prediction", {}), ("flow", {"max_steps": DM_STAGE_MIN_RUN - 1}),
                                 ("flow", {"lora_rank": 4}), ("flow", {"loss": "lsd"}),

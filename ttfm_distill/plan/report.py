@@ -134,7 +134,7 @@ def render(plan: Plan, console=None) -> None:
     if plan.dm != "none":
         console.print(f"Distribution matching: the fake network is {DM_WHAT[plan.dm]}; its terms are the 'fake' rows.")
     else:
-        console.print("Distribution matching not planned: a flow teacher's default run with a full student (2000 steps "
+        console.print("Distribution matching not planned: a flow teacher's default run with a full student (1400 steps "
                       "or more) ends with a stage that trains a full copy of the teacher; --dm full plans it, "
                       "--set dm_weight=0 runs without it.")
     console.print("[dim]assumptions: " + "; ".join(plan.assumptions) + ".[/]")
