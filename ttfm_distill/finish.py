@@ -9,6 +9,17 @@ from .fileio import write_json
 from .scale import full_tensor
 
 
+def recipe_line(cfg, total_steps: int) -> str:
+    """What the run trained, for the sample grid's title: the objective, the steps, and a distribution-matching
+    term or stage where the (resolved) run has one."""
+    steps = f"{int(total_steps)} steps"
+    if not cfg.dm_weight:
+        return f"{cfg.loss}, {steps}"
+    if cfg.dm_stage_steps:
+        return f"{cfg.loss}, {steps}, the last {int(cfg.dm_stage_steps)} with distribution matching"
+    return f"{cfg.loss} + distribution matching, {steps}"
+
+
 def distributed_report(accelerator, student, first_batch: float) -> dict | None:
     """Per-rank parameter checksums (equal if data parallel works) and first-batch checksums (different)."""
     if accelerator.num_processes == 1:
@@ -69,7 +80,7 @@ def finish_run(cfg, state, out, student, teacher, objective, seconds, history, d
     if teacher.is_latent:  # the grid shows images: decode the latents with the teacher's VAE
         rows = {k: torch.cat([teacher.decode(c.to(device)).cpu() for c in v.split(64)]) for k, v in rows.items()}
     save_comparison(rows, out / "samples.png", kind=teacher.kind, errors=errors,
-                    title=f"{teacher.name}: student ({cfg.loss}, {state.total_steps} steps) vs teacher, same noise")
+                    title=f"{teacher.name}: student ({recipe_line(cfg, state.total_steps)}) vs teacher, same noise")
     write_model_card(out / "student", metrics, state.command_settings(cfg.to_dict()), out / "samples.png",  # the export's README.md
                      curves=out / "training-curves.png")
     fme = metrics["flow_map_error"]

@@ -209,6 +209,16 @@ def test_the_dm_stage_is_the_default_for_a_flow_image_teachers_long_itvm_run_alo
     assert resolved(saved={"dm_weight": 0.3, "dm_stage_steps": 400}) == stage
 
 
+def test_the_sample_grid_title_names_the_stage_a_run_ended_with():
+    from ttfm_distill.finish import recipe_line
+
+    run = RunConfig().resolve_automatic("flow")
+    assert recipe_line(run, 3500) == "itvm, 3500 steps, the last 400 with distribution matching"
+    assert recipe_line(RunConfig().resolve_automatic("epsilon"), 3500) == "itvm, 3500 steps"
+    assert recipe_line(RunConfig(dm_weight=0.3, max_steps=800).resolve_automatic("flow"), 800) == \
+        "itvm + distribution matching, 800 steps"
+
+
 def test_the_adversarial_maths():
     """Pooling of maps and tokens, the two non-saturating losses, and a gradient carried to the student."""
     import torch.nn.functional as F
