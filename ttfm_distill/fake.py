@@ -307,14 +307,13 @@ class DmTerm:
         n = samples.shape[0]
         m = min(n, real.shape[0])
         real = real[:m].to(samples.device, samples.dtype)
-        tau = draw_times(n, 0.0, 1.0, st.fake_time, generator).to(samples.device)
-        z = torch.randn(samples.shape, generator=generator).to(samples.device, samples.dtype)
+        tau, x_fake, target = self.maths.fake_noising(samples, generator)
         z_real = torch.randn(real.shape, generator=generator).to(samples.device, samples.dtype)
-        x = torch.cat([interpolate(z, samples.detach(), tau), interpolate(z_real, real, tau[:m])])
+        x = torch.cat([x_fake, interpolate(z_real, real, tau[:m])])
         both = cat_conds(cond, select_cond(cond, torch.arange(m))) if cond else None
         v = self.wrapped(x, torch.cat([tau, tau[:m]]), both)
         logits = self.fake.discriminate()
-        fm = fake_flow_matching_loss(v[:n], samples.detach() - z, self.fake.output_gain(tau)).mean()
+        fm = fake_flow_matching_loss(v[:n], target, self.fake.output_gain(tau)).mean()
         d = discriminator_loss(logits[n:], logits[:n])
         return fm + st.gan_fake_weight * d, {"gan_d_loss": d.item(), "gan_real_logit": logits[n:].mean().item(),
                                              "gan_fake_logit": logits[:n].mean().item()}

@@ -282,7 +282,7 @@ class Distillation:
                                  cfg.ema_offset_value())
             ema_update(self.ema, self.student, decay)
         if dm_on:  # then the fake network learns the student's samples of this step
-            real = self.data_rows.to(self.device)
+            real = self.data_rows.to(self.device) if self.dm.settings.gan_weight > 0 else None  # its real rows
             step_metrics = {**step_metrics, **self.dm.fake_step(samples, batch.generator, real)}
         self.step_metrics = step_metrics
         lv = loss.item()

@@ -141,10 +141,14 @@ class DistributionMatching:
     def fake_loss(self, fake_velocity, x_hat: torch.Tensor, gain_fn, cond: dict | None,
                   generator: torch.Generator) -> torch.Tensor:
         """The fake network's flow-matching loss on detached student samples ``x_hat`` (scalar)."""
-        n = x_hat.shape[0]
-        tau = draw_times(n, 0.0, 1.0, self.settings.fake_time, generator).to(x_hat.device)
+        tau, x_tau, target = self.fake_noising(x_hat, generator)
+        per = fake_flow_matching_loss(fake_velocity(x_tau, tau, cond), target, gain_fn(tau))
+        return per.mean()
+
+    def fake_noising(self, x_hat: torch.Tensor, generator: torch.Generator) -> tuple:
+        """``(tau, x_tau, target)``: the fake network's training points on detached samples ``x_hat``, its times
+        drawn from ``fake_time``, then the noise, and the flow-matching target ``x_hat - z``."""
+        tau = draw_times(x_hat.shape[0], 0.0, 1.0, self.settings.fake_time, generator).to(x_hat.device)
         z = torch.randn(x_hat.shape, generator=generator).to(x_hat.device, x_hat.dtype)
         x1 = x_hat.detach()
-        x_tau = interpolate(z, x1, tau)
-        per = fake_flow_matching_loss(fake_velocity(x_tau, tau, cond), x1 - z, gain_fn(tau))
-        return per.mean()
+        return tau, interpolate(z, x1, tau), x1 - z
