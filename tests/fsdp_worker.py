@@ -291,6 +291,24 @@ def dm_part(run, report, sharded: bool):
             run(current, 4, **dm)
         current = "dmstage" + tag
         run(current, 3, dm_stage_steps=2, **dm)
+        if not sharded:  # a LoRA student's fake (adapters on the shared base) under data parallel
+            sums = report.setdefault("lora_fake_sums", {})
+            state_dm = DmTerm.state
+
+            def spy_state(self):  # every rank's fake adapters at each checkpoint
+                out = state_dm(self)
+                sums[current] = float(sum(v.double().sum() for v in out["fake"].values()))
+                return out
+
+            DmTerm.state = spy_state
+            try:
+                current = "dmlora"
+                run(current, 2, lora_rank=4, **dm)  # interrupted after step 2 ...
+                report["dmlora_resumed_from"] = run(current, 4, lora_rank=4, **dm).resumed_from  # ... resumed to 4
+                current = "dmloraref"
+                run(current, 4, lora_rank=4, **dm)
+            finally:
+                DmTerm.state = state_dm
         if sharded:  # bf16: the fake network's fp32 time embedders in units of their own, as the student's
             current = "dmbf16"
             report["dm_bf16_finished"] = run(current, 2, **{**dm, "mixed_precision": "bf16", "loss_options": {}}).steps

@@ -363,8 +363,9 @@ class RunConfig:
         if self.dm_gan_weight > 0 and self.exact_teacher():
             raise ConfigError("dm_gan_weight needs a teacher network to read features from; the exact 2-D teachers "
                               "have none: set dm_gan_weight=0")
-        if (self.dm_weight or 0) > 0 and int(self.lora_rank) > 0:
-            raise ConfigError("dm_weight is not supported with LoRA students yet; set dm_weight=0 or lora_rank=0")
+        if self.dm_gan_weight > 0 and int(self.lora_rank) > 0:
+            raise ConfigError("dm_gan_weight (the adversarial term) is not supported with LoRA students yet; set "
+                              "dm_gan_weight=0 or lora_rank=0")
 
     def trajectory_share(self, prediction_type: str = "flow") -> float:
         """The fraction of each batch on the pool's trajectories: ``trajectory_fraction``, or 0 when unset, for every

@@ -37,11 +37,13 @@ class FakeVelocity(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher: Teacher, mlp_width: int = 256, mlp_depth: int = 4,
-                     exact: str = "residual") -> "FakeVelocity":
-        """The fake network of ``teacher``: a trainable copy of its network, or for an exact teacher (no network)
+                     exact: str = "residual", student=None, seed: int = 0) -> "FakeVelocity":
+        """The fake network of ``teacher`` as ``student`` holds it (``FlowMapStudent.fake_network``; None: as a
+        full student does): a trainable copy of its network, for a LoRA student a second set of adapters on the
+        shared base (``lora.FakeAdapters``, drawn from ``seed``), or for an exact teacher (no network)
         ``exact="residual"``, its velocity plus a zero-started MLP (:class:`ExactResidual`), or ``"mlp"``, an MLP
         from random weights."""
-        network = teacher.trainable_copy()
+        network = teacher.trainable_copy() if student is None else student.fake_network(teacher, seed)
         if network is None:  # an exact teacher: nothing to copy
             from .mlp import MlpFlowMap
 
@@ -173,14 +175,17 @@ class DmTerm:
         self.sharded = scale.is_sharded(accelerator)
 
     @classmethod
-    def for_run(cls, cfg, state, teacher: Teacher, device, accelerator) -> "DmTerm":
-        """The run's term (``state``: the run's ``runstate.RunState``, whose step count places a stage): the fake network copied from the teacher (before the teacher is held in the training
-        precision), its time embedders kept fp32 in a mixed-precision run, and its own AdamW."""
+    def for_run(cls, cfg, state, teacher: Teacher, device, accelerator, student=None) -> "DmTerm":
+        """The run's term (``state``: the run's ``runstate.RunState``, whose step count places a stage): the fake
+        network as ``student``'s kind holds it (a copy of the teacher's network, made before the teacher is held in
+        the training precision; a LoRA student's: adapters on the shared base), its time embedders kept fp32 in a
+        mixed-precision run, and its own AdamW."""
         from . import scale
         from .objectives.dm import DmSettings
 
         settings = DmSettings.from_run(cfg)
-        fake = FakeVelocity.from_teacher(teacher, cfg.mlp_width, cfg.mlp_depth, cfg.dm_exact_fake).to(device)
+        fake = FakeVelocity.from_teacher(teacher, cfg.mlp_width, cfg.mlp_depth, cfg.dm_exact_fake, student,
+                                         seed=cfg.seed).to(device)
         if settings.gan_weight > 0:
             fake.attach_discriminator(teacher.sample_noise(2, generator=torch.Generator().manual_seed(0)).to(device),
                                       seed=cfg.seed)

@@ -102,6 +102,27 @@ class LoraFlowMap(TwoTimeFlowMap):
             self._teacher_mode = False
             set_adapters_enabled(self.network, True)
 
+    @contextlib.contextmanager
+    def one_time(self):
+        """Evaluate ``self.network`` with its adapters on but no second time (a velocity network: the fake)."""
+        self._teacher_mode = True
+        try:
+            yield self.network
+        finally:
+            self._teacher_mode = False
+
+    def adapter_tensors(self) -> dict:
+        """The adapters' own tensors (``lora_A``/``lora_B`` of every adapted layer), by name in ``self.network``."""
+        return {n: p for n, p in self.network.named_parameters() if ".lora_" in n}
+
+    def fake_network(self, teacher, seed: int = 0) -> nn.Module:
+        """The distribution-matching fake network of a LoRA student: a second set of adapters on the one frozen
+        base (:class:`FakeAdapters`), so the base is held once; at step 0 it is the teacher."""
+        return FakeAdapters(self, seed)
+
+    def take_weights_from(self, ema: nn.Module) -> None:
+        self.load_trainable_state_dict(ema.state_dict())
+
     def trainable_state_dict(self) -> dict:
         """The trained tensors only (adapters and second-time embedding), detached, by parameter name."""
         return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
@@ -230,6 +251,44 @@ class LoraFlowMap(TwoTimeFlowMap):
             raise damaged(folder, e) from None
         student.teacher_view = BaseWeightsTeacher(teacher, student)
         return placed(student, device, torch_dtype or kwargs.get("dtype"))
+
+
+class FakeAdapters(nn.Module):
+    """A second set of LoRA adapters on a LoRA student's network, evaluated as a velocity network: the student's
+    adapter tensors are swapped for these through ``torch.func.functional_call`` (nothing is modified in place, so
+    the student's graph of the step stays valid) and the second time is off. The ``B`` matrices start at zero, so at
+    step 0 it is the teacher; ``A`` is drawn as peft draws it, from ``seed`` alone. Only these tensors are trained,
+    saved and averaged: the base weights stay the teacher's, held once. Reads as the diffusers network it wraps
+    (``config`` and the rest), so a family adapter calls it as it calls the network."""
+
+    def __init__(self, student: LoraFlowMap, seed: int = 0):
+        super().__init__()
+        object.__setattr__(self, "student", student)  # not a submodule: the base and the student's adapters are not ours
+        generator = torch.Generator().manual_seed(int(seed))
+        #: by the student's adapter names with "/" for "." (a parameter name has no dots)
+        self.weights = nn.ParameterDict()
+        for name, like in student.adapter_tensors().items():
+            value = torch.zeros(like.shape, dtype=like.dtype)
+            if ".lora_A." in name:  # (peft's init: kaiming-uniform with a = sqrt(5), i.e. bound 1 / sqrt(fan_in))
+                bound = 1.0 / float(like[0].numel()) ** 0.5
+                value.uniform_(-bound, bound, generator=generator)
+            self.weights[name.replace(".", "/")] = nn.Parameter(value.to(like.device))
+
+    def tensors(self) -> dict:
+        """The fake's tensors by their names in the student's network."""
+        return {key.replace("/", "."): value for key, value in self.weights.items()}
+
+    def forward(self, *args, **kwargs):
+        with self.student.one_time() as network:
+            return torch.func.functional_call(network, self.tensors(), args, kwargs, strict=False)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "student" or "student" not in self.__dict__:
+                raise
+            return getattr(self.student.network, name)
 
 
 class AdapterEma(nn.Module):

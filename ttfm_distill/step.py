@@ -51,8 +51,5 @@ def begin_stage(student, ema, optimizer) -> None:
     would begin: the student takes its EMA's weights (and the EMA, equal to them, restarts its warm-up there) and
     the optimiser's moments are cleared (the lr schedule restarts in ``schedules.lr_factor``)."""
     if ema is not None:
-        from .scale import set_full_tensor
-
-        for p, e in zip(student.parameters(), ema.parameters()):
-            set_full_tensor(p, e)  # the EMA is whole on every rank; an FSDP shard keeps its slice
+        student.take_weights_from(ema)
     optimizer.state.clear()

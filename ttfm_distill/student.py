@@ -361,6 +361,20 @@ class FlowMapStudent(ModelMixin):
         for pe, pm in zip(self.parameters(), model.parameters()):
             pe.lerp_(full_tensor(pm.detach()).to(pe.dtype), 1.0 - decay)
 
+    @torch.no_grad()
+    def take_weights_from(self, ema: nn.Module) -> None:
+        """Set the trained tensors to those of ``ema`` (this student's :meth:`make_ema`; the EMA is whole on every
+        rank, an FSDP shard keeps its slice)."""
+        from .scale import set_full_tensor
+
+        for p, e in zip(self.parameters(), ema.parameters()):
+            set_full_tensor(p, e)
+
+    def fake_network(self, teacher, seed: int = 0) -> nn.Module | None:
+        """The distribution-matching term's fake velocity network as this kind of student holds it: a trainable
+        copy of the teacher's network (``None`` for a teacher without one, the exact 2-D teachers)."""
+        return teacher.trainable_copy()
+
 
 class TwoTimeFlowMap(FlowMapStudent):
     """``phi(x, s, t)`` built on a diffusers denoiser.

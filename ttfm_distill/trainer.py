@@ -194,7 +194,7 @@ class Distillation:
         if cfg.dm_weight > 0:  # the fake network copies the teacher before it is held in the training precision
             from .fake import DmTerm
 
-            self.dm = DmTerm.for_run(cfg, self.state, self.teacher, self.device, self.accelerator)
+            self.dm = DmTerm.for_run(cfg, self.state, self.teacher, self.device, self.accelerator, student)
         if cfg.lora_rank == 0 and self.teacher.has_network:  # (a LoRA teacher is the student's own base)
             scale.prepare_frozen(self.accelerator, self.teacher.network, cfg.mixed_precision)  # bf16; FSDP: sharded
         if cfg.gradient_checkpointing:

@@ -165,6 +165,47 @@ def test_dm_stage_resumes_bit_for_bit_across_its_start(tiny_teacher_dir, tmp_pat
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
 
 
+def test_a_lora_students_stage_takes_its_ema_trains_fake_adapters_and_resumes_bit_for_bit(tiny_teacher_dir, tmp_path):
+    """With a LoRA student the fake network is a second set of adapters on the shared base (no copy of it): in
+    the checkpoint, untouched before the stage and trained in it; the stage starts the student from its EMA's
+    adapters; a run killed after the step-3 checkpoint resumes to the same weights."""
+    import shutil
+
+    kw = dict(max_steps=6, checkpoint_every=3, keep_checkpoints=5, dm_stage_steps=3, lora_rank=4,
+              dm_stage_lr=1e-12, warmup_steps=1)
+    a = tmp_path / "a"
+    run_distillation(tiny_cfg(tiny_teacher_dir, a, **kw), show_progress=False)
+    student3, ema3, student6 = _ckpt(a, 3), _ckpt(a, 3, "ema.safetensors"), _ckpt(a, 6)
+    from ttfm_distill.teachers.loading import load_teacher
+
+    base = sum(p.numel() for p in load_teacher(str(tiny_teacher_dir)).network.parameters())
+    adapters = {k: v for k, v in student3.items() if ".lora_" in k}
+    fake3, fake6 = _ckpt(a, 3, "fake.safetensors"), _ckpt(a, 6, "fake.safetensors")
+    assert sum(v.numel() for v in fake3.values()) == sum(v.numel() for v in adapters.values()) < base
+    named = {k.removeprefix("network.weights.").replace("/", "."): v for k, v in fake3.items()}
+    assert {f"network.{k}" for k in named} == set(adapters)  # the student's adapter names
+    assert all(v.abs().sum() == 0 for k, v in named.items() if ".lora_B." in k)  # the teacher's
+    assert any(not torch.equal(fake3[k], fake6[k]) for k in fake3)  # trained in the stage
+    moved = [k for k in adapters if not torch.allclose(student3[k], ema3[k], atol=1e-6)]
+    assert moved and all(torch.allclose(student6[k], ema3[k], atol=1e-6) for k in moved)  # (stage lr ~ 0)
+    assert not any("fake" in p.name for p in (a / "student").rglob("*"))
+    b = tmp_path / "b"
+    shutil.copytree(a, b)  # b as a kill just after the step-3 checkpoint would have left it
+    for name in ("student", "metrics.json", "checkpoints/step-00000006"):
+        path = b / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    res = run_distillation(tiny_cfg(tiny_teacher_dir, b, **kw), show_progress=False)
+    assert res.resumed_from == 3
+    for name in ("student.safetensors", "ema.safetensors", "fake.safetensors", "fake_optimizer.pt"):
+        if name.endswith(".pt"):
+            x = torch.load(a / "checkpoints/step-00000006" / name, weights_only=True)["state"]
+            y = torch.load(b / "checkpoints/step-00000006" / name, weights_only=True)["state"]
+            assert x and all(torch.equal(x[k]["exp_avg"], y[k]["exp_avg"]) for k in x)
+            continue
+        x, y = _ckpt(a, 6, name), _ckpt(b, 6, name)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+
+
 def test_dm_stage_settings_are_checked():
     from ttfm_distill.errors import ConfigError
 

@@ -217,3 +217,19 @@ def test_accelerate_fsdp2_shards_the_fake_network_and_its_run_resumes_as_data_pa
     stage = out / "{}" / "checkpoints" / "step-00000003" / "student.safetensors"
     assert max_diff(load_file(str(stage).format("dmstage")), load_file(str(stage).format("dmstageddp")),
                     skip=[ZERO_GRADIENT]) < 1e-6
+
+
+def test_a_lora_students_fake_adapters_stay_in_step_across_ranks_and_resume_bit_for_bit(run):
+    """Data parallel with a LoRA student and the term: the fake adapters' gradients are averaged (both ranks hold
+    the same fake at every checkpoint), and a run interrupted at step 2 and resumed to 4 ends where the straight
+    run ends, student, EMA and fake."""
+    out, ranks, _ = run
+    a, b = (r["lora_fake_sums"] for r in ranks)
+    assert a == b and a["dmlora"] != 0.0
+    assert ranks[0]["dmlora_resumed_from"] == 2
+    step = out / "{}" / "checkpoints" / "step-00000004"
+    for name in ("student.safetensors", "ema.safetensors", "fake.safetensors"):
+        x, y = load_file(str(step / name).format("dmlora")), load_file(str(step / name).format("dmloraref"))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    fake2 = load_file(str(out / "dmlora" / "checkpoints" / "step-00000002" / "fake.safetensors"))
+    assert max_diff(fake2, load_file(str(step / "fake.safetensors").format("dmlora"))) > 0  # it trained

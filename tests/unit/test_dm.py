@@ -93,7 +93,7 @@ def test_data_estimate_is_the_end_point_of_the_velocity():
 def test_settings_are_checked_in_one_line():
     for bad in ({"dm_weight": -1.0}, {"dm_time_min": 0.9, "dm_time_max": 0.5}, {"dm_fake_time": "beta"},
                 {"dm_rollout_steps": [0]}, {"dm_rollout_steps": []}, {"dm_fake_updates": 0},
-                {"dm_weight": 0.5, "lora_rank": 4}, {"init_from": "/nonexistent/run"}):
+                {"dm_weight": 0.5, "dm_gan_weight": 0.1, "lora_rank": 4}, {"init_from": "/nonexistent/run"}):
         with pytest.raises(ConfigError) as e:
             RunConfig(**bad).validate()
         assert "\n" not in str(e.value) and len(str(e.value)) <= 200
@@ -111,6 +111,48 @@ def test_the_fake_network_starts_as_the_teacher_and_never_applies_guidance(tiny_
         assert torch.equal(fake(x, t), teacher.velocity(x, t))
     assert all(p.requires_grad for p in fake.parameters())
     assert not any(p.requires_grad for p in teacher.parameters())  # a copy: the teacher stays frozen
+
+
+def test_a_lora_students_fake_is_adapters_on_the_shared_base_and_starts_as_the_teacher(tiny_teacher_dir):
+    """The fake of a LoRA student holds no copy of the base: a second set of adapters, equal to the teacher at step
+    0 (even after the student's adapters moved), trained alone, with the second time off."""
+    from ttfm_distill.fake import FakeVelocity
+    from ttfm_distill.lora import FakeAdapters, build_lora_student
+    from ttfm_distill.teachers.loading import load_teacher
+
+    teacher = load_teacher(str(tiny_teacher_dir))
+    student, view = build_lora_student(teacher, RunConfig(lora_rank=4, seed=0))
+    x, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0.1, 0.5, 0.9])
+    with torch.no_grad():
+        for name, p in student.adapter_tensors().items():  # the student has moved away from the teacher
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+        student.second_time.linear_2.bias.add_(0.1)  # (the fake must not add the second time)
+        teacher_v = view.velocity(x, t)
+        assert not torch.allclose(student(x, t, t), teacher_v, atol=1e-4)
+    fake = FakeVelocity.from_teacher(view, student=student, seed=3)
+    assert isinstance(fake.network, FakeAdapters)
+    base = sum(p.numel() for n, p in student.network.named_parameters() if ".lora_" not in n)
+    adapters = sum(p.numel() for p in student.adapter_tensors().values())
+    assert sum(p.numel() for p in fake.parameters()) == adapters < base / 2  # no copy of the base
+    with torch.no_grad():
+        assert torch.allclose(fake(x, t), teacher_v, atol=1e-6)
+    # its A matrices come from the seed alone, as peft draws them; its B matrices start at zero
+    again = FakeVelocity.from_teacher(view, student=student, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(fake.parameters(), again.parameters()))
+    assert all(torch.count_nonzero(w) == 0 for n, w in fake.network.tensors().items() if ".lora_B." in n)
+    # training it moves its own tensors only: the student's adapters and the base get no gradient
+    before = {n: p.detach().clone() for n, p in student.network.named_parameters()}
+    (fake(x, t) - 1.0).pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in fake.network.tensors().items()
+               if ".lora_B." in n)
+    assert all(p.grad is None for p in student.parameters())
+    with torch.no_grad():
+        for p in fake.parameters():
+            p.sub_(0.1 * p.grad)
+        assert not torch.allclose(fake(x, t), teacher_v, atol=1e-4)  # the fake moved,
+        assert torch.allclose(view.velocity(x, t), teacher_v, atol=1e-6)  # the teacher did not,
+    assert all(torch.equal(p, before[n]) for n, p in student.network.named_parameters())  # nor the student
+    assert set(fake.state_dict()) == {"network.weights." + n.replace(".", "/") for n in student.adapter_tensors()}
 
 
 def test_an_exact_teachers_fake_starts_as_the_teacher_and_trains_only_its_residual():
@@ -201,8 +243,7 @@ def test_the_dm_stage_is_the_default_for_a_flow_image_teachers_long_itvm_run_alo
     assert resolved(dm_weight=0.0) == off
     # a stage asked for brings the term's weight, on any teacher (an epsilon one is warned about at the run's start)
     assert resolved("epsilon", dm_stage_steps=100) == (0.3, 100)
-    with pytest.raises(ConfigError, match="LoRA"):
-        resolved(lora_rank=4, dm_stage_steps=100)
+    assert resolved(lora_rank=4, dm_stage_steps=100) == (0.3, 100)  # asked for: a LoRA student's fake is adapters
     # resumed: what the folder ran with, and no term for a folder from before the settings existed
     assert resolved(saved={"dm_weight": 0.0, "dm_stage_steps": 0}) == off
     assert resolved(saved={}) == off
