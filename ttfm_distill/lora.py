@@ -79,6 +79,8 @@ class LoraFlowMap(TwoTimeFlowMap):
     def __init__(self, network: nn.Module, second_time_input: str = "delta", **kwargs):
         super().__init__(network, second_time_input=second_time_input, **kwargs)
         self._teacher_mode = False
+        #: the adapter tensors swapped in for this call (:meth:`swapped_adapters`), None: the student's own
+        self._swap: dict | None = None
         #: the layer names the adapters were put on (``add_lora``)
         self.lora_targets: list[str] = []
 
@@ -103,13 +105,37 @@ class LoraFlowMap(TwoTimeFlowMap):
             set_adapters_enabled(self.network, True)
 
     @contextlib.contextmanager
-    def one_time(self):
-        """Evaluate ``self.network`` with its adapters on but no second time (a velocity network: the fake)."""
-        self._teacher_mode = True
+    def swapped_adapters(self, tensors: dict | None):
+        """Evaluate ``self.network`` as a velocity network with ``tensors`` (adapter tensors by name, same shapes)
+        in place of the student's adapters and no second time: the fake network (:class:`FakeAdapters`). The
+        tensors are swapped in, not copied, so the student's graph of the step stays valid and their gradients
+        reach them. ``None``: the student's own adapters. Checkpointed blocks recompute with what the call ran
+        with (:meth:`_call_state`)."""
+        modules = dict(self.network.named_modules())
+        saved = []
+        for name, value in (tensors or {}).items():
+            owner, _, leaf = name.rpartition(".")
+            saved.append((modules[owner], leaf, modules[owner]._parameters[leaf]))
+            modules[owner]._parameters[leaf] = value
+        mode, swap = self._teacher_mode, self._swap
+        self._teacher_mode, self._swap = tensors is not None, tensors
         try:
             yield self.network
         finally:
-            self._teacher_mode = False
+            self._teacher_mode, self._swap = mode, swap
+            for module, leaf, value in reversed(saved):
+                module._parameters[leaf] = value
+
+    def _call_state(self):
+        recompute_second_time = super()._call_state()
+        swap = self._swap
+
+        @contextlib.contextmanager
+        def state():
+            with recompute_second_time(), self.swapped_adapters(swap):
+                yield
+
+        return state
 
     def adapter_tensors(self) -> dict:
         """The adapters' own tensors (``lora_A``/``lora_B`` of every adapted layer), by name in ``self.network``."""
@@ -255,8 +281,9 @@ class LoraFlowMap(TwoTimeFlowMap):
 
 class FakeAdapters(nn.Module):
     """A second set of LoRA adapters on a LoRA student's network, evaluated as a velocity network: the student's
-    adapter tensors are swapped for these through ``torch.func.functional_call`` (nothing is modified in place, so
-    the student's graph of the step stays valid) and the second time is off. The ``B`` matrices start at zero, so at
+    adapter tensors are swapped for these (``LoraFlowMap.swapped_adapters``: nothing is modified in place, so the
+    student's graph of the step stays valid, and a checkpointed block recomputes with them) and the second time is
+    off. The ``B`` matrices start at zero, so at
     step 0 it is the teacher; ``A`` is drawn as peft draws it, from ``seed`` alone. Only these tensors are trained,
     saved and averaged: the base weights stay the teacher's, held once. Reads as the diffusers network it wraps
     (``config`` and the rest), so a family adapter calls it as it calls the network."""
@@ -279,8 +306,8 @@ class FakeAdapters(nn.Module):
         return {key.replace("/", "."): value for key, value in self.weights.items()}
 
     def forward(self, *args, **kwargs):
-        with self.student.one_time() as network:
-            return torch.func.functional_call(network, self.tensors(), args, kwargs, strict=False)
+        with self.student.swapped_adapters(self.tensors()) as network:
+            return network(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:

@@ -464,12 +464,18 @@ class TwoTimeFlowMap(FlowMapStudent):
         """
         import torch.utils.checkpoint as checkpoint
 
-        pending = self._pending
+        recompute = self._call_state()
 
         def contexts():
-            return contextlib.nullcontext(), self._second_time_as(pending)
+            return contextlib.nullcontext(), recompute()
 
         return checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, context_fn=contexts)
+
+    def _call_state(self):
+        """A context factory that puts back, while backward recomputes a block, what this call ran with: its
+        second time (a LoRA student adds the weights it ran with)."""
+        pending = self._pending
+        return lambda: self._second_time_as(pending)
 
     @contextlib.contextmanager
     def _second_time_as(self, pending: torch.Tensor | None):

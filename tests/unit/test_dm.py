@@ -155,6 +155,38 @@ def test_a_lora_students_fake_is_adapters_on_the_shared_base_and_starts_as_the_t
     assert set(fake.state_dict()) == {"network.weights." + n.replace(".", "/") for n in student.adapter_tensors()}
 
 
+def test_a_lora_fakes_gradients_survive_gradient_checkpointing(tiny_teacher_dir):
+    """Backward recomputes a checkpointed block after the fake's call has returned: it must recompute it with the
+    fake's adapters and without the second time, so the fake's gradients are those of the plain network."""
+    from ttfm_distill.fake import FakeVelocity
+    from ttfm_distill.lora import build_lora_student
+    from ttfm_distill.teachers.loading import load_teacher
+
+    x, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0.1, 0.5, 0.9])
+    grads = []
+    for checkpointing in (False, True):
+        student, view = build_lora_student(load_teacher(str(tiny_teacher_dir)), RunConfig(lora_rank=4, seed=0))
+        with torch.no_grad():
+            for name, p in student.adapter_tensors().items():  # the student's adapters differ from the fake's
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+            student.second_time.linear_2.bias.add_(0.1)
+        if checkpointing:
+            student.enable_gradient_checkpointing()
+        fake = FakeVelocity.from_teacher(view, student=student, seed=3)
+        with torch.no_grad():
+            for p in fake.parameters():  # a fake that has trained a little
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        student(x, t, t).pow(2).mean().backward()  # a student call between the fake's forward and its backward
+        student.zero_grad(set_to_none=True)
+        v = fake(x, t)
+        student(x, 0 * t, t).sum()  # (another call in between, without backward)
+        (v - 1.0).pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in fake.named_parameters()})
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys()
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+
+
 def test_an_exact_teachers_fake_starts_as_the_teacher_and_trains_only_its_residual():
     """An exact teacher has no network to copy: the fake is its velocity plus a zero-started MLP (dm_exact_fake
     resolved to residual), so it equals the teacher at step 0; "mlp" is the fresh MLP of earlier folders."""
