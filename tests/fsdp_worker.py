@@ -291,7 +291,7 @@ def dm_part(run, report, sharded: bool):
             run(current, 4, **dm)
         current = "dmstage" + tag
         run(current, 3, dm_stage_steps=2, **dm)
-        if not sharded:  # a LoRA student's fake (adapters on the shared base) under data parallel
+        if not sharded:  # a LoRA student's fake (adapters on the shared base) and the adversarial term, data parallel
             sums = report.setdefault("lora_fake_sums", {})
             state_dm = DmTerm.state
 
@@ -307,6 +307,12 @@ def dm_part(run, report, sharded: bool):
                 report["dmlora_resumed_from"] = run(current, 4, lora_rank=4, **dm).resumed_from  # ... resumed to 4
                 current = "dmloraref"
                 run(current, 4, lora_rank=4, **dm)
+                gan = dict(dm, dm_gan_weight=0.5, dm_gan_fake_weight=1.0)  # the adversarial term's head too
+                current = "dmgan"
+                run(current, 2, **gan)
+                report["dmgan_resumed_from"] = run(current, 4, **gan).resumed_from
+                current = "dmganref"
+                run(current, 4, **gan)
             finally:
                 DmTerm.state = state_dm
         if sharded:  # bf16: the fake network's fp32 time embedders in units of their own, as the student's

@@ -267,14 +267,14 @@ def _size(nbytes: float) -> str:
 
 
 def check_parallelism(cfg: RunConfig, sharded: bool, processes: int = 1) -> None:
-    """What several processes do not carry yet: a LoRA student under FSDP (the distribution-matching fake network
-    is sharded like the student, fake.DmTerm.prepare), and the adversarial term (one process, so far)."""
+    """What several processes do not carry yet: a LoRA student and the adversarial term under FSDP (data parallel
+    runs both; the distribution-matching fake network is sharded like the student, fake.DmTerm.prepare)."""
     if cfg.lora_rank > 0 and sharded:
         raise ConfigError("LoRA students under FSDP are not supported yet; use data parallel (the base is frozen, "
                           "so each GPU holds one copy of it plus the adapters)")
-    if cfg.dm_gan_weight > 0 and processes > 1:
-        raise ConfigError("dm_gan_weight (the adversarial term) runs in one process so far; launch one process or "
-                          "set dm_gan_weight=0")
+    if cfg.dm_gan_weight > 0 and sharded:
+        raise ConfigError("dm_gan_weight (the adversarial term) is not supported under FSDP yet; use data parallel "
+                          "or set dm_gan_weight=0")
 
 
 def keep_student_output(cfg: RunConfig, out, saved: dict | None) -> None:

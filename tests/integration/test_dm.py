@@ -258,5 +258,6 @@ def test_the_adversarial_term_is_refused_where_it_cannot_run():
         RunConfig(dm_gan_weight=-1.0).validate()
     cfg = RunConfig(dm_gan_weight=0.1, dm_weight=0.3).validate()
     check_parallelism(cfg, sharded=False, processes=1)
-    with pytest.raises(ConfigError, match="one process"):
-        check_parallelism(cfg, sharded=False, processes=2)
+    check_parallelism(cfg, sharded=False, processes=2)  # data parallel: tests/integration/test_fsdp.py
+    with pytest.raises(ConfigError, match="FSDP"):
+        check_parallelism(cfg, sharded=True, processes=2)

@@ -233,3 +233,20 @@ def test_a_lora_students_fake_adapters_stay_in_step_across_ranks_and_resume_bit_
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
     fake2 = load_file(str(out / "dmlora" / "checkpoints" / "step-00000002" / "fake.safetensors"))
     assert max_diff(fake2, load_file(str(step / "fake.safetensors").format("dmlora"))) > 0  # it trained
+
+
+def test_the_adversarial_term_under_data_parallel_keeps_ranks_in_step_and_resumes_bit_for_bit(run):
+    """The discriminator head rides in the fake network: its gradients are averaged with the fake's (both ranks hold
+    the same fake and head at every checkpoint), and an interrupted run resumes to the straight run's weights."""
+    out, ranks, _ = run
+    a, b = (r["lora_fake_sums"] for r in ranks)
+    assert a["dmgan"] == b["dmgan"] and a["dmganref"] == b["dmganref"]
+    assert ranks[0]["dmgan_resumed_from"] == 2
+    step = out / "{}" / "checkpoints" / "step-00000004"
+    for name in ("student.safetensors", "ema.safetensors", "fake.safetensors"):
+        x, y = load_file(str(step / name).format("dmgan")), load_file(str(step / name).format("dmganref"))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    fake = load_file(str(step / "fake.safetensors").format("dmgan"))
+    head2 = load_file(str(out / "dmgan" / "checkpoints" / "step-00000002" / "fake.safetensors"))
+    head = [k for k in fake if k.startswith("head.")]
+    assert head and any(not torch.equal(fake[k], head2[k]) for k in head)  # the head is state, and it learns
