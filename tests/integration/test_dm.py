@@ -206,6 +206,18 @@ def test_a_lora_students_stage_takes_its_ema_trains_fake_adapters_and_resumes_bi
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
 
 
+def test_a_lora_student_with_the_term_runs_in_bf16(tiny_teacher_dir, tmp_path):
+    """Under bf16 autocast the LoRA fake's adapters stay fp32, the shared time embedders fp32, the losses finite."""
+    out = tmp_path / "bf16"
+    run_distillation(tiny_cfg(tiny_teacher_dir, out, max_steps=4, lora_rank=4, mixed_precision="bf16"),
+                     show_progress=False)
+    fake = _ckpt(out, 4, "fake.safetensors")
+    assert fake and all(v.dtype == torch.float32 for v in fake.values())
+    assert any(v.abs().sum() > 0 for k, v in fake.items() if "lora_B" in k)  # it trained from B = 0
+    rows = [json.loads(r) for r in (out / "train_log.jsonl").read_text().splitlines() if '"dm_loss"' in r]
+    assert rows and all(torch.isfinite(torch.tensor([r["loss"], r["dm_loss"], r["dm_fake_loss"]])).all() for r in rows)
+
+
 def test_dm_stage_settings_are_checked():
     from ttfm_distill.errors import ConfigError
 
