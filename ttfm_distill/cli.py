@@ -363,7 +363,8 @@ def plan(
     lora_rank: int = typer.Option(16, "--lora-rank", help="Rank of the LoRA student planned beside the full one (0: none)."),
     ema: bool = typer.Option(False, "--ema", help="Count an EMA copy (runs with --ema-decay > 0)."),
     guidance: bool = typer.Option(False, "--guidance", help="Baked classifier-free guidance (two teacher passes per evaluation)."),
-    dm: str = typer.Option("none", "--dm", help="Distribution matching (runs with dm_weight > 0; a flow teacher's default full-student run ends with it): the fake network as a full copy of the teacher (full), LoRA adapters on it (lora), or none."),
+    dm: bool = typer.Option(False, "--dm", help="Plan distribution matching (runs with dm_weight > 0; a flow teacher's default full-student run ends with it): the fake network as each student holds it (full: a copy of the teacher; LoRA: adapters on the shared base)."),
+    dm_fake_updates: int = typer.Option(5, "--dm-fake-updates", help="Fake-network updates per generated sample (the run's dm_fake_updates)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per-GPU batch to plan for (default: the largest that fits)."),
     headroom: float = typer.Option(0.10, "--headroom", help="Share of GPU memory kept free (CUDA context, fragmentation)."),
     subfolder: Optional[str] = typer.Option(None, "--subfolder", help="Denoiser subfolder of a pipeline folder."),
@@ -379,15 +380,11 @@ def plan(
             raise PlanError(f"--diagonal-fraction must be in [0, 1], got {diagonal_fraction}")
         if lora_rank < 0 or (batch_size is not None and batch_size < 1) or (text_tokens is not None and text_tokens < 0):
             raise PlanError("--lora-rank and --text-tokens must be >= 0 and --batch-size >= 1")
-        from .plan.estimate import DM_FAKES
-
-        if dm not in DM_FAKES:
-            raise PlanError(f"--dm must be one of {', '.join(DM_FAKES)}, got {dm!r}")
         memory = parse_memory(gpu_memory) if gpu_memory else None
         ev = objective_evaluations(loss, parse_options(loss_option, "--loss-option"), diagonal_fraction, guidance)
         counts = count(resolve_teacher(teacher, subfolder), lora_rank, text_tokens, resolution)
         result = make_plan(counts, ev, gpus=gpus, gpu=gpu.upper(), gpu_memory=memory, mfu=mfu, headroom=headroom,
-                           ema=ema, batch_size=batch_size, dm=dm)
+                           ema=ema, batch_size=batch_size, dm=dm, dm_fake_updates=dm_fake_updates)
         render(result)
         if json_out is not None:
             from .fileio import write_json

@@ -200,31 +200,69 @@ def test_held_teacher_bytes_equal_a_teacher_held_by_the_trainer(name):
 
 
 def test_distribution_matching_adds_the_fake_network_and_its_evaluations(sd3_counts):
-    """--dm full: a trainable copy of the teacher, held and sharded like the student; per sample one more student
-    row with grad, a teacher and a fake forward, and a fake forward + backward.  --dm lora: adapters only."""
+    """--dm: each student with its fake network as the run holds it, trained and sharded like the student: for the
+    full student a trainable copy of the teacher, for the LoRA student adapters of its rank on the shared base; per
+    sample one more student row with grad, a teacher and a fake forward, and --dm-fake-updates fake updates."""
     c, f32 = sd3_counts, 4
     ev = objective_evaluations("itvm", {}, 0.0)
     plain = make_plan(c, ev, gpus=4, gpu_memory=1 * GB, batch_size=1)
-    full = make_plan(c, ev, gpus=4, gpu_memory=1 * GB, batch_size=1, dm="full")
-    lora = make_plan(c, ev, gpus=4, gpu_memory=1 * GB, batch_size=1, dm="lora")
-    assert full.evaluations["train"] == ev.train + 1 and full.evaluations["teacher"] == ev.teacher + 1
-    assert full.evaluations["fake"] == full.evaluations["fake_train"] == 1
-    for a, b, d in zip(plain.layouts, full.layouts, lora.layouts):
+    dm = make_plan(c, ev, gpus=4, gpu_memory=1 * GB, batch_size=1, dm=True)
+    assert dm.evaluations["train"] == ev.train + 1 and dm.evaluations["teacher"] == ev.teacher + 1
+    assert dm.evaluations["fake"] == 1 and dm.evaluations["fake_train"] == 5  # the run's 5 fake updates
+    assert make_plan(c, ev, gpus=4, batch_size=1, dm=True, dm_fake_updates=2).evaluations["fake_train"] == 2
+    assert {a.student for a in plain.layouts} == {"full", "lora"}
+    for a, b in zip(plain.layouts, dm.layouts):
         shard = 4 if a.parallel == "fsdp" else 1
-        assert b.terms["fake gradients"] == int(c.teacher_parameters * f32 / shard)
-        assert b.terms["fake AdamW m, v"] == int(2 * c.teacher_parameters * f32 / shard)
-        adapters = c.lora.trained - c.lora.added_embeddings
-        assert d.terms["fake gradients"] == int(adapters * f32 / shard) and 0 < adapters < c.teacher_parameters
+        sc = c.full if a.student == "full" else c.lora
+        trained = c.teacher_parameters if a.student == "full" else c.lora.trained - c.lora.added_embeddings
+        assert 0 < c.lora.trained - c.lora.added_embeddings < c.teacher_parameters
+        assert b.terms["fake gradients"] == int(trained * f32 / shard)
+        assert b.terms["fake AdamW m, v"] == int(2 * trained * f32 / shard)
         assert all(b.terms[k] == a.terms[k] for k in a.terms if not k.startswith("fake"))  # the rest is unchanged
         assert not any(v for k, v in a.terms.items() if k.startswith("fake"))
-        sc = c.full if a.student == "full" else c.lora
         assert b.activations_per_sample == int((ev.train + 1) * sc.activations[a.precision][
             "checkpointed" if a.checkpointing else "plain"])
-        extra = sc.train_flops + 2 * c.teacher_forward_flops + c.full.train_flops
+        extra = sc.train_flops + c.teacher_forward_flops + sc.fake_forward_flops + 5 * sc.fake_train_flops
         assert b.flops_per_sample == pytest.approx(a.flops_per_sample + extra)
         assert b.peak_bytes >= a.peak_bytes
-    with pytest.raises(PlanError, match="--dm must be one of none, full, lora"):
-        make_plan(c, ev, gpus=2, dm="half")
+    # the fake's own passes: a full copy's forward is the teacher's; LoRA adapters cost more forward, less update
+    assert c.full.fake_forward_flops == pytest.approx(c.teacher_forward_flops, rel=1e-9)
+    assert c.lora.fake_forward_flops > c.teacher_forward_flops
+    assert c.lora.fake_train_flops < c.full.fake_train_flops < c.full.train_flops
+    with pytest.raises(PlanError, match="--dm-fake-updates"):
+        make_plan(c, ev, gpus=2, dm=True, dm_fake_updates=0)
+
+
+@pytest.mark.parametrize("rank", [0, RANK])
+def test_distribution_matching_flops_equal_a_real_stage_step(rank):
+    """What --dm adds per sample (full copy or LoRA adapters, --dm-fake-updates) against the FLOPs of the term's own
+    step on real tensors: DmTerm.student_step (the generated rows with grad, a teacher and a fake forward, the
+    backward into the student) and DmTerm.fake_step (dm_fake_updates fake forward + backward passes)."""
+    from accelerate import Accelerator
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ttfm_distill.config import RunConfig
+    from ttfm_distill.fake import DmTerm
+    from ttfm_distill.runstate import RunState
+
+    batch, updates = 4, 3
+    spec = resolve_teacher("tiny-sd3")
+    teacher, student, view = build_models(spec, rank, device="cpu")
+    cfg = RunConfig(max_steps=10, lr=1e-4, dm_weight=0.3, dm_batch=batch, dm_fake_updates=updates, lora_rank=rank)
+    term = DmTerm.for_run(cfg, RunState(10), view, "cpu", Accelerator(cpu=True), student)
+    g = torch.Generator().manual_seed(0)
+    cond = example_inputs(teacher, spec.text_tokens, batch=batch, device="cpu", generator=g)[3]
+    with sdpa_kernel(SDPBackend.MATH), flop_counter() as fc:
+        drawn, metrics = term.student_step(student, 0, cond, g, "cpu")
+        term.fake_step(drawn, g)
+    assert "dm_loss" in metrics and drawn[0].shape[0] == batch
+    c = count(spec, lora_rank=RANK)
+    ev = objective_evaluations("itvm", {}, 0.0)
+    kind = "lora" if rank else "full"
+    plain, dm = (next(lay for lay in make_plan(c, ev, gpus=1, batch_size=batch, dm=d, dm_fake_updates=updates).layouts
+                      if lay.student == kind) for d in (False, True))
+    added = (dm.flops_per_sample - plain.flops_per_sample) * batch
+    assert added == pytest.approx(float(fc.get_total_flops()), rel=1e-9)
 
 
 def test_checkpointed_working_set_is_measured_for_dit():

@@ -49,14 +49,12 @@ ASSUMPTIONS = [
     "the frozen teacher is held as the trainer holds it: bf16 linear/conv weights with bf16, sharded under FSDP; "
     "the block a sharded teacher gathers during its call is transient and not counted; an EMA is held whole",
     "distribution matching (--dm): one generated sample per training sample (a student row with grad, a teacher and "
-    "a fake forward) and one fake-network flow-matching update (forward + backward); the fake network's pass runs "
+    "a fake forward; as at batches up to dm_batch, 16) and --dm-fake-updates fake-network flow-matching updates on "
+    "it (forward + backward; the run's default 5); the figures are a stage step's; the fake network's pass runs "
     "apart from the student's, so its activations are not added to the student's, but both gradients are held at "
     "the update",
 ]
 
-#: how a distribution-matching fake network is held (``--dm``): none, a full trainable copy of the teacher, or
-#: LoRA adapters on the teacher's own frozen weights
-DM_FAKES = ("none", "full", "lora")
 
 
 class PlanError(TTFMError, ValueError):
@@ -246,12 +244,16 @@ def flow_matching_evaluations() -> Evaluations:
     return Evaluations(1, 0, 0, "plain flow matching: 1 row with grad")
 
 
-def with_distribution_matching(ev: Evaluations) -> Evaluations:
+def with_distribution_matching(ev: Evaluations, fake_updates: int = 5) -> Evaluations:
     """``ev`` plus the distribution-matching term, per training sample: the student's generated sample (one row
-    with grad), one teacher and one fake forward at its noised copy, and one fake flow-matching update."""
+    with grad), one teacher and one fake forward at its noised copy, and ``fake_updates`` fake flow-matching
+    updates on it (the run's ``dm_fake_updates``). One generated sample per training sample is what a step makes
+    at batches up to ``dm_batch`` (16); a larger batch generates ``dm_batch`` of them."""
+    k = int(fake_updates)
     return Evaluations(ev.train + 1, ev.student_nograd, ev.teacher + 1,
-                       ev.note + "; distribution matching: 1 generated row with grad, 1 teacher + 1 fake forward, "
-                       "1 fake update (forward + backward)", fake=ev.fake + 1, fake_train=ev.fake_train + 1)
+                       ev.note + f"; distribution matching: 1 generated row with grad, 1 teacher + 1 fake forward, "
+                       f"{k} fake update{'s' if k != 1 else ''} (forward + backward)", fake=ev.fake + 1,
+                       fake_train=ev.fake_train + k)
 
 
 # ------------------------------------------------------------ counting -----
@@ -266,6 +268,10 @@ class StudentCounts:
     forward_flops: float
     train_flops: float
     activations: dict         # {"fp32"|"bf16": {"plain": bytes, "checkpointed": bytes, "weight_copies": bytes}}
+    #: the distribution-matching fake network as this kind of student holds it (a full student: a trainable copy of
+    #: the teacher; a LoRA student: adapters on the shared base): its forward and its flow-matching update's FLOPs
+    fake_forward_flops: float = 0.0
+    fake_train_flops: float = 0.0
 
 
 @dataclass
@@ -310,9 +316,9 @@ def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int, autocast_
     forward and backward) is measured in fp32 at batch 1 and 2: per sample = the difference, the rest is
     batch-independent.  bf16 scales it by the ratio of bf16 to fp32 saved bytes.
     """
-    from .meta import measure_student, working_set
+    from .meta import count_fake_pass, measure_student, working_set
 
-    teacher, student, _ = build_models(spec, lora_rank, teacher=teacher)
+    teacher, student, view = build_models(spec, lora_rank, teacher=teacher)
     x, s, t, cond = example_inputs(teacher, text_tokens)
     checkpoint_note = ""
     fp32 = measure_student(student, x, s, t, cond, bf16=False, with_backward=True)
@@ -349,6 +355,7 @@ def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int, autocast_
                      "weight_copies": r.weight_copies, "weight_copies_checkpointed": r.weight_copies_checkpointed,
                      "checkpoint_kept": r.checkpoint_kept, "largest_block_recompute": r.largest_block,
                      "blocks": r.blocks, "checkpoint_note": checkpoint_note}
+    fake_forward, fake_train = count_fake_pass(student, view, x, t, cond)
     added = sum(p.numel() for n, p in student.named_parameters() if n.startswith(("second_time.", "guidance_embed.")))
     trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
     return StudentCounts(
@@ -357,7 +364,8 @@ def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int, autocast_
         trained=trained, added_embeddings=added,
         student_buffers=0 if lora_rank else _buffer_bytes(student),
         largest_block=_largest_block(student.network),
-        forward_flops=fp32.forward_flops, train_flops=fp32.train_flops, activations=acts)
+        forward_flops=fp32.forward_flops, train_flops=fp32.train_flops, activations=acts,
+        fake_forward_flops=fake_forward, fake_train_flops=fake_train)
 
 
 def count(spec: TeacherSpec, lora_rank: int = 16, text_tokens: int | None = None,
@@ -455,33 +463,22 @@ class Layout:
         return f"{self.student} {self.parallel.upper()} {self.precision}{' ckpt' if self.checkpointing else ''}"
 
 
-def sample_flops(sc: StudentCounts, teacher_flops: float, ev: Evaluations, fake: StudentCounts | None = None) -> float:
-    """Model FLOPs of one training sample; ``fake``: the counts the fake network's passes are taken from (a full
-    copy: the full student's, whose second-time embedding adds well under 0.1%; LoRA: the LoRA student's)."""
+def sample_flops(sc: StudentCounts, teacher_flops: float, ev: Evaluations) -> float:
+    """Model FLOPs of one training sample; the fake network's passes (``ev.fake``, ``ev.fake_train``) as the
+    student kind ``sc`` holds it, measured (``StudentCounts.fake_forward_flops`` / ``fake_train_flops``)."""
     flops = ev.train * sc.train_flops + ev.student_nograd * sc.forward_flops + ev.teacher * teacher_flops
-    if fake is not None and (ev.fake or ev.fake_train):
-        flops += ev.fake * (teacher_flops if fake.kind == "full" else fake.forward_flops) + ev.fake_train * fake.train_flops
-    return flops
-
-
-def fake_counts(c: Counts, dm: str) -> StudentCounts | None:
-    """The counts a distribution-matching fake network is planned from (``dm``: :data:`DM_FAKES`)."""
-    if dm not in DM_FAKES:
-        raise PlanError(f"--dm must be one of {', '.join(DM_FAKES)}, got {dm!r}")
-    if dm == "none":
-        return None
-    if dm == "lora" and c.lora is None:
-        raise PlanError("--dm lora plans LoRA adapters on the teacher: give --lora-rank > 0")
-    return c.full if dm == "full" else c.lora
+    return flops + ev.fake * sc.fake_forward_flops + ev.fake_train * sc.fake_train_flops
 
 
 def memory_terms(c: Counts, sc: StudentCounts, parallel: str, precision: str, gpus: int, ema: bool,
-                 checkpointing: bool = False, dm: str = "none") -> dict:
+                 checkpointing: bool = False, dm: bool = False) -> dict:
     """Bytes per GPU of everything but activations, term by term (see the module docstring).
 
     The frozen teacher of a full student as the trainer holds it (bf16: ``teacher_held_bytes["bf16"]``;
     FSDP: its parameters sharded, its buffers whole); a LoRA student's base is its own fp32 weights.
-    ``dm``: the distribution-matching fake network (:data:`DM_FAKES`), held and sharded like the student.
+    ``dm``: the distribution-matching fake network as the student kind holds it (a full student: a trainable copy of
+    the teacher, weights and buffers; a LoRA student: adapters of its rank on the shared base), trained and sharded
+    like the student.
     """
     shard = gpus if parallel == "fsdp" else 1
     f32 = 4
@@ -511,10 +508,11 @@ def memory_terms(c: Counts, sc: StudentCounts, parallel: str, precision: str, gp
             if (precision == "bf16" and parallel == "dp") else 0),
         "batch-independent tensors": sc.activations[precision]["checkpointed_fixed" if checkpointing else "plain_fixed"],
     }
-    fake = fake_counts(c, dm)  # trained like the student: fp32 weights, gradients and AdamW state, sharded alike
-    trained = 0 if fake is None else c.teacher_parameters if dm == "full" else fake.trained - fake.added_embeddings
+    # trained like the student: fp32 weights, gradients and AdamW state, sharded alike
+    full_fake = dm and sc.kind == "full"
+    trained = 0 if not dm else c.teacher_parameters if full_fake else sc.trained - sc.added_embeddings
     terms.update({
-        "fake network weights": trained * f32 / shard + (c.teacher_buffer_bytes if dm == "full" else 0),
+        "fake network weights": trained * f32 / shard + (c.teacher_buffer_bytes if full_fake else 0),
         "fake gradients": trained * f32 / shard,
         "fake AdamW m, v": 2 * trained * f32 / shard,
         "fake AdamW step temps": trained * f32 / shard,
@@ -565,7 +563,7 @@ class Plan:
     recommendation: str
     assumptions: list
     full_fsdp_min_gpus: int | None = None
-    dm: str = "none"
+    dm: bool = False
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -574,9 +572,10 @@ class Plan:
 
 def make_plan(c: Counts, ev: Evaluations, gpus: int = 1, gpu: str = "H100", gpu_memory: float | None = None,
               mfu: float = 0.35, headroom: float = 0.10, ema: bool = False, batch_size: int | None = None,
-              dm: str = "none") -> Plan:
-    """``dm``: plan the distribution-matching term with its fake network (:data:`DM_FAKES`); ``ev`` then gains
-    the term's evaluations (:func:`with_distribution_matching`)."""
+              dm: bool = False, dm_fake_updates: int = 5) -> Plan:
+    """``dm``: plan the distribution-matching term, each student with its fake network as the run holds it
+    (:func:`memory_terms`); ``ev`` then gains the term's evaluations (:func:`with_distribution_matching`,
+    ``dm_fake_updates`` fake updates a sample)."""
     if gpu not in GPUS:
         raise PlanError(f"unknown --gpu {gpu!r}; choose one of {', '.join(GPUS)}")
     if gpus < 1:
@@ -587,9 +586,10 @@ def make_plan(c: Counts, ev: Evaluations, gpus: int = 1, gpu: str = "H100", gpu_
         raise PlanError(f"--headroom must be in [0, 1), got {headroom}")
     memory = float(gpu_memory or GPUS[gpu]["memory"])
     usable = memory * (1 - headroom)
-    fake = fake_counts(c, dm)
-    if fake is not None and not ev.fake_train:
-        ev = with_distribution_matching(ev)
+    if dm_fake_updates < 1:
+        raise PlanError(f"--dm-fake-updates must be >= 1, got {dm_fake_updates}")
+    if dm and not ev.fake_train:
+        ev = with_distribution_matching(ev, dm_fake_updates)
     layouts = []
     for sc in [c.full] + ([c.lora] if c.lora else []):
         for parallel in ("dp", "fsdp"):
@@ -603,7 +603,7 @@ def make_plan(c: Counts, ev: Evaluations, gpus: int = 1, gpu: str = "H100", gpu_
                     acts = sc.activations[precision]
                     lay.activations_per_sample = int(ev.train * acts["checkpointed" if ckpt else "plain"])
                     lay.terms = memory_terms(c, sc, parallel, precision, gpus, ema, ckpt, dm)
-                    lay.flops_per_sample = sample_flops(sc, c.teacher_forward_flops, ev, fake)
+                    lay.flops_per_sample = sample_flops(sc, c.teacher_forward_flops, ev)
                     lay.hardware_flops_per_sample = lay.flops_per_sample + (ev.train * sc.forward_flops if ckpt else 0)
                     if lay.supported:
                         lay.largest_batch = largest_batch(lay.terms, lay.activations_per_sample, usable)
@@ -624,7 +624,7 @@ def make_plan(c: Counts, ev: Evaluations, gpus: int = 1, gpu: str = "H100", gpu_
 
 
 def min_gpus_full_fsdp(c: Counts, ev: Evaluations, usable: float, ema: bool, need: int = 1,
-                       limit: int = 4096, dm: str = "none") -> int | None:
+                       limit: int = 4096, dm: bool = False) -> int | None:
     """The fewest GPUs on which the full student fits with FSDP (bf16, gradient checkpointing); None: never
     (the EMA, the teacher's buffers and activations alone exceed a GPU)."""
     act = int(ev.train * c.full.activations["bf16"]["checkpointed"])

@@ -373,6 +373,21 @@ def measure_student(student, x, s, t, cond, bf16: bool, with_backward: bool, exc
     return res
 
 
+def count_fake_pass(student, teacher, x, t, cond) -> tuple[float, float]:
+    """``(forward, forward + backward)`` model FLOPs (batch 1) of the distribution-matching fake network as
+    ``student``'s kind holds it (``FlowMapStudent.fake_network``: a copy of ``teacher``'s network, or a LoRA
+    student's second adapters), the backward that of its flow-matching update (to its trained tensors only)."""
+    from ..fake import FakeVelocity
+
+    fake = FakeVelocity.from_teacher(teacher, student=student)
+    with flop_counter() as counter, PlanMode(), efficient_attention():
+        v = fake(x, t, cond)
+        forward = _count(counter)
+        v.float().pow(2).mean().backward()
+    eff_fwd, eff_bwd = _eff_counts(counter)
+    return forward, _count(counter) - eff_bwd + 2 * eff_fwd
+
+
 def count_teacher_forward(teacher, x, t, cond) -> float:
     """Model FLOPs of one no-grad teacher evaluation (batch 1)."""
     with torch.no_grad(), flop_counter() as counter, PlanMode(), efficient_attention():

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from .estimate import GB, GPUS, Plan
 
-DM_WHAT = {"full": "a full trainable copy of the teacher (fp32 weights, gradients, AdamW state; sharded like the "
-                   "student under FSDP)",
-           "lora": "LoRA adapters (the LoRA student's rank) on the teacher's own frozen weights"}
+DM_WHAT = ("for the full student a full trainable copy of the teacher (fp32 weights, gradients, AdamW state; sharded "
+           "like the student under FSDP), for the LoRA student LoRA adapters of its rank on the shared frozen base")
 
 TEACHER_NOTE = (
     "Frozen teacher (full student): {bf16:.1f} GB in bf16 (linear/conv weights; {fp32:.1f} GB in fp32), sharded "
@@ -91,7 +90,7 @@ def render(plan: Plan, console=None) -> None:
     t.add_row("student forward + backward", _flops(c.full.train_flops), _flops(lora.train_flops) if lora else "-")
     evals = f"{ev['train']:g} grad + {ev['student_nograd']:g} no-grad + {ev['teacher']:g} teacher"
     if ev.get("fake_train"):
-        evals += f" + {ev['fake']:g} fake + {ev['fake_train']:g} fake update"
+        evals += f" + {ev['fake']:g} fake + {ev['fake_train']:g} fake update{'s' if ev['fake_train'] != 1 else ''}"
     t.add_row("evaluations per sample", evals, evals)
     per = {lay.student: lay.flops_per_sample for lay in plan.layouts}
     t.add_row("per training sample", _flops(per.get("full", 0)), _flops(per["lora"]) if "lora" in per else "-")
@@ -131,10 +130,11 @@ def render(plan: Plan, console=None) -> None:
     console.print(TEACHER_NOTE.format(bf16=(held["bf16"] + c.teacher_buffer_bytes) / GB,
                                       fp32=(held["fp32"] + c.teacher_buffer_bytes) / GB,
                                       per=(held["bf16"] / plan.gpus + c.teacher_buffer_bytes) / GB, n=plan.gpus))
-    if plan.dm != "none":
-        console.print(f"Distribution matching: the fake network is {DM_WHAT[plan.dm]}; its terms are the 'fake' rows.")
+    if plan.dm:
+        console.print(f"Distribution matching: the fake network is, as the run holds it, {DM_WHAT}; its terms are the "
+                      "'fake' rows; the step figures are a stage step's.")
     else:
         console.print("Distribution matching not planned: a flow teacher's default run with a full student (1400 steps "
-                      "or more) ends with a stage that trains a full copy of the teacher; --dm full plans it, "
+                      "or more) ends with a stage that trains a full copy of the teacher; --dm plans it, "
                       "--set dm_weight=0 runs without it.")
     console.print("[dim]assumptions: " + "; ".join(plan.assumptions) + ".[/]")
