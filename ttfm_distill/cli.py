@@ -363,7 +363,7 @@ def plan(
     lora_rank: int = typer.Option(16, "--lora-rank", help="Rank of the LoRA student planned beside the full one (0: none)."),
     ema: bool = typer.Option(False, "--ema", help="Count an EMA copy (runs with --ema-decay > 0)."),
     guidance: bool = typer.Option(False, "--guidance", help="Baked classifier-free guidance (two teacher passes per evaluation)."),
-    dm: bool = typer.Option(False, "--dm", help="Plan distribution matching (runs with dm_weight > 0; a flow teacher's default full-student run ends with it): the fake network as each student holds it (full: a copy of the teacher; LoRA: adapters on the shared base)."),
+    dm: bool = typer.Option(False, "--dm", help="Plan distribution matching (runs with dm_weight > 0; a flow teacher's default run ends with it): the fake network as each student holds it (full: a copy of the teacher; LoRA: adapters on the shared base)."),
     dm_fake_updates: int = typer.Option(5, "--dm-fake-updates", help="Fake-network updates per generated sample (the run's dm_fake_updates)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per-GPU batch to plan for (default: the largest that fits)."),
     headroom: float = typer.Option(0.10, "--headroom", help="Share of GPU memory kept free (CUDA context, fragmentation)."),

@@ -264,8 +264,9 @@ def test_the_dm_stage_is_the_default_for_a_flow_image_teachers_long_itvm_run_alo
     assert resolved() == stage == (0.3, 400)
     assert resolved(max_steps=DM_STAGE_MIN_RUN) == stage and DM_STAGE_MIN_RUN == 1400
     off = (0.0, 0)
+    assert resolved(lora_rank=4) == stage  # a LoRA student's fake is adapters on the shared base
     for prediction_type, kw in [("epsilon", {}), ("v_prediction", {}), ("flow", {"max_steps": DM_STAGE_MIN_RUN - 1}),
-                                ("flow", {"lora_rank": 4}), ("flow", {"loss": "lsd"}),
+                                ("flow", {"loss": "lsd"}),
                                 ("flow", {"teacher": "builtin:checkerboard"}), ("flow", {"dm_stage_steps": 0})]:
         assert resolved(prediction_type, **kw) == off, (prediction_type, kw)
     # a given weight: the stage in a long run, the term from step 0 in a short one or from dm_start_step

@@ -134,7 +134,6 @@ def render(plan: Plan, console=None) -> None:
         console.print(f"Distribution matching: the fake network is, as the run holds it, {DM_WHAT}; its terms are the "
                       "'fake' rows; the step figures are a stage step's.")
     else:
-        console.print("Distribution matching not planned: a flow teacher's default run with a full student (1400 steps "
-                      "or more) ends with a stage that trains a full copy of the teacher; --dm plans it, "
-                      "--set dm_weight=0 runs without it.")
+        console.print("Distribution matching not planned: a flow teacher's default run (1400 steps or more) ends with a "
+                      "stage that trains a fake network; --dm plans it, --set dm_weight=0 runs without it.")
     console.print("[dim]assumptions: " + "; ".join(plan.assumptions) + ".[/]")
