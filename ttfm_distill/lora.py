@@ -283,10 +283,10 @@ class FakeAdapters(nn.Module):
     """A second set of LoRA adapters on a LoRA student's network, evaluated as a velocity network: the student's
     adapter tensors are swapped for these (``LoraFlowMap.swapped_adapters``: nothing is modified in place, so the
     student's graph of the step stays valid, and a checkpointed block recomputes with them) and the second time is
-    off. The ``B`` matrices start at zero, so at
-    step 0 it is the teacher; ``A`` is drawn as peft draws it, from ``seed`` alone. Only these tensors are trained,
-    saved and averaged: the base weights stay the teacher's, held once. Reads as the diffusers network it wraps
-    (``config`` and the rest), so a family adapter calls it as it calls the network."""
+    off. The ``B`` matrices start at zero, so at step 0 it is the teacher; ``A`` is drawn as peft draws it, from
+    ``seed`` alone. Only these tensors are trained and saved: the base weights stay the teacher's, held once. Reads
+    as the diffusers network it wraps (``config`` and the rest), so a family adapter calls it as it calls the
+    network."""
 
     def __init__(self, student: LoraFlowMap, seed: int = 0):
         super().__init__()
