@@ -292,7 +292,7 @@ def dm_part(run, report, sharded: bool):
         current = "dmstage" + tag
         run(current, 3, dm_stage_steps=2, **dm)
         if not sharded:  # a LoRA student's fake (adapters on the shared base) and the adversarial term, data parallel
-            sums = report.setdefault("lora_fake_sums", {})
+            sums = report.setdefault("fake_sums", {})
             state_dm = DmTerm.state
 
             def spy_state(self):  # every rank's fake adapters at each checkpoint

@@ -382,7 +382,7 @@ def plan(
             raise PlanError("--lora-rank and --text-tokens must be >= 0 and --batch-size >= 1")
         memory = parse_memory(gpu_memory) if gpu_memory else None
         ev = objective_evaluations(loss, parse_options(loss_option, "--loss-option"), diagonal_fraction, guidance)
-        counts = count(resolve_teacher(teacher, subfolder), lora_rank, text_tokens, resolution)
+        counts = count(resolve_teacher(teacher, subfolder), lora_rank, text_tokens, resolution, dm=dm)
         result = make_plan(counts, ev, gpus=gpus, gpu=gpu.upper(), gpu_memory=memory, mfu=mfu, headroom=headroom,
                            ema=ema, batch_size=batch_size, dm=dm, dm_fake_updates=dm_fake_updates)
         render(result)

@@ -224,7 +224,7 @@ def test_a_lora_students_fake_adapters_stay_in_step_across_ranks_and_resume_bit_
     the same fake at every checkpoint), and a run interrupted at step 2 and resumed to 4 ends where the straight
     run ends, student, EMA and fake."""
     out, ranks, _ = run
-    a, b = (r["lora_fake_sums"] for r in ranks)
+    a, b = (r["fake_sums"] for r in ranks)
     assert a == b and a["dmlora"] != 0.0
     assert ranks[0]["dmlora_resumed_from"] == 2
     step = out / "{}" / "checkpoints" / "step-00000004"
@@ -239,7 +239,7 @@ def test_the_adversarial_term_under_data_parallel_keeps_ranks_in_step_and_resume
     """The discriminator head rides in the fake network: its gradients are averaged with the fake's (both ranks hold
     the same fake and head at every checkpoint), and an interrupted run resumes to the straight run's weights."""
     out, ranks, _ = run
-    a, b = (r["lora_fake_sums"] for r in ranks)
+    a, b = (r["fake_sums"] for r in ranks)
     assert a["dmgan"] == b["dmgan"] and a["dmganref"] == b["dmganref"]
     assert ranks[0]["dmgan_resumed_from"] == 2
     step = out / "{}" / "checkpoints" / "step-00000004"

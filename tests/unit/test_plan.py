@@ -16,7 +16,7 @@ RANK = 4
 
 @pytest.fixture(scope="module")
 def sd3_counts():
-    return count(resolve_teacher("tiny-sd3"), lora_rank=RANK)
+    return count(resolve_teacher("tiny-sd3"), lora_rank=RANK, dm=True)
 
 
 def test_tiny_builtins_are_the_test_configs():
@@ -256,7 +256,7 @@ def test_distribution_matching_flops_equal_a_real_stage_step(rank):
         drawn, metrics = term.student_step(student, 0, cond, g, "cpu")
         term.fake_step(drawn, g)
     assert "dm_loss" in metrics and drawn[0].shape[0] == batch
-    c = count(spec, lora_rank=RANK)
+    c = count(spec, lora_rank=RANK, dm=True)
     ev = objective_evaluations("itvm", {}, 0.0)
     kind = "lora" if rank else "full"
     plain, dm = (next(lay for lay in make_plan(c, ev, gpus=1, batch_size=batch, dm=d, dm_fake_updates=updates).layouts

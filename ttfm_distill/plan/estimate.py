@@ -56,7 +56,6 @@ ASSUMPTIONS = [
 ]
 
 
-
 class PlanError(TTFMError, ValueError):
     """Bad input to the planner; the message names the problem and the fix (one line, with ``error: `` at most
     200 characters)."""
@@ -269,9 +268,10 @@ class StudentCounts:
     train_flops: float
     activations: dict         # {"fp32"|"bf16": {"plain": bytes, "checkpointed": bytes, "weight_copies": bytes}}
     #: the distribution-matching fake network as this kind of student holds it (a full student: a trainable copy of
-    #: the teacher; a LoRA student: adapters on the shared base): its forward and its flow-matching update's FLOPs
-    fake_forward_flops: float = 0.0
-    fake_train_flops: float = 0.0
+    #: the teacher; a LoRA student: adapters on the shared base): its forward and its flow-matching update's FLOPs,
+    #: counted only when asked (``count(..., dm=True)``; None: not counted)
+    fake_forward_flops: float | None = None
+    fake_train_flops: float | None = None
 
 
 @dataclass
@@ -309,7 +309,7 @@ def _largest_block(network) -> int:
 
 
 def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int, autocast_device: str = "cuda",
-                  teacher=None) -> StudentCounts:
+                  teacher=None, dm: bool = False) -> StudentCounts:
     """FLOPs (batch 1), saved activations (fp32 and bf16, with and without checkpointing) and the working set.
 
     The working set (saved activations plus activation gradients and temporaries, at their peak over a
@@ -355,7 +355,7 @@ def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int, autocast_
                      "weight_copies": r.weight_copies, "weight_copies_checkpointed": r.weight_copies_checkpointed,
                      "checkpoint_kept": r.checkpoint_kept, "largest_block_recompute": r.largest_block,
                      "blocks": r.blocks, "checkpoint_note": checkpoint_note}
-    fake_forward, fake_train = count_fake_pass(student, view, x, t, cond)
+    fake_forward, fake_train = count_fake_pass(student, view, x, t, cond) if dm else (None, None)
     added = sum(p.numel() for n, p in student.named_parameters() if n.startswith(("second_time.", "guidance_embed.")))
     trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
     return StudentCounts(
@@ -369,8 +369,9 @@ def count_student(spec: TeacherSpec, lora_rank: int, text_tokens: int, autocast_
 
 
 def count(spec: TeacherSpec, lora_rank: int = 16, text_tokens: int | None = None,
-          resolution: int | None = None, autocast_device: str = "cuda") -> Counts:
-    """Every count the plan needs, from meta-device models.
+          resolution: int | None = None, autocast_device: str = "cuda", dm: bool = False) -> Counts:
+    """Every count the plan needs, from meta-device models (``dm``: the distribution-matching fake network's passes
+    too, one more forward and backward per student kind).
 
     ``autocast_device``: whose autocast op lists the bf16 activations follow (``cuda``, what the plan is
     for; ``cpu``, to check the planner against CPU runs, where norms and softmax stay in bf16).
@@ -399,11 +400,11 @@ def count(spec: TeacherSpec, lora_rank: int = 16, text_tokens: int | None = None
     except Exception as e:  # noqa: BLE001 - e.g. a latent size the config's position table cannot hold
         raise PlanError(f"{spec.class_name} cannot run at {spec.resolution} px ({tuple(teacher.data_shape)} latents): "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    full = count_student(spec, 0, tokens, autocast_device, teacher=teacher)
+    full = count_student(spec, 0, tokens, autocast_device, teacher=teacher, dm=dm)
     lora = None
     if lora_rank:
         try:
-            lora = count_student(spec, lora_rank, tokens, autocast_device, teacher=teacher)
+            lora = count_student(spec, lora_rank, tokens, autocast_device, teacher=teacher, dm=dm)
         except Exception as e:  # noqa: BLE001 - peft missing or no target layer
             from ..config import ConfigError
 
@@ -467,7 +468,9 @@ def sample_flops(sc: StudentCounts, teacher_flops: float, ev: Evaluations) -> fl
     """Model FLOPs of one training sample; the fake network's passes (``ev.fake``, ``ev.fake_train``) as the
     student kind ``sc`` holds it, measured (``StudentCounts.fake_forward_flops`` / ``fake_train_flops``)."""
     flops = ev.train * sc.train_flops + ev.student_nograd * sc.forward_flops + ev.teacher * teacher_flops
-    return flops + ev.fake * sc.fake_forward_flops + ev.fake_train * sc.fake_train_flops
+    if ev.fake or ev.fake_train:
+        flops += ev.fake * sc.fake_forward_flops + ev.fake_train * sc.fake_train_flops
+    return flops
 
 
 def memory_terms(c: Counts, sc: StudentCounts, parallel: str, precision: str, gpus: int, ema: bool,
@@ -588,6 +591,8 @@ def make_plan(c: Counts, ev: Evaluations, gpus: int = 1, gpu: str = "H100", gpu_
     usable = memory * (1 - headroom)
     if dm_fake_updates < 1:
         raise PlanError(f"--dm-fake-updates must be >= 1, got {dm_fake_updates}")
+    if dm and c.full.fake_train_flops is None:
+        raise ValueError("make_plan(dm=True) needs counts of the fake network: count(..., dm=True)")
     if dm and not ev.fake_train:
         ev = with_distribution_matching(ev, dm_fake_updates)
     layouts = []
